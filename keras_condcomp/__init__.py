@@ -1,0 +1,18 @@
+"""keras_condcomp: conditional computation for Keras 3 that really skips work."""
+
+__version__ = "0.1.0"
+
+from keras_condcomp import layers, models, ops, regularizers
+from keras_condcomp.layers import BernoulliPolicy, GatedDense
+from keras_condcomp.models import PolicyGradientModel
+
+__all__ = [
+    "BernoulliPolicy",
+    "GatedDense",
+    "PolicyGradientModel",
+    "__version__",
+    "layers",
+    "models",
+    "ops",
+    "regularizers",
+]

@@ -1,0 +1,260 @@
+"""The `keras-condcomp` command line.
+
+`keras-condcomp train` trains the conditional MLP of Bengio et al. next to a
+same-width and an equal-MACs dense MLP, measures the inference speedup side by
+side (single thread) and writes `results.json` and `model.keras` to `--out`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+__all__ = ["main"]
+
+SPEED_BATCH_SIZES = (1, 256)
+
+
+class CommandError(Exception):
+    """A problem to report in one line, with a non-zero exit."""
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(name, low, high, low_open=True, high_open=False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-condcomp", description="Conditional computation for Keras 3."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a gated MLP with REINFORCE next to dense baselines",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument(
+        "--dataset", default="digits",
+        help="'digits' (embedded), 'mnist' (IDX files from --data-dir, else TFDS) or 'tfds:NAME'",
+    )
+    train.add_argument("--data-dir", default=None, help="directory of the dataset's files")
+    train.add_argument("--epochs", type=_positive_int("--epochs"), default=40)
+    train.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    train.add_argument("--units", type=_positive_int("--units"), default=1024)
+    train.add_argument("--blocks", type=_positive_int("--blocks"), default=16)
+    train.add_argument("--layers", type=_positive_int("--layers"), default=2)
+    inf = float("inf")
+    train.add_argument("--target-density", type=_number("--target-density", 0, 1), default=0.15)
+    train.add_argument(
+        "--sparsity-weight", type=_number("--sparsity-weight", 0, inf, False, True), default=5.0
+    )
+    train.add_argument(
+        "--variance-weight", type=_number("--variance-weight", 0, inf, False, True), default=10.0
+    )
+    train.add_argument(
+        "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3
+    )
+    train.add_argument(
+        "--policy-learning-rate",
+        type=_number("--policy-learning-rate", 0, inf, True, True),
+        default=1e-2,
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="runs/latest", help="output directory")
+    train.add_argument(
+        "--speed-repeats", type=_positive_int("--speed-repeats"), default=200,
+        help="timed calls per model and batch size",
+    )
+    train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1)
+    return parser
+
+
+def _fit(model, dataset, x_val, y_val, args, x_train, y_train):
+    return model.fit(
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_data=(x_val, y_val),
+        verbose=args.verbose,
+    )
+
+
+def _accuracy(model, x, y):
+    logits = model.predict(x, batch_size=256, verbose=0)
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def train(args):
+    import keras
+    import numpy as np
+
+    from keras_condcomp import data
+    from keras_condcomp.models import build_dense_mlp, build_gated_mlp, equal_macs_width
+    from keras_condcomp.profiling import profile_macs
+    from keras_condcomp.speed import measure_models_speed
+
+    if args.units % args.blocks:
+        raise CommandError(
+            f"--units ({args.units}) must be divisible by --blocks ({args.blocks})"
+        )
+    try:
+        dataset = data.load_dataset(args.dataset, args.data_dir)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+    keras.utils.set_random_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(dataset.x_train))
+    n_val = max(1, len(order) // 10)
+    val, fit = order[:n_val], order[n_val:]
+    x_train, y_train = dataset.x_train[fit], dataset.y_train[fit]
+    x_val, y_val = dataset.x_train[val], dataset.y_train[val]
+    input_dim = dataset.x_train.shape[1]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    print(f"Training a gated MLP on {dataset.name}: {len(fit)} train, {n_val} validation, "
+          f"{len(dataset.x_test)} test examples")
+    started = time.perf_counter()
+    gated = build_gated_mlp(
+        input_dim, dataset.num_classes, units=args.units, blocks=args.blocks,
+        layers=args.layers, target_density=args.target_density,
+        sparsity_weight=args.sparsity_weight, variance_weight=args.variance_weight,
+        seed=args.seed,
+    )
+    gated.compile(
+        keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"],
+        policy_optimizer=keras.optimizers.Adam(args.policy_learning_rate),
+    )
+    _fit(gated, dataset, x_val, y_val, args, x_train, y_train)
+    gated_seconds = time.perf_counter() - started
+    evaluation = gated.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
+    layer_names = [layer.name for layer in gated.layers if hasattr(layer, "policy")]
+    layer_densities = {name: float(evaluation[f"{name}_density"]) for name in layer_names}
+    macs = profile_macs(gated, layer_densities)
+
+    def train_dense(units):
+        model = build_dense_mlp(input_dim, dataset.num_classes, units, args.layers)
+        model.compile(keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"])
+        _fit(model, dataset, x_val, y_val, args, x_train, y_train)
+        return model
+
+    print(f"Training the same-width dense MLP ({args.layers} x {args.units})")
+    started = time.perf_counter()
+    dense = train_dense(args.units)
+    dense_seconds = time.perf_counter() - started
+    small_units = equal_macs_width(
+        input_dim, dataset.num_classes, args.layers, macs.conditional_macs
+    )
+    print(f"Training the equal-MACs dense MLP ({args.layers} x {small_units})")
+    small = train_dense(small_units)
+
+    results = {
+        "dataset": dataset.name,
+        "test_accuracy": _accuracy(gated, dataset.x_test, dataset.y_test),
+        "dense_test_accuracy": _accuracy(dense, dataset.x_test, dataset.y_test),
+        "equal_macs_dense_test_accuracy": _accuracy(small, dataset.x_test, dataset.y_test),
+        "equal_macs_dense_units": small_units,
+        "density": float(evaluation["density"]),
+        "layer_densities": layer_densities,
+        "dense_macs": macs.dense_macs,
+        "conditional_macs": macs.conditional_macs,
+        "ideal_speedup": macs.ideal_speedup,
+        "train_seconds": {"gated": gated_seconds, "dense": dense_seconds},
+        "config": {key: value for key, value in vars(args).items() if key != "command"},
+    }
+
+    out = os.path.abspath(args.out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".keras-condcomp-", dir=parent)
+    try:
+        gated_path = os.path.join(staging, "model.keras")
+        dense_path = os.path.join(staging, "dense.keras")
+        gated.save(gated_path)
+        dense.save(dense_path)
+        print("Measuring inference speed side by side (1 thread) ...")
+        speed = measure_models_speed(
+            gated_path, dense_path, dataset.x_test, SPEED_BATCH_SIZES,
+            threads=1, repeats=args.speed_repeats,
+        )
+        os.remove(dense_path)
+        for batch_size in SPEED_BATCH_SIZES:
+            results[f"speedup_batch{batch_size}"] = speed[str(batch_size)]["speedup"]
+        results["speed"] = {
+            "threads": 1, "repeats": args.speed_repeats,
+            "against": f"same-width keras.layers.Dense MLP, median latency", **speed,
+        }
+        with open(os.path.join(staging, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        os.makedirs(out, exist_ok=True)
+        for name in ("model.keras", "results.json"):
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_table(results, args)
+    print(f"Wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'model.keras')}")
+    return results
+
+
+def _print_table(results, args):
+    rows = [
+        (f"gated MLP ({args.layers} x {args.blocks} blocks of {args.units // args.blocks})",
+         results["test_accuracy"], results["conditional_macs"]),
+        (f"dense MLP, same width ({args.units})", results["dense_test_accuracy"],
+         results["dense_macs"]),
+        (f"dense MLP, equal MACs ({results['equal_macs_dense_units']})",
+         results["equal_macs_dense_test_accuracy"], None),
+    ]
+    print()
+    print(f"{'model':<44} {'test acc':>9} {'MACs/example':>13}")
+    for name, accuracy, macs in rows:
+        macs_text = f"{macs:>13,.0f}" if macs is not None else f"{'~ gated':>13}"
+        print(f"{name:<44} {accuracy:>9.4f} {macs_text}")
+    print(
+        f"\ninference density {results['density']:.3f} "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in results['layer_densities'].items())}); "
+        f"ideal speedup {results['ideal_speedup']:.2f}x; measured (1 thread) "
+        f"batch 1: {results['speedup_batch1']:.2f}x, batch 256: {results['speedup_batch256']:.2f}x"
+    )
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if args.command == "train":
+            train(args)
+    except CommandError as error:
+        print(f"keras-condcomp: error: {error}", file=sys.stderr)
+        return 1
+    return 0

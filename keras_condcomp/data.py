@@ -1,0 +1,209 @@
+"""Datasets: the embedded digits, MNIST-style IDX files, and TensorFlow Datasets.
+
+Every loader returns a `Dataset` of flattened float32 images in [0, 1] and
+integer labels.
+
+Example:
+
+>>> from keras_condcomp import data
+>>> digits = data.load_digits()
+>>> digits.x_train.shape[1], digits.num_classes
+(64, 10)
+"""
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+
+__all__ = ["Dataset", "load_dataset", "load_digits", "load_mnist", "load_tfds", "read_idx"]
+
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A train/test split of flattened images.
+
+    Attributes:
+        name: a human-readable name, used in reports.
+        x_train, y_train, x_test, y_test: float32 `(n, features)` in [0, 1]
+            and int64 `(n,)` labels.
+        num_classes: number of classes.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+def _as_dataset(name, x_train, y_train, x_test, y_test, scale):
+    def images(x):
+        return (np.asarray(x, "float32").reshape(len(x), -1) / scale).astype("float32")
+
+    y_train = np.asarray(y_train, "int64").reshape(-1)
+    y_test = np.asarray(y_test, "int64").reshape(-1)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Dataset(name, images(x_train), y_train, images(x_test), y_test, num_classes)
+
+
+def load_digits(test_fraction=0.2, seed=0):
+    """scikit-learn's embedded 8x8 digits (1,797 images), split at random.
+
+    Args:
+        test_fraction: fraction of the images held out for test, in (0, 1).
+        seed: seed of the split.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(
+            f"`test_fraction` must be in (0, 1). Received: test_fraction={test_fraction!r}"
+        )
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data,
+        digits.target,
+        test_size=test_fraction,
+        random_state=seed,
+        stratify=digits.target,
+    )
+    return _as_dataset("digits (scikit-learn, 8x8)", x_train, y_train, x_test, y_test, 16.0)
+
+
+def read_idx(path):
+    """Reads an IDX file (gzipped or not) into a NumPy array.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the file is not a well-formed IDX file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as error:
+        raise ValueError(f"Corrupt IDX file {path}: {error}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"Corrupt IDX file {path}: bad magic number {raw[:4].hex()}")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"Corrupt IDX file {path}: truncated header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"Corrupt IDX file {path}: {len(raw)} bytes, expected {expected} for shape {shape}"
+        )
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(data_dir, stem):
+    for name in (stem, stem + ".gz"):
+        candidate = os.path.join(data_dir, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"MNIST file {stem}[.gz] not found in {data_dir}")
+
+
+def load_mnist(data_dir, name="MNIST"):
+    """MNIST from a directory of the four standard IDX files (gzipped or not).
+
+    Args:
+        data_dir: directory holding `train-images-idx3-ubyte[.gz]`,
+            `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`,
+            `t10k-labels-idx1-ubyte[.gz]`.
+        name: the name to report the data under.
+    """
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir is not a directory: {data_dir}")
+    arrays = {
+        stem: read_idx(_find_idx(data_dir, stem))
+        for stem in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    }
+    for split in ("train", "t10k"):
+        images = arrays[f"{split}-images-idx3-ubyte"]
+        labels = arrays[f"{split}-labels-idx1-ubyte"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"Corrupt MNIST split {split!r} in {data_dir}: images {images.shape}, "
+                f"labels {labels.shape}"
+            )
+    return _as_dataset(
+        name,
+        arrays["train-images-idx3-ubyte"],
+        arrays["train-labels-idx1-ubyte"],
+        arrays["t10k-images-idx3-ubyte"],
+        arrays["t10k-labels-idx1-ubyte"],
+        255.0,
+    )
+
+
+def load_tfds(name, data_dir=None):
+    """An image-classification dataset from TensorFlow Datasets (downloads it).
+
+    Args:
+        name: a TFDS name with `train` and `test` splits and `(image, label)`
+            supervised keys, e.g. `"mnist"`, `"fashion_mnist"`, `"cifar10"`.
+        data_dir: TFDS data directory (None: its default).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        (x_train, y_train), (x_test, y_test) = tfds.as_numpy(
+            tfds.load(
+                name,
+                split=["train", "test"],
+                as_supervised=True,
+                batch_size=-1,
+                data_dir=data_dir,
+            )
+        )
+    except Exception as error:  # tfds raises many types; report them plainly.
+        raise ValueError(f"Could not load TFDS dataset {name!r}: {error}") from None
+    return _as_dataset(f"{name} (TFDS)", x_train, y_train, x_test, y_test, 255.0)
+
+
+def load_dataset(dataset, data_dir=None):
+    """Loads a dataset by the name the command line uses.
+
+    Args:
+        dataset: `"digits"`, `"mnist"` (IDX files from `data_dir`, or TFDS
+            when `data_dir` is None) or `"tfds:NAME"`.
+        data_dir: see `dataset`.
+    """
+    if dataset == "digits":
+        return load_digits()
+    if dataset == "mnist":
+        if data_dir is None:
+            return load_tfds("mnist")
+        return load_mnist(data_dir)
+    if dataset.startswith("tfds:") and len(dataset) > 5:
+        return load_tfds(dataset[5:], data_dir=data_dir)
+    raise ValueError(
+        "`dataset` must be 'digits', 'mnist' or 'tfds:NAME'. "
+        f"Received: dataset={dataset!r}"
+    )

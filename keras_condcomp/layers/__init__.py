@@ -1,0 +1,7 @@
+"""Gated layers and their policies."""
+
+from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
+from keras_condcomp.layers.decision_recorder import DecisionRecorder, GateDecision
+from keras_condcomp.layers.gated_dense import GatedDense
+
+__all__ = ["BernoulliPolicy", "DecisionRecorder", "GateDecision", "GatedDense"]

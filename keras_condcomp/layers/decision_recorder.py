@@ -1,0 +1,69 @@
+"""Collects the gating decisions taken inside a forward pass.
+
+`PolicyGradientModel.train_step` opens a recorder around its forward pass;
+every gated layer called inside it reports the policy's logits, the mask it
+used and its gating regularisation, so the model can form the REINFORCE
+objective without layers knowing about models. The stack is thread-local
+because `tf.distribute.MirroredStrategy` traces each replica in its own thread.
+"""
+
+import dataclasses
+import threading
+
+__all__ = ["DecisionRecorder", "GateDecision", "current_recorder"]
+
+_state = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDecision:
+    """What one gated layer decided for a batch.
+
+    Attributes:
+        layer: the gated layer.
+        logits: `(batch, blocks)` policy logits, `sigma = sigmoid(logits)`.
+        mask: `(batch, blocks)` 0/1 mask actually used.
+        regularization: scalar gating regulariser of the batch.
+    """
+
+    layer: object
+    logits: object
+    mask: object
+    regularization: object
+
+
+class DecisionRecorder:
+    """Context manager gathering the `GateDecision`s of the layers called in it.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_condcomp.layers import GatedDense
+    >>> layer = GatedDense(8, blocks=2)
+    >>> with DecisionRecorder() as recorder:
+    ...     _ = layer(np.ones((3, 4), "float32"))
+    >>> tuple(recorder.decisions[0].mask.shape)
+    (3, 2)
+    """
+
+    def __init__(self):
+        self.decisions = []
+
+    def record(self, decision):
+        self.decisions.append(decision)
+
+    def __enter__(self):
+        if not hasattr(_state, "stack"):
+            _state.stack = []
+        _state.stack.append(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        _state.stack.pop()
+        return False
+
+
+def current_recorder():
+    """The innermost active `DecisionRecorder` of this thread, or None."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None

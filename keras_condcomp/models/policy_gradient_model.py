@@ -1,0 +1,359 @@
+"""PolicyGradientModel: trains gated layers' policies with REINFORCE in `fit`."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
+from keras_condcomp.layers.decision_recorder import DecisionRecorder
+
+__all__ = ["PolicyGradientModel", "gated_layers"]
+
+BASELINES = ("moving_average", None)
+
+
+def gated_layers(model):
+    """The gated layers of `model` (nested models included), in order."""
+    found = []
+
+    def visit(layer):
+        if isinstance(getattr(layer, "policy", None), BernoulliPolicy):
+            if not any(layer is seen for seen in found):
+                found.append(layer)
+        for child in getattr(layer, "layers", None) or ():
+            visit(child)
+
+    for layer in model.layers:
+        visit(layer)
+    return found
+
+
+def _unreduced_loss(loss):
+    """A callable `(y_true, y_pred, sample_weight) -> (batch,)` per-example loss."""
+    if loss is None:
+        raise ValueError(
+            "PolicyGradientModel needs a `loss` in compile(): REINFORCE uses the "
+            "per-example task loss as the policy's cost. Received: loss=None"
+        )
+    if isinstance(loss, (list, tuple, dict)):
+        raise ValueError(
+            "PolicyGradientModel supports a single loss (one output). "
+            f"Received: loss={loss!r}"
+        )
+    if isinstance(loss, str) or not isinstance(loss, keras.losses.Loss):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        loss = type(loss).from_config({**loss.get_config(), "reduction": None})
+
+        def per_example(y_true, y_pred, sample_weight):
+            return loss(y_true, y_pred, sample_weight=sample_weight)
+
+    else:
+
+        def per_example(y_true, y_pred, sample_weight):
+            values = loss(y_true, y_pred)
+            if sample_weight is not None:
+                sample_weight = ops.cast(sample_weight, values.dtype)
+                while len(sample_weight.shape) > len(values.shape):
+                    sample_weight = ops.squeeze(sample_weight, -1)
+                values = values * sample_weight
+            return values
+
+    def reduced_to_batch(y_true, y_pred, sample_weight):
+        values = ops.cast(per_example(y_true, y_pred, sample_weight), "float32")
+        if len(values.shape) > 1:
+            values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
+        return values
+
+    return reduced_to_batch
+
+
+def _log_probability(logits, mask):
+    """`log pi(u | s)` summed over blocks: `sum_j u_j z_j - softplus(z_j)`."""
+    return ops.sum(mask * logits - ops.softplus(logits), axis=-1)
+
+
+def _is_functional_call(args, kwargs):
+    # The signature keras.Model uses to tell functional from subclassed use.
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
+
+
+class _PolicyGradientTraining:
+    """The REINFORCE training logic shared by both kinds of PolicyGradientModel."""
+
+
+    def __init__(self, *args, baseline="moving_average", baseline_momentum=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if baseline not in BASELINES:
+            raise ValueError(
+                f"`baseline` must be one of {BASELINES}. Received: baseline={baseline!r}"
+            )
+        if not isinstance(baseline_momentum, (int, float)) or not (
+            0 <= baseline_momentum < 1
+        ):
+            raise ValueError(
+                "`baseline_momentum` must be a number in [0, 1). "
+                f"Received: baseline_momentum={baseline_momentum!r}"
+            )
+        self.baseline = baseline
+        self.baseline_momentum = float(baseline_momentum)
+        self.policy_optimizer = None
+        self._per_example_loss = None
+        self._gate_trackers = None
+        # Created even without a baseline, so every model saves the same state.
+        # "mean" aggregation: each replica assigns its own batch's value.
+        self._baseline_average = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, autocast=False,
+            aggregation="mean", name="baseline_average",
+        )
+        self._baseline_steps = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, autocast=False,
+            aggregation="mean", name="baseline_steps",
+        )
+
+    def compile(self, *args, policy_optimizer=None, **kwargs):
+        """As `keras.Model.compile`, plus `policy_optimizer`.
+
+        Args:
+            policy_optimizer: optimizer (instance, name or config) for the
+                policies' weights, with its own learning rate as in the paper;
+                None updates them with `optimizer`.
+        """
+        super().compile(*args, **kwargs)
+        self.policy_optimizer = (
+            None if policy_optimizer is None else keras.optimizers.get(policy_optimizer)
+        )
+        self._per_example_loss = _unreduced_loss(self.loss)
+        layers = gated_layers(self)
+        if not layers:
+            raise ValueError(
+                "PolicyGradientModel found no gated layer (GatedDense, ...) in "
+                f"model {self.name!r}: there is no policy to train."
+            )
+        names = [layer.name for layer in layers]
+        if self._gate_trackers is None or list(self._gate_trackers) != names:
+            self._policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
+            self._density_tracker = keras.metrics.Mean(name="density")
+            self._gate_trackers = {
+                name: keras.metrics.Mean(name=f"{name}_density") for name in names
+            }
+            self._gate_tracker_list = list(self._gate_trackers.values())
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and self.policy_optimizer is not None:
+            config["policy_optimizer"] = keras.optimizers.serialize(self.policy_optimizer)
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            network, policy = self._split_trainable_variables()
+            if self.policy_optimizer is None:
+                self.optimizer.build(self.trainable_variables)
+            else:
+                self.optimizer.build(network)
+                self.policy_optimizer.build(policy)
+
+    def _split_trainable_variables(self):
+        policy_ids = {
+            id(v)
+            for layer in gated_layers(self)
+            for v in layer.policy.trainable_variables
+        }
+        network, policy = [], []
+        for variable in self.trainable_variables:
+            (policy if id(variable) in policy_ids else network).append(variable)
+        return network, policy
+
+    def _require_compiled(self):
+        if self._per_example_loss is None:
+            raise RuntimeError(
+                "PolicyGradientModel must be compiled with compile() before training."
+            )
+
+    def _policy_objective(self, decisions, costs):
+        """The REINFORCE surrogate `mean_i (c_i - b) log pi(u_i | s_i)`."""
+        log_probability = ops.sum(
+            ops.stack(
+                [_log_probability(d.logits, ops.cast(d.mask, d.logits.dtype)) for d in decisions]
+            ),
+            axis=0,
+        )
+        advantages = costs
+        if self.baseline == "moving_average":
+            average, steps = self._baseline_average, self._baseline_steps
+            momentum = self.baseline_momentum
+            baseline = ops.where(
+                steps > 0, average / (1.0 - momentum**steps), ops.mean(costs)
+            )
+            advantages = costs - ops.stop_gradient(baseline)
+            average.assign(momentum * average + (1.0 - momentum) * ops.mean(costs))
+            steps.assign(steps + 1.0)
+        return ops.mean(ops.stop_gradient(advantages) * log_probability)
+
+    def _update_gate_metrics(self, decisions, policy_loss):
+        self._policy_loss_tracker.update_state(policy_loss)
+        per_layer = {}
+        for decision in decisions:
+            per_layer.setdefault(decision.layer.name, []).append(
+                ops.mean(ops.cast(decision.mask, "float32"))
+            )
+        densities = []
+        for name, values in per_layer.items():
+            density = ops.mean(ops.stack(values))
+            if name in self._gate_trackers:
+                self._gate_trackers[name].update_state(density)
+            densities.append(density)
+        if densities:
+            self._density_tracker.update_state(ops.mean(ops.stack(densities)))
+
+    def _loss_metric(self):
+        return next(m for m in self.metrics if m.name == "loss")
+
+    def _forward(self, x, y, sample_weight, training):
+        """Forward pass with the task loss and the policy objective."""
+        with DecisionRecorder() as recorder:
+            y_pred = self(x, training=training)
+        if not isinstance(y_pred, tf.Tensor):
+            raise ValueError(
+                "PolicyGradientModel supports models with a single output. "
+                f"Received outputs: {y_pred!r}"
+            )
+        loss = self.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        decisions = recorder.decisions
+        if decisions:
+            costs = ops.stop_gradient(self._per_example_loss(y, y_pred, sample_weight))
+            surrogate = self._policy_objective(decisions, costs)
+            regularization = ops.sum(
+                ops.stack([ops.cast(d.regularization, "float32") for d in decisions])
+            )
+            policy_loss = surrogate + regularization
+        else:
+            surrogate = policy_loss = ops.zeros(())
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        self._loss_metric().update_state(loss * replicas, sample_weight=batch)
+        self._update_gate_metrics(decisions, policy_loss)
+        # Divided like compute_loss's losses, so replicas sum to the global mean.
+        return y_pred, loss, surrogate / replicas
+
+    def train_step(self, data):
+        self._require_compiled()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        separate = self.policy_optimizer is not None
+        with tf.GradientTape(persistent=separate) as tape:
+            y_pred, loss, surrogate = self._forward(x, y, sample_weight, True)
+            # The surrogate depends on the policies only (their input is a
+            # stopped gradient) and the task loss on the network only.
+            total = loss + surrogate
+        if separate:
+            network, policy = self._split_trainable_variables()
+            self.optimizer.apply(
+                tape.gradient(self.optimizer.scale_loss(loss), network), network
+            )
+            self.policy_optimizer.apply(
+                tape.gradient(self.policy_optimizer.scale_loss(total), policy), policy
+            )
+            del tape
+        else:
+            variables = self.trainable_variables
+            self.optimizer.apply(
+                tape.gradient(self.optimizer.scale_loss(total), variables), variables
+            )
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        self._require_compiled()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, _, _ = self._forward(x, y, sample_weight, False)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "baseline": self.baseline,
+            "baseline_momentum": self.baseline_momentum,
+        }
+
+
+class _PolicyGradientModelType(type):
+    def __instancecheck__(cls, instance):
+        if cls is PolicyGradientModel:
+            return isinstance(instance, _PolicyGradientTraining)
+        return super().__instancecheck__(instance)
+
+    def __subclasscheck__(cls, subclass):
+        if cls is PolicyGradientModel:
+            return issubclass(subclass, _PolicyGradientTraining)
+        return super().__subclasscheck__(subclass)
+
+
+class PolicyGradientModel(
+    _PolicyGradientTraining, keras.Model, metaclass=_PolicyGradientModelType
+):
+    """A `keras.Model` whose `train_step` trains gated layers with REINFORCE.
+
+    Network weights get the gradient of the task loss (plus Keras losses and
+    regularisers) through the sampled masks. Each gated layer's policy gets the
+    REINFORCE gradient of Bengio et al. (arXiv 1511.06297),
+
+    `E[(c_i - b) grad log pi(u_i | s_i)]`,
+
+    with `c_i` the per-example task loss (times its `sample_weight`) and `b` a
+    baseline, plus the gradients of the layers' regularisers `L_b, L_e, L_v`.
+    Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
+    outputs)`) or subclassed.
+
+    Besides `loss` and the compiled metrics, `fit` and `evaluate` log
+    `policy_loss` (the policy's surrogate objective plus its regularisers),
+    `density` (mean fraction of active blocks over the gated layers) and
+    `<layer name>_density` for each gated layer.
+
+    Args:
+        baseline: `"moving_average"` (default: an exponential moving average of
+            the batch's mean cost, bias-corrected) or None (no baseline, as in
+            the paper).
+        baseline_momentum: momentum of the moving average, in [0, 1).
+        *args, **kwargs: as `keras.Model`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp import PolicyGradientModel
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> hidden = GatedDense(32, blocks=4, activation="relu", target_density=0.25)(inputs)
+    >>> model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
+    >>> model.compile(
+    ...     "adam",
+    ...     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    ...     policy_optimizer=keras.optimizers.Adam(1e-3),
+    ... )
+    >>> x, y = np.random.rand(16, 8).astype("float32"), np.arange(16) % 3
+    >>> sorted(k for k in model.fit(x, y, verbose=0).history if "density" in k)
+    ['density', 'gated_dense_density']
+    """
+
+    # keras.Model supports functional use of a subclass by rewriting the
+    # subclass's bases to include Functional, for good: subclassing the same
+    # class afterwards would then break. Functional calls therefore build a
+    # separate class, and isinstance() treats both as PolicyGradientModel.
+    def __new__(cls, *args, **kwargs):
+        if cls is PolicyGradientModel and _is_functional_call(args, kwargs):
+            return FunctionalPolicyGradientModel(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(
+    package="keras_condcomp", name="PolicyGradientModel"
+)
+class FunctionalPolicyGradientModel(_PolicyGradientTraining, keras.Model):
+    """A functional PolicyGradientModel (made by `PolicyGradientModel(inputs, outputs)`)."""

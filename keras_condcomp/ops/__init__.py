@@ -1,0 +1,11 @@
+"""Block-sparse execution: the masked reference and the paths that skip work."""
+
+from keras_condcomp.ops.block_sparse_dense import EXECUTION_PATHS, block_sparse_dense
+from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_dense
+
+__all__ = [
+    "EXECUTION_PATHS",
+    "block_sparse_dense",
+    "expand_block_mask",
+    "masked_block_dense",
+]

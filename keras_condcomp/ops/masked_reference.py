@@ -1,0 +1,37 @@
+"""The masked reference: compute every block densely, then zero the skipped ones."""
+
+from keras import ops
+
+__all__ = ["masked_block_dense", "expand_block_mask"]
+
+
+def expand_block_mask(block_mask, units):
+    """Repeats a `(batch, blocks)` mask over each block's units: `(batch, units)`."""
+    blocks = block_mask.shape[-1]
+    return ops.repeat(block_mask, units // blocks, axis=-1)
+
+
+def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
+    """`activation(inputs @ kernel + bias) * mask`, the mask repeated per block.
+
+    This is the reference every skipping path is tested against, and the
+    dense fallback when density is too high for skipping to pay. It computes
+    all the work: it is never faster than `keras.layers.Dense`.
+
+    Args:
+        inputs: `(batch, input_dim)`.
+        kernel: `(input_dim, units)`.
+        bias: `(units,)` or None.
+        block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one.
+        activation: a callable or None.
+
+    Returns:
+        `(batch, units)`; exactly 0 in the units of skipped blocks.
+    """
+    outputs = ops.matmul(inputs, kernel)
+    if bias is not None:
+        outputs = outputs + bias
+    if activation is not None:
+        outputs = activation(outputs)
+    mask = ops.cast(expand_block_mask(block_mask, kernel.shape[-1]), outputs.dtype)
+    return outputs * mask

@@ -1,0 +1,122 @@
+"""Side-by-side latency measurement, used by the `train` job and the benchmarks.
+
+Timings compare callables in one process, alternating them call by call after
+a warm-up, and report medians, so that machine noise hits all of them alike.
+Thread counts must be pinned before TensorFlow starts: `measure_models_speed`
+therefore runs in a fresh process (`python -m keras_condcomp.speed`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["median_latencies", "measure_models_speed"]
+
+
+def median_latencies(functions, inputs, repeats=50, warmup=5):
+    """Median seconds per call of each function, called in alternation.
+
+    Args:
+        functions: `{name: callable(batch)}`.
+        inputs: a list of batches; call `r` of every function gets
+            `inputs[r % len(inputs)]`, so all see the same data.
+        repeats: timed calls per function.
+        warmup: untimed calls per function first.
+
+    Returns:
+        `{name: median seconds}`.
+    """
+    names = list(functions)
+    for r in range(warmup):
+        for name in names:
+            functions[name](inputs[r % len(inputs)])
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        batch = inputs[r % len(inputs)]
+        # Rotate who goes first so cache warmth favours nobody.
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            start = time.perf_counter()
+            functions[name](batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def _compiled_inference(model):
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, model.inputs[0].shape[-1]], "float32")
+
+    @tf.function(input_signature=[spec])
+    def run(x):
+        return model(x, training=False)
+
+    return lambda x: run(x).numpy()
+
+
+def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
+    import keras
+
+    import keras_condcomp  # noqa: F401  (registers the layers)
+
+    gated = keras.models.load_model(gated_path, compile=False)
+    dense = keras.models.load_model(dense_path, compile=False)
+    x = np.load(data_path)
+    functions = {"gated": _compiled_inference(gated), "dense": _compiled_inference(dense)}
+    results = {}
+    for batch_size in batch_sizes:
+        count = max(1, min(16, len(x) // batch_size))
+        batches = [x[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+        batches = [b for b in batches if len(b) == batch_size] or [
+            np.resize(x, (batch_size, x.shape[1]))
+        ]
+        medians = median_latencies(functions, batches, repeats=repeats)
+        results[str(batch_size)] = {
+            "gated_seconds": medians["gated"],
+            "dense_seconds": medians["dense"],
+            "speedup": medians["dense"] / medians["gated"],
+        }
+    return results
+
+
+def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), threads=1, repeats=100):
+    """Speedup of a saved gated model over a saved dense one, in a fresh process.
+
+    Args:
+        gated_path, dense_path: `.keras` files.
+        x: example inputs `(n, features)`, cycled through.
+        batch_sizes: batch sizes to time.
+        threads: TensorFlow intra-op threads (inter-op pinned to 1).
+        repeats: timed calls per model and batch size (medians reported).
+
+    Returns:
+        `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup"}}`.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = os.path.join(tmp, "x.npy")
+        np.save(data_path, np.asarray(x, "float32"))
+        command = [
+            sys.executable, "-m", "keras_condcomp.speed", gated_path, dense_path,
+            data_path, ",".join(map(str, batch_sizes)), str(threads), str(repeats),
+        ]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"Speed measurement failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    gated_path, dense_path, data_path, sizes, threads, repeats = sys.argv[1:7]
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    sizes = [int(s) for s in sizes.split(",")]
+    print(json.dumps(_measure(gated_path, dense_path, data_path, sizes, int(repeats))))

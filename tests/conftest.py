@@ -1,0 +1,39 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs, so MirroredStrategy can be tested on a CPU-only machine.
+# This must happen before TensorFlow initialises its devices.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+SHARED_MNIST = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "mnist-t10k-split"
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_keras_state():
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from keras_condcomp import data
+
+    return data.load_digits()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

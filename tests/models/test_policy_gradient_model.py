@@ -1,0 +1,217 @@
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_condcomp import PolicyGradientModel
+from keras_condcomp.layers import GatedDense
+from keras_condcomp.models import build_gated_mlp
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def tiny_model(input_dim=8, units=16, blocks=4, classes=3, **gate_kwargs):
+    gate_kwargs.setdefault("target_density", 0.25)
+    inputs = keras.Input((input_dim,))
+    hidden = GatedDense(units, blocks, activation="relu", name="gate", seed=3, **gate_kwargs)(
+        inputs
+    )
+    return PolicyGradientModel(inputs, keras.layers.Dense(classes, name="head")(hidden))
+
+
+def toy_data(rng, n=64, input_dim=8, classes=3):
+    x = rng.normal(size=(n, input_dim)).astype("float32")
+    return x, (np.arange(n) % classes).astype("int64")
+
+
+def test_fit_and_evaluate_log_policy_loss_and_densities(rng):
+    model = tiny_model()
+    model.compile("adam", LOSS, metrics=["accuracy"], policy_optimizer="adam")
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=2, batch_size=16, validation_data=(x, y), verbose=0)
+    for key in ("loss", "accuracy", "policy_loss", "density", "gate_density"):
+        assert key in history.history
+        assert f"val_{key}" in history.history
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    mask = model.get_layer("gate").block_mask(x)
+    np.testing.assert_allclose(logs["gate_density"], np.mean(mask), atol=1e-6)
+    np.testing.assert_allclose(logs["density"], logs["gate_density"])
+
+
+def test_trains_on_digits_to_accuracy_and_density(digits):
+    keras.utils.set_random_seed(0)
+    model = build_gated_mlp(
+        64, 10, units=256, blocks=16, layers=1, target_density=0.15,
+        sparsity_weight=5.0, variance_weight=10.0, seed=0,
+    )
+    model.compile(
+        keras.optimizers.Adam(1e-3), LOSS, metrics=["accuracy"],
+        policy_optimizer=keras.optimizers.Adam(1e-2),
+    )
+    model.fit(digits.x_train, digits.y_train, epochs=25, batch_size=32, verbose=0)
+    logs = model.evaluate(digits.x_test, digits.y_test, verbose=0, return_dict=True)
+    assert logs["accuracy"] > 0.93
+    assert 0.02 < logs["density"] < 0.35
+
+
+def test_subclassed_model_trains_and_logs(rng):
+    class Net(PolicyGradientModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, inputs, training=None):
+            return self.head(self.gate(inputs, training=training))
+
+    model = Net(baseline=None)
+    model.compile("adam", LOSS, policy_optimizer="sgd")
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert "g_density" in history.history
+    assert model.predict(x, verbose=0).shape == (64, 3)
+
+
+def test_sample_weight_tf_data_and_callbacks(rng, tmp_path):
+    model = tiny_model()
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    x, y = toy_data(rng)
+    weights = rng.uniform(size=len(x)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(16)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=1),
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="val_density"),
+        keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+    ]
+    model.fit(dataset, validation_data=(x, y), epochs=3, callbacks=callbacks, verbose=0)
+    restored = keras.models.load_model(tmp_path / "best.keras")
+    assert isinstance(restored, PolicyGradientModel)
+    assert any((tmp_path / "tb").rglob("*.v2"))
+
+
+def test_zero_sample_weight_gives_no_policy_gradient(rng):
+    model = tiny_model(sparsity_weight=0.0)
+    model.compile(
+        keras.optimizers.SGD(0.0), LOSS,
+        policy_optimizer=keras.optimizers.SGD(1.0),
+    )
+    x, y = toy_data(rng)
+    before = [v.numpy() for v in model.get_layer("gate").policy.weights]
+    model.fit(x, y, sample_weight=np.zeros(len(x)), batch_size=64, epochs=1, verbose=0)
+    after = [v.numpy() for v in model.get_layer("gate").policy.weights]
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    moved = [v.numpy() for v in model.get_layer("gate").policy.weights]
+    assert not np.allclose(moved[0], after[0])
+
+
+def test_policy_optimizer_survives_save_and_load(rng, tmp_path):
+    model = tiny_model()
+    model.compile(
+        keras.optimizers.Adam(1e-3), LOSS,
+        policy_optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+    )
+    x, y = toy_data(rng)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(restored.policy_optimizer, keras.optimizers.SGD)
+    assert restored.policy_optimizer.learning_rate.numpy() == pytest.approx(0.05)
+    assert restored.policy_optimizer.momentum == 0.5
+    for a, b in zip(model.policy_optimizer.variables, restored.policy_optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model.predict(x, verbose=0), restored.predict(x, verbose=0))
+    restored.fit(x, y, epochs=1, verbose=0)
+
+
+def test_mixed_precision_trains(rng):
+    keras.config.set_dtype_policy("mixed_float16")
+    model = tiny_model()
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert model.get_layer("gate").compute_dtype == "float16"
+    assert model.get_layer("gate").policy.compute_dtype == "float32"
+    assert model.predict(x, verbose=0).shape == (64, 3)
+
+
+def _trained_weights(strategy, x, y):
+    keras.utils.set_random_seed(7)
+    with strategy.scope():
+        model = tiny_model(units=16, blocks=4)
+        model.compile(
+            keras.optimizers.SGD(0.1), LOSS, policy_optimizer=keras.optimizers.SGD(0.1)
+        )
+    # Masks sampled per replica differ from one device's; open every block
+    # so the comparison tests loss scaling, not the sampler.
+    model.get_layer("gate").policy.bias.assign(np.full(4, 30.0, "float32"))
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights]
+
+
+def test_mirrored_strategy_matches_one_device(rng):
+    assert len(tf.config.list_logical_devices("CPU")) >= 2
+    x, y = toy_data(rng)
+    single = _trained_weights(tf.distribute.OneDeviceStrategy("/cpu:0"), x, y)
+    mirrored = _trained_weights(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), x, y)
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _exact_policy_gradient(model, x, y):
+    """Gradient of E_u[c(u)] w.r.t. the policy, enumerating every mask."""
+    gate = model.get_layer("gate")
+    head = model.get_layer("head")
+    blocks = gate.blocks
+    with tf.GradientTape() as tape:
+        sigma = gate.policy(x)[0]
+        expected = 0.0
+        for bits in itertools.product([0.0, 1.0], repeat=blocks):
+            mask = tf.constant([bits])
+            probability = tf.reduce_prod(sigma * mask + (1 - sigma) * (1 - mask))
+            hidden = keras.ops.relu(x @ gate.kernel + gate.bias) * tf.repeat(
+                mask, gate.block_size, axis=1
+            )
+            cost = LOSS(y, head(hidden))
+            expected += probability * tf.stop_gradient(cost)
+    return [g.numpy() for g in tape.gradient(expected, gate.policy.trainable_variables)]
+
+
+def test_reinforce_estimator_is_unbiased(rng):
+    model = tiny_model(input_dim=3, units=6, blocks=3, sparsity_weight=0.0, target_density=None)
+    model = PolicyGradientModel(model.inputs, model.outputs, baseline=None)
+    model.compile(keras.optimizers.SGD(0.0), LOSS, policy_optimizer=keras.optimizers.SGD(1.0))
+    gate = model.get_layer("gate")
+    gate.policy.kernel.assign(rng.normal(size=(3, 3)).astype("float32"))
+    gate.policy.bias.assign(np.array([0.5, -0.3, 0.1], "float32"))
+    x = rng.normal(size=(1, 3)).astype("float32")
+    y = np.array([1])
+    exact = _exact_policy_gradient(model, x, y)
+    assert np.abs(exact[0]).max() > 1e-2  # the check below is not vacuous
+
+    n = 20000
+    before = [v.numpy() for v in gate.policy.trainable_variables]
+    model.train_on_batch(np.repeat(x, n, 0), np.repeat(y, n))
+    estimate = [b - v.numpy() for b, v in zip(before, gate.policy.trainable_variables)]
+    # Standard error of a mean of 20000 single-sample estimates is well
+    # under 0.02 here; a sign or scaling error would be far outside.
+    for e, g in zip(estimate, exact):
+        np.testing.assert_allclose(e, g, atol=0.03)
+
+
+def test_compile_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="loss=None"):
+        model.compile("adam")
+    inputs = keras.Input((4,))
+    plain = PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="no gated layer"):
+        plain.compile("adam", LOSS)
+    with pytest.raises(ValueError, match="baseline='mean'"):
+        PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs), baseline="mean")
+    with pytest.raises(ValueError, match="baseline_momentum=1.5"):
+        PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs), baseline_momentum=1.5)
