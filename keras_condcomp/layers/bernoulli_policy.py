@@ -22,6 +22,7 @@ class BernoulliPolicy(keras.layers.Layer):
 
     Call arguments:
         inputs: `(batch, input_dim)`, the state `s` (the gated layer's input).
+        return_logits: return `x @ kernel + bias` instead of its sigmoid.
 
     Input shape:
         `(batch, input_dim)`.
@@ -75,13 +76,9 @@ class BernoulliPolicy(keras.layers.Layer):
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
-    def logits(self, inputs):
-        """`x @ kernel + bias`, the log-odds of each block being active."""
-        inputs = ops.cast(inputs, self.compute_dtype)
-        return ops.matmul(inputs, self.kernel) + self.bias
-
-    def call(self, inputs):
-        return ops.sigmoid(self.logits(inputs))
+    def call(self, inputs, return_logits=False):
+        logits = ops.matmul(inputs, self.kernel) + self.bias
+        return logits if return_logits else ops.sigmoid(logits)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.blocks,)

@@ -208,7 +208,7 @@ class GatedDense(keras.layers.Layer):
     def _decide(self, inputs, training):
         """Policy logits and the 0/1 block mask used for `inputs`."""
         # The state is given to the policy, not learned through it.
-        logits = self.policy.logits(ops.stop_gradient(inputs))
+        logits = self.policy(ops.stop_gradient(inputs), return_logits=True)
         if training or self.inference == "sample":
             uniform = keras.random.uniform(
                 ops.shape(logits), seed=self.seed_generator, dtype=logits.dtype

@@ -229,7 +229,11 @@ class _PolicyGradientTraining:
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        decisions = recorder.decisions
+        # Drop decisions recorded while Keras built the model in a scratch graph.
+        graph = getattr(y_pred, "graph", None)
+        decisions = [
+            d for d in recorder.decisions if getattr(d.logits, "graph", None) is graph
+        ]
         if decisions:
             costs = ops.stop_gradient(self._per_example_loss(y, y_pred, sample_weight))
             surrogate = self._policy_objective(decisions, costs)
@@ -253,21 +257,19 @@ class _PolicyGradientTraining:
             y_pred, loss, surrogate = self._forward(x, y, sample_weight, True)
             # The surrogate depends on the policies only (their input is a
             # stopped gradient) and the task loss on the network only.
-            total = loss + surrogate
+            if separate:
+                network_loss = self.optimizer.scale_loss(loss)
+                policy_loss = self.policy_optimizer.scale_loss(loss + surrogate)
+            else:
+                total_loss = self.optimizer.scale_loss(loss + surrogate)
         if separate:
             network, policy = self._split_trainable_variables()
-            self.optimizer.apply(
-                tape.gradient(self.optimizer.scale_loss(loss), network), network
-            )
-            self.policy_optimizer.apply(
-                tape.gradient(self.policy_optimizer.scale_loss(total), policy), policy
-            )
+            self.optimizer.apply(tape.gradient(network_loss, network), network)
+            self.policy_optimizer.apply(tape.gradient(policy_loss, policy), policy)
             del tape
         else:
             variables = self.trainable_variables
-            self.optimizer.apply(
-                tape.gradient(self.optimizer.scale_loss(total), variables), variables
-            )
+            self.optimizer.apply(tape.gradient(total_loss, variables), variables)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):
