@@ -172,16 +172,18 @@ def load_tfds(name, data_dir=None):
     """
     import tensorflow_datasets as tfds
 
+    def to_numpy(split):
+        images, labels = [], []
+        for x, y in tfds.as_numpy(split.batch(4096)):
+            images.append(x)
+            labels.append(y)
+        return np.concatenate(images), np.concatenate(labels)
+
     try:
-        (x_train, y_train), (x_test, y_test) = tfds.as_numpy(
-            tfds.load(
-                name,
-                split=["train", "test"],
-                as_supervised=True,
-                batch_size=-1,
-                data_dir=data_dir,
-            )
+        train, test = tfds.load(
+            name, split=["train", "test"], as_supervised=True, data_dir=data_dir
         )
+        (x_train, y_train), (x_test, y_test) = to_numpy(train), to_numpy(test)
     except Exception as error:  # tfds raises many types; report them plainly.
         raise ValueError(f"Could not load TFDS dataset {name!r}: {error}") from None
     return _as_dataset(f"{name} (TFDS)", x_train, y_train, x_test, y_test, 255.0)

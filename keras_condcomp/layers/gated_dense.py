@@ -69,9 +69,10 @@ class GatedDense(keras.layers.Layer):
     Args:
         units: positive int, output dimension.
         blocks: positive int dividing `units`: the number of gated blocks.
-        activation, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer, activity_regularizer,
-        kernel_constraint, bias_constraint: as in `keras.layers.Dense`.
+        activation: as in `keras.layers.Dense`, and so are `use_bias`,
+            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `activity_regularizer`, `kernel_constraint`
+            and `bias_constraint`.
         target_density: the target fraction of active blocks tau in (0, 1],
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
@@ -218,13 +219,19 @@ class GatedDense(keras.layers.Layer):
             active = logits > 0
         return logits, ops.cast(active, logits.dtype)
 
+    def _built_for(self, inputs):
+        inputs = ops.convert_to_tensor(inputs)
+        if not self.built:
+            self.build(inputs.shape)
+        return inputs
+
     def block_probabilities(self, inputs):
         """The policy's `(batch, blocks)` probabilities sigma for `inputs`."""
-        return self.policy(inputs)
+        return self.policy(self._built_for(inputs))
 
     def block_mask(self, inputs, training=False):
         """The `(batch, blocks)` 0/1 mask the layer uses for `inputs`."""
-        return self._decide(ops.convert_to_tensor(inputs), training)[1]
+        return self._decide(self._built_for(inputs), training)[1]
 
     def gating_regularization(self, probabilities):
         """`sparsity_weight (L_b + L_e) + variance_weight L_v` of a batch."""

@@ -28,8 +28,8 @@ def build_gated_mlp(
     Example:
 
     >>> model = build_gated_mlp(64, 10, units=32, blocks=4, layers=1)
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['InputLayer', 'GatedDense', 'Dense']
+    >>> print(" -> ".join(type(layer).__name__ for layer in model.layers))
+    InputLayer -> GatedDense -> Dense
     """
     seed = gate_kwargs.pop("seed", None)
     inputs = keras.Input((input_dim,), name="inputs")

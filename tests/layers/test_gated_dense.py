@@ -1,0 +1,131 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_condcomp.layers import BernoulliPolicy, GatedDense
+from keras_condcomp.ops import EXECUTION_PATHS, masked_block_dense
+
+
+def all_open(layer):
+    layer.policy.bias.assign(np.full(layer.blocks, 50.0, "float32"))
+
+
+def test_equals_dense_with_every_block_open(rng):
+    x = rng.normal(size=(5, 12)).astype("float32")
+    dense = keras.layers.Dense(16, activation="tanh")
+    expected = dense(x)
+    gated = GatedDense.from_dense(dense, blocks=4)
+    all_open(gated)
+    for training in (False, True):
+        np.testing.assert_allclose(gated(x, training=training), expected, atol=1e-6)
+
+
+def test_inactive_blocks_are_exactly_zero_and_mask_is_threshold(rng):
+    layer = GatedDense(32, 8, activation="sigmoid")
+    x = rng.normal(size=(20, 6)).astype("float32")
+    y = layer(x).numpy().reshape(20, 8, 4)
+    sigma = layer.block_probabilities(x).numpy()
+    mask = layer.block_mask(x).numpy()
+    np.testing.assert_array_equal(mask, (sigma > 0.5).astype("float32"))
+    assert 0 < mask.mean() < 1
+    assert np.all(y[mask == 0] == 0)
+    assert np.all(y[mask == 1] > 0)
+
+
+@pytest.mark.parametrize("execution", EXECUTION_PATHS)
+def test_every_execution_path_matches_masked_reference(rng, execution):
+    layer = GatedDense(24, 6, activation="relu", execution=execution)
+    for batch in (1, 2, 7, 64):
+        x = rng.normal(size=(batch, 10)).astype("float32")
+        mask = layer.block_mask(x)
+        expected = masked_block_dense(x, layer.kernel, layer.bias, mask, layer.activation)
+        np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+
+
+def test_sampled_masks_follow_probabilities(rng):
+    layer = GatedDense(8, 4, inference="sample", seed=1)
+    x = np.repeat(rng.normal(size=(1, 3)).astype("float32"), 4000, axis=0)
+    sigma = layer.block_probabilities(x[:1]).numpy()[0]
+    frequency = layer.block_mask(x, training=True).numpy().mean(axis=0)
+    np.testing.assert_allclose(frequency, sigma, atol=0.03)
+    # inference="sample" samples outside training too
+    assert 0 < layer.block_mask(x, training=False).numpy().std(axis=0).max()
+
+
+def test_regularization_added_in_training_only(rng):
+    layer = GatedDense(8, 4, target_density=0.25, sparsity_weight=2.0, variance_weight=1.0)
+    x = rng.normal(size=(6, 3)).astype("float32")
+    layer(x, training=False)
+    assert not layer.losses
+    with pytest.warns(UserWarning, match="outside keras_condcomp.PolicyGradientModel"):
+        layer(x, training=True)
+    expected = layer.gating_regularization(layer.block_probabilities(x))
+    np.testing.assert_allclose(layer.losses[0], expected, rtol=1e-6)
+
+
+def test_config_round_trip():
+    layer = GatedDense(
+        16, 4, activation="relu", target_density=0.3, sparsity_weight=3.0,
+        variance_weight=0.5, inference="sample", execution="grouped", seed=9,
+        kernel_regularizer="l2", policy_regularizer="l2",
+    )
+    clone = GatedDense.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert isinstance(clone.policy, BernoulliPolicy)
+
+
+def test_keras_save_load_gives_identical_outputs(rng, tmp_path):
+    inputs = keras.Input((10,))
+    hidden = GatedDense(32, 4, activation="relu", target_density=0.5)(inputs)
+    hidden = GatedDense(16, 4, activation="relu")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    x = rng.normal(size=(9, 10)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), restored.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_shapes_and_dtypes(rng, policy):
+    keras.config.set_dtype_policy(policy)
+    layer = GatedDense(12, 3, activation="relu")
+    x = rng.normal(size=(4, 5)).astype("float32")
+    y = layer(x)
+    assert tuple(y.shape) == (4, 12)
+    assert y.dtype == layer.compute_dtype
+    assert layer.block_probabilities(x).dtype == "float32"
+    assert layer.compute_output_shape((None, 5)) == (None, 12)
+    assert layer.kernel.shape == (5, 12) and layer.policy.kernel.shape == (5, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"units": 10, "blocks": 3}, "units=10, blocks=3"),
+        ({"units": 0, "blocks": 1}, "units=0"),
+        ({"units": 8, "blocks": 0}, "blocks=0"),
+        ({"units": 8, "blocks": 2, "target_density": 0.0}, "target_density=0.0"),
+        ({"units": 8, "blocks": 2, "target_density": 1.5}, "target_density=1.5"),
+        ({"units": 8, "blocks": 2, "sparsity_weight": -1}, "sparsity_weight=-1"),
+        ({"units": 8, "blocks": 2, "variance_weight": "x"}, "variance_weight='x'"),
+        ({"units": 8, "blocks": 2, "inference": "mean"}, "inference='mean'"),
+        ({"units": 8, "blocks": 2, "execution": "fast"}, "execution='fast'"),
+    ],
+)
+def test_bad_arguments_name_argument_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GatedDense(**kwargs)
+
+
+def test_bad_input_shape_is_refused(rng):
+    layer = GatedDense(8, 2)
+    layer(rng.normal(size=(2, 4)).astype("float32"))
+    with pytest.raises(ValueError, match="axis -1"):
+        layer(rng.normal(size=(2, 5)).astype("float32"))
+    with pytest.raises(ValueError, match="ndim=2"):
+        GatedDense(8, 2)(rng.normal(size=(2, 3, 4)).astype("float32"))
+
+
+def test_from_dense_refuses_other_layers():
+    with pytest.raises(ValueError, match="dense=Conv2D"):
+        GatedDense.from_dense(keras.layers.Conv2D(4, 3), blocks=2)

@@ -1,0 +1,56 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_condcomp.cli import main
+from tests.test_data import fake_mnist
+
+TINY = ["--epochs", "1", "--units", "32", "--blocks", "4", "--layers", "1",
+        "--speed-repeats", "3", "--verbose", "0"]
+
+
+def test_train_writes_results_and_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("test_accuracy", "dense_test_accuracy", "equal_macs_dense_test_accuracy",
+                "density", "layer_densities", "dense_macs", "conditional_macs",
+                "speedup_batch1", "speedup_batch256"):
+        assert key in results
+    assert 0 <= results["density"] <= 1 and results["speedup_batch1"] > 0
+    assert results["dense_macs"] == 64 * 32 + 32 * 10
+    assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".keras-condcomp")]
+
+
+def test_train_on_mnist_directory(tmp_path, rng):
+    fake_mnist(tmp_path, rng, compress=True)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--dataset", "mnist", "--data-dir", str(tmp_path),
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["dataset"] == "MNIST"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--units", "30", "--blocks", "4"], "--units (30) must be divisible by --blocks (4)"),
+        (["--target-density", "0"], "--target-density must be in (0, 1]"),
+        (["--epochs", "-2"], "--epochs must be a positive integer"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent"], "not a directory"),
+        (["--dataset", "nope"], "dataset='nope'"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, arguments, message):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_condcomp", "train", *arguments, "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in done.stderr
+    assert not out.exists()

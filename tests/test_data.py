@@ -1,0 +1,80 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from keras_condcomp import data
+from tests.conftest import SHARED_MNIST
+
+
+def write_idx(path, array, compress=False):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    payload = header + array.astype(np.uint8).tobytes()
+    with open(path, "wb") as handle:
+        handle.write(gzip.compress(payload) if compress else payload)
+
+
+def fake_mnist(directory, rng, compress):
+    for split, n in (("train", 12), ("t10k", 5)):
+        suffix = ".gz" if compress else ""
+        write_idx(directory / f"{split}-images-idx3-ubyte{suffix}",
+                  rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, compress)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_load_mnist_from_idx_files(tmp_path, rng, compress):
+    fake_mnist(tmp_path, rng, compress)
+    dataset = data.load_mnist(tmp_path)
+    assert dataset.x_train.shape == (12, 784) and dataset.x_test.shape == (5, 784)
+    assert dataset.x_train.dtype == np.float32 and 0 <= dataset.x_train.min()
+    assert dataset.x_train.max() <= 1 and dataset.num_classes == 10
+
+
+def test_corrupt_and_missing_files(tmp_path, rng):
+    fake_mnist(tmp_path, rng, False)
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="Corrupt IDX file .*t10k-labels"):
+        data.load_mnist(tmp_path)
+    labels.write_bytes(b"not an idx file")
+    with pytest.raises(ValueError, match="bad magic number"):
+        data.read_idx(labels)
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(ValueError, match="Corrupt IDX file"):
+        data.read_idx(tmp_path / "bad.gz")
+    os.remove(labels)
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        data.load_mnist(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        data.load_mnist(tmp_path / "absent")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="shared MNIST split absent")
+def test_shared_mnist_split():
+    dataset = data.load_mnist(SHARED_MNIST)
+    assert dataset.x_train.shape == (8000, 784) and dataset.x_test.shape == (2000, 784)
+
+
+def test_digits():
+    dataset = data.load_digits()
+    assert dataset.x_train.shape[1] == 64 and len(dataset.x_test) == 360
+    with pytest.raises(ValueError, match="test_fraction=1.5"):
+        data.load_digits(test_fraction=1.5)
+
+
+def test_tfds_loader_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        dataset = data.load_dataset("tfds:mnist")
+    assert dataset.x_train.shape == (6, 784) and dataset.x_test.shape == (6, 784)
+    assert dataset.x_train.max() <= 1.0
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="dataset='cifar'"):
+        data.load_dataset("cifar")
