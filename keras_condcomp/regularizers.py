@@ -8,8 +8,8 @@ Example:
 >>> import numpy as np
 >>> from keras_condcomp import regularizers
 >>> sigma = np.array([[0.9, 0.1], [0.1, 0.1]], "float32")
->>> float(regularizers.block_balance(sigma, 0.5))
-0.8
+>>> round(float(regularizers.block_balance(sigma, 0.5)), 4)  # |0.5-0.5| + |0.1-0.5|
+0.4
 """
 
 from keras import ops

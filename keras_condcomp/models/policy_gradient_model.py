@@ -332,7 +332,7 @@ class PolicyGradientModel(
     >>> from keras_condcomp import PolicyGradientModel
     >>> from keras_condcomp.layers import GatedDense
     >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(32, blocks=4, activation="relu", target_density=0.25)(inputs)
+    >>> hidden = GatedDense(32, 4, activation="relu", target_density=0.25, name="gate")(inputs)
     >>> model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
     >>> model.compile(
     ...     "adam",
@@ -341,7 +341,7 @@ class PolicyGradientModel(
     ... )
     >>> x, y = np.random.rand(16, 8).astype("float32"), np.arange(16) % 3
     >>> sorted(k for k in model.fit(x, y, verbose=0).history if "density" in k)
-    ['density', 'gated_dense_density']
+    ['density', 'gate_density']
     """
 
     # keras.Model supports functional use of a subclass by rewriting the
