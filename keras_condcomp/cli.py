@@ -98,7 +98,7 @@ def _parser():
     return parser
 
 
-def _fit(model, dataset, x_val, y_val, args, x_train, y_train):
+def _fit(model, args, x_train, y_train, x_val, y_val):
     return model.fit(
         x_train,
         y_train,
@@ -155,7 +155,7 @@ def train(args):
         keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"],
         policy_optimizer=keras.optimizers.Adam(args.policy_learning_rate),
     )
-    _fit(gated, dataset, x_val, y_val, args, x_train, y_train)
+    _fit(gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
     evaluation = gated.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
     layer_names = [layer.name for layer in gated.layers if hasattr(layer, "policy")]
@@ -165,7 +165,7 @@ def train(args):
     def train_dense(units):
         model = build_dense_mlp(input_dim, dataset.num_classes, units, args.layers)
         model.compile(keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"])
-        _fit(model, dataset, x_val, y_val, args, x_train, y_train)
+        _fit(model, args, x_train, y_train, x_val, y_val)
         return model
 
     print(f"Training the same-width dense MLP ({args.layers} x {args.units})")
@@ -212,7 +212,7 @@ def train(args):
             results[f"speedup_batch{batch_size}"] = speed[str(batch_size)]["speedup"]
         results["speed"] = {
             "threads": 1, "repeats": args.speed_repeats,
-            "against": f"same-width keras.layers.Dense MLP, median latency", **speed,
+            "against": "same-width keras.layers.Dense MLP, median latency", **speed,
         }
         with open(os.path.join(staging, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
