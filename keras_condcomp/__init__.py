@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
-from keras_condcomp import layers, models, ops, regularizers
+from keras_condcomp import layers, models, ops, profiling, regularizers
 from keras_condcomp.layers import BernoulliPolicy, GatedDense
 from keras_condcomp.models import PolicyGradientModel
+from keras_condcomp.profiling import summary
 
 __all__ = [
     "BernoulliPolicy",
@@ -14,5 +15,7 @@ __all__ = [
     "layers",
     "models",
     "ops",
+    "profiling",
     "regularizers",
+    "summary",
 ]

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
+from keras_condcomp.profiling import gated_inputs, profile_macs
 
 __all__ = ["PolicyGradientModel", "gated_layers"]
 
@@ -138,6 +139,7 @@ class _PolicyGradientTraining:
         if self._gate_trackers is None or list(self._gate_trackers) != names:
             self._policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
             self._density_tracker = keras.metrics.Mean(name="density")
+            self._conditional_macs_tracker = keras.metrics.Mean(name="conditional_macs")
             self._gate_trackers = {
                 name: keras.metrics.Mean(name=f"{name}_density") for name in names
             }
@@ -212,6 +214,30 @@ class _PolicyGradientTraining:
             densities.append(density)
         if densities:
             self._density_tracker.update_state(ops.mean(ops.stack(densities)))
+            self._conditional_macs_tracker.update_state(
+                self._conditional_macs_per_example(decisions)
+            )
+
+    def _conditional_macs_per_example(self, decisions):
+        """`(batch,)` MACs each example used, as `profiling.profile_macs` counts."""
+        profile = profile_macs(self)
+        sources = gated_inputs(self)
+        per_example = {}
+        for decision in decisions:
+            density = ops.mean(ops.cast(decision.mask, "float32"), axis=-1)
+            per_example.setdefault(decision.layer.name, []).append(density)
+        per_example = {
+            name: ops.mean(ops.stack(values), axis=0) for name, values in per_example.items()
+        }
+        macs = float(sum(row.dense_macs for row in profile.layers if not row.is_gated))
+        for row in profile.layers:
+            if row.name not in per_example:
+                continue
+            computed = per_example[row.name]
+            if sources.get(row.name) in per_example:
+                computed = computed * per_example[sources[row.name]]
+            macs = macs + row.policy_macs + row.dense_macs * computed
+        return macs
 
     def _loss_metric(self):
         return next(m for m in self.metrics if m.name == "loss")
@@ -316,8 +342,11 @@ class PolicyGradientModel(
 
     Besides `loss` and the compiled metrics, `fit` and `evaluate` log
     `policy_loss` (the policy's surrogate objective plus its regularisers),
-    `density` (mean fraction of active blocks over the gated layers) and
-    `<layer name>_density` for each gated layer.
+    `density` (mean fraction of active blocks over the gated layers),
+    `<layer name>_density` for each gated layer and `conditional_macs`, the
+    mean multiply-adds per example really computed, counted as
+    `keras_condcomp.profiling.profile_macs` counts them (policies included,
+    input and output block sparsity of gated layers).
 
     Args:
         baseline: `"moving_average"` (default: an exponential moving average of

@@ -1,0 +1,171 @@
+"""How many multiply-adds (MACs) per example each kind of layer does.
+
+A rule maps a built layer to a `LayerCost`. The profiler tries `GATED_RULES`
+first (layers whose blocks a policy switches), then `RULES` in order; the
+first rule whose class matches wins. To count a new kind of layer (a
+`GatedConv2D`, say), write a function `layer -> LayerCost` and add
+`(LayerClass, function)` to the right table.
+
+The rules:
+
+- `Dense`: `input_dim * units` per position (one position per example for
+  2D inputs; one per leading step for `(batch, steps, features)`).
+- Convolutions (`Conv1D/2D/3D`, `DepthwiseConv1D/2D`): `kernel.size` per
+  output position; `SeparableConv1D/2D`: the depthwise plus the pointwise
+  kernel per output position; transposed convolutions: `kernel.size` per
+  input position.
+- `GatedDense`: `input_dim * units` dense, `input_dim * blocks` for its policy.
+- Layers without weights (pooling, activations, dropout, reshapes, merges)
+  and normalisation and `Embedding` layers: 0 MACs (elementwise work and
+  lookups are not multiply-adds of a product).
+- Any other layer with weights: 0 MACs, marked uncounted (`counted=False`)
+  so that the summary says so instead of silently under-counting.
+"""
+
+import dataclasses
+import math
+
+import keras
+
+from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
+from keras_condcomp.layers.gated_dense import GatedDense
+
+__all__ = ["GATED_RULES", "RULES", "LayerCost", "is_gated", "layer_cost"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """MACs per example of a layer with every block open."""
+
+    dense_macs: int
+    policy_macs: int = 0
+    blocks: int | None = None
+    counted: bool = True
+
+
+def is_gated(layer):
+    """Whether a policy switches `layer`'s blocks."""
+    return isinstance(getattr(layer, "policy", None), BernoulliPolicy)
+
+
+def _tensor(layer, attribute):
+    """`layer.input` or `layer.output` of a functional graph, else None."""
+    try:
+        return getattr(layer, attribute)
+    except (AttributeError, ValueError):
+        # A layer of a subclassed model has no symbolic input or output.
+        return None
+
+
+def _positions(layer, attribute, channels_last=True):
+    """Spatial (or step) positions per example of `layer.input`/`output`."""
+    tensor = _tensor(layer, attribute)
+    if tensor is None or isinstance(tensor, (list, tuple, dict)):
+        return None
+    shape = tuple(tensor.shape)
+    inner = shape[1:-1] if channels_last else shape[2:]
+    if any(dim is None for dim in inner):
+        return None
+    return math.prod(inner)
+
+
+def _size(variable):
+    return math.prod(variable.shape)
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") != "channels_first"
+
+
+def _dense(layer):
+    positions = _positions(layer, "output")
+    # Without a symbolic output (subclassed models) a Dense reads (batch, features).
+    return LayerCost(_size(layer.kernel) * (1 if positions is None else positions))
+
+
+def _convolution(layer):
+    positions = _positions(layer, "output", _channels_last(layer))
+    if positions is None:
+        return LayerCost(0, counted=False)
+    return LayerCost(_size(layer.kernel) * positions)
+
+
+def _separable_convolution(layer):
+    positions = _positions(layer, "output", _channels_last(layer))
+    if positions is None:
+        return LayerCost(0, counted=False)
+    kernels = _size(layer.depthwise_kernel) + _size(layer.pointwise_kernel)
+    return LayerCost(kernels * positions)
+
+
+def _transposed_convolution(layer):
+    positions = _positions(layer, "input", _channels_last(layer))
+    if positions is None:
+        return LayerCost(0, counted=False)
+    return LayerCost(_size(layer.kernel) * positions)
+
+
+def _gated_dense(layer):
+    return LayerCost(
+        dense_macs=_size(layer.kernel),
+        policy_macs=_size(layer.policy.kernel),
+        blocks=layer.blocks,
+    )
+
+
+def _zero(layer):
+    return LayerCost(0)
+
+
+GATED_RULES = [(GatedDense, _gated_dense)]
+RULES = [
+    (keras.layers.Dense, _dense),
+    (
+        (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D),
+        _separable_convolution,
+    ),
+    (
+        (
+            keras.layers.Conv1DTranspose,
+            keras.layers.Conv2DTranspose,
+            keras.layers.Conv3DTranspose,
+        ),
+        _transposed_convolution,
+    ),
+    (
+        (
+            keras.layers.Conv1D,
+            keras.layers.Conv2D,
+            keras.layers.Conv3D,
+            keras.layers.DepthwiseConv1D,
+            keras.layers.DepthwiseConv2D,
+        ),
+        _convolution,
+    ),
+    (
+        (
+            keras.layers.BatchNormalization,
+            keras.layers.LayerNormalization,
+            keras.layers.GroupNormalization,
+            keras.layers.UnitNormalization,
+            keras.layers.Normalization,
+            keras.layers.Embedding,
+        ),
+        _zero,
+    ),
+]
+
+
+def layer_cost(layer):
+    """The `LayerCost` of a built `layer` (see the module's rules)."""
+    table = GATED_RULES if is_gated(layer) else RULES
+    for classes, rule in table:
+        if isinstance(layer, classes):
+            return rule(layer)
+    if is_gated(layer):
+        raise ValueError(
+            f"No MACs rule for the gated layer {layer.name!r} "
+            f"({type(layer).__name__}): add one to "
+            "keras_condcomp.profiling.macs_rules.GATED_RULES."
+        )
+    return LayerCost(0, counted=not layer.weights)

@@ -1,0 +1,225 @@
+"""profile_macs: the compute profile of a built Keras model."""
+
+import keras
+import numpy as np
+
+from keras_condcomp.layers.decision_recorder import DecisionRecorder
+from keras_condcomp.profiling.layer_profile import LayerProfile
+from keras_condcomp.profiling.macs_rules import is_gated, layer_cost
+from keras_condcomp.profiling.model_profile import ModelProfile
+
+__all__ = ["gated_inputs", "profile_macs"]
+
+# Layers that map 0 to 0 elementwise: a block-sparse input stays block-sparse.
+_ZERO_PRESERVING = (keras.layers.Dropout, keras.layers.Identity, keras.layers.ReLU)
+
+
+def _profiled_layers(model):
+    """The model's layers, nested models flattened, input layers left out."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            yield from _profiled_layers(layer)
+        else:
+            yield layer
+
+
+def _symbolic(layer, attribute):
+    try:
+        tensor = getattr(layer, attribute)
+    except (AttributeError, ValueError):
+        return None
+    return None if isinstance(tensor, (list, tuple, dict)) else tensor
+
+
+def gated_inputs(model):
+    """`{gated layer name: name of the gated layer feeding it, or None}`.
+
+    A gated layer reads a block-sparse input when its input is the output of
+    another gated layer, directly or through `Dropout`, `Identity` or `ReLU`
+    (which keep zeros zero). Only functional and Sequential graphs are
+    followed, and not across the boundary of a nested model: elsewhere the
+    input counts as dense.
+    """
+    layers = list(_profiled_layers(model))
+    producers = {}
+    for layer in layers:
+        output = _symbolic(layer, "output")
+        if output is not None:
+            producers[id(output)] = layer
+    found = {}
+    for layer in layers:
+        if not is_gated(layer):
+            continue
+        tensor, upstream = _symbolic(layer, "input"), None
+        while tensor is not None:
+            producer = producers.get(id(tensor))
+            if producer is None:
+                break
+            if is_gated(producer):
+                upstream = producer.name
+                break
+            if not isinstance(producer, _ZERO_PRESERVING):
+                break
+            tensor = _symbolic(producer, "input")
+        found[layer.name] = upstream
+    return found
+
+
+def _batches(x, batch_size):
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        for element in x:
+            yield keras.utils.unpack_x_y_sample_weight(element)[0]
+        return
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    yield from dataset
+
+
+def _measured_densities(model, x, batch_size):
+    """`{gated layer name: (examples,) fraction of its blocks that ran}`."""
+    per_batch = {}
+    for batch in _batches(x, batch_size):
+        with DecisionRecorder() as recorder:
+            model(batch, training=False)
+        calls = {}
+        for decision in recorder.decisions:
+            mask = keras.ops.convert_to_numpy(decision.mask).astype("float64")
+            calls.setdefault(decision.layer.name, []).append(mask.mean(axis=-1))
+        for name, values in calls.items():
+            # A layer called several times: the mean over its calls.
+            per_batch.setdefault(name, []).append(np.mean(values, axis=0))
+    return {name: np.concatenate(values) for name, values in per_batch.items()}
+
+
+def _check_densities(densities, gated_names):
+    if not isinstance(densities, dict):
+        raise ValueError(
+            "`densities` must be a dict {gated layer name: density}. "
+            f"Received: densities={densities!r}"
+        )
+    for name, value in densities.items():
+        if name not in gated_names:
+            raise ValueError(
+                f"`densities` names {name!r}, which is not a gated layer of the "
+                f"model (gated layers: {sorted(gated_names)}). "
+                f"Received: densities={densities!r}"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value <= 1
+        ):
+            raise ValueError(
+                f"Densities must be numbers in [0, 1]. Received: densities[{name!r}]={value!r}"
+            )
+
+
+def profile_macs(model, densities=None, x=None, batch_size=256):
+    """The parameters and MACs per example of every layer of `model`.
+
+    Each gated layer's density (fraction of its blocks that run) is measured
+    on `x` when given, else read from `densities`, else its `target_density`
+    (1 without one). The conditional MACs of a gated layer are
+    `policy_macs + dense_macs * mean_i(input_density_i * density_i)`
+    (Bengio et al.'s `((H * M_in) W) * M_out`: skipped input blocks remove
+    rows of `W`, skipped output blocks columns), with the input density taken
+    from a gated layer feeding it (see `gated_inputs`). Measured densities
+    pair both per example; given or target densities multiply the means.
+    Ungated layers count densely; rules per layer kind are in
+    `keras_condcomp.profiling.macs_rules`.
+
+    Args:
+        model: a built Keras model (functional, Sequential or subclassed).
+        densities: `{gated layer name: density in [0, 1]}`.
+        x: inputs to measure the densities on (arrays, or a `tf.data.Dataset`
+            of inputs or `(inputs, targets)` batches), run with
+            `training=False`.
+        batch_size: batch size for arrays in `x`.
+
+    Returns:
+        a `ModelProfile`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((100,))
+    >>> hidden = GatedDense(64, blocks=4, target_density=0.25, name="gated")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
+    >>> profile = profile_macs(model)
+    >>> profile.dense_macs, profile.conditional_macs, profile.layer("gated").policy_macs
+    (7040, 2640.0, 400)
+    """
+    if not model.built:
+        raise ValueError(
+            f"`model` must be built to be profiled. Received: model={model.name!r} "
+            "(unbuilt); call it on data or build it first."
+        )
+    if densities is not None and x is not None:
+        raise ValueError(
+            "Pass `densities` or `x`, not both. "
+            f"Received: densities={densities!r} and x of type {type(x).__name__}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
+    layers = list(_profiled_layers(model))
+    upstream = gated_inputs(model)
+    gated_names = set(upstream)
+    measured, examples, source = {}, None, "targets"
+    if x is not None:
+        measured = _measured_densities(model, x, batch_size)
+        missing = gated_names - set(measured)
+        if missing:
+            raise ValueError(
+                f"The gated layers {sorted(missing)} took no decision on `x`: "
+                "were they called in the model's forward pass?"
+            )
+        examples, source = len(next(iter(measured.values()))), "measured"
+    elif densities is not None:
+        _check_densities(densities, gated_names)
+        source = "given"
+    densities = densities or {}
+
+    def mean_density(layer):
+        if layer.name in measured:
+            return float(measured[layer.name].mean())
+        if layer.name in densities:
+            return float(densities[layer.name])
+        return float(layer.target_density or 1.0)
+
+    rows = []
+    for layer in layers:
+        cost = layer_cost(layer)
+        row = dict(
+            name=layer.name,
+            kind=type(layer).__name__,
+            parameters=int(layer.count_params()) if layer.built else 0,
+            dense_macs=cost.dense_macs,
+            counted=cost.counted,
+        )
+        if cost.blocks is not None:
+            source_name = upstream.get(layer.name)
+            density = mean_density(layer)
+            input_density = 1.0
+            fraction = density
+            if source_name is not None:
+                source_layer = next(other for other in layers if other.name == source_name)
+                input_density = mean_density(source_layer)
+                fraction = density * input_density
+            if layer.name in measured:
+                per_example = measured[layer.name]
+                if source_name is not None:
+                    per_example = per_example * measured[source_name]
+                fraction = float(per_example.mean())
+            row.update(
+                blocks=cost.blocks,
+                policy_macs=cost.policy_macs,
+                input_density=input_density,
+                density=density,
+                computed_fraction=fraction,
+            )
+        rows.append(LayerProfile(**row))
+    return ModelProfile(model.name, tuple(rows), source, examples)
