@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from keras_condcomp import layers, models, ops, profiling, regularizers
+from keras_condcomp import callbacks, layers, models, ops, profiling, regularizers
 from keras_condcomp.layers import BernoulliPolicy, GatedDense
 from keras_condcomp.models import PolicyGradientModel
 from keras_condcomp.profiling import summary
@@ -12,6 +12,7 @@ __all__ = [
     "GatedDense",
     "PolicyGradientModel",
     "__version__",
+    "callbacks",
     "layers",
     "models",
     "ops",

@@ -15,6 +15,48 @@ __all__ = ["GatedDense"]
 INFERENCE_MODES = ("threshold", "sample")
 
 
+class _GateSchedule:
+    """Training-time state a callback may change between epochs.
+
+    The current target density and whether the policy is on live in
+    non-trainable variables read at call time, so a change reaches the
+    already-traced train step. The container is a plain object so Keras does
+    not track them: they are schedule state, not weights (not in
+    `layer.weights`, not saved, no change to `.keras` files), and inference
+    graphs (`predict`, export) never read them.
+    """
+
+    def __init__(self, target_density, policy_enabled):
+        self.target_density = target_density
+        self.policy_enabled = policy_enabled
+        self.variables = None
+
+    def create_variables(self):
+        if self.variables is None:
+            # Initializers, not values: allowed in Keras's stateless build scope.
+            tau = 0.0 if self.target_density is None else float(self.target_density)
+            self.variables = tuple(
+                keras.Variable(
+                    initializer=keras.initializers.Constant(value), shape=(),
+                    dtype="float32", trainable=False, name=name,
+                )
+                for name, value in (
+                    ("current_target_density", tau),
+                    ("policy_enabled", 1.0 if self.policy_enabled else 0.0),
+                )
+            )
+
+    def set(self, target_density=None, policy_enabled=None):
+        if target_density is not None:
+            self.target_density = float(target_density)
+            if self.variables is not None:
+                self.variables[0].assign(self.target_density)
+        if policy_enabled is not None:
+            self.policy_enabled = bool(policy_enabled)
+            if self.variables is not None:
+                self.variables[1].assign(1.0 if self.policy_enabled else 0.0)
+
+
 def validate_gating_arguments(
     target_density, sparsity_weight, variance_weight, inference, execution
 ):
@@ -179,6 +221,7 @@ class GatedDense(keras.layers.Layer):
         # Data-dependent shapes (tf.where) do not compile under XLA.
         self.supports_jit = False
         self._warned_unrecorded = False
+        self._schedule = _GateSchedule(target_density, policy_enabled=True)
 
     @property
     def block_size(self):
@@ -204,7 +247,58 @@ class GatedDense(keras.layers.Layer):
                 constraint=self.bias_constraint,
             )
         self.policy.build(input_shape)
+        self._schedule.create_variables()
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
+
+    @property
+    def current_target_density(self):
+        """The target density tau used in training now (a float).
+
+        Equals `target_density` unless a schedule
+        (`keras_condcomp.callbacks.DensityScheduler`) changed it; it is not
+        part of the config, which keeps the final `target_density`.
+        """
+        return self._schedule.target_density
+
+    def set_current_target_density(self, value):
+        """Sets the tau of the `L_b`, `L_e` terms for the next training steps.
+
+        Takes effect inside an already-compiled `fit` (it is read from a
+        non-trainable variable at call time); `target_density` and the config
+        are unchanged.
+        """
+        if self.target_density is None:
+            raise ValueError(
+                f"GatedDense {self.name!r} has target_density=None: it has no "
+                "target density to schedule."
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value <= 1
+        ):
+            raise ValueError(
+                f"The target density must be a number in (0, 1]. Received: value={value!r}"
+            )
+        self._schedule.set(target_density=value)
+
+    @property
+    def policy_enabled(self):
+        """Whether the policy chooses the blocks in training (True by default)."""
+        return self._schedule.policy_enabled
+
+    def set_policy_enabled(self, enabled):
+        """Switches the policy on or off for the next training steps.
+
+        With the policy off every block runs in training and in
+        `PolicyGradientModel.evaluate`, and the policy gets no gradient (its
+        regulariser is 0): a dense warm-up
+        (`keras_condcomp.callbacks.PolicyWarmup`). `predict` and exported
+        graphs always use the policy.
+        """
+        if not isinstance(enabled, bool):
+            raise ValueError(
+                f"`enabled` must be a bool. Received: enabled={enabled!r}"
+            )
+        self._schedule.set(policy_enabled=enabled)
 
     def _decide(self, inputs, training):
         """Policy logits and the 0/1 block mask used for `inputs`."""
@@ -233,17 +327,37 @@ class GatedDense(keras.layers.Layer):
         """The `(batch, blocks)` 0/1 mask the layer uses for `inputs`."""
         return self._decide(self._built_for(inputs), training)[1]
 
-    def gating_regularization(self, probabilities):
-        """`sparsity_weight (L_b + L_e) + variance_weight L_v` of a batch."""
+    def gating_regularization(self, probabilities, target_density=None):
+        """`sparsity_weight (L_b + L_e) + variance_weight L_v` of a batch.
+
+        `target_density` defaults to the layer's `target_density`.
+        """
+        if target_density is None or self.target_density is None:
+            target_density = self.target_density
         return regularizers.gating_regularization(
-            probabilities, self.target_density, self.sparsity_weight, self.variance_weight
+            probabilities, target_density, self.sparsity_weight, self.variance_weight
         )
+
+    def _scheduled(self, logits, mask):
+        """Applies the schedule state: logits, mask and tau used in training."""
+        current, enabled = self._schedule.variables
+        enabled = ops.cast(enabled, logits.dtype)
+        on = enabled > 0.5
+        # Policy off: every block runs and the policy gets no gradient.
+        logits = ops.where(on, logits, ops.stop_gradient(logits))
+        mask = ops.where(on, mask, ops.ones_like(mask))
+        return logits, mask, ops.cast(current, logits.dtype), enabled
 
     def call(self, inputs, training=None):
         logits, mask = self._decide(inputs, training)
         recorder = current_recorder()
         if training or recorder is not None:
-            regularization = self.gating_regularization(ops.sigmoid(logits))
+            # Only the training and PolicyGradientModel steps read the
+            # schedule; predict and exported graphs never do.
+            logits, mask, current, enabled = self._scheduled(logits, mask)
+            regularization = enabled * self.gating_regularization(
+                ops.sigmoid(logits), current
+            )
         if training:
             self.add_loss(regularization)
             if recorder is None and not self._warned_unrecorded:

@@ -1,0 +1,65 @@
+"""PolicyWarmup: every block open for the first epochs, then the policy."""
+
+import keras
+
+from keras_condcomp.callbacks._common import check_non_negative_int, require_gated_layers
+
+__all__ = ["PolicyWarmup"]
+
+
+class PolicyWarmup(keras.callbacks.Callback):
+    """Trains with every block open for `epochs` epochs, then switches the policy on.
+
+    During the warm-up each gated layer runs all its blocks in training and in
+    `PolicyGradientModel.evaluate` (so `val_*` logs describe the dense
+    network), and its policy gets no gradient and no regulariser; from epoch
+    `epochs` on (0-based, counting from `fit`'s `initial_epoch` as Keras does)
+    the policy decides as usual. It works by `GatedDense.set_policy_enabled`,
+    read at call time, so no retracing is needed. The policy is switched on
+    again when training ends, whenever that happens.
+
+    Writes `policy_enabled` (0 or 1) into the epoch's `logs`.
+
+    Args:
+        epochs: non-negative int, number of warm-up epochs (0: no warm-up).
+        verbose: 0 quiet, 1 prints when the policy switches on.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.models import build_gated_mlp
+    >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
+    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+    >>> history = model.fit(x, y, epochs=3, callbacks=[PolicyWarmup(2)], verbose=0)
+    >>> history.history["policy_enabled"], history.history["density"][:2]
+    ([0.0, 0.0, 1.0], [1.0, 1.0])
+    """
+
+    def __init__(self, epochs, verbose=0):
+        super().__init__()
+        check_non_negative_int("epochs", epochs)
+        if verbose not in (0, 1):
+            raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+        self.epochs = epochs
+        self.verbose = verbose
+
+    def _set(self, enabled):
+        for layer in require_gated_layers(self, self.model):
+            layer.set_policy_enabled(enabled)
+
+    def on_train_begin(self, logs=None):
+        require_gated_layers(self, self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        enabled = epoch >= self.epochs
+        if self.verbose and epoch == self.epochs and self.epochs > 0:
+            print(f"\nPolicyWarmup: epoch {epoch + 1}: policies switched on.")
+        self._set(enabled)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["policy_enabled"] = float(epoch >= self.epochs)
+
+    def on_train_end(self, logs=None):
+        self._set(True)

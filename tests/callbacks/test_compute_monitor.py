@@ -1,0 +1,72 @@
+import copy
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_condcomp.callbacks import ComputeMonitor, DensityScheduler
+from keras_condcomp.profiling import profile_macs
+from tests.callbacks.conftest import make_model
+
+
+def test_logs_tensorboard_and_png(data, tmp_path):
+    x, y = data
+    model = make_model(target_density=0.5)
+    monitor = copy.deepcopy(
+        ComputeMonitor(x, y, log_dir=tmp_path / "logs", plot_path=tmp_path / "plot.png")
+    )
+    history = model.fit(
+        x, y, epochs=2, batch_size=16, validation_data=(x, y), verbose=0,
+        callbacks=[DensityScheduler(start=1.0, epochs=1), monitor],
+    ).history
+    layer = model.get_layer("gated_1")
+    # The last epoch's inference density is the threshold mask's on x.
+    mask = np.asarray(layer.block_mask(x))
+    assert history["gated_1_inference_density"][-1] == pytest.approx(mask.mean())
+    assert history["inference_density"][-1] == pytest.approx(mask.mean())
+    expected = profile_macs(model, x=x).conditional_macs
+    assert history["inference_conditional_macs"][-1] == pytest.approx(expected)
+    for prefix in ("", "val_"):
+        density = history[f"{prefix}gated_1_density"][-1]
+        assert history[f"{prefix}conditional_macs"][-1] == pytest.approx(
+            profile_macs(model, {"gated_1": float(density)}).conditional_macs
+        )
+    assert history["dense_macs"][-1] == 8 * 16 + 16 * 3
+    # Per-class usage on x from the same masks.
+    usage = monitor.block_usage["gated_1"]
+    np.testing.assert_allclose(usage[1], mask[y == 1].mean(axis=0))
+    with open(tmp_path / "plot.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(tmp_path / "plot.png") > 5000
+    tags = {}
+    for path in glob.glob(str(tmp_path / "logs" / "compute" / "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    assert tags["inference_density"] == [0, 1]
+    assert tags["target_density"] == [0, 1]
+    assert tags["gated_1_block_usage"] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"x": np.zeros(3)}, "shape"),
+        ({"y": np.zeros(3, int)}, "x=None"),
+        ({"x": np.zeros((3, 8)), "y": np.zeros(4, int)}, "shape"),
+        ({"x": np.zeros((3, 8)), "y": np.zeros(3)}, "dtype float64"),
+        ({"plot_path": "usage.pdf"}, "plot_path='usage.pdf'"),
+        ({"log_dir": 3}, "log_dir=3"),
+        ({"batch_size": 0}, "batch_size=0"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ComputeMonitor(**kwargs)
+
+
+def test_model_without_gated_layers(plain_model, data):
+    with pytest.raises(ValueError, match="ComputeMonitor needs a model with gated layers"):
+        plain_model.fit(*data, epochs=1, callbacks=[ComputeMonitor()], verbose=0)
