@@ -19,4 +19,14 @@ __all__ = [
     "profiling",
     "regularizers",
     "summary",
+    "tuning",
 ]
+
+
+def __getattr__(name):
+    # KerasTuner is imported only when `keras_condcomp.tuning` is first used.
+    if name == "tuning":
+        import importlib
+
+        return importlib.import_module("keras_condcomp.tuning")
+    raise AttributeError(f"module 'keras_condcomp' has no attribute {name!r}")

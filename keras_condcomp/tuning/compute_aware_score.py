@@ -1,0 +1,122 @@
+"""A scale-free score trading accuracy against conditional MACs, for any tuner."""
+
+import math
+
+import keras
+
+__all__ = ["ComputeAwareScore", "compute_aware_objective", "compute_aware_score"]
+
+DEFAULT_MACS_WEIGHT = 0.02
+DEFAULT_NAME = "compute_aware_score"
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+
+
+def _check_weight(macs_weight):
+    if isinstance(macs_weight, bool) or not isinstance(macs_weight, (int, float)) or (
+        macs_weight < 0
+    ):
+        raise ValueError(
+            f"`macs_weight` must be a non-negative number. Received: macs_weight={macs_weight!r}"
+        )
+
+
+def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT):
+    """`accuracy - macs_weight * log2(conditional_macs / reference_macs)`.
+
+    Scale-free: MACs enter only as a ratio, and each halving of the compute
+    is worth `macs_weight` of accuracy wherever it happens (a model at the
+    reference scores its accuracy; at half the reference, accuracy plus
+    `macs_weight`).
+
+    Example:
+
+    >>> round(compute_aware_score(0.90, 25_000, 100_000, macs_weight=0.02), 4)
+    0.94
+    """
+    _check_positive("conditional_macs", conditional_macs)
+    _check_positive("reference_macs", reference_macs)
+    _check_weight(macs_weight)
+    return float(accuracy) - macs_weight * math.log2(conditional_macs / reference_macs)
+
+
+def compute_aware_objective(name=DEFAULT_NAME):
+    """The KerasTuner objective maximising the validation score `val_<name>`.
+
+    Example:
+
+    >>> compute_aware_objective().name
+    'val_compute_aware_score'
+    """
+    import keras_tuner
+
+    return keras_tuner.Objective(f"val_{name}", direction="max")
+
+
+class ComputeAwareScore(keras.callbacks.Callback):
+    """Writes `compute_aware_score` (and `val_compute_aware_score`) into the logs.
+
+    At each epoch's end, from the logged accuracy and `conditional_macs` of a
+    `keras_condcomp.PolicyGradientModel`:
+
+    `score = accuracy - macs_weight * log2(conditional_macs / reference_macs)`
+
+    so any tuner can maximise `keras_tuner.Objective("val_compute_aware_score",
+    "max")` (see `compute_aware_objective`). KerasTuner's own list objective
+    sums raw values, which means nothing across units; this score uses MACs
+    only as a ratio. Pass the callback to `tuner.search(callbacks=[...])`
+    (`GatedMLPHyperModel` adds one itself). Use one `reference_macs` for the
+    whole search, such as the dense MACs of the baseline you want to beat:
+    the trial's own dense MACs would reward oversized sparse models.
+
+    Args:
+        reference_macs: positive MACs per example of the reference model.
+        macs_weight: accuracy a halving of compute is worth (default 0.02).
+        accuracy: name of the logged accuracy metric (default `"accuracy"`).
+        name: name of the score in the logs.
+
+    Example:
+
+    >>> score = ComputeAwareScore(reference_macs=100_000)
+    >>> logs = {"accuracy": 0.9, "conditional_macs": 50_000.0}
+    >>> score.on_epoch_end(0, logs)
+    >>> round(logs["compute_aware_score"], 4)
+    0.92
+    """
+
+    def __init__(
+        self, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT, accuracy="accuracy",
+        name=DEFAULT_NAME,
+    ):
+        super().__init__()
+        _check_positive("reference_macs", reference_macs)
+        _check_weight(macs_weight)
+        for argument, value in (("accuracy", accuracy), ("name", name)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(
+                    f"`{argument}` must be a non-empty string. Received: {argument}={value!r}"
+                )
+        self.reference_macs = reference_macs
+        self.macs_weight = macs_weight
+        self.accuracy = accuracy
+        self.name = name
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if "conditional_macs" not in logs or self.accuracy not in logs:
+            raise ValueError(
+                f"ComputeAwareScore needs `{self.accuracy}` and `conditional_macs` in "
+                "the logs: use a keras_condcomp.PolicyGradientModel with gated layers, "
+                f"compiled with that metric. Logged: {sorted(logs)}"
+            )
+        for prefix in ("", "val_"):
+            accuracy = logs.get(prefix + self.accuracy)
+            macs = logs.get(prefix + "conditional_macs")
+            if accuracy is not None and macs is not None:
+                logs[prefix + self.name] = compute_aware_score(
+                    accuracy, float(macs), self.reference_macs, self.macs_weight
+                )

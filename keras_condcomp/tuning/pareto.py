@@ -1,0 +1,158 @@
+"""The accuracy-versus-compute Pareto front of a finished search."""
+
+import dataclasses
+
+import rich.console
+import rich.table
+
+__all__ = ["TrialResult", "pareto_front", "print_pareto_front", "trial_results"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """Accuracy and MACs per example of one completed trial.
+
+    Both are taken from the same epoch: the trial's best epoch for the
+    tuner's objective, as KerasTuner records it.
+
+    Attributes:
+        trial_id: KerasTuner's trial id.
+        accuracy: the trial's accuracy metric (e.g. `val_accuracy`).
+        conditional_macs: its MACs per example (e.g. `val_conditional_macs`).
+        hyperparameters: `{name: value}` of the trial.
+    """
+
+    trial_id: str
+    accuracy: float
+    conditional_macs: float
+    hyperparameters: dict
+
+    def dominates(self, other):
+        """At least as accurate and as cheap as `other`, and better in one."""
+        return (
+            self.accuracy >= other.accuracy
+            and self.conditional_macs <= other.conditional_macs
+            and (self.accuracy > other.accuracy or self.conditional_macs < other.conditional_macs)
+        )
+
+
+def pareto_front(results):
+    """The results no other result dominates, from cheapest to dearest.
+
+    Example:
+
+    >>> points = [TrialResult("a", 0.90, 1000.0, {}), TrialResult("b", 0.95, 3000.0, {}),
+    ...           TrialResult("c", 0.89, 2000.0, {}), TrialResult("d", 0.97, 9000.0, {})]
+    >>> print(*(point.trial_id for point in pareto_front(points)))
+    a b d
+    """
+    results = list(results)
+    front = [r for r in results if not any(other.dominates(r) for other in results)]
+    return sorted(front, key=lambda r: (r.conditional_macs, -r.accuracy))
+
+
+def _oracle(tuner):
+    oracle = getattr(tuner, "oracle", tuner)
+    if not hasattr(oracle, "trials"):
+        raise ValueError(
+            "`tuner` must be a KerasTuner tuner or oracle. "
+            f"Received: tuner={type(tuner).__name__}"
+        )
+    return oracle
+
+
+def trial_results(tuner, accuracy="val_accuracy", macs="val_conditional_macs"):
+    """A `TrialResult` for every completed trial of `tuner` (or its oracle)."""
+    results = []
+    for trial in _oracle(tuner).trials.values():
+        if trial.status != "COMPLETED":
+            continue
+        for name in (accuracy, macs):
+            if not trial.metrics.exists(name):
+                raise ValueError(
+                    f"Trial {trial.trial_id} recorded no {name!r}. Recorded: "
+                    f"{sorted(trial.metrics.metrics)}"
+                )
+        results.append(
+            TrialResult(
+                trial.trial_id,
+                float(trial.metrics.get_last_value(accuracy)),
+                float(trial.metrics.get_last_value(macs)),
+                dict(trial.hyperparameters.values),
+            )
+        )
+    return results
+
+
+def _plot(results, front, path, accuracy, macs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter(
+        [r.conditional_macs for r in results], [r.accuracy for r in results],
+        color="0.6", label="trials",
+    )
+    axes.plot(
+        [r.conditional_macs for r in front], [r.accuracy for r in front],
+        "o-", color="tab:red", drawstyle="steps-post", label="Pareto front",
+    )
+    for r in front:
+        axes.annotate(r.trial_id, (r.conditional_macs, r.accuracy), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.set_xlabel(f"{macs} (MACs per example, log scale)")
+    axes.set_ylabel(accuracy)
+    axes.set_title("Accuracy versus compute")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def print_pareto_front(
+    tuner, plot_path=None, accuracy="val_accuracy", macs="val_conditional_macs",
+    print_fn=None,
+):
+    """Prints the Pareto front (accuracy vs MACs) of a search, optionally plots it.
+
+    Args:
+        tuner: a KerasTuner tuner (or its oracle) whose trials logged
+            `accuracy` and `macs`, e.g. a search of `GatedMLPHyperModel`.
+        plot_path: where to write a PNG of all trials and the front.
+        accuracy: name of the accuracy metric in the trials.
+        macs: name of the MACs metric in the trials.
+        print_fn: called with the table as one string (default `print`).
+
+    Returns:
+        the front, a list of `TrialResult` from cheapest to dearest.
+    """
+    if print_fn is not None and not callable(print_fn):
+        raise ValueError(f"`print_fn` must be callable. Received: print_fn={print_fn!r}")
+    results = trial_results(tuner, accuracy, macs)
+    if not results:
+        raise ValueError("The search has no completed trial: there is no front to show.")
+    front = pareto_front(results)
+    names = sorted({name for r in front for name in r.hyperparameters})
+    table = rich.table.Table(
+        "Trial", rich.table.Column(accuracy, justify="right"),
+        rich.table.Column(macs, justify="right"), *names,
+        title=f"Pareto front: {len(front)} of {len(results)} completed trials",
+    )
+    for r in front:
+        values = [r.hyperparameters.get(name, "") for name in names]
+        table.add_row(
+            r.trial_id, f"{r.accuracy:.4f}", f"{r.conditional_macs:,.0f}",
+            *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values),
+        )
+    console = rich.console.Console(highlight=False, force_terminal=False, color_system=None,
+                                   width=160)
+    with console.capture() as captured:
+        console.print(table)
+        if plot_path is not None:
+            _plot(results, front, plot_path, accuracy, macs)
+            console.print(f" Plot written to {plot_path}")
+    (print_fn or print)(captured.get().rstrip("\n"))
+    return front

@@ -1,0 +1,208 @@
+import copy
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+from keras_condcomp import tuning
+from keras_condcomp.profiling import profile_macs
+from keras_condcomp.tuning import (
+    ComputeAwareScore,
+    GatedMLPHyperModel,
+    TrialResult,
+    compute_aware_score,
+    pareto_front,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "tune_speed_accuracy.py")
+TINY = ["--max-trials", "2", "--epochs", "2", "--train-examples", "400",
+        "--layers", "1", "--units", "16", "32"]
+
+
+def test_score_formula_is_scale_free():
+    assert compute_aware_score(0.8, 1000, 1000) == 0.8
+    half = compute_aware_score(0.8, 500, 1000, macs_weight=0.05)
+    assert half == pytest.approx(0.85)
+    # The same ratio in other units gives the same score.
+    assert compute_aware_score(0.8, 5e8, 1e9, macs_weight=0.05) == pytest.approx(half)
+    assert compute_aware_score(0.8, 4000, 1000, macs_weight=0.05) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="reference_macs=0"):
+        compute_aware_score(0.8, 10, 0)
+    with pytest.raises(ValueError, match="macs_weight=-1"):
+        compute_aware_score(0.8, 10, 10, macs_weight=-1)
+
+
+def test_callback_writes_scores_validates_and_deep_copies():
+    callback = copy.deepcopy(ComputeAwareScore(reference_macs=2000, macs_weight=0.1))
+    logs = {"accuracy": 0.5, "conditional_macs": 1000.0,
+            "val_accuracy": 0.6, "val_conditional_macs": 4000.0}
+    callback.on_epoch_end(0, logs)
+    assert logs["compute_aware_score"] == pytest.approx(0.6)
+    assert logs["val_compute_aware_score"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="conditional_macs.*Logged: \\['accuracy'"):
+        callback.on_epoch_end(0, {"accuracy": 0.5})
+    for kwargs, message in (
+        ({"reference_macs": -3}, "reference_macs=-3"),
+        ({"reference_macs": 5, "accuracy": ""}, "accuracy=''"),
+        ({"reference_macs": 5, "macs_weight": "big"}, "macs_weight='big'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ComputeAwareScore(**kwargs)
+
+
+def test_pareto_front_keeps_only_undominated_results():
+    results = [TrialResult(str(i), a, m, {}) for i, (a, m) in enumerate(
+        [(0.9, 100.0), (0.9, 200.0), (0.95, 300.0), (0.85, 50.0), (0.95, 300.0), (0.8, 60.0)]
+    )]
+    front = pareto_front(results)
+    assert [r.trial_id for r in front] == ["3", "0", "2", "4"]
+    assert not results[0].dominates(results[0])
+
+
+def test_hypermodel_space_and_arguments():
+    hypermodel = GatedMLPHyperModel((8, 8), 10)
+    hp = keras_tuner.HyperParameters()
+    model = hypermodel.build(hp)
+    assert set(hp.values) == {
+        "layers", "units", "blocks", "target_density", "sparsity_weight",
+        "variance_weight", "policy_learning_rate",
+    }
+    gated = [layer for layer in model.layers if hasattr(layer, "policy")]
+    assert len(gated) == hp.values["layers"]
+    assert gated[0].target_density == hp.values["target_density"]
+    assert model.policy_optimizer.learning_rate.numpy() == pytest.approx(
+        hp.values["policy_learning_rate"]
+    )
+    # Default reference: dense MACs of 3 x 512 units on 64 inputs, 10 classes.
+    assert hypermodel.reference_macs == 512 * (64 + 2 * 512 + 10)
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("units", 20)
+    hp.Fixed("blocks", 8)
+    with pytest.raises(ValueError, match="units=20, blocks=8"):
+        hypermodel.build(hp)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        GatedMLPHyperModel((4,), 1)
+    with pytest.raises(ValueError, match=r"input_shape=\(0,\)"):
+        GatedMLPHyperModel((0,), 3)
+
+
+class CountingHyperModel(GatedMLPHyperModel):
+    fits = 0
+
+    def fit(self, hp, model, *args, **kwargs):
+        CountingHyperModel.fits += 1
+        return super().fit(hp, model, *args, **kwargs)
+
+
+def tiny_search(directory, max_trials, overwrite):
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("layers", 1)
+    hp.Choice("units", [16, 32])
+    return keras_tuner.RandomSearch(
+        CountingHyperModel((64,), 10, learning_rate=1e-2, seed=0),
+        objective=tuning.compute_aware_objective(), max_trials=max_trials,
+        hyperparameters=hp, directory=str(directory), project_name="digits",
+        overwrite=overwrite, seed=3,
+    )
+
+
+def test_random_search_resumes_and_prints_the_front(digits, tmp_path):
+    keras.utils.set_random_seed(0)
+    x, y = digits.x_train[:400], digits.y_train[:400]
+    fit_kwargs = dict(epochs=2, batch_size=64, verbose=0,
+                      validation_data=(digits.x_test[:200], digits.y_test[:200]))
+    CountingHyperModel.fits = 0
+    tuner = tiny_search(tmp_path, 2, overwrite=True)
+    tuner.search(x, y, **fit_kwargs)
+    assert CountingHyperModel.fits == 2
+    first = {t.trial_id: t.score for t in tuner.oracle.trials.values()}
+    resumed = tiny_search(tmp_path, 3, overwrite=False)
+    resumed.search(x, y, **fit_kwargs)
+    assert CountingHyperModel.fits == 3  # only the new trial ran
+    trials = resumed.oracle.trials
+    assert sorted(trials) == ["0", "1", "2"]
+    assert all(t.status == "COMPLETED" for t in trials.values())
+    assert {k: trials[k].score for k in first} == first
+    hypermodel = resumed.hypermodel
+    for trial in trials.values():
+        metrics = trial.metrics
+        expected = compute_aware_score(
+            metrics.get_last_value("val_accuracy"),
+            metrics.get_last_value("val_conditional_macs"),
+            hypermodel.reference_macs, hypermodel.macs_weight,
+        )
+        assert trial.score == pytest.approx(expected)
+    # The logged MACs are those of the trial's network (1 x units, 10 logits).
+    best = resumed.get_best_models(1)[0]
+    dense = profile_macs(best).dense_macs
+    best_trial = resumed.oracle.get_best_trials(1)[0]
+    units = best_trial.hyperparameters.values["units"]
+    assert dense == 64 * units + units * 10
+    assert 0 < best_trial.metrics.get_last_value("val_conditional_macs") < dense + 64 * 8 * 2
+    printed = []
+    plot = tmp_path / "front.png"
+    front = tuning.print_pareto_front(resumed, plot_path=str(plot), print_fn=printed.append)
+    results = tuning.trial_results(resumed)
+    assert front and all(not any(o.dominates(r) for o in results) for r in front)
+    assert f"Pareto front: {len(front)} of 3 completed trials" in printed[0]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no 'val_top5'"):
+        tuning.trial_results(resumed, accuracy="val_top5")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_search_chief_and_two_workers(tmp_path, monkeypatch):
+    port = str(_free_port())
+
+    def start(tuner_id, *extra):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERASTUNER_TUNER_ID": tuner_id,
+               "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": port,
+               "CUDA_VISIBLE_DEVICES": ""}
+        return subprocess.Popen(
+            [sys.executable, EXAMPLE, "--directory", str(tmp_path / tuner_id), *TINY, *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    processes = {"chief": start("chief", "--plot", str(tmp_path / "front.png"))}
+    processes.update({name: start(name) for name in ("tuner0", "tuner1")})
+    outputs = {}
+    try:
+        for name, process in processes.items():
+            outputs[name] = process.communicate(timeout=240)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    for name, process in processes.items():
+        assert process.returncode == 0, (name, outputs[name][1][-2000:])
+    for name in ("tuner0", "tuner1"):
+        assert f"worker {name} done" in outputs[name][0]
+    # The chief's oracle holds the whole search: both trials, run by the workers.
+    assert "of 2 completed trials" in outputs["chief"][0]
+    assert (tmp_path / "front.png").exists()
+    # Reload the chief's state here (its files are named after its tuner id).
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    reloaded = keras_tuner.RandomSearch(
+        GatedMLPHyperModel((64,), 10), objective=tuning.compute_aware_objective(),
+        max_trials=2, directory=str(tmp_path / "chief"), project_name="speed_accuracy",
+        overwrite=False,
+    )
+    trials = reloaded.oracle.trials
+    assert len(trials) == 2 and all(t.status == "COMPLETED" for t in trials.values())
+    assert all(math.isfinite(t.score) for t in trials.values())
+    # Each worker ran and saved a trial of its own.
+    ran = {name: sorted(os.listdir(tmp_path / name / "speed_accuracy"))
+           for name in ("tuner0", "tuner1")}
+    assert all(any(entry.startswith("trial_") for entry in entries) for entries in ran.values()), ran
