@@ -41,16 +41,24 @@ def block_variance(probabilities):
 
 
 def gating_regularization(
-    probabilities, target_density, sparsity_weight, variance_weight
+    probabilities, target_density, sparsity_weight, variance_weight,
+    example_sparsity_weight=None,
 ):
     """`lambda_s (L_b + L_e) + lambda_v L_v`; the sparsity terms are skipped
-    when `target_density` is None, the variance term when its weight is 0."""
+    when `target_density` is None, the variance term when its weight is 0.
+
+    `example_sparsity_weight`, when given, weighs `L_e` instead of
+    `sparsity_weight` (`lambda_s L_b + lambda_e L_e + lambda_v L_v`), as the
+    authors' code weighs the two terms apart."""
     probabilities = ops.convert_to_tensor(probabilities)
     total = ops.zeros((), dtype=probabilities.dtype)
+    if example_sparsity_weight is None:
+        example_sparsity_weight = sparsity_weight
     if target_density is not None and sparsity_weight:
-        total = total + sparsity_weight * (
-            block_balance(probabilities, target_density)
-            + example_balance(probabilities, target_density)
+        total = total + sparsity_weight * block_balance(probabilities, target_density)
+    if target_density is not None and example_sparsity_weight:
+        total = total + example_sparsity_weight * example_balance(
+            probabilities, target_density
         )
     if variance_weight:
         total = total + variance_weight * block_variance(probabilities)

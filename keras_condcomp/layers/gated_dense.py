@@ -58,7 +58,8 @@ class _GateSchedule:
 
 
 def validate_gating_arguments(
-    target_density, sparsity_weight, variance_weight, inference, execution
+    target_density, sparsity_weight, variance_weight, inference, execution,
+    example_sparsity_weight=None,
 ):
     """Checks the gating arguments shared by the gated layers."""
     if target_density is not None and not (
@@ -71,7 +72,10 @@ def validate_gating_arguments(
     for name, value in (
         ("sparsity_weight", sparsity_weight),
         ("variance_weight", variance_weight),
+        ("example_sparsity_weight", example_sparsity_weight),
     ):
+        if name == "example_sparsity_weight" and value is None:
+            continue
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(
                 f"`{name}` must be a non-negative number. Received: {name}={value!r}"
@@ -119,6 +123,12 @@ class GatedDense(keras.layers.Layer):
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
         variance_weight: lambda_v, weight of `L_v`.
+        example_sparsity_weight: None (default: `sparsity_weight`) or the
+            weight of `L_e` alone, which keeps each example's fraction of
+            active blocks near tau (the authors' code weighs `L_b` and `L_e`
+            apart). `L_e` averages over blocks, so with many blocks it is weak
+            next to `L_b` and `L_v`: a larger weight stops the policy from
+            giving some examples every block and others none.
         policy_initializer: initializer of the policy kernel.
         policy_bias_initializer: initializer of the policy bias (zeros: every
             block starts with probability 0.5).
@@ -173,6 +183,7 @@ class GatedDense(keras.layers.Layer):
         inference="threshold",
         execution="auto",
         seed=None,
+        example_sparsity_weight=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -190,7 +201,8 @@ class GatedDense(keras.layers.Layer):
                 f"Received: units={units}, blocks={blocks}"
             )
         validate_gating_arguments(
-            target_density, sparsity_weight, variance_weight, inference, execution
+            target_density, sparsity_weight, variance_weight, inference, execution,
+            example_sparsity_weight,
         )
         self.units = units
         self.blocks = blocks
@@ -205,6 +217,7 @@ class GatedDense(keras.layers.Layer):
         self.target_density = target_density
         self.sparsity_weight = sparsity_weight
         self.variance_weight = variance_weight
+        self.example_sparsity_weight = example_sparsity_weight
         self.inference = inference
         self.execution = execution
         self.seed = seed
@@ -335,7 +348,8 @@ class GatedDense(keras.layers.Layer):
         if target_density is None or self.target_density is None:
             target_density = self.target_density
         return regularizers.gating_regularization(
-            probabilities, target_density, self.sparsity_weight, self.variance_weight
+            probabilities, target_density, self.sparsity_weight, self.variance_weight,
+            self.example_sparsity_weight,
         )
 
     def _scheduled(self, logits, mask):
@@ -451,4 +465,5 @@ class GatedDense(keras.layers.Layer):
             "inference": self.inference,
             "execution": self.execution,
             "seed": self.seed,
+            "example_sparsity_weight": self.example_sparsity_weight,
         }
