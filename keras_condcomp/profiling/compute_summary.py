@@ -21,8 +21,11 @@ def _macs(value):
 
 def format_profile(profile, line_length=None):
     """The text of `summary`'s table for a `ModelProfile`."""
+    names = [f"{row.name} ({row.kind}) *" for row in profile.layers]
     table = rich.table.Table(
-        "Layer (type)",
+        rich.table.Column(
+            "Layer (type)", min_width=min(40, max(map(len, names), default=12))
+        ),
         *(
             rich.table.Column(header, justify="right", no_wrap=True)
             for header in (
@@ -55,7 +58,7 @@ def format_profile(profile, line_length=None):
         _macs(profile.policy_macs), "", "", _macs(profile.conditional_macs),
     )
     console = rich.console.Console(
-        highlight=False, force_terminal=False, color_system=None, width=line_length or 120
+        highlight=False, force_terminal=False, color_system=None, width=line_length or 250
     )
     with console.capture() as captured:
         console.print(table)
@@ -96,7 +99,7 @@ def summary(model, x=None, print_fn=None, line_length=None, batch_size=256):
         x: optional inputs to measure the densities on (see `profile_macs`).
         print_fn: function called with the whole table as one string
             (default `print`), as in `keras.Model.summary`.
-        line_length: total width of the table (default 120 characters).
+        line_length: total width of the table (default: as wide as its content).
         batch_size: batch size for measuring on arrays.
 
     Example:
