@@ -135,6 +135,12 @@ class _PolicyGradientTraining:
                 "PolicyGradientModel found no gated layer (GatedDense, ...) in "
                 f"model {self.name!r}: there is no policy to train."
             )
+        if self.policy_optimizer is not None and self.built:
+            # Keras pre-builds `optimizer` only. Built here, inside the
+            # strategy scope compile runs in: slot variables (Adam's moments)
+            # created lazily in a replica's step break tf.distribute.
+            if not self.policy_optimizer.built:
+                self.policy_optimizer.build(self._split_trainable_variables()[1])
         names = [layer.name for layer in layers]
         if self._gate_trackers is None or list(self._gate_trackers) != names:
             self._policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
