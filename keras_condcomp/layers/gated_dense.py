@@ -8,7 +8,12 @@ from keras import ops
 from keras_condcomp import regularizers
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import GateDecision, current_recorder
-from keras_condcomp.ops import EXECUTION_PATHS, block_sparse_dense, masked_block_dense
+from keras_condcomp.ops import (
+    EXECUTION_PATHS,
+    block_sparse_dense,
+    forced_execution_path,
+    masked_block_dense,
+)
 
 __all__ = ["GatedDense"]
 
@@ -136,8 +141,11 @@ class GatedDense(keras.layers.Layer):
         inference: `"threshold"` (deterministic `sigma > 0.5`, exportable) or
             `"sample"` (sample the mask at inference too, as the paper does).
         execution: how inference runs: one of
-            `keras_condcomp.ops.EXECUTION_PATHS` (`"auto"` by default;
-            `"masked"` computes densely and masks, the reference).
+            `keras_condcomp.ops.EXECUTION_PATHS`. `"auto"` (default) picks
+            per call, by a cost model, between skipping per example,
+            skipping grouped by block and the dense product then the mask;
+            `"masked"` is the reference. `keras_condcomp.ops.forced_execution`
+            overrides it for every layer traced in its block.
         seed: int seed of the mask sampling.
 
     Call arguments:
@@ -395,7 +403,7 @@ class GatedDense(keras.layers.Layer):
             None if self.bias is None else ops.convert_to_tensor(self.bias),
             mask,
             self.activation,
-            path=self.execution,
+            path=forced_execution_path() or self.execution,
         )
 
     def compute_output_shape(self, input_shape):

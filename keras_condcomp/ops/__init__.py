@@ -1,11 +1,22 @@
 """Block-sparse execution: the masked reference and the paths that skip work."""
 
-from keras_condcomp.ops.block_sparse_dense import EXECUTION_PATHS, block_sparse_dense
+from keras_condcomp.ops.block_sparse_dense import (
+    EXECUTION_PATHS,
+    block_sparse_dense,
+    cost_constants,
+    forced_execution,
+    forced_execution_path,
+    set_cost_constants,
+)
 from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_dense
 
 __all__ = [
     "EXECUTION_PATHS",
     "block_sparse_dense",
+    "cost_constants",
     "expand_block_mask",
+    "forced_execution",
+    "forced_execution_path",
     "masked_block_dense",
+    "set_cost_constants",
 ]

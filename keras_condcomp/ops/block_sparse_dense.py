@@ -1,149 +1,351 @@
 """Block-sparse execution of a gated dense layer: skipped blocks are not computed.
 
-Paths (TensorFlow graphs; batch of any size; no retracing per batch size):
+Both sparsities of Bengio et al.'s `((H * M_in) W) * M_out` are used. The
+output mask `M_out` is the layer's own block mask. The input mask `M_in` is
+recovered from the input itself: a skipped block upstream outputs exactly 0,
+so only non-zero input units are read. That is exact whatever the upstream
+layer (an active unit that happens to be 0 contributes nothing), and ReLU
+zeros are skipped for free.
 
-- `"per_example"`: for each example, gather only the kernel tiles of its active
-  output blocks (and, when the input is sparse, of its non-zero input units),
-  one small matmul, scatter the result. The batch-1 path.
-- `"grouped"`: group examples by output block (gather their rows, one matmul
-  per used block against that block's kernel columns, scatter back).
-- `"masked"`: the dense product then the mask (`masked_block_dense`), the
-  reference and the fallback when skipping cannot pay.
-- `"auto"`: `"per_example"` for a batch of one, `"grouped"` otherwise.
+The kernel keeps the `(input_dim, units)` layout of `keras.layers.Dense` and
+is never copied whole: it is viewed, without a copy, as `(input_dim * blocks,
+block_size)`, whose row `i * blocks + j` is input unit `i`'s slice of output
+block `j`. One `tf.gather` of rows of that view fetches exactly the weight
+tiles (active inputs x active output blocks) that a path needs.
 
-Input sparsity (the `M_in` of Bengio et al.'s `((H * M_in) W) * M_out`) is
-recovered from the input itself: the units of a skipped block upstream are
-exactly 0, so only non-zero input units are read. That is exact whatever the
-upstream layer (an active unit that happens to be 0 contributes nothing), and
-ReLU zeros are skipped for free.
+Paths (TensorFlow graphs; one trace serves every batch size):
+
+- `"per_example"`: every (example, active block) pair gathers its own tiles,
+  restricted to that example's non-zero inputs; one batched matrix-vector
+  product. The batch-1 path, and the best one when inputs are sparse.
+- `"grouped"`: examples grouped by output block, dropless: the tiles of every
+  block used by the batch are gathered once, the rows of its examples are
+  gathered beside them, and one batched matmul computes all blocks.
+- `"static_capacity"`: the grouped path with static shapes (every block, a
+  fixed number of example slots per block), which compiles under
+  `jit_compile=True`. Exact when `capacity` >= the largest number of examples
+  sharing a block (the default capacity is the batch size); examples beyond a
+  block's capacity get 0 in that block (dropped), as in capacity-based MoE.
+- `"masked"`: the dense product, then the mask: the reference, and the dense
+  fallback when skipping cannot pay.
+- `"auto"`: the cheapest of `"per_example"`, `"grouped"` and `"masked"` by the
+  cost model below, decided per call inside the graph.
+
+Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
+With `B` the batch, `d` the input size, `u` the units, `s` the block size, `P`
+the number of active (example, block) pairs, `R` the largest number of
+non-zero inputs of an example, `r` the number of inputs non-zero in some
+example and `n` the number of blocks active in some example:
+
+    masked      = max(B d u / gemm, d u / read)
+    per_example = P R s (1 / copy + 1 / matvec) + overhead
+    grouped     = n r s / copy + P r s / batched + overhead
+
+`gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
+ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
+the weights per ns a strided `tf.gather` copies, `matvec` and `batched` the
+multiply-adds per ns of batches of small products, and `overhead` the fixed
+cost of a skipping path's extra graph ops, which keeps small layers (e.g.
+784 -> 256 at batch 1) on the dense path. Only their ratios matter. The
+defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
+Xeon; `set_cost_constants` changes them for other machines. Note how slow
+`copy` is next to `read`: the rows of a block's column slice of the
+`(input_dim, units)` kernel lie `units` floats apart, so every 64-float tile
+row is a separate cache miss that the hardware prefetcher does not follow.
 """
+
+import contextlib
+import threading
 
 import tensorflow as tf
 
 from keras_condcomp.ops.masked_reference import masked_block_dense
 
-__all__ = ["block_sparse_dense", "EXECUTION_PATHS"]
+__all__ = [
+    "block_sparse_dense",
+    "EXECUTION_PATHS",
+    "forced_execution",
+    "forced_execution_path",
+    "cost_constants",
+    "set_cost_constants",
+]
 
-EXECUTION_PATHS = ("auto", "per_example", "grouped", "masked")
+EXECUTION_PATHS = ("auto", "per_example", "grouped", "static_capacity", "masked")
 
-# Gather the non-zero input units only when at most this fraction is non-zero:
-# above it, copying the kernel rows costs more than multiplying by the zeros.
+_COSTS = {
+    "gemm": 17.0,
+    "read": 1.0,
+    "copy": 0.28,
+    "matvec": 2.0,
+    "batched": 6.0,
+    "overhead": 1.5e5,
+}
+
+# Above this fraction of non-zero inputs, reading every input row is cheaper
+# than finding and gathering the non-zero ones.
 _INPUT_SPARSITY_THRESHOLD = 0.5
+
+
+def cost_constants():
+    """The constants of the `"auto"` cost model, as a dict (a copy)."""
+    return dict(_COSTS)
+
+
+def set_cost_constants(**constants):
+    """Changes constants of the `"auto"` cost model (see the module docs).
+
+    Takes effect for graphs traced afterwards. Values must be positive.
+
+    Example:
+
+    >>> set_cost_constants(overhead=1.5e5)
+    >>> cost_constants()["overhead"]
+    150000.0
+    """
+    for name, value in constants.items():
+        if name not in _COSTS:
+            raise ValueError(
+                f"Unknown cost constant {name!r}: expected one of {sorted(_COSTS)}."
+            )
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    _COSTS.update({name: float(value) for name, value in constants.items()})
+    _compiled.clear()
+
+
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def forced_execution(path):
+    """Runs every gated layer traced inside the block with execution `path`.
+
+    Overrides each layer's `execution` argument, for benchmarks and
+    debugging. It acts when a graph is traced, so wrap the first call (or
+    build a new `tf.function`) inside the block.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_condcomp.layers import GatedDense
+    >>> layer = GatedDense(8, blocks=4)
+    >>> with forced_execution("masked"):
+    ...     y = layer(np.ones((2, 3), "float32"))
+    >>> tuple(y.shape)
+    (2, 8)
+    """
+    _check_path(path)
+    previous = getattr(_forced, "path", None)
+    _forced.path = path
+    try:
+        yield
+    finally:
+        _forced.path = previous
+
+
+def forced_execution_path():
+    """The path forced by the innermost `forced_execution`, or None."""
+    return getattr(_forced, "path", None)
+
+
+def _check_path(path):
+    if path not in EXECUTION_PATHS:
+        raise ValueError(
+            f"Invalid `path`: expected one of {EXECUTION_PATHS}. Received: path={path!r}"
+        )
 
 
 def _identity(x):
     return x
 
 
-def _single_example(x, kernel, bias, block_mask, activation, blocks):
-    """One example: `x (input_dim,)`, `block_mask (blocks,)` -> `(units,)`."""
-    input_dim = tf.shape(kernel)[0]
-    units = kernel.shape[-1]
-    block_size = units // blocks
-    active_blocks = tf.where(block_mask > 0)[:, 0]
-    tiles = tf.gather(
-        tf.reshape(kernel, [input_dim, blocks, block_size]), active_blocks, axis=1
-    )
-    tiles = tf.reshape(tiles, [input_dim, -1])
-    active_inputs = tf.where(tf.not_equal(x, 0))[:, 0]
+class _Problem:
+    """The shapes and index sets of one call, shared by the paths."""
 
-    def sparse_input():
-        return tf.matmul(
-            tf.gather(x, active_inputs)[None, :], tf.gather(tiles, active_inputs)
+    def __init__(self, inputs, kernel, bias, block_mask, activation, blocks):
+        self.inputs = inputs
+        self.bias = bias
+        self.activation = activation
+        self.blocks = blocks
+        self.input_dim = kernel.shape[0]
+        self.units = kernel.shape[-1]
+        self.block_size = self.units // blocks
+        # Row `i * blocks + j` is input unit i's slice of output block j.
+        self.tiles = tf.reshape(kernel, [self.input_dim * blocks, self.block_size])
+        self.batch = tf.shape(inputs)[0]
+        self.active = block_mask > 0
+        self.nonzero = tf.not_equal(inputs, 0)
+
+    def finish(self, outputs, examples, blocks_of_pairs):
+        """Bias and activation of `(pairs, block_size)` outputs, scattered back."""
+        if self.bias is not None:
+            bias = tf.reshape(self.bias, [self.blocks, self.block_size])
+            outputs = outputs + tf.gather(bias, blocks_of_pairs)
+        outputs = self.activation(outputs)
+        indices = tf.stack([examples, tf.cast(blocks_of_pairs, tf.int64)], axis=1)
+        shape = tf.stack([tf.cast(self.batch, tf.int64), self.blocks, self.block_size])
+        outputs = tf.scatter_nd(indices, outputs, shape)
+        return tf.reshape(outputs, [self.batch, self.units])
+
+
+def _nonzero_rows_per_example(problem):
+    """`(batch, R)` input-unit indices and values of each example's non-zeros.
+
+    Padded with index 0 and value 0 (which contributes nothing). Falls back to
+    every input unit when some example is dense enough.
+    """
+    counts = tf.reduce_sum(tf.cast(problem.nonzero, tf.int32), axis=1)
+    most = tf.reduce_max(counts)
+
+    def sparse():
+        where = tf.where(problem.nonzero)
+        ragged_rows = tf.RaggedTensor.from_value_rowids(
+            tf.cast(where[:, 1], tf.int32), where[:, 0], nrows=tf.cast(problem.batch, tf.int64)
         )
-
-    def dense_input():
-        return tf.matmul(x[None, :], tiles)
-
-    sparse_enough = tf.cast(tf.size(active_inputs), tf.float32) <= (
-        _INPUT_SPARSITY_THRESHOLD * tf.cast(input_dim, tf.float32)
-    )
-    outputs = tf.cond(sparse_enough, sparse_input, dense_input)
-    outputs = tf.reshape(outputs, [-1, block_size])
-    if bias is not None:
-        outputs = outputs + tf.gather(
-            tf.reshape(bias, [blocks, block_size]), active_blocks
+        ragged_values = tf.RaggedTensor.from_value_rowids(
+            tf.gather_nd(problem.inputs, where), where[:, 0],
+            nrows=tf.cast(problem.batch, tf.int64),
         )
-    outputs = activation(outputs)
-    outputs = tf.scatter_nd(active_blocks[:, None], outputs, [blocks, block_size])
-    return tf.reshape(outputs, [units])
+        return ragged_rows.to_tensor(0), ragged_values.to_tensor(0)
+
+    def dense():
+        rows = tf.tile(tf.range(problem.input_dim)[None, :], [problem.batch, 1])
+        return rows, problem.inputs
+
+    sparse_enough = tf.cast(most, tf.float32) <= _INPUT_SPARSITY_THRESHOLD * problem.input_dim
+    return tf.cond(sparse_enough, sparse, dense)
 
 
-def _per_example(inputs, kernel, bias, block_mask, activation, blocks):
-    def one(args):
-        x, m = args
-        return _single_example(x, kernel, bias, m, activation, blocks)
-
-    def batch_of_one():
-        return _single_example(
-            inputs[0], kernel, bias, block_mask[0], activation, blocks
-        )[None, :]
-
-    def batch_of_many():
-        return tf.map_fn(
-            one,
-            (inputs, block_mask),
-            fn_output_signature=tf.TensorSpec([kernel.shape[-1]], inputs.dtype),
-        )
-
-    return tf.cond(tf.shape(inputs)[0] == 1, batch_of_one, batch_of_many)
+def _per_example(problem):
+    rows, values = _nonzero_rows_per_example(problem)
+    pairs = tf.where(problem.active)  # (P, 2): example, block
+    examples, blocks_of_pairs = pairs[:, 0], tf.cast(pairs[:, 1], tf.int32)
+    pair_rows = tf.gather(rows, examples) * problem.blocks + blocks_of_pairs[:, None]
+    weights = tf.gather(problem.tiles, pair_rows)  # (P, R, block_size)
+    pair_values = tf.gather(values, examples)[:, None, :]  # (P, 1, R)
+    outputs = tf.matmul(pair_values, weights)[:, 0, :]
+    return problem.finish(outputs, examples, blocks_of_pairs)
 
 
-def _grouped(inputs, kernel, bias, block_mask, activation, blocks):
-    batch = tf.shape(inputs)[0]
-    units = kernel.shape[-1]
-    block_size = units // blocks
-    active = tf.transpose(block_mask) > 0  # (blocks, batch)
-    # (block, example) pairs, sorted by block: each block's rows are contiguous.
-    pairs = tf.where(active)
+def _used_input_rows(problem):
+    """Indices and columns of the input units non-zero in some example."""
+    used = tf.reduce_any(problem.nonzero, axis=0)
+    count = tf.reduce_sum(tf.cast(used, tf.int32))
+
+    def sparse():
+        rows = tf.cast(tf.where(used)[:, 0], tf.int32)
+        return rows, tf.gather(problem.inputs, rows, axis=1)
+
+    def dense():
+        return tf.range(problem.input_dim), problem.inputs
+
+    sparse_enough = tf.cast(count, tf.float32) <= _INPUT_SPARSITY_THRESHOLD * problem.input_dim
+    return tf.cond(sparse_enough, sparse, dense)
+
+
+def _grouped(problem):
+    rows, inputs = _used_input_rows(problem)
+    active = tf.transpose(problem.active)  # (blocks, batch)
+    pairs = tf.where(active)  # (P, 2): block, example; sorted by block
+    blocks_of_pairs, examples = tf.cast(pairs[:, 0], tf.int32), pairs[:, 1]
     counts = tf.reduce_sum(tf.cast(active, tf.int32), axis=1)
-    rows = tf.split(tf.gather(inputs, pairs[:, 1]), counts, num=blocks)
-    pieces = []
-    for j in range(blocks):
-
-        def compute(j=j):
-            return tf.matmul(rows[j], kernel[:, j * block_size : (j + 1) * block_size])
-
-        def nothing():
-            return tf.zeros([0, block_size], inputs.dtype)
-
-        pieces.append(tf.cond(counts[j] > 0, compute, nothing))
-    outputs = tf.concat(pieces, axis=0)
-    if bias is not None:
-        outputs = outputs + tf.gather(
-            tf.reshape(bias, [blocks, block_size]), pairs[:, 0]
-        )
-    outputs = activation(outputs)
-    indices = tf.stack([pairs[:, 1], pairs[:, 0]], axis=1)
-    outputs = tf.scatter_nd(indices, outputs, tf.stack([tf.cast(batch, tf.int64), blocks, block_size]))
-    return tf.reshape(outputs, [batch, units])
-
-
-def _auto(inputs, kernel, bias, block_mask, activation, blocks):
-    return tf.cond(
-        tf.shape(inputs)[0] == 1,
-        lambda: _per_example(inputs, kernel, bias, block_mask, activation, blocks),
-        lambda: _grouped(inputs, kernel, bias, block_mask, activation, blocks),
+    used_blocks = tf.cast(tf.where(counts > 0)[:, 0], tf.int32)
+    slot_block = tf.cumsum(tf.cast(counts > 0, tf.int32)) - 1  # block -> its slot
+    starts = tf.cumsum(counts, exclusive=True)
+    position = tf.range(tf.size(examples)) - tf.gather(starts, blocks_of_pairs)
+    slots = tf.stack([tf.gather(slot_block, blocks_of_pairs), position], axis=1)
+    capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+    # Example index per (used block, slot); empty slots read an appended zero row.
+    slot_examples = tf.tensor_scatter_nd_update(
+        tf.fill(tf.stack([tf.size(used_blocks), capacity]), tf.cast(problem.batch, tf.int64)),
+        slots,
+        examples,
     )
+    padded = tf.concat([inputs, tf.zeros_like(inputs[:1])], axis=0)
+    grouped_inputs = tf.gather(padded, slot_examples)  # (n, C, r)
+    tile_rows = used_blocks[:, None] + rows[None, :] * problem.blocks
+    weights = tf.gather(problem.tiles, tile_rows)  # (n, r, block_size)
+    outputs = tf.gather_nd(tf.matmul(grouped_inputs, weights), slots)
+    return problem.finish(outputs, examples, blocks_of_pairs)
 
 
-def _masked(inputs, kernel, bias, block_mask, activation, blocks):
-    return masked_block_dense(inputs, kernel, bias, block_mask, activation)
+def _static_capacity(problem, capacity=None):
+    batch = problem.batch
+    capacity = batch if capacity is None else tf.constant(capacity, tf.int32)
+    active = tf.cast(problem.active, tf.int32)  # (batch, blocks)
+    position = tf.cumsum(active, axis=0) - 1
+    kept = tf.logical_and(problem.active, position < capacity)
+    slot = tf.where(kept, position, capacity)  # dropped and inactive -> dump slot
+    block_ids = tf.broadcast_to(tf.range(problem.blocks)[None, :], tf.shape(slot))
+    example_ids = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(slot))
+    slot_examples = tf.tensor_scatter_nd_update(
+        tf.fill(tf.stack([problem.blocks, capacity + 1]), batch),
+        tf.reshape(tf.stack([block_ids, slot], axis=-1), [-1, 2]),
+        tf.reshape(example_ids, [-1]),
+    )[:, :capacity]
+    # Inactive pairs all write the dump slot, so a kept pair's slot is its own.
+    padded = tf.concat([problem.inputs, tf.zeros_like(problem.inputs[:1])], axis=0)
+    grouped_inputs = tf.gather(padded, slot_examples)  # (blocks, C, d)
+    weights = tf.transpose(
+        tf.reshape(problem.tiles, [problem.input_dim, problem.blocks, problem.block_size]),
+        [1, 0, 2],
+    )
+    grouped = tf.matmul(grouped_inputs, weights)  # (blocks, C, block_size)
+    gather_at = tf.stack([block_ids, tf.minimum(slot, capacity - 1)], axis=-1)
+    outputs = tf.gather_nd(grouped, tf.maximum(gather_at, 0))  # (batch, blocks, s)
+    if problem.bias is not None:
+        outputs = outputs + tf.reshape(problem.bias, [problem.blocks, problem.block_size])
+    outputs = problem.activation(outputs) * tf.cast(kept, outputs.dtype)[:, :, None]
+    return tf.reshape(outputs, [batch, problem.units])
+
+
+def _masked(problem):
+    mask = tf.cast(problem.active, problem.inputs.dtype)
+    kernel = tf.reshape(problem.tiles, [problem.input_dim, problem.units])
+    return masked_block_dense(problem.inputs, kernel, problem.bias, mask, problem.activation)
+
+
+def path_costs(problem):
+    """The cost-model estimates (ns) of `[per_example, grouped, masked]`."""
+    f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
+    nonzero = tf.cast(problem.nonzero, tf.int32)
+    threshold = _INPUT_SPARSITY_THRESHOLD * problem.input_dim
+    most = f32(tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0]], 0)))
+    widest = tf.where(most <= threshold, most, float(problem.input_dim))
+    used = f32(tf.reduce_sum(tf.reduce_max(tf.concat([nonzero, tf.zeros_like(nonzero[:1])], 0), axis=0)))
+    used = tf.where(used <= threshold, used, float(problem.input_dim))
+    pairs = f32(tf.reduce_sum(tf.cast(problem.active, tf.int32)))
+    used_blocks = f32(tf.reduce_sum(tf.cast(tf.reduce_any(problem.active, axis=0), tf.int32)))
+    s = float(problem.block_size)
+    c = _COSTS
+    per_example = pairs * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
+    grouped = used_blocks * used * s / c["copy"] + pairs * used * s / c["batched"] + c["overhead"]
+    weights = float(problem.input_dim * problem.units)
+    masked = tf.maximum(f32(problem.batch) * weights / c["gemm"], weights / c["read"])
+    return tf.stack([per_example, grouped, masked])
+
+
+def _auto(problem):
+    choice = tf.argmin(path_costs(problem), output_type=tf.int32)
+    return tf.switch_case(
+        choice,
+        [lambda: _per_example(problem), lambda: _grouped(problem), lambda: _masked(problem)],
+    )
 
 
 _PATHS = {
     "auto": _auto,
     "per_example": _per_example,
     "grouped": _grouped,
+    "static_capacity": _static_capacity,
     "masked": _masked,
 }
 _compiled = {}
 
 
-def _compiled_path(path, activation, input_dim, units, blocks, dtype, has_bias):
-    key = (path, activation, input_dim, units, blocks, dtype, has_bias)
+def _compiled_path(path, activation, input_dim, units, blocks, dtype, has_bias, capacity):
+    key = (path, activation, input_dim, units, blocks, dtype, has_bias, capacity)
     if key not in _compiled:
-        fn = _PATHS[path]
         signature = [
             tf.TensorSpec([None, input_dim], dtype),
             tf.TensorSpec([input_dim, units], dtype),
@@ -152,16 +354,21 @@ def _compiled_path(path, activation, input_dim, units, blocks, dtype, has_bias):
         ]
 
         def run(inputs, kernel, bias, block_mask):
-            return fn(
+            problem = _Problem(
                 inputs, kernel, bias if has_bias else None, block_mask, activation, blocks
             )
+            if path == "static_capacity":
+                return _static_capacity(problem, capacity)
+            return _PATHS[path](problem)
 
-        _compiled[key] = tf.function(run, input_signature=signature)
+        _compiled[key] = tf.function(
+            run, input_signature=signature, jit_compile=path == "static_capacity" or None
+        )
     return _compiled[key]
 
 
 def block_sparse_dense(
-    inputs, kernel, bias, block_mask, activation=None, path="auto"
+    inputs, kernel, bias, block_mask, activation=None, path="auto", capacity=None
 ):
     """Computes `masked_block_dense` without computing the skipped blocks.
 
@@ -170,11 +377,15 @@ def block_sparse_dense(
         kernel: `(input_dim, units)`, `units` divisible by the mask's blocks.
         bias: `(units,)` or None.
         block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one.
-        activation: a callable applied to active blocks, or None.
-        path: one of `EXECUTION_PATHS`.
+        activation: an element-wise callable applied to active blocks, or None.
+        path: one of `EXECUTION_PATHS` (see the module docs).
+        capacity: `"static_capacity"` only: example slots per block (default:
+            the batch size, which never drops).
 
     Returns:
-        `(batch, units)`, equal to `masked_block_dense` on the same arguments.
+        `(batch, units)`, equal to `masked_block_dense` on the same arguments
+        (for `"static_capacity"`, as long as no block has more than `capacity`
+        active examples).
 
     Example:
 
@@ -186,9 +397,13 @@ def block_sparse_dense(
     >>> bool(np.all(y.numpy()[1] == 0))
     True
     """
-    if path not in _PATHS:
+    _check_path(path)
+    if capacity is not None and (
+        path != "static_capacity" or not isinstance(capacity, int) or capacity <= 0
+    ):
         raise ValueError(
-            f"Invalid `path`: expected one of {EXECUTION_PATHS}. Received: path={path!r}"
+            "`capacity` must be a positive int and is only used by "
+            f"path='static_capacity'. Received: capacity={capacity!r}, path={path!r}"
         )
     inputs = tf.convert_to_tensor(inputs)
     kernel = tf.convert_to_tensor(kernel, dtype=inputs.dtype)
@@ -211,6 +426,14 @@ def block_sparse_dense(
         if has_bias
         else tf.zeros([0], inputs.dtype)
     )
+    if tf.inside_function() and path != "static_capacity":
+        # Inlined into the caller's graph: a nested function call costs more
+        # than the small layers it would wrap.
+        problem = _Problem(
+            inputs, kernel, bias if has_bias else None, block_mask,
+            activation or _identity, blocks,
+        )
+        return _PATHS[path](problem)
     run = _compiled_path(
         path,
         activation or _identity,
@@ -219,5 +442,6 @@ def block_sparse_dense(
         blocks,
         inputs.dtype,
         has_bias,
+        capacity,
     )
     return run(inputs, kernel, bias, block_mask)

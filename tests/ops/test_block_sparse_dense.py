@@ -4,10 +4,19 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_condcomp.ops import EXECUTION_PATHS, block_sparse_dense, masked_block_dense
+from keras_condcomp.layers import GatedDense
+from keras_condcomp.ops import (
+    EXECUTION_PATHS,
+    block_sparse_dense,
+    cost_constants,
+    forced_execution,
+    masked_block_dense,
+    set_cost_constants,
+)
+from keras_condcomp.ops.block_sparse_dense import _Problem, path_costs
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     batch=st.sampled_from([1, 2, 7, 64]),
     blocks=st.sampled_from([1, 2, 4, 8]),
@@ -59,3 +68,91 @@ def test_errors_name_the_argument(rng):
         block_sparse_dense(np.ones((2, 5), "float32"), kernel, None, np.ones((2, 3)))
     with pytest.raises(ValueError, match="block_mask.shape=\\(2, 4\\)"):
         block_sparse_dense(x, kernel, None, np.ones((2, 4)))
+
+
+def test_paths_inlined_in_a_graph_match_the_reference(rng):
+    x = rng.normal(size=(5, 16)).astype("float32")
+    x[:, 8:] = 0.0  # block-sparse input: the sparse-input branches run
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    mask = (rng.random((5, 4)) < 0.5).astype("float32")
+    expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+    for path in EXECUTION_PATHS:
+        run = tf.function(
+            lambda x, path=path: block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path)
+        )
+        np.testing.assert_allclose(run(x).numpy(), expected, atol=1e-5, err_msg=path)
+
+
+def test_static_capacity_drops_examples_beyond_capacity(rng):
+    x = rng.normal(size=(3, 4)).astype("float32")
+    kernel = rng.normal(size=(4, 4)).astype("float32")
+    mask = np.array([[1, 0], [1, 1], [1, 0]], "float32")
+    got = block_sparse_dense(x, kernel, None, mask, path="static_capacity", capacity=1).numpy()
+    expected = masked_block_dense(x, kernel, None, mask).numpy()
+    # Block 0 keeps its first example only; block 1 has one example and keeps it.
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+    np.testing.assert_array_equal(got[1:, :2], 0.0)
+    np.testing.assert_allclose(got[1, 2:], expected[1, 2:], atol=1e-5)
+
+
+def _chosen_path(x, kernel, mask):
+    problem = _Problem(
+        tf.constant(x), tf.constant(kernel), None, tf.constant(mask), tf.identity, mask.shape[1]
+    )
+    return ("per_example", "grouped", "masked")[int(np.argmin(path_costs(problem).numpy()))]
+
+
+def test_cost_model_choices(rng):
+    kernel = rng.normal(size=(3072, 1536)).astype("float32")
+    sparse = np.zeros((1, 24), "float32")
+    sparse[0, 3] = 1.0
+    x = rng.random((1, 3072)).astype("float32")
+    # At batch 1 both skipping paths do the same work.
+    assert _chosen_path(x, kernel, sparse) in ("per_example", "grouped")
+    assert _chosen_path(x, kernel, np.ones((1, 24), "float32")) == "masked"
+    assert _chosen_path(rng.random((256, 3072)).astype("float32"), kernel,
+                        np.ones((256, 24), "float32")) == "masked"
+    # Block-sparse inputs (different blocks per example) and outputs at batch
+    # 50: each example's own tiles.
+    h = np.zeros((50, 24, 64), "float32")
+    h[np.arange(50), rng.integers(0, 24, 50)] = rng.random((50, 64))
+    h = h.reshape(50, 1536)
+    mask = np.zeros((50, 24), "float32")
+    mask[np.arange(50), rng.integers(0, 24, 50)] = 1.0
+    assert _chosen_path(h, kernel[:1536], mask) == "per_example"
+    # A tiny layer: the fixed cost of skipping outweighs the dense product.
+    small = rng.normal(size=(64, 32)).astype("float32")
+    assert _chosen_path(rng.random((1, 64)).astype("float32"), small,
+                        np.eye(1, 4, dtype="float32")) == "masked"
+
+
+def test_cost_constants_are_validated():
+    before = cost_constants()
+    with pytest.raises(ValueError, match="copy=-1"):
+        set_cost_constants(copy=-1)
+    with pytest.raises(ValueError, match="'speed'"):
+        set_cost_constants(speed=1.0)
+    assert cost_constants() == before
+
+
+def test_forced_execution_overrides_the_layer(rng):
+    layer = GatedDense(8, blocks=4, activation="relu", execution="per_example")
+    x = rng.normal(size=(3, 5)).astype("float32")
+    expected = layer(x).numpy()
+    for path in EXECUTION_PATHS:
+        with forced_execution(path):
+            got = tf.function(lambda x: layer(x, training=False))(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)
+    with pytest.raises(ValueError, match="path='fastest'"):
+        with forced_execution("fastest"):
+            pass
+
+
+def test_capacity_errors(rng):
+    x = rng.normal(size=(2, 4)).astype("float32")
+    kernel = rng.normal(size=(4, 4)).astype("float32")
+    with pytest.raises(ValueError, match="capacity=0"):
+        block_sparse_dense(x, kernel, None, np.ones((2, 2)), path="static_capacity", capacity=0)
+    with pytest.raises(ValueError, match="capacity=2, path='grouped'"):
+        block_sparse_dense(x, kernel, None, np.ones((2, 2)), path="grouped", capacity=2)

@@ -1,0 +1,249 @@
+"""GatedDense inference speed against keras.layers.Dense, side by side.
+
+For each shape, density and batch size, one process times, alternating call
+by call after a warm-up, the median of many calls of:
+
+- `dense`: the same-width `keras.layers.Dense` stack (same kernels),
+- `masked`: the gated stack computing densely and masking (the reference),
+- `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`.
+
+Every model runs as one `tf.function` over `model(x, training=False)`, so
+graph-call overhead is the same for all. The masks are the layers' own
+threshold policies, with each policy bias set so that every block is active
+for the given fraction of the benchmark inputs: per-example random masks at
+the given density, computed by the real layer (policy cost included).
+
+Threads are pinned before TensorFlow starts, in a fresh process per setting:
+`--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
+1; `--threads 0` leaves TensorFlow's defaults (all cores).
+
+Writes `benchmarks/results/gated_dense.json` and `gated_dense.png` (speedup
+over dense vs density, with the ideal line) and prints a table.
+
+    python benchmarks/gated_dense.py            # full run (minutes)
+    python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+SHAPES = {
+    # name: (input_dim, [(units, blocks), ...], head units or None)
+    "bengio_cifar10_mlp": (3072, [(1536, 24), (1536, 24)], 10),
+    "layer_1024": (1024, [(1024, 16)], None),
+    "mnist_784_256": (784, [(256, 16)], None),
+}
+DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
+BATCH_SIZES = (1, 50, 256)
+PATHS = ("auto", "per_example", "grouped", "static_capacity")
+# Forced per_example gathers every pair's tiles: skip it when that is huge.
+PER_EXAMPLE_MAX_GATHER = 2e8
+
+
+def _build(shape, seed=0):
+    import keras
+
+    from keras_condcomp.layers import GatedDense
+
+    input_dim, layers, head = SHAPES[shape]
+    inputs = keras.Input((input_dim,))
+    gated, dense = inputs, inputs
+    for units, blocks in layers:
+        gated = GatedDense(units, blocks, activation="relu", seed=seed)(gated)
+        dense = keras.layers.Dense(units, activation="relu")(dense)
+    if head:
+        gated = keras.layers.Dense(head)(gated)
+        dense = keras.layers.Dense(head)(dense)
+    gated_model, dense_model = keras.Model(inputs, gated), keras.Model(inputs, dense)
+    for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
+        d.kernel.assign(g.kernel)
+        d.bias.assign(g.bias)
+    return gated_model, dense_model
+
+
+def _calibrate(gated_model, x, density):
+    """Sets each policy bias so every block is open for `density` of `x`."""
+    import keras
+
+    from keras_condcomp.layers import GatedDense
+
+    h = x
+    densities = []
+    for layer in gated_model.layers[1:]:
+        if isinstance(layer, GatedDense):
+            logits = np.asarray(h @ layer.policy.kernel.numpy())
+            threshold = np.quantile(logits, 1 - density, axis=0)
+            layer.policy.bias.assign(-threshold)
+            densities.append(float(np.mean(layer.block_mask(h))))
+        h = np.asarray(layer(h, training=False))
+    return densities
+
+
+def _ideal_speedup(shape, densities):
+    """Dense MACs / conditional MACs (policies and input sparsity included)."""
+    input_dim, layers, head = SHAPES[shape]
+    dense = conditional = 0.0
+    d, in_density = input_dim, 1.0
+    for (units, blocks), density in zip(layers, densities):
+        dense += d * units
+        conditional += d * blocks + in_density * density * d * units
+        d, in_density = units, density
+    if head:
+        dense += d * head
+        conditional += d * head
+    return dense / conditional
+
+
+def _weight_bytes(model):
+    return int(sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
+
+
+def _worker(args):
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.ops import forced_execution
+    from keras_condcomp.speed import median_latencies
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in args.shapes:
+        gated, dense = _build(shape)
+        input_dim = SHAPES[shape][0]
+        data = rng.random((512, input_dim)).astype("float32")
+        memory = _weight_bytes(gated) / _weight_bytes(dense)
+        for density in args.densities:
+            layer_densities = _calibrate(gated, data, density)
+            for batch in args.batch_sizes:
+                batches = [data[i * batch % 512:][:batch] for i in range(8)]
+                batches = [b for b in batches if len(b) == batch]
+                spec = tf.TensorSpec([None, input_dim], "float32")
+                functions = {"dense": tf.function(lambda x: dense(x, training=False), input_signature=[spec])}
+                paths = ("masked",) + tuple(args.paths)
+                for path in paths:
+                    widest = batch * density * sum(b for _, b in SHAPES[shape][1]) * input_dim * 64
+                    if path == "per_example" and widest > PER_EXAMPLE_MAX_GATHER:
+                        continue
+                    fn = tf.function(lambda x: gated(x, training=False), input_signature=[spec])
+                    with forced_execution(path):
+                        fn.get_concrete_function()
+                    functions[path] = fn
+                calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+                medians = median_latencies(calls, batches, repeats=args.repeats, warmup=3)
+                ideal = _ideal_speedup(shape, layer_densities)
+                for name, seconds in medians.items():
+                    rows.append({
+                        "shape": shape, "density": density, "layer_densities": layer_densities,
+                        "batch": batch, "threads": args.threads or "all", "path": name,
+                        "seconds": seconds, "speedup": medians["dense"] / seconds,
+                        "ideal_speedup": ideal, "weight_memory_ratio": memory,
+                    })
+                print(json.dumps({"progress": f"{shape} d={density:.3f} b={batch}"}), file=sys.stderr)
+    print(json.dumps(rows))
+
+
+def _table(rows):
+    lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
+             f"{'auto':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
+             f"{'ideal':>6} {'auto/ideal':>10}"]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["shape"], r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
+    for (shape, threads, batch, density), paths in keyed.items():
+        def sp(name):
+            return f"{paths[name]['speedup']:.2f}x" if name in paths else "-"
+        ideal = paths["dense"]["ideal_speedup"]
+        lines.append(
+            f"{shape:20} {threads!s:>3} {batch:>5} {density:>7.3f} "
+            f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('per_example'):>6} "
+            f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
+            f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(shapes), len(batches), figsize=(4 * len(batches), 3.2 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            for threads in sorted({str(r["threads"]) for r in rows}):
+                sel = [r for r in rows if r["shape"] == shape and r["batch"] == batch and str(r["threads"]) == threads]
+                auto = sorted((r["density"], r["speedup"]) for r in sel if r["path"] == "auto")
+                if auto:
+                    ax.plot(*zip(*auto), "o-", label=f"auto, {threads} thread(s)")
+            ideal = sorted({(r["density"], r["ideal_speedup"]) for r in rows if r["shape"] == shape and r["batch"] == batch})
+            if ideal:
+                ax.plot(*zip(*ideal), "k--", label="ideal (MACs)")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"{shape}, batch {batch}", fontsize=9)
+            ax.set_xlabel("density")
+            ax.set_ylabel("speedup over Dense")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
+                        help="thread settings to run, each in its own process (0: all cores)")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true",
+                        help="Bengio shape only, densities 1/16 and 3/4, batch 1 and 50, 1 thread")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.densities, args.batch_sizes, args.threads = (
+            ["bengio_cifar10_mlp"], [1 / 16, 3 / 4], [1, 50], [1])
+    for name, values in (("--densities", args.densities),):
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad:
+            parser.error(f"{name} must be in (0, 1], got {bad}")
+    if args.worker:
+        args.threads = args.threads[0]
+        return _worker(args)
+    rows = []
+    for threads in args.threads:
+        command = [sys.executable, __file__, "--worker", "--threads", str(threads),
+                   "--repeats", str(args.repeats), "--shapes", *args.shapes,
+                   "--densities", *map(str, args.densities),
+                   "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"benchmark worker failed (threads={threads})")
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    os.makedirs(args.out, exist_ok=True)
+    name = "gated_dense_quick" if args.quick else "gated_dense"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
+    _plot(rows, os.path.join(args.out, f"{name}.png"))
+    print(_table(rows))
+    print(f"weight memory gated/dense: " + ", ".join(
+        f"{s} {next(r['weight_memory_ratio'] for r in rows if r['shape'] == s):.3f}x" for s in args.shapes))
+
+
+if __name__ == "__main__":
+    main()
