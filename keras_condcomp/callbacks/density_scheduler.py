@@ -52,8 +52,8 @@ class DensityScheduler(keras.callbacks.Callback):
     >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
     >>> scheduler = DensityScheduler(start=1.0, epochs=3)
     >>> history = model.fit(x, y, epochs=4, callbacks=[scheduler], verbose=0)
-    >>> [round(t, 2) for t in history.history["gated_1_target_density"]]
-    [1.0, 0.75, 0.5, 0.25]
+    >>> print(*(round(t, 2) for t in history.history["gated_1_target_density"]))
+    1.0 0.75 0.5 0.25
     """
 
     def __init__(
