@@ -67,18 +67,23 @@ def _parser():
         help="'digits' (embedded), 'mnist' (IDX files from --data-dir, else TFDS) or 'tfds:NAME'",
     )
     train.add_argument("--data-dir", default=None, help="directory of the dataset's files")
-    train.add_argument("--epochs", type=_positive_int("--epochs"), default=40)
+    train.add_argument("--epochs", type=_positive_int("--epochs"), default=50)
     train.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
     train.add_argument("--units", type=_positive_int("--units"), default=1024)
     train.add_argument("--blocks", type=_positive_int("--blocks"), default=16)
     train.add_argument("--layers", type=_positive_int("--layers"), default=2)
     inf = float("inf")
-    train.add_argument("--target-density", type=_number("--target-density", 0, 1), default=0.15)
+    train.add_argument("--target-density", type=_number("--target-density", 0, 1), default=0.22)
     train.add_argument(
         "--sparsity-weight", type=_number("--sparsity-weight", 0, inf, False, True), default=5.0
     )
     train.add_argument(
         "--variance-weight", type=_number("--variance-weight", 0, inf, False, True), default=10.0
+    )
+    train.add_argument(
+        "--example-sparsity-weight",
+        type=_number("--example-sparsity-weight", 0, inf, False, True), default=80.0,
+        help="weight of L_e (each example's density near the target) apart from L_b",
     )
     train.add_argument(
         "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3
@@ -149,7 +154,7 @@ def train(args):
         input_dim, dataset.num_classes, units=args.units, blocks=args.blocks,
         layers=args.layers, target_density=args.target_density,
         sparsity_weight=args.sparsity_weight, variance_weight=args.variance_weight,
-        seed=args.seed,
+        example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
     )
     gated.compile(
         keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"],
