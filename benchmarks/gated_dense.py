@@ -217,10 +217,9 @@ def main(argv=None):
     if args.quick:
         args.shapes, args.densities, args.batch_sizes, args.threads = (
             ["bengio_cifar10_mlp"], [1 / 16, 3 / 4], [1, 50], [1])
-    for name, values in (("--densities", args.densities),):
-        bad = [v for v in values if not 0 < v <= 1]
-        if bad:
-            parser.error(f"{name} must be in (0, 1], got {bad}")
+    bad = [v for v in args.densities if not 0 < v <= 1]
+    if bad:
+        parser.error(f"--densities must be in (0, 1], got {bad}")
     if args.worker:
         args.threads = args.threads[0]
         return _worker(args)
@@ -241,7 +240,7 @@ def main(argv=None):
         json.dump({"cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
     _plot(rows, os.path.join(args.out, f"{name}.png"))
     print(_table(rows))
-    print(f"weight memory gated/dense: " + ", ".join(
+    print("weight memory gated/dense: " + ", ".join(
         f"{s} {next(r['weight_memory_ratio'] for r in rows if r['shape'] == s):.3f}x" for s in args.shapes))
 
 

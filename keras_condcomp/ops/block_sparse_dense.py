@@ -175,6 +175,14 @@ class _Problem:
         self.batch = tf.shape(inputs)[0]
         self.active = block_mask > 0
         self.nonzero = tf.not_equal(inputs, 0)
+        nonzero = tf.cast(self.nonzero, tf.int32)
+        # The most non-zero inputs of one example, and the inputs non-zero in
+        # some example (0 for an empty batch); read by the paths and the costs.
+        self.most_nonzero = tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0]], 0))
+        self.used_inputs = tf.reduce_any(
+            tf.concat([self.nonzero, tf.zeros_like(self.nonzero[:1])], 0), axis=0
+        )
+        self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
 
     def finish(self, outputs, examples, blocks_of_pairs):
         """Bias and activation of `(pairs, block_size)` outputs, scattered back."""
@@ -194,9 +202,6 @@ def _nonzero_rows_per_example(problem):
     Padded with index 0 and value 0 (which contributes nothing). Falls back to
     every input unit when some example is dense enough.
     """
-    counts = tf.reduce_sum(tf.cast(problem.nonzero, tf.int32), axis=1)
-    most = tf.reduce_max(counts)
-
     def sparse():
         where = tf.where(problem.nonzero)
         ragged_rows = tf.RaggedTensor.from_value_rowids(
@@ -212,7 +217,7 @@ def _nonzero_rows_per_example(problem):
         rows = tf.tile(tf.range(problem.input_dim)[None, :], [problem.batch, 1])
         return rows, problem.inputs
 
-    sparse_enough = tf.cast(most, tf.float32) <= _INPUT_SPARSITY_THRESHOLD * problem.input_dim
+    sparse_enough = tf.cast(problem.most_nonzero, tf.float32) <= problem.sparse_limit
     return tf.cond(sparse_enough, sparse, dense)
 
 
@@ -229,7 +234,7 @@ def _per_example(problem):
 
 def _used_input_rows(problem):
     """Indices and columns of the input units non-zero in some example."""
-    used = tf.reduce_any(problem.nonzero, axis=0)
+    used = problem.used_inputs
     count = tf.reduce_sum(tf.cast(used, tf.int32))
 
     def sparse():
@@ -239,7 +244,7 @@ def _used_input_rows(problem):
     def dense():
         return tf.range(problem.input_dim), problem.inputs
 
-    sparse_enough = tf.cast(count, tf.float32) <= _INPUT_SPARSITY_THRESHOLD * problem.input_dim
+    sparse_enough = tf.cast(count, tf.float32) <= problem.sparse_limit
     return tf.cond(sparse_enough, sparse, dense)
 
 
@@ -292,7 +297,7 @@ def _static_capacity(problem, capacity=None):
     )
     grouped = tf.matmul(grouped_inputs, weights)  # (blocks, C, block_size)
     gather_at = tf.stack([block_ids, tf.minimum(slot, capacity - 1)], axis=-1)
-    outputs = tf.gather_nd(grouped, tf.maximum(gather_at, 0))  # (batch, blocks, s)
+    outputs = tf.gather_nd(grouped, gather_at)  # (batch, blocks, s)
     if problem.bias is not None:
         outputs = outputs + tf.reshape(problem.bias, [problem.blocks, problem.block_size])
     outputs = problem.activation(outputs) * tf.cast(kept, outputs.dtype)[:, :, None]
@@ -308,11 +313,10 @@ def _masked(problem):
 def path_costs(problem):
     """The cost-model estimates (ns) of `[per_example, grouped, masked]`."""
     f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
-    nonzero = tf.cast(problem.nonzero, tf.int32)
-    threshold = _INPUT_SPARSITY_THRESHOLD * problem.input_dim
-    most = f32(tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0]], 0)))
+    threshold = problem.sparse_limit
+    most = f32(problem.most_nonzero)
     widest = tf.where(most <= threshold, most, float(problem.input_dim))
-    used = f32(tf.reduce_sum(tf.reduce_max(tf.concat([nonzero, tf.zeros_like(nonzero[:1])], 0), axis=0)))
+    used = f32(tf.reduce_sum(tf.cast(problem.used_inputs, tf.int32)))
     used = tf.where(used <= threshold, used, float(problem.input_dim))
     pairs = f32(tf.reduce_sum(tf.cast(problem.active, tf.int32)))
     used_blocks = f32(tf.reduce_sum(tf.cast(tf.reduce_any(problem.active, axis=0), tf.int32)))
