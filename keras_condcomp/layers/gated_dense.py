@@ -15,6 +15,10 @@ from keras_condcomp.ops import (
     forced_execution_path,
     masked_block_dense,
 )
+from keras_condcomp.ops.static_budget_dense import (
+    static_budget_dense,
+    static_budget_settings,
+)
 
 __all__ = ["GatedDense"]
 
@@ -178,8 +182,17 @@ class GatedDense(GatedLayer):
         self._build_gating(input_dim)
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
 
+    # Reads `keras_condcomp.ops.static_budget_settings(self)` when traced for
+    # export (`keras_condcomp.export`): a fixed block budget, static shapes.
+    supports_static_budget = True
+
     def call(self, inputs, training=None):
         mask = self._gate(inputs, training)
+        budget = None if training else static_budget_settings(self)
+        if budget is not None:
+            return static_budget_dense(
+                inputs, self.kernel, self.bias, mask, self.activation, **budget
+            )
         if training or keras.backend.backend() != "tensorflow":
             return masked_block_dense(
                 inputs, self.kernel, self.bias, mask, self.activation

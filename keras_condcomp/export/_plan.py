@@ -1,0 +1,292 @@
+"""What the exporters share: model checks, block budgets, the trace plan, atomic writes."""
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+
+from keras_condcomp.models.policy_gradient_model import gated_layers
+from keras_condcomp.ops.static_budget_dense import static_budget_plan
+
+__all__ = ["active_block_counts", "block_budgets"]
+
+
+def check_model(model):
+    """Checks `model` can be exported; returns its gated layers."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a keras.Model. Received: model={type(model).__name__}"
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "keras_condcomp.export needs the TensorFlow backend (tf2onnx and the "
+            "LiteRT converter read TensorFlow graphs). Received: "
+            f"keras.backend.backend()={keras.backend.backend()!r}; set "
+            "KERAS_BACKEND=tensorflow."
+        )
+    if not model.built or not getattr(model, "inputs", None):
+        raise ValueError(
+            "`model` must be a built functional or Sequential model with known "
+            f"inputs (call it once, or build it from keras.Input). Received: {model.name!r}"
+        )
+    layers = gated_layers(model)
+    for layer in layers:
+        if not getattr(type(layer), "supports_static_budget", False):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) is a gated layer "
+                "without an export path (it must set `supports_static_budget = True` "
+                "and run `keras_condcomp.ops.static_budget_settings(self)` in call)."
+            )
+        if layer.inference != "threshold":
+            raise ValueError(
+                f"Layer {layer.name!r} samples its mask at inference "
+                f"(inference={layer.inference!r}): an exported graph must be "
+                "deterministic. Re-create the layer with inference='threshold' "
+                "(the weights load unchanged) before exporting."
+            )
+    return layers
+
+
+def _as_inputs(model, data):
+    """`data` as the list of input arrays of `model`."""
+    arrays = list(data) if isinstance(data, (list, tuple)) else [data]
+    arrays = [np.asarray(array, dtype="float32") for array in arrays]
+    if len(arrays) != len(model.inputs):
+        raise ValueError(
+            f"`representative_data` must hold {len(model.inputs)} input array(s) for "
+            f"model {model.name!r}. Received: {len(arrays)} array(s)"
+        )
+    for array, spec in zip(arrays, model.inputs):
+        if array.ndim != len(spec.shape) or any(
+            size is not None and size != got for size, got in zip(spec.shape[1:], array.shape[1:])
+        ) or not len(array):
+            raise ValueError(
+                f"`representative_data` must be examples of shape (n, "
+                f"{', '.join(str(s) for s in spec.shape[1:])}) with n > 0. "
+                f"Received: shape {array.shape}"
+            )
+    return arrays
+
+
+def active_block_counts(model, data, batch_size=256):
+    """Active blocks per example of each gated layer, under the threshold policy.
+
+    Args:
+        model: a functional or Sequential Keras model with gated layers.
+        data: `(n, ...)` input array (a list of arrays for several inputs).
+        batch_size: examples per forward pass.
+
+    Returns:
+        dict: gated layer name -> `(n,)` int array of active block counts.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> model = keras.Model(inputs, GatedDense(16, blocks=4, name="g")(inputs))
+    >>> counts = active_block_counts(model, np.random.rand(5, 8))
+    >>> counts["g"].shape
+    (5,)
+    """
+    layers = gated_layers(model)
+    arrays = _as_inputs(model, data)
+    if not layers:
+        return {}
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    seen = probe.predict(arrays if len(arrays) > 1 else arrays[0], batch_size=batch_size, verbose=0)
+    if len(layers) == 1:
+        seen = [seen]
+    counts = {}
+    for layer, layer_inputs in zip(layers, seen):
+        masks = [
+            keras.ops.convert_to_numpy(layer.block_mask(layer_inputs[i:i + batch_size]))
+            for i in range(0, len(layer_inputs), batch_size)
+        ]
+        counts[layer.name] = np.concatenate(masks).sum(axis=1).astype("int64")
+    return counts
+
+
+def _check_budget(layer, value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+        1 <= value <= layer.blocks
+    ):
+        raise ValueError(
+            f"`{name}` must be an int in [1, blocks={layer.blocks}] for layer "
+            f"{layer.name!r}. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def block_budgets(model, budget=None, representative_data=None):
+    """The number of blocks each gated layer computes per example when exported.
+
+    Exported graphs have static shapes: each gated layer computes a fixed
+    number of blocks per example (its budget), chosen among the active ones;
+    an example with more active blocks than the budget loses the extra ones
+    (those of highest index: their outputs are 0). The defaults:
+
+    - with `representative_data`: the largest number of active blocks of an
+      example of that data (nothing is dropped on it);
+    - else with the layer's `target_density` tau: `ceil(2 tau blocks)`, at
+      most `blocks`;
+    - else every block (nothing dropped, nothing skipped; a warning).
+
+    Args:
+        model: the Keras model.
+        budget: None (the defaults), an int for every gated layer, or a dict
+            `{layer name: int}` (layers not named get the default).
+        representative_data: None or `(n, ...)` inputs (a list of arrays for
+            several inputs).
+
+    Returns:
+        dict: gated layer name -> budget (int in `[1, blocks]`).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> layer = GatedDense(16, blocks=8, target_density=0.25, name="g")
+    >>> model = keras.Model(inputs, layer(inputs))
+    >>> block_budgets(model)
+    {'g': 4}
+    """
+    layers = gated_layers(model)
+    names = {layer.name for layer in layers}
+    if isinstance(budget, dict):
+        unknown = sorted(set(budget) - names)
+        if unknown:
+            raise ValueError(
+                f"`budget` names layers that are not gated layers of {model.name!r}: "
+                f"{unknown}. Gated layers: {sorted(names)}"
+            )
+    elif budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, np.integer))
+    ):
+        raise ValueError(
+            "`budget` must be None, an int or a dict {layer name: int}. "
+            f"Received: budget={budget!r}"
+        )
+    counts = None
+    result = {}
+    for layer in layers:
+        value = budget.get(layer.name) if isinstance(budget, dict) else budget
+        if value is not None:
+            result[layer.name] = _check_budget(layer, value, "budget")
+            continue
+        if representative_data is not None:
+            if counts is None:
+                counts = active_block_counts(model, representative_data)
+            result[layer.name] = max(1, int(counts[layer.name].max()))
+        elif layer.target_density is not None:
+            result[layer.name] = min(
+                layer.blocks, max(1, math.ceil(2 * layer.target_density * layer.blocks))
+            )
+        else:
+            warnings.warn(
+                f"Gated layer {layer.name!r} has no target_density and no "
+                "representative_data was given: it is exported computing all "
+                f"{layer.blocks} blocks. Pass `budget` or `representative_data`.",
+                stacklevel=3,
+            )
+            result[layer.name] = layer.blocks
+    return result
+
+
+def _upstream(layer, layers):
+    """The gated layer whose output is `layer`'s input, or None."""
+    try:
+        tensor = layer.input
+    except (AttributeError, ValueError):
+        return None
+    for other in layers:
+        try:
+            if other is not layer and other.output is tensor:
+                return other
+        except (AttributeError, ValueError):
+            continue
+    return None
+
+
+def trace_settings(layers, budgets):
+    """The `static_budget_plan` settings: budgets and input-sparsity hints."""
+    settings = {}
+    for layer in layers:
+        entry = {"budget": budgets[layer.name]}
+        upstream = _upstream(layer, layers)
+        # The upstream layer's output has at most its budget of non-zero
+        # blocks: read only those (GatedDense inputs are (batch, features)).
+        if (
+            upstream is not None
+            and hasattr(upstream, "units")
+            and getattr(layer, "units", None) is not None
+            and len(upstream.output.shape) == 2
+            and budgets[upstream.name] < upstream.blocks
+        ):
+            entry["input_blocks"] = upstream.blocks
+            entry["input_budget"] = budgets[upstream.name]
+        settings[id(layer)] = entry
+    return settings
+
+
+@contextlib.contextmanager
+def traced_with_budgets(layers, budgets):
+    """Gated layers traced inside the block run their static-budget path."""
+    with static_budget_plan(trace_settings(layers, budgets)):
+        yield
+
+
+def input_signature(model, batch_size):
+    """One `tf.TensorSpec` per model input, the batch dimension set to `batch_size`."""
+    import tensorflow as tf
+
+    specs = []
+    for tensor in model.inputs:
+        shape = list(tensor.shape)
+        if any(size is None for size in shape[1:]):
+            raise ValueError(
+                f"Input {tensor.name!r} of {model.name!r} has a dynamic dimension "
+                f"(shape {tuple(shape)}): exported graphs need static feature sizes."
+            )
+        specs.append(tf.TensorSpec([batch_size] + shape[1:], tensor.dtype, name=tensor.name))
+    return specs
+
+
+def check_batch_size(batch_size, allow_none):
+    if batch_size is None and allow_none:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(
+            f"`batch_size` must be a positive int{' or None' if allow_none else ''}. "
+            f"Received: batch_size={batch_size!r}"
+        )
+    return batch_size
+
+
+def check_path(path, suffix):
+    path = os.fspath(path)
+    if not path.endswith(suffix):
+        raise ValueError(f"`path` must end with {suffix!r}. Received: path={path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"The folder of `path` does not exist. Received: path={path!r}")
+    return path
+
+
+@contextlib.contextmanager
+def staged_file(path, suffix):
+    """A temporary file beside `path`, moved onto `path` only if the block succeeds."""
+    parent = os.path.dirname(os.path.abspath(path))
+    handle, staging = tempfile.mkstemp(prefix=".keras-condcomp-export-", suffix=suffix, dir=parent)
+    os.close(handle)
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)

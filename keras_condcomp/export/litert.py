@@ -1,0 +1,217 @@
+"""Export to LiteRT (TFLite), builtin ops only, keeping the skipping."""
+
+import importlib.util
+import os
+import re
+
+import numpy as np
+
+from keras_condcomp.export import _plan
+
+__all__ = ["export_litert", "litert_op_names"]
+
+QUANTIZE_MODES = ("int8", "float16")
+
+
+def litert_op_names(model):
+    """The operator codes of a LiteRT flatbuffer, as names.
+
+    Builtin operators give their name (`"FULLY_CONNECTED"`); custom ones,
+    which include TensorFlow Select (Flex) ops, give `"CUSTOM:<name>"`
+    (`"CUSTOM:FlexErf"`).
+
+    Args:
+        model: the `.tflite` file's path, or its bytes.
+
+    Returns:
+        list of str, one per operator code of the model (sorted, no repeats).
+
+    Example:
+
+    >>> import os, tempfile, keras
+    >>> inputs = keras.Input((4,))
+    >>> dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    >>> path = os.path.join(tempfile.mkdtemp(), "dense.tflite")
+    >>> _ = export_litert(dense, path)
+    >>> litert_op_names(path)
+    ['FULLY_CONNECTED']
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if not isinstance(model, (bytes, bytearray)):
+        with open(model, "rb") as handle:
+            model = handle.read()
+    names = {
+        value: name for name, value in vars(schema.BuiltinOperator).items()
+        if not name.startswith("_")
+    }
+    root = schema.Model.GetRootAs(model, 0)
+    found = set()
+    for index in range(root.OperatorCodesLength()):
+        code = root.OperatorCodes(index)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            custom = code.CustomCode()
+            found.add(f"CUSTOM:{custom.decode() if custom else ''}")
+        else:
+            found.add(names.get(builtin, str(builtin)))
+    return sorted(found)
+
+
+def _representative(model, data):
+    arrays = _plan._as_inputs(model, data)
+
+    def generate():
+        for i in range(min(len(arrays[0]), 500)):
+            yield [array[i:i + 1] for array in arrays]
+
+    return generate
+
+
+def _unsupported_ops(message):
+    """TensorFlow op names a converter error lists as not builtin."""
+    found = re.findall(r"\btf\.([A-Za-z0-9_]+)", message)
+    found += re.findall(r"'([A-Za-z0-9_]+)' op is neither a custom op nor a flex op", message)
+    return sorted(set(found))
+
+
+def export_litert(
+    model, path, *, batch_size=1, quantize=None, representative_data=None, budget=None
+):
+    """Writes `model` to a LiteRT flatbuffer of builtin ops whose gated layers skip.
+
+    The graph uses builtin operators only (`TFLITE_BUILTINS`; no Select/Flex
+    or custom ops, which phones without the Flex delegate cannot run) and
+    static shapes: each gated layer gates with its threshold policy and
+    computes a fixed budget of blocks per example
+    (`keras_condcomp.export.block_budgets`): `TOPK_V2` of its mask, `GATHER`
+    of only those blocks' weight tiles, one `FULLY_CONNECTED` (batch 1) or
+    `BATCH_MATMUL`, `SCATTER_ND` back. Inactive blocks' weights are never
+    read; every weight is stored once. The XNNPACK delegate takes the
+    ordinary layers and the policies (constant weights); the gathered
+    products run on the builtin kernels (see "Deploying to edge devices").
+
+    Args:
+        model: a built functional or Sequential Keras model (TensorFlow
+            backend); its gated layers must use `inference="threshold"`.
+        path: the `.tflite` file to write. It is written whole or not at all.
+        batch_size: the static batch size (default 1: edge inference).
+        quantize: None, `"float16"` (weights stored as float16) or `"int8"`
+            (post-training integer quantisation calibrated on
+            `representative_data`, float fallback where an op has no int8
+            kernel; inputs and outputs stay float32).
+        representative_data: None or `(n, ...)` inputs: calibrates `"int8"`
+            (required then; up to 500 examples are used) and sets the
+            default budgets (the largest number of active blocks of an
+            example: nothing is dropped on that data).
+        budget: None (defaults of `block_budgets`), an int for every gated
+            layer or a dict `{layer name: int}`.
+
+    Returns:
+        dict: the budget used per gated layer.
+
+    Raises:
+        ValueError: bad arguments, a sampling (`inference="sample"`) or
+            unsupported gated layer, or a graph that needs a non-builtin op
+            (the message names it).
+        ImportError: ai-edge-litert missing.
+        RuntimeError: a backend or Keras version without the LiteRT exporter.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, keras
+    >>> from ai_edge_litert.interpreter import Interpreter
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+    >>> export_litert(model, path, budget=4)
+    {'g': 4}
+    >>> interpreter = Interpreter(model_path=path)
+    >>> interpreter.allocate_tensors()
+    >>> x = np.random.rand(1, 8).astype("float32")
+    >>> interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    >>> interpreter.invoke()
+    >>> y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+    True
+    """
+    path = _plan.check_path(path, ".tflite")
+    batch_size = _plan.check_batch_size(batch_size, allow_none=False)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(
+            f"`quantize` must be None or one of {QUANTIZE_MODES}. Received: quantize={quantize!r}"
+        )
+    if quantize == "int8" and representative_data is None:
+        raise ValueError(
+            "quantize='int8' calibrates on `representative_data`: pass some "
+            "inputs. Received: representative_data=None"
+        )
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        raise ImportError("export_litert needs the `ai-edge-litert` package: pip install ai-edge-litert")
+    layers = _plan.check_model(model)
+    budgets = _plan.block_budgets(model, budget, representative_data)
+    signature = _plan.input_signature(model, batch_size)
+    import tensorflow as tf
+
+    options = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if quantize == "float16":
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+        options["target_spec"]["supported_types"] = [tf.float16]
+    elif quantize == "int8":
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+        options["representative_dataset"] = _representative(model, representative_data)
+
+    with _plan.staged_file(path, ".tflite") as staging:
+        with _plan.traced_with_budgets(layers, budgets):
+            try:
+                model.export(
+                    staging, format="litert", input_signature=signature, verbose=False,
+                    **options,
+                )
+            except ValueError as error:
+                if "format" in str(error) and "litert" in str(error):
+                    raise RuntimeError(
+                        "This Keras version has no LiteRT exporter "
+                        "(model.export(format='litert')): upgrade keras."
+                    ) from error
+                raise
+            except Exception as error:  # the converter's ConverterError
+                ops = _unsupported_ops(str(error))
+                if ops:
+                    raise ValueError(
+                        f"Model {model.name!r} needs TensorFlow op(s) that are not "
+                        f"LiteRT builtins: {', '.join(ops)}. Builtin-only graphs "
+                        "run everywhere; replace the layer that uses them."
+                    ) from error
+                raise
+        custom = [name for name in litert_op_names(staging) if name.startswith("CUSTOM")]
+        if custom:
+            raise ValueError(
+                f"The LiteRT graph of {model.name!r} contains non-builtin op(s): "
+                f"{', '.join(custom)}."
+            )
+        if os.path.getsize(staging) == 0:
+            raise RuntimeError("The LiteRT converter wrote an empty file.")
+    return budgets
+
+
+def _interpreter_outputs(path, inputs, num_threads=1):
+    """Runs a LiteRT model over `(n, ...)` inputs one batch at a time (tests, CLI)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    output = interpreter.get_output_details()[0]["index"]
+    batch = int(detail["shape"][0])
+    inputs = np.asarray(inputs, dtype="float32")
+    results = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], "float32")])
+        interpreter.set_tensor(detail["index"], padded)
+        interpreter.invoke()
+        results.append(interpreter.get_tensor(output)[: len(chunk)].copy())
+    return np.concatenate(results)

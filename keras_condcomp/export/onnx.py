@@ -1,0 +1,92 @@
+"""Export to ONNX (tf2onnx through Keras's `model.export`), keeping the skipping."""
+
+import importlib.util
+
+from keras_condcomp.export import _plan
+
+__all__ = ["export_onnx"]
+
+
+def export_onnx(
+    model, path, *, opset=None, batch_size=None, budget=None, representative_data=None
+):
+    """Writes `model` to an ONNX file whose gated layers skip their inactive blocks.
+
+    Each gated layer gates with its threshold policy and computes a fixed
+    budget of blocks per example (`keras_condcomp.export.block_budgets`): a
+    `TopK` of its mask, a `Gather` of only those blocks' weight tiles, a
+    batched `MatMul`, a `ScatterND` back; a gated layer fed by another reads
+    only that layer's non-zero input blocks. Inactive blocks' weights are
+    never read; every weight is stored once. Ordinary Keras layers export as
+    Keras exports them.
+
+    Args:
+        model: a built functional or Sequential Keras model (TensorFlow
+            backend); its gated layers must use `inference="threshold"`.
+        path: the `.onnx` file to write. It is written whole or not at all.
+        opset: ONNX opset, or None for tf2onnx's default (15 with tf2onnx 1.17).
+        batch_size: None (default) for a dynamic batch dimension, or a
+            positive int for a static one.
+        budget: None (defaults of `block_budgets`), an int for every gated
+            layer or a dict `{layer name: int}`.
+        representative_data: None or `(n, ...)` inputs from which the
+            default budgets are measured (the largest number of active blocks
+            of an example: nothing is dropped on that data).
+
+    Returns:
+        dict: the budget used per gated layer.
+
+    Raises:
+        ValueError: bad arguments, a sampling (`inference="sample"`) or
+            unsupported gated layer.
+        ImportError: tf2onnx or onnx missing.
+        RuntimeError: a backend or Keras version without the ONNX exporter.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, keras, onnxruntime
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> export_onnx(model, path, budget=4)
+    {'g': 4}
+    >>> session = onnxruntime.InferenceSession(path)
+    >>> x = np.random.rand(5, 8).astype("float32")
+    >>> y = session.run(None, {session.get_inputs()[0].name: x})[0]
+    >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+    True
+    """
+    path = _plan.check_path(path, ".onnx")
+    batch_size = _plan.check_batch_size(batch_size, allow_none=True)
+    if opset is not None and (
+        isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset
+    ):
+        raise ValueError(f"`opset` must be None or an int >= 7. Received: opset={opset!r}")
+    for module in ("tf2onnx", "onnx"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(
+                f"export_onnx needs the `{module}` package: pip install tf2onnx onnx"
+            )
+    layers = _plan.check_model(model)
+    budgets = _plan.block_budgets(model, budget, representative_data)
+    signature = _plan.input_signature(model, batch_size)
+    import onnx
+
+    with _plan.staged_file(path, ".onnx") as staging:
+        with _plan.traced_with_budgets(layers, budgets):
+            try:
+                model.export(
+                    staging, format="onnx", input_signature=signature,
+                    opset_version=opset, verbose=False,
+                )
+            except ValueError as error:
+                if "format" in str(error) and "onnx" in str(error):
+                    raise RuntimeError(
+                        "This Keras version has no ONNX exporter "
+                        "(model.export(format='onnx')): upgrade to keras>=3.10."
+                    ) from error
+                raise
+        onnx.checker.check_model(staging, full_check=True)
+    return budgets
