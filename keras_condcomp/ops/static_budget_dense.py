@@ -8,12 +8,13 @@ it computes:
 1. `top_k(mask, budget)`: the `budget` blocks of largest score per example
    (the 0/1 threshold mask, or the policy logits); a chosen block of score
    `<= 0` is inactive, so its output is multiplied by 0.
-2. The kernel is stored block-major, `(blocks, input_dim, block_size)` (the
-   transpose is a constant, folded at conversion: the weights are stored
+2. The kernel is stored block-major and transposed, `(blocks, block_size,
+   input_dim)` (a constant folded at conversion: the weights are stored
    once), and one `gather` copies the `budget` chosen tiles of each example.
-3. One batched matrix product `(batch, budget, 1, input_dim) x (batch,
-   budget, input_dim, block_size)`, bias, activation, then `scatter_nd` puts
-   the blocks back in a `(batch, units)` output whose other blocks are 0.
+3. One matrix product per example, `(budget * block_size, input_dim) x
+   (input_dim, 1)` (a FULLY_CONNECTED op at batch 1), bias, activation, then
+   a product with the one-hot matrix of the chosen blocks puts them back in
+   a `(batch, units)` output whose other blocks are 0.
 
 Input sparsity (Bengio et al.'s `M_in`): when the input comes from a gated
 layer whose output has at most `input_budget` non-zero blocks of
@@ -160,59 +161,53 @@ def static_budget_dense(
             input_blocks = input_budget = None
     activation = activation or _identity
     block_size = units // blocks
-    batch = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
 
+    # Only reshapes with -1 depend on the batch size: a dynamic batch adds no
+    # shape arithmetic to the exported graph. Selections by index that need
+    # per-example offsets are products with one-hot matrices (exact: the
+    # other terms are 0).
     values, chosen = tf.math.top_k(scores, k=budget)  # (batch, budget)
     keep = tf.cast(values > 0, dtype)
-    # A static batch of 1 (the LiteRT default) uses one matrix-vector product
-    # with the gathered tiles as its (budget * block_size, in) weights: a
-    # FULLY_CONNECTED op. Other batches use one batched product per example.
-    single = inputs.shape[0] == 1
+    # The chosen tiles are gathered transposed, as the rows of a
+    # `(budget * block_size, in)` matrix per example, and multiply the input
+    # as `weights @ input`: the gathered weights are the streamed operand and
+    # the input vector the packed one (a runtime packs the second operand of
+    # a product whose weights are not constant: packing the gathered weights
+    # would copy them once more). A static batch of 1 (the LiteRT default)
+    # gives one FULLY_CONNECTED op.
     if input_blocks is None:
         in_count, in_size = 1, input_dim
         rows = inputs
-        # Block-major tiles: a folded constant for a constant kernel.
-        tiles = tf.reshape(kernel, [1, input_dim, blocks, block_size])
-        pairs = chosen
+        # (blocks, block_size, input_dim): a folded constant for a constant kernel.
+        tiles = tf.transpose(tf.reshape(kernel, [input_dim, blocks, block_size]), [1, 2, 0])
+        weights = tf.gather(tiles, chosen)  # (batch, budget, block_size, input_dim)
     else:
         in_count, in_size = input_budget, input_dim // input_blocks
-        by_block = tf.reshape(inputs, [batch, input_blocks, in_size])
+        by_block = tf.reshape(inputs, [-1, input_blocks, in_size])
         _, used = tf.math.top_k(tf.reduce_max(tf.abs(by_block), axis=-1), k=input_budget)
-        offsets = tf.range(batch)[:, None] * input_blocks
-        rows = tf.gather(
-            tf.reshape(inputs, [batch * input_blocks, in_size]), used + offsets
-        )  # (batch, input_budget, in_size)
-        tiles = tf.reshape(kernel, [input_blocks, in_size, blocks, block_size])
-        # Tile (output block j, input block i) at j * input_blocks + i.
-        pairs = chosen[:, :, None] * input_blocks + used[:, None, :]
-    if single:
-        # (blocks * in blocks, block_size, in_size): rows of FULLY_CONNECTED weights.
+        # (batch, input_budget, in_size): the input blocks that may be non-zero.
+        rows = tf.matmul(tf.one_hot(used, input_blocks, dtype=dtype), by_block)
+        # Tile (output block j, input block i), transposed, at j * input_blocks + i.
         tiles = tf.reshape(
-            tf.transpose(tiles, [2, 0, 3, 1]), [-1, block_size, in_size]
+            tf.transpose(
+                tf.reshape(kernel, [input_blocks, in_size, blocks, block_size]), [2, 0, 3, 1]
+            ),
+            [blocks * input_blocks, block_size, in_size],
         )
-        if input_blocks is None:
-            weights = tf.gather(tiles, pairs[0])  # (budget, block_size, input_dim)
-        else:
-            weights = tf.transpose(
-                tf.gather(tiles, tf.reshape(pairs, [budget, in_count])), [0, 2, 1, 3]
-            )
-        weights = tf.reshape(weights, [budget * block_size, in_count * in_size])
-        rows = tf.reshape(rows, [1, in_count * in_size])
-        outputs = tf.matmul(rows, weights, transpose_b=True)
+        pairs = chosen[:, :, None] * input_blocks + used[:, None, :]
+        weights = tf.transpose(tf.gather(tiles, pairs), [0, 1, 3, 2, 4])
+    columns = in_count * in_size
+    if inputs.shape[0] == 1:
+        weights = tf.reshape(weights, [budget * block_size, columns])
+        outputs = tf.matmul(weights, tf.reshape(rows, [1, columns]), transpose_b=True)
     else:
-        # (blocks * in blocks, in_size, block_size).
-        tiles = tf.reshape(tf.transpose(tiles, [2, 0, 1, 3]), [-1, in_size, block_size])
-        weights = tf.reshape(
-            tf.gather(tiles, pairs), [batch, budget, in_count * in_size, block_size]
-        )
-        rows = tf.reshape(rows, [batch, 1, 1, in_count * in_size])
-        outputs = tf.matmul(rows, weights)
-    outputs = tf.reshape(outputs, [batch, budget, block_size])
+        weights = tf.reshape(weights, [-1, budget * block_size, columns])
+        outputs = tf.matmul(weights, tf.reshape(rows, [-1, columns, 1]))
+    outputs = tf.reshape(outputs, [-1, budget, block_size])
     if bias is not None:
         bias = tf.reshape(tf.convert_to_tensor(bias, dtype), [blocks, block_size])
         outputs = outputs + tf.gather(bias, chosen)
-    outputs = activation(outputs) * keep[:, :, None]
-    examples = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(chosen))
-    indices = tf.stack([examples, chosen], axis=-1)  # (batch, budget, 2)
-    outputs = tf.scatter_nd(indices, outputs, tf.stack([batch, blocks, block_size]))
-    return tf.reshape(outputs, [batch, units])
+    outputs = activation(outputs)
+    # (batch, blocks, budget): puts chosen block k at its place, 0 if inactive.
+    place = tf.one_hot(chosen, blocks, axis=1, dtype=dtype) * keep[:, None, :]
+    return tf.reshape(tf.matmul(place, outputs), [-1, units])
