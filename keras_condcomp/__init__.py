@@ -3,12 +3,13 @@
 __version__ = "0.1.0"
 
 from keras_condcomp import callbacks, layers, models, ops, profiling, regularizers
-from keras_condcomp.layers import BernoulliPolicy, GatedDense
+from keras_condcomp.layers import BernoulliPolicy, GatedConv2D, GatedDense
 from keras_condcomp.models import PolicyGradientModel
 from keras_condcomp.profiling import summary
 
 __all__ = [
     "BernoulliPolicy",
+    "GatedConv2D",
     "GatedDense",
     "PolicyGradientModel",
     "__version__",

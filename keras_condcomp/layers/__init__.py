@@ -2,6 +2,13 @@
 
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder, GateDecision
+from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 
-__all__ = ["BernoulliPolicy", "DecisionRecorder", "GateDecision", "GatedDense"]
+__all__ = [
+    "BernoulliPolicy",
+    "DecisionRecorder",
+    "GateDecision",
+    "GatedConv2D",
+    "GatedDense",
+]

@@ -1,5 +1,10 @@
 """Block-sparse execution: the masked reference and the paths that skip work."""
 
+from keras_condcomp.ops.block_sparse_conv2d import (
+    CONV2D_EXECUTION_PATHS,
+    block_sparse_conv2d,
+    masked_block_conv2d,
+)
 from keras_condcomp.ops.block_sparse_dense import (
     EXECUTION_PATHS,
     block_sparse_dense,
@@ -11,12 +16,15 @@ from keras_condcomp.ops.block_sparse_dense import (
 from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_dense
 
 __all__ = [
+    "CONV2D_EXECUTION_PATHS",
     "EXECUTION_PATHS",
+    "block_sparse_conv2d",
     "block_sparse_dense",
     "cost_constants",
     "expand_block_mask",
     "forced_execution",
     "forced_execution_path",
+    "masked_block_conv2d",
     "masked_block_dense",
     "set_cost_constants",
 ]

@@ -15,6 +15,9 @@ The rules:
   kernel per output position; transposed convolutions: `kernel.size` per
   input position.
 - `GatedDense`: `input_dim * units` dense, `input_dim * blocks` for its policy.
+- `GatedConv2D`: `kernel.size` per output position dense (as `Conv2D`),
+  `in_channels * blocks` for its policy (on the globally averaged input;
+  the averaging is additions, not counted).
 - Layers without weights (pooling, activations, dropout, reshapes, merges)
   and normalisation and `Embedding` layers: 0 MACs (elementwise work and
   lookups are not multiply-adds of a product).
@@ -28,6 +31,7 @@ import math
 import keras
 
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
+from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 
 __all__ = ["GATED_RULES", "RULES", "LayerCost", "is_gated", "layer_cost"]
@@ -113,11 +117,22 @@ def _gated_dense(layer):
     )
 
 
+def _gated_conv2d(layer):
+    positions = _positions(layer, "output", _channels_last(layer))
+    if positions is None:
+        return LayerCost(0, counted=False)
+    return LayerCost(
+        dense_macs=_size(layer.kernel) * positions,
+        policy_macs=_size(layer.policy.kernel),
+        blocks=layer.blocks,
+    )
+
+
 def _zero(layer):
     return LayerCost(0)
 
 
-GATED_RULES = [(GatedDense, _gated_dense)]
+GATED_RULES = [(GatedDense, _gated_dense), (GatedConv2D, _gated_conv2d)]
 RULES = [
     (keras.layers.Dense, _dense),
     (

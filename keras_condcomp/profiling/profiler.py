@@ -10,8 +10,15 @@ from keras_condcomp.profiling.model_profile import ModelProfile
 
 __all__ = ["gated_inputs", "profile_macs"]
 
-# Layers that map 0 to 0 elementwise: a block-sparse input stays block-sparse.
-_ZERO_PRESERVING = (keras.layers.Dropout, keras.layers.Identity, keras.layers.ReLU)
+# Layers that map 0 to 0 elementwise, or pool within a channel (an all-zero
+# channel stays all zero): a block-sparse input stays block-sparse.
+_ZERO_PRESERVING = (
+    keras.layers.Dropout,
+    keras.layers.Identity,
+    keras.layers.ReLU,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+)
 
 
 def _profiled_layers(model):
@@ -37,7 +44,8 @@ def gated_inputs(model):
     """`{gated layer name: name of the gated layer feeding it, or None}`.
 
     A gated layer reads a block-sparse input when its input is the output of
-    another gated layer, directly or through `Dropout`, `Identity` or `ReLU`
+    another gated layer, directly or through `Dropout`, `Identity`, `ReLU`,
+    `MaxPooling2D` or `AveragePooling2D`
     (which keep zeros zero). Only functional and Sequential graphs are
     followed, and not across the boundary of a nested model: elsewhere the
     input counts as dense.

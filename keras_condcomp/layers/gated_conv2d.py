@@ -1,0 +1,343 @@
+"""GatedConv2D: a Conv2D whose groups of filters are switched per example."""
+
+import keras
+from keras import ops
+
+from keras_condcomp.layers._gated_layer import GatedLayer, _check_blocks
+from keras_condcomp.ops import forced_execution_path
+from keras_condcomp.ops.block_sparse_conv2d import (
+    CONV2D_EXECUTION_PATHS,
+    _check_padding,
+    _output_size,
+    _pair,
+    block_sparse_conv2d,
+    masked_block_conv2d,
+)
+
+__all__ = ["GatedConv2D"]
+
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+@keras.saving.register_keras_serializable(package="keras_condcomp")
+class GatedConv2D(GatedLayer):
+    """A `keras.layers.Conv2D` whose `blocks` groups of filters run per example.
+
+    The `filters` output channels are split into `blocks` equal groups. A
+    policy (`layer.policy`, a `BernoulliPolicy`) reads a cheap summary of the
+    input, its global average over the spatial positions `s = mean_hw(x)`
+    (one value per input channel), and gives each group a probability
+    `sigma = sigmoid(s Z + d)`; a mask `u` of active groups is sampled from it
+    in training (`u ~ Bernoulli(sigma)`) and thresholded (`sigma > 0.5`) at
+    inference, and
+
+    `h = activation(conv2d(x, W) + b) * u`   (u repeated over each group's channels),
+
+    as GatedDense does for units (Bengio et al., arXiv 1511.06297). The
+    channels of a skipped group are exactly 0, so a following GatedConv2D
+    (also after pooling or ReLU, which keep zero channels zero) reads
+    block-sparse input channels. At inference only the active groups are
+    computed, reading only the non-zero input channels
+    (`keras_condcomp.ops.block_sparse_conv2d`); in training the masked
+    convolution is used, since every group gets gradients.
+
+    The policy is trained by `keras_condcomp.PolicyGradientModel` (REINFORCE)
+    like every gated layer; the layer adds the regularisers `sparsity_weight
+    (L_b + L_e) + variance_weight L_v` of `keras_condcomp.regularizers` in
+    training.
+
+    Args:
+        filters: positive int, the number of output channels.
+        kernel_size: int or tuple of 2 ints, the convolution window.
+        blocks: positive int dividing `filters`: the number of gated groups.
+        strides: int or tuple of 2 ints, as in `keras.layers.Conv2D`; so are
+            `padding` (`"valid"` or `"same"`), `data_format`
+            (`"channels_last"`, `"channels_first"` or None for
+            `keras.config.image_data_format()`), `dilation_rate`,
+            `activation`, `use_bias`, `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `activity_regularizer`, `kernel_constraint` and `bias_constraint`.
+            Grouped convolutions (`groups`) are not supported.
+        target_density: the target fraction of active groups tau in (0, 1],
+            or None to disable the `L_b`, `L_e` terms.
+        sparsity_weight: lambda_s, weight of `L_b + L_e`.
+        variance_weight: lambda_v, weight of `L_v`.
+        policy_initializer: initializer of the policy kernel.
+        policy_bias_initializer: initializer of the policy bias (zeros: every
+            group starts with probability 0.5).
+        policy_regularizer: regularizer of the policy kernel.
+        inference: `"threshold"` (deterministic `sigma > 0.5`) or `"sample"`
+            (sample the mask at inference too, as the paper does).
+        execution: how inference runs: one of
+            `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`. `"auto"` (default)
+            picks per call, by a cost rule, between skipping per example
+            (batch 1), skipping grouped by filter group, and the dense
+            convolution then the mask; `"masked"` is the reference.
+            `keras_condcomp.ops.forced_execution` overrides it with a path
+            the convolution engine has (a dense-only path such as
+            `"static_capacity"` leaves `execution` in place).
+        seed: int seed of the mask sampling.
+        example_sparsity_weight: None (default: `sparsity_weight`) or the
+            weight of `L_e` alone, as in GatedDense.
+
+    Call arguments:
+        inputs: a 4D tensor.
+        training: bool; samples the mask when True.
+
+    Input shape:
+        `(batch, rows, cols, channels)` with `data_format="channels_last"`,
+        `(batch, channels, rows, cols)` with `"channels_first"`.
+
+    Output shape:
+        `(batch, new_rows, new_cols, filters)` (channels last) or
+        `(batch, filters, new_rows, new_cols)`, as `keras.layers.Conv2D`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = GatedConv2D(16, 3, blocks=4, padding="same", activation="relu")
+    >>> x = np.random.rand(2, 8, 8, 3).astype("float32")
+    >>> tuple(layer(x).shape)
+    (2, 8, 8, 16)
+    >>> tuple(layer.block_mask(x).shape)
+    (2, 4)
+    """
+
+    execution_paths = CONV2D_EXECUTION_PATHS
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        blocks,
+        strides=(1, 1),
+        padding="valid",
+        data_format=None,
+        dilation_rate=(1, 1),
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        target_density=None,
+        sparsity_weight=1.0,
+        variance_weight=0.0,
+        policy_initializer="glorot_uniform",
+        policy_bias_initializer="zeros",
+        policy_regularizer=None,
+        inference="threshold",
+        execution="auto",
+        seed=None,
+        example_sparsity_weight=None,
+        **kwargs,
+    ):
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"`filters` must be a positive integer. Received: filters={filters!r}"
+            )
+        _check_blocks(blocks)
+        if filters % blocks:
+            raise ValueError(
+                "`filters` must be divisible by `blocks`. "
+                f"Received: filters={filters}, blocks={blocks}"
+            )
+        kernel_size = _pair(kernel_size, "kernel_size")
+        strides = _pair(strides, "strides")
+        dilation_rate = _pair(dilation_rate, "dilation_rate")
+        padding = _check_padding(padding)
+        if max(strides) > 1 and max(dilation_rate) > 1:
+            raise ValueError(
+                "`strides > 1` is not supported with `dilation_rate > 1`. "
+                f"Received: strides={strides}, dilation_rate={dilation_rate}"
+            )
+        if data_format is None:
+            data_format = keras.config.image_data_format()
+        if data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"`data_format` must be one of {DATA_FORMATS} or None. "
+                f"Received: data_format={data_format!r}"
+            )
+        super().__init__(
+            blocks,
+            target_density=target_density,
+            sparsity_weight=sparsity_weight,
+            variance_weight=variance_weight,
+            policy_initializer=policy_initializer,
+            policy_bias_initializer=policy_bias_initializer,
+            policy_regularizer=policy_regularizer,
+            inference=inference,
+            execution=execution,
+            seed=seed,
+            example_sparsity_weight=example_sparsity_weight,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.data_format = data_format
+        self.dilation_rate = dilation_rate
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    @property
+    def block_size(self):
+        """Output channels per group."""
+        return self.filters // self.blocks
+
+    @property
+    def _channel_axis(self):
+        return -1 if self.data_format == "channels_last" else 1
+
+    def build(self, input_shape):
+        in_channels = input_shape[self._channel_axis]
+        if in_channels is None:
+            raise ValueError(
+                "The channel dimension of the inputs of GatedConv2D must be "
+                f"defined. Received: input_shape={tuple(input_shape)}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.kernel_size, in_channels, self.filters),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self._build_gating(in_channels)
+        self.input_spec = keras.layers.InputSpec(
+            ndim=4, axes={self._channel_axis: in_channels}
+        )
+
+    def _policy_state(self, inputs):
+        """Global average pooling: `(batch, in_channels)`."""
+        axes = (1, 2) if self.data_format == "channels_last" else (2, 3)
+        return ops.mean(ops.cast(inputs, "float32"), axis=axes)
+
+    def call(self, inputs, training=None):
+        mask = self._gate(inputs, training)
+        if training or keras.backend.backend() != "tensorflow":
+            return masked_block_conv2d(
+                inputs, self.kernel, self.bias, mask, self.activation,
+                self.strides, self.padding, self.dilation_rate, self.data_format,
+            )
+        forced = forced_execution_path()
+        path = forced if forced in CONV2D_EXECUTION_PATHS else self.execution
+        channels_first = self.data_format == "channels_first"
+        if channels_first:
+            # The skipping engine is channels-last (as TensorFlow's CPU kernels).
+            inputs = ops.transpose(inputs, (0, 2, 3, 1))
+        outputs = block_sparse_conv2d(
+            inputs,
+            ops.convert_to_tensor(self.kernel),
+            None if self.bias is None else ops.convert_to_tensor(self.bias),
+            mask,
+            self.activation,
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            path=path,
+        )
+        if channels_first:
+            outputs = ops.transpose(outputs, (0, 3, 1, 2))
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        if self.data_format == "channels_last":
+            rows, cols = input_shape[1:3]
+        else:
+            rows, cols = input_shape[2:4]
+        spatial = tuple(
+            _output_size(size, k, s, d, self.padding.upper())
+            for size, k, s, d in zip(
+                (rows, cols), self.kernel_size, self.strides, self.dilation_rate
+            )
+        )
+        if self.data_format == "channels_last":
+            return (input_shape[0], *spatial, self.filters)
+        return (input_shape[0], self.filters, *spatial)
+
+    @classmethod
+    def from_conv(cls, conv, blocks, **gate_kwargs):
+        """A GatedConv2D with `conv`'s configuration and, if built, its weights.
+
+        With every group open it computes exactly what `conv` computes.
+
+        Example:
+
+        >>> import numpy as np, keras
+        >>> conv = keras.layers.Conv2D(8, 3, activation="relu")
+        >>> _ = conv(np.ones((1, 5, 5, 2), "float32"))
+        >>> gated = GatedConv2D.from_conv(conv, blocks=4)
+        >>> bool(np.allclose(gated.kernel.numpy(), conv.kernel.numpy()))
+        True
+        """
+        if not isinstance(conv, keras.layers.Conv2D):
+            raise ValueError(
+                "`conv` must be a keras.layers.Conv2D. "
+                f"Received: conv={type(conv).__name__}"
+            )
+        config = conv.get_config()
+        groups = config.pop("groups", 1)
+        if groups != 1:
+            raise ValueError(
+                "`conv` is a grouped convolution, which GatedConv2D does not "
+                f"support. Received: groups={groups!r}"
+            )
+        for key in ("lora_rank", "lora_alpha", "quantization_config"):
+            if config.pop(key, None) is not None:
+                raise ValueError(
+                    f"`conv` uses {key}, which GatedConv2D does not support. "
+                    f"Received: {key}={conv.get_config()[key]!r}"
+                )
+        config.pop("dtype", None)
+        layer = cls(blocks=blocks, **{**config, **gate_kwargs})
+        if conv.built:
+            shape = [None] * 4
+            shape[layer._channel_axis] = conv.kernel.shape[2]
+            layer.build(tuple(shape))
+            layer.kernel.assign(conv.kernel)
+            if conv.use_bias:
+                layer.bias.assign(conv.bias)
+        return layer
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "blocks": self.blocks,
+            "strides": self.strides,
+            "padding": self.padding,
+            "data_format": self.data_format,
+            "dilation_rate": self.dilation_rate,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            **self._gating_config(),
+        }

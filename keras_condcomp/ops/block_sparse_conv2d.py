@@ -1,0 +1,434 @@
+"""Block-sparse execution of a gated 2D convolution: skipped groups are not computed.
+
+A gated convolution splits its `filters` output channels into `blocks` equal
+groups switched per example by a `(batch, blocks)` mask. As in the dense
+engine (`block_sparse_dense`), both sparsities are used:
+
+- output: only the active groups' output channels are computed (the kernel
+  is sliced to their columns); the others are written as exact zeros;
+- input: only the input channels that are non-zero somewhere are read (the
+  kernel is sliced to their rows). A skipped group of an upstream gated
+  convolution outputs exact zeros, and pooling and ReLU keep zero channels
+  zero, so this recovers the upstream mask from the input itself, whatever
+  the layers in between; it is exact, since an all-zero channel adds nothing.
+
+Inputs are channels-last `(batch, height, width, channels)`; the kernel has
+the `(kernel_h, kernel_w, in_channels, filters)` layout of
+`keras.layers.Conv2D`.
+
+Paths (TensorFlow graphs; one trace serves every batch size):
+
+- `"per_example"`: each example on its own: its non-zero input channels and
+  its active output groups are gathered from the kernel, one convolution
+  computes them, and a gather along the channel axis scatters them into the
+  full channel layout (inactive channels read an appended zero channel). At
+  batch 1 this is a single convolution of the sliced kernel; at larger
+  batches the examples run one after another in a `tf.map_fn` loop.
+- `"grouped"`: a loop over the `blocks` output groups (a static number):
+  the examples that use group `g` are gathered, the input channels non-zero
+  in one of them are gathered, one convolution computes group `g` for them,
+  and `tf.scatter_nd` puts the result back at their batch positions. The
+  batched path: one convolution per group whatever the batch size.
+- `"masked"`: the dense convolution, then the mask: the reference
+  (`masked_block_conv2d`), and the fallback when skipping cannot pay.
+- `"auto"`: picked per call inside the graph by the rule below.
+
+Cost rule of `"auto"` (a rule of thumb, not a fitted model): a skipping path
+pays when the fraction of multiply-adds it computes is at most
+`AUTO_MAX_FRACTION` (0.5); below that the gathers and the smaller, less
+efficient convolutions cost less than the saved work. At batch 1 that
+fraction is `(non-zero input channels / in_channels) * (active groups /
+blocks)` and the path is `"per_example"`; at larger batches it is the
+fraction of active (example, group) pairs and the path is `"grouped"`
+(input sparsity, which the union over a group's examples mostly loses at
+large batches, is not counted). Otherwise `"masked"`.
+"""
+
+import tensorflow as tf
+from keras import ops
+
+__all__ = [
+    "AUTO_MAX_FRACTION",
+    "CONV2D_EXECUTION_PATHS",
+    "block_sparse_conv2d",
+    "masked_block_conv2d",
+]
+
+CONV2D_EXECUTION_PATHS = ("auto", "per_example", "grouped", "masked")
+AUTO_MAX_FRACTION = 0.5
+
+
+def _pair(value, name):
+    received = value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    value = tuple(value) if isinstance(value, (tuple, list)) else value
+    if not (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive int or a tuple of 2 positive ints. "
+            f"Received: {name}={received!r}"
+        )
+    return value
+
+
+def _check_padding(padding):
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+        raise ValueError(
+            f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}"
+        )
+    return padding.lower()
+
+
+def masked_block_conv2d(
+    inputs,
+    kernel,
+    bias,
+    block_mask,
+    activation=None,
+    strides=(1, 1),
+    padding="valid",
+    dilation_rate=(1, 1),
+    data_format="channels_last",
+):
+    """`activation(conv2d(inputs, kernel) + bias) * mask`, the mask repeated per group.
+
+    The reference every skipping path is tested against, and the dense
+    fallback: it computes all the work (it is never faster than
+    `keras.layers.Conv2D`). Backend-agnostic (`keras.ops`).
+
+    Args:
+        inputs: `(batch, height, width, in_channels)` (or channels first).
+        kernel: `(kernel_h, kernel_w, in_channels, filters)`.
+        bias: `(filters,)` or None.
+        block_mask: `(batch, blocks)`, 1 for an active group of
+            `filters // blocks` output channels, 0 for a skipped one.
+        activation: a callable or None.
+        strides, padding, dilation_rate, data_format: as in
+            `keras.layers.Conv2D`.
+
+    Returns:
+        The convolution's output; exactly 0 in the channels of skipped groups.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.rand(2, 5, 5, 3).astype("float32")
+    >>> w = np.random.rand(3, 3, 3, 4).astype("float32")
+    >>> y = masked_block_conv2d(x, w, None, np.array([[1, 0], [0, 1]], "float32"))
+    >>> tuple(y.shape), float(np.abs(np.asarray(y)[0, ..., 2:]).max())
+    ((2, 3, 3, 4), 0.0)
+    """
+    outputs = ops.conv(
+        inputs, kernel, strides=strides, padding=padding,
+        data_format=data_format, dilation_rate=dilation_rate,
+    )
+    channel_axis = -1 if data_format == "channels_last" else 1
+    if bias is not None:
+        shape = (1, -1, 1, 1) if channel_axis == 1 else (-1,)
+        outputs = outputs + ops.reshape(bias, shape)
+    if activation is not None:
+        outputs = activation(outputs)
+    filters = kernel.shape[-1]
+    active = ops.repeat(block_mask, filters // block_mask.shape[-1], axis=-1) > 0
+    active = active[:, :, None, None] if channel_axis == 1 else active[:, None, None, :]
+    # A select, not a product: TensorFlow's graph optimiser mis-folds a
+    # convolution times a constant broadcast mask into the kernel (crash).
+    return ops.where(active, outputs, ops.zeros_like(outputs))
+
+
+def _identity(x):
+    return x
+
+
+class _Problem:
+    """The shapes and options of one call, shared by the paths."""
+
+    def __init__(self, inputs, kernel, bias, block_mask, activation, strides,
+                 padding, dilation_rate):
+        self.inputs = inputs
+        self.kernel = kernel
+        self.bias = bias
+        self.activation = activation
+        self.strides = strides
+        self.padding = padding.upper()
+        self.dilations = dilation_rate
+        self.in_channels = kernel.shape[2]
+        self.filters = kernel.shape[3]
+        self.blocks = block_mask.shape[-1]
+        self.group_size = self.filters // self.blocks
+        self.batch = tf.shape(inputs)[0]
+        self.active = block_mask > 0
+
+    def conv(self, inputs, kernel):
+        return tf.nn.conv2d(
+            inputs, kernel, strides=self.strides, padding=self.padding,
+            dilations=self.dilations,
+        )
+
+    def channel_used(self, inputs):
+        """`(in_channels,)` bool: channel non-zero somewhere in `inputs`.
+
+        At least one channel is marked (channel 0, all zero if nothing is
+        used), since a convolution needs one input channel.
+        """
+        used = tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2])
+        first = tf.equal(tf.range(self.in_channels), 0)
+        return tf.logical_or(used, tf.logical_and(first, tf.logical_not(tf.reduce_any(used))))
+
+    def finish(self, outputs, bias):
+        if bias is not None:
+            outputs = outputs + bias
+        return self.activation(outputs)
+
+
+def _one_example(problem, inputs, active):
+    """One example `(1, h, w, in)` with its `(blocks,)` active groups."""
+    used = problem.channel_used(inputs)
+    in_rows = tf.where(used)[:, 0]
+    active_channels = tf.repeat(active, problem.group_size)  # (filters,)
+    count = tf.reduce_sum(tf.cast(active_channels, tf.int32))
+    # No active group: compute channel 0 anyway; every channel reads the zero.
+    selected = tf.logical_or(
+        active_channels,
+        tf.logical_and(tf.equal(tf.range(problem.filters), 0), tf.equal(count, 0)),
+    )
+    out_cols = tf.where(selected)[:, 0]
+    kernel = tf.gather(tf.gather(problem.kernel, in_rows, axis=2), out_cols, axis=3)
+    outputs = problem.conv(tf.gather(inputs, in_rows, axis=3), kernel)
+    bias = None if problem.bias is None else tf.gather(problem.bias, out_cols)
+    outputs = problem.finish(outputs, bias)
+    # Channel c reads its position among the computed ones, or the zero
+    # channel appended after them.
+    position = tf.cumsum(tf.cast(active_channels, tf.int32)) - 1
+    position = tf.where(active_channels, position, tf.size(out_cols))
+    outputs = tf.concat([outputs, tf.zeros_like(outputs[..., :1])], axis=-1)
+    return tf.gather(outputs, position, axis=3)
+
+
+def _per_example(problem):
+    def single():
+        return _one_example(problem, problem.inputs, problem.active[0])
+
+    def loop():
+        def one(args):
+            x, active = args
+            return _one_example(problem, x[None], active)[0]
+
+        spec = tf.TensorSpec(single_shape, problem.inputs.dtype)
+        return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
+
+    # The static output shape of one example, for map_fn.
+    single_shape = _output_shape(problem)[1:]
+    return tf.cond(tf.equal(problem.batch, 1), single, loop)
+
+
+def _output_shape(problem):
+    """The static `[None, out_h, out_w, filters]` (None where unknown)."""
+    shape = problem.inputs.shape
+    spatial = [
+        _output_size(size, k, s, d, problem.padding)
+        for size, k, s, d in zip(
+            shape[1:3], problem.kernel.shape[:2], problem.strides, problem.dilations
+        )
+    ]
+    return [None, *spatial, problem.filters]
+
+
+def _output_size(size, kernel, stride, dilation, padding):
+    # Python ints or scalar tensors alike.
+    if size is None:
+        return None
+    if padding == "SAME":
+        return (size + stride - 1) // stride
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _grouped(problem):
+    # Output shape of one group for the whole batch (dynamic where needed).
+    dynamic = tf.shape(problem.inputs)
+    spatial = [
+        _output_size(dynamic[axis], k, s, d, problem.padding)
+        for axis, k, s, d in zip(
+            (1, 2), problem.kernel.shape[:2], problem.strides, problem.dilations
+        )
+    ]
+    shape = tf.stack([problem.batch, *spatial, problem.group_size])
+    outputs = []
+    for g in range(problem.blocks):
+        columns = slice(g * problem.group_size, (g + 1) * problem.group_size)
+        examples = tf.cast(tf.where(problem.active[:, g]), tf.int32)  # (n, 1)
+
+        def compute(examples=examples, columns=columns):
+            inputs = tf.gather_nd(problem.inputs, examples)
+            in_rows = tf.where(problem.channel_used(inputs))[:, 0]
+            group = problem.conv(
+                tf.gather(inputs, in_rows, axis=3),
+                tf.gather(problem.kernel[:, :, :, columns], in_rows, axis=2),
+            )
+            bias = None if problem.bias is None else problem.bias[columns]
+            return tf.scatter_nd(examples, problem.finish(group, bias), shape)
+
+        # A convolution of an empty batch is skipped (oneDNN mis-shapes it).
+        outputs.append(
+            tf.cond(
+                tf.size(examples) > 0,
+                compute,
+                lambda: tf.zeros(shape, problem.inputs.dtype),
+            )
+        )
+    return tf.concat(outputs, axis=-1)
+
+
+def _masked(problem):
+    outputs = problem.finish(problem.conv(problem.inputs, problem.kernel), problem.bias)
+    active = tf.repeat(problem.active, problem.group_size, axis=-1)
+    # A select, not a product (see masked_block_conv2d).
+    return tf.where(active[:, None, None, :], outputs, tf.zeros_like(outputs))
+
+
+def computed_fraction(problem):
+    """The cost rule's fraction of multiply-adds computed (see the module docs)."""
+    active = tf.cast(problem.active, tf.float32)
+    pairs = tf.reduce_mean(active) if problem.blocks else tf.constant(0.0)
+
+    def single():
+        used = tf.reduce_mean(tf.cast(problem.channel_used(problem.inputs), tf.float32))
+        return used * pairs
+
+    return tf.cond(tf.equal(problem.batch, 1), single, lambda: pairs)
+
+
+def _auto(problem):
+    skip = computed_fraction(problem) <= AUTO_MAX_FRACTION
+    choice = tf.where(skip, tf.where(tf.equal(problem.batch, 1), 0, 1), 2)
+    return tf.switch_case(
+        choice,
+        [lambda: _per_example(problem), lambda: _grouped(problem), lambda: _masked(problem)],
+    )
+
+
+_PATHS = {
+    "auto": _auto,
+    "per_example": _per_example,
+    "grouped": _grouped,
+    "masked": _masked,
+}
+_compiled = {}
+
+
+def _compiled_path(path, activation, input_shape, kernel_shape, blocks, dtype,
+                   has_bias, strides, padding, dilation_rate):
+    key = (path, activation, input_shape, kernel_shape, blocks, dtype, has_bias,
+           strides, padding, dilation_rate)
+    if key not in _compiled:
+        signature = [
+            tf.TensorSpec([None, *input_shape], dtype),
+            tf.TensorSpec(kernel_shape, dtype),
+            tf.TensorSpec([kernel_shape[-1]] if has_bias else [0], dtype),
+            tf.TensorSpec([None, blocks], dtype),
+        ]
+
+        def run(inputs, kernel, bias, block_mask):
+            problem = _Problem(
+                inputs, kernel, bias if has_bias else None, block_mask, activation,
+                strides, padding, dilation_rate,
+            )
+            return _PATHS[path](problem)
+
+        _compiled[key] = tf.function(run, input_signature=signature)
+    return _compiled[key]
+
+
+def block_sparse_conv2d(
+    inputs,
+    kernel,
+    bias,
+    block_mask,
+    activation=None,
+    strides=(1, 1),
+    padding="valid",
+    dilation_rate=(1, 1),
+    path="auto",
+):
+    """Computes `masked_block_conv2d` without computing the skipped groups.
+
+    Args:
+        inputs: `(batch, height, width, in_channels)` float tensor
+            (channels last).
+        kernel: `(kernel_h, kernel_w, in_channels, filters)`, `filters`
+            divisible by the mask's blocks.
+        bias: `(filters,)` or None.
+        block_mask: `(batch, blocks)`, 1 for an active group, 0 for a skipped one.
+        activation: an element-wise callable with `activation(0)` finite,
+            applied to active groups, or None.
+        strides, padding, dilation_rate: as in `keras.layers.Conv2D`.
+        path: one of `CONV2D_EXECUTION_PATHS` (see the module docs).
+
+    Returns:
+        `(batch, out_height, out_width, filters)`, equal to
+        `masked_block_conv2d` on the same arguments.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.rand(1, 6, 6, 4).astype("float32")
+    >>> w = np.random.rand(3, 3, 4, 8).astype("float32")
+    >>> mask = np.array([[0, 1, 0, 0]], "float32")
+    >>> y = block_sparse_conv2d(x, w, None, mask, padding="same").numpy()
+    >>> y.shape, bool(np.all(y[..., :2] == 0) and np.all(y[..., 2:4] > 0))
+    ((1, 6, 6, 8), True)
+    """
+    if path not in CONV2D_EXECUTION_PATHS:
+        raise ValueError(
+            f"Invalid `path`: expected one of {CONV2D_EXECUTION_PATHS}. "
+            f"Received: path={path!r}"
+        )
+    strides = _pair(strides, "strides")
+    dilation_rate = _pair(dilation_rate, "dilation_rate")
+    padding = _check_padding(padding)
+    if max(strides) > 1 and max(dilation_rate) > 1:
+        raise ValueError(
+            "`strides > 1` is not supported with `dilation_rate > 1`. "
+            f"Received: strides={strides}, dilation_rate={dilation_rate}"
+        )
+    inputs = tf.convert_to_tensor(inputs)
+    kernel = tf.convert_to_tensor(kernel, dtype=inputs.dtype)
+    block_mask = tf.cast(block_mask, inputs.dtype)
+    if kernel.shape.rank != 4:
+        raise ValueError(
+            "`kernel` must have shape (kernel_h, kernel_w, in_channels, filters). "
+            f"Received: kernel.shape={tuple(kernel.shape)}"
+        )
+    in_channels, filters = kernel.shape[2], kernel.shape[3]
+    if inputs.shape.rank != 4 or inputs.shape[-1] not in (None, in_channels):
+        raise ValueError(
+            f"`inputs` must have shape (batch, height, width, {in_channels}) to "
+            f"match `kernel` {tuple(kernel.shape)}. Received: inputs.shape={tuple(inputs.shape)}"
+        )
+    blocks = block_mask.shape[-1]
+    if block_mask.shape.rank != 2 or blocks is None or blocks == 0 or filters % blocks:
+        raise ValueError(
+            f"`block_mask` must have shape (batch, blocks) with blocks dividing "
+            f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
+        )
+    has_bias = bias is not None
+    bias = (
+        tf.convert_to_tensor(bias, dtype=inputs.dtype) if has_bias else tf.zeros([0], inputs.dtype)
+    )
+    activation = activation or _identity
+    if tf.inside_function():
+        # Inlined into the caller's graph (a model's tf.function).
+        problem = _Problem(
+            inputs, kernel, bias if has_bias else None, block_mask, activation,
+            strides, padding, dilation_rate,
+        )
+        return _PATHS[path](problem)
+    run = _compiled_path(
+        path, activation, tuple(inputs.shape[1:]), tuple(kernel.shape), blocks,
+        inputs.dtype, has_bias, strides, padding, dilation_rate,
+    )
+    return run(inputs, kernel, bias, block_mask)
