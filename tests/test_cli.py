@@ -44,13 +44,29 @@ def test_train_on_mnist_directory(tmp_path, rng):
         (["--dataset", "nope"], "dataset='nope'"),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, arguments, message):
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(
+    tmp_path, capsys, arguments, message
+):
+    out = tmp_path / "run"
+    try:
+        code = main(["train", *arguments, "--out", str(out)])
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    assert code != 0
+    stderr = capsys.readouterr().err
+    assert message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_console_command_reports_bad_input_in_one_line(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "keras_condcomp", "train", *arguments, "--out", str(out)],
+        [sys.executable, "-m", "keras_condcomp", "train", "--units", "30", "--blocks", "4",
+         "--out", str(out)],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert message in last and "Traceback" not in done.stderr
+    assert "--units (30) must be divisible by --blocks (4)" in last
+    assert "Traceback" not in done.stderr
     assert not out.exists()

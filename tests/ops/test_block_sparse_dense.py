@@ -16,6 +16,11 @@ from keras_condcomp.ops import (
 from keras_condcomp.ops.block_sparse_dense import _Problem, path_costs
 
 
+# "auto" only switches between these (it is checked on fixed shapes below);
+# "static_capacity" compiles with XLA for every shape.
+INLINED_PATHS = ("per_example", "grouped", "masked")
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     batch=st.sampled_from([1, 2, 7, 64]),
@@ -29,6 +34,8 @@ from keras_condcomp.ops.block_sparse_dense import _Problem, path_costs
 def test_paths_match_masked_reference(
     batch, blocks, block_size, density, input_sparsity, use_bias, seed
 ):
+    # The paths as `predict` runs them: inlined into the caller's graph, all
+    # in one trace to keep the search affordable.
     rng = np.random.default_rng(seed)
     input_dim = 12
     x = rng.normal(size=(batch, input_dim)).astype("float32")
@@ -39,9 +46,31 @@ def test_paths_match_masked_reference(
     if batch > 2:  # an all-off and an all-on row
         mask[0], mask[1] = 0.0, 1.0
     expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
-    for path in EXECUTION_PATHS:
+
+    @tf.function
+    def every_path(x, mask):
+        return [
+            block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path)
+            for path in INLINED_PATHS
+        ]
+
+    for path, got in zip(INLINED_PATHS, every_path(x, mask)):
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.parametrize("path", EXECUTION_PATHS)
+def test_compiled_paths_match_masked_reference(path, rng):
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    for batch in (1, 2, 7, 64):
+        x = rng.normal(size=(batch, 16)).astype("float32")
+        x[:, 8:] = 0.0  # block-sparse input: the sparse-input branches run
+        mask = (rng.random((batch, 4)) < 0.5).astype("float32")
+        mask[0] = 0.0
+        mask[-1] = 1.0
+        expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
         got = block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path).numpy()
-        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"batch {batch}")
 
 
 def test_one_trace_serves_every_batch_size(rng):
@@ -68,20 +97,6 @@ def test_errors_name_the_argument(rng):
         block_sparse_dense(np.ones((2, 5), "float32"), kernel, None, np.ones((2, 3)))
     with pytest.raises(ValueError, match="block_mask.shape=\\(2, 4\\)"):
         block_sparse_dense(x, kernel, None, np.ones((2, 4)))
-
-
-def test_paths_inlined_in_a_graph_match_the_reference(rng):
-    x = rng.normal(size=(5, 16)).astype("float32")
-    x[:, 8:] = 0.0  # block-sparse input: the sparse-input branches run
-    kernel = rng.normal(size=(16, 12)).astype("float32")
-    bias = rng.normal(size=12).astype("float32")
-    mask = (rng.random((5, 4)) < 0.5).astype("float32")
-    expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
-    for path in EXECUTION_PATHS:
-        run = tf.function(
-            lambda x, path=path: block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path)
-        )
-        np.testing.assert_allclose(run(x).numpy(), expected, atol=1e-5, err_msg=path)
 
 
 def test_static_capacity_drops_examples_beyond_capacity(rng):
