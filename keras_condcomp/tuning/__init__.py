@@ -19,6 +19,7 @@ from keras_condcomp.tuning.compute_aware_score import (
     compute_aware_objective,
     compute_aware_score,
 )
+from keras_condcomp.tuning.gated_cnn_hypermodel import GatedCNNHyperModel
 from keras_condcomp.tuning.gated_mlp_hypermodel import GatedMLPHyperModel
 from keras_condcomp.tuning.pareto import (
     TrialResult,
@@ -29,6 +30,7 @@ from keras_condcomp.tuning.pareto import (
 
 __all__ = [
     "ComputeAwareScore",
+    "GatedCNNHyperModel",
     "GatedMLPHyperModel",
     "TrialResult",
     "compute_aware_objective",

@@ -14,6 +14,7 @@ from keras_condcomp import tuning
 from keras_condcomp.profiling import profile_macs
 from keras_condcomp.tuning import (
     ComputeAwareScore,
+    GatedCNNHyperModel,
     GatedMLPHyperModel,
     TrialResult,
     compute_aware_score,
@@ -91,6 +92,43 @@ def test_hypermodel_space_and_arguments():
         GatedMLPHyperModel((4,), 1)
     with pytest.raises(ValueError, match=r"input_shape=\(0,\)"):
         GatedMLPHyperModel((0,), 3)
+
+
+def test_cnn_hypermodel_space_reference_and_a_real_search(digits, tmp_path):
+    images = (8, 8, 1)
+    hypermodel = GatedCNNHyperModel(images, 10, learning_rate=1e-2, seed=0)
+    # Widest: 3 x (3x3 same conv of 64 filters) on 8x8 -> 4x4 -> 2x2 maps, 10 logits.
+    assert hypermodel.reference_macs == (
+        8 * 8 * 9 * 1 * 64 + 4 * 4 * 9 * 64 * 64 + 2 * 2 * 9 * 64 * 64 + 64 * 10
+    )
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("conv_layers", 1)
+    hp.Fixed("filters", 16)
+    model = hypermodel.build(hp)
+    assert set(hp.values) == {
+        "conv_layers", "filters", "blocks", "target_density", "sparsity_weight",
+        "variance_weight", "policy_learning_rate",
+    }
+    gated = [layer for layer in model.layers if hasattr(layer, "policy")]
+    assert [type(layer).__name__ for layer in gated] == ["GatedConv2D"]
+    assert gated[0].blocks == hp.values["blocks"]
+    tuner = keras_tuner.RandomSearch(
+        hypermodel, objective=tuning.compute_aware_objective(), max_trials=1,
+        hyperparameters=hp, directory=str(tmp_path), project_name="cnn", seed=1,
+    )
+    x_train = digits.x_train[:300].reshape(-1, *images)
+    x_test = digits.x_test[:100].reshape(-1, *images)
+    tuner.search(x_train, digits.y_train[:300], epochs=1, batch_size=64, verbose=0,
+                 validation_data=(x_test, digits.y_test[:100]))
+    (trial,) = tuner.oracle.trials.values()
+    macs = trial.metrics.get_last_value("val_conditional_macs")
+    assert 0 < macs <= profile_macs(tuner.get_best_models(1)[0]).dense_macs + 16
+    assert trial.score == pytest.approx(compute_aware_score(
+        trial.metrics.get_last_value("val_accuracy"), macs, hypermodel.reference_macs,
+        hypermodel.macs_weight,
+    ))
+    with pytest.raises(ValueError, match=r"length 3.*input_shape=\(64,\)"):
+        GatedCNNHyperModel((64,), 10)
 
 
 class CountingHyperModel(GatedMLPHyperModel):

@@ -1,0 +1,93 @@
+"""GatedCNNHyperModel: a KerasTuner search space over gated convolutional nets."""
+
+import keras
+
+from keras_condcomp.layers.gated_conv2d import GatedConv2D
+from keras_condcomp.profiling.profiler import profile_macs
+from keras_condcomp.tuning._gated_hypermodel import GatedHyperModel
+
+__all__ = ["GatedCNNHyperModel"]
+
+CONV_LAYERS = (1, 3)
+FILTERS = (16, 32, 64)
+BLOCKS = (4, 8)
+
+
+class GatedCNNHyperModel(GatedHyperModel):
+    """Searches gated CNNs `image -> conv_layers x (GatedConv2D, pool) -> logits`.
+
+    Each gated layer is a 3x3 `GatedConv2D` with `padding="same"` and ReLU,
+    followed by a 2x2 max pooling while the feature map is at least 2x2;
+    global average pooling and a Dense layer give the logits. The search
+    space (hyperparameter names):
+
+    - `conv_layers`: 1 to 3 gated convolutions;
+    - `filters` in (16, 32, 64) and `blocks` (filter groups) in (4, 8), per
+      layer;
+    - the gating hyperparameters of `GatedMLPHyperModel`: `target_density`,
+      `sparsity_weight`, `variance_weight`, `policy_learning_rate`.
+
+    Compiled, scored and fitted as `GatedMLPHyperModel` (Adam for network and
+    policies, a `ComputeAwareScore` added to `fit`'s callbacks).
+
+    Args:
+        input_shape: `(height, width, channels)` of one image (channels last).
+        num_classes: number of classes.
+        learning_rate: the network's Adam learning rate.
+        reference_macs: MACs per example that the score compares against;
+            default: the dense MACs of the widest network of the space
+            (3 convolutions of 64 filters).
+        macs_weight: accuracy a halving of compute is worth in the score.
+        seed: seed of the gated layers' mask sampling (None: random).
+        name, tunable: as `keras_tuner.HyperModel`.
+
+    Example:
+
+    >>> import keras_tuner
+    >>> hypermodel = GatedCNNHyperModel((8, 8, 1), 10)
+    >>> hp = keras_tuner.HyperParameters()
+    >>> hp.Fixed("conv_layers", 2)
+    2
+    >>> model = hypermodel.build(hp)
+    >>> print(*(layer.name for layer in model.layers[1:]))
+    gated_conv_1 pool_1 gated_conv_2 pool_2 global_pool logits
+    """
+
+    model_name = "gated_cnn"
+    input_rank = 3
+
+    def widest_dense_macs(self):
+        inputs = keras.Input(self.input_shape)
+        hidden = self._convolutions(
+            inputs, max(CONV_LAYERS),
+            lambda index: keras.layers.Conv2D(max(FILTERS), 3, padding="same"),
+        )
+        widest = keras.Model(inputs, keras.layers.Dense(self.num_classes)(hidden))
+        return profile_macs(widest).dense_macs
+
+    def architecture(self, hp):
+        return (
+            hp.Int("conv_layers", *CONV_LAYERS),
+            hp.Choice("filters", list(FILTERS)),
+            hp.Choice("blocks", list(BLOCKS)),
+        )
+
+    def hidden(self, inputs, architecture, gate_kwargs):
+        conv_layers, filters, blocks = architecture
+        return self._convolutions(
+            inputs, conv_layers,
+            lambda index: GatedConv2D(
+                filters, 3, blocks, padding="same", activation="relu",
+                name=f"gated_conv_{index + 1}", seed=self.layer_seed(index), **gate_kwargs,
+            ),
+        )
+
+    def _convolutions(self, inputs, count, convolution):
+        hidden = inputs
+        height, width = self.input_shape[:2]
+        for index in range(count):
+            hidden = convolution(index)(hidden)
+            if min(height, width) >= 2:
+                hidden = keras.layers.MaxPooling2D(2, name=f"pool_{index + 1}")(hidden)
+                height, width = height // 2, width // 2
+        return keras.layers.GlobalAveragePooling2D(name="global_pool")(hidden)
