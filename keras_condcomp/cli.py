@@ -3,6 +3,8 @@
 `keras-condcomp train` trains the conditional MLP of Bengio et al. next to a
 same-width and an equal-MACs dense MLP, measures the inference speedup side by
 side (single thread) and writes `results.json` and `model.keras` to `--out`.
+`keras-condcomp export MODEL.keras --format onnx|litert --out PATH` exports it
+with the skipping kept (`keras_condcomp.export`).
 """
 
 import argparse
@@ -100,7 +102,39 @@ def _parser():
         help="timed calls per model and batch size",
     )
     train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1)
+    _add_export_parser(commands)
     return parser
+
+
+def _add_export_parser(commands):
+    export = commands.add_parser(
+        "export",
+        help="export a .keras model to ONNX or LiteRT, keeping the skipping",
+        description=EXPORT_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("model", help="the .keras file (e.g. model.keras of `train`)")
+    export.add_argument("--format", choices=("onnx", "litert"), required=True)
+    export.add_argument("--out", required=True, help="the file to write (.onnx or .tflite)")
+    export.add_argument(
+        "--batch-size", type=_positive_int("--batch-size"), default=None,
+        help="static batch size (default: dynamic for onnx, 1 for litert)",
+    )
+    export.add_argument("--opset", type=_positive_int("--opset"), default=None,
+                        help="ONNX opset (default: tf2onnx's)")
+    export.add_argument("--quantize", choices=("int8", "float16"), default=None,
+                        help="LiteRT post-training quantisation")
+    export.add_argument(
+        "--budget", type=_positive_int("--budget"), default=None,
+        help="blocks computed per example by every gated layer (default: the most "
+             "active blocks of a training example, else 2 x target density)",
+    )
+    export.add_argument(
+        "--dataset", default=None,
+        help="dataset for budgets, int8 calibration and the accuracy check "
+             "(default: the one in results.json beside the model, if any)",
+    )
+    export.add_argument("--data-dir", default=None, help="directory of the dataset's files")
 
 
 def _fit(model, args, x_train, y_train, x_val, y_val):
@@ -231,6 +265,121 @@ def train(args):
     return results
 
 
+EXPORT_DESCRIPTION = """Export a gated model to ONNX or LiteRT (keras_condcomp.export).
+
+Gated layers keep skipping in the exported graph: each computes a fixed
+budget of blocks per example. With a dataset (given, or named in the
+results.json that `train` wrote beside the model) the budgets are the most
+active blocks of a training example, int8 calibrates on training examples,
+and the test accuracy of the exported model in its runtime is compared with
+Keras's.
+"""
+
+
+def export(args):
+    import keras
+    import numpy as np
+
+    import keras_condcomp  # noqa: F401  (registers the layers)
+    from keras_condcomp import data
+    from keras_condcomp.export import (
+        active_block_counts,
+        export_litert,
+        export_onnx,
+        litert_predict,
+        onnx_predict,
+    )
+
+    if args.format != "litert" and args.quantize:
+        raise CommandError("--quantize applies to --format litert only")
+    if args.format != "onnx" and args.opset:
+        raise CommandError("--opset applies to --format onnx only")
+    try:
+        model = keras.saving.load_model(args.model)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load {args.model}: {error}") from None
+    dataset_name, data_dir = args.dataset, args.data_dir
+    results_path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "results.json")
+    if dataset_name is None and os.path.exists(results_path):
+        with open(results_path) as handle:
+            config = json.load(handle).get("config", {})
+        dataset_name = config.get("dataset")
+        data_dir = data_dir or config.get("data_dir")
+    dataset = None
+    if dataset_name is not None:
+        try:
+            dataset = data.load_dataset(dataset_name, data_dir)
+        except (OSError, ValueError) as error:
+            raise CommandError(str(error)) from None
+        if dataset.x_train.shape[1:] != tuple(model.inputs[0].shape[1:]):
+            raise CommandError(
+                f"dataset {dataset.name} has inputs of shape {dataset.x_train.shape[1:]}, "
+                f"the model expects {tuple(model.inputs[0].shape[1:])}"
+            )
+    representative = None
+    if dataset is not None:
+        order = np.random.default_rng(0).permutation(len(dataset.x_train))[:1000]
+        representative = dataset.x_train[order]
+    elif args.quantize == "int8":
+        raise CommandError("--quantize int8 needs a dataset to calibrate on (--dataset)")
+    budget = None
+    if args.budget is not None:
+        budget = {layer.name: min(args.budget, layer.blocks) for layer in _gated(model)}
+    try:
+        if args.format == "onnx":
+            budgets = export_onnx(
+                model, args.out, opset=args.opset, batch_size=args.batch_size,
+                budget=budget, representative_data=representative,
+            )
+            predict = onnx_predict
+        else:
+            budgets = export_litert(
+                model, args.out, batch_size=args.batch_size or 1, quantize=args.quantize,
+                representative_data=representative, budget=budget,
+            )
+            predict = litert_predict
+    except (ValueError, ImportError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+    report = {
+        "format": args.format, "path": os.path.abspath(args.out),
+        "bytes": os.path.getsize(args.out), "budgets": budgets, "quantize": args.quantize,
+    }
+    print(f"Wrote {args.out} ({report['bytes']:,} bytes); blocks per example: "
+          + (", ".join(f"{name} {value}" for name, value in budgets.items()) or "no gated layers"))
+    if dataset is not None:
+        keras_logits = model.predict(dataset.x_test, batch_size=256, verbose=0)
+        exported = predict(args.out, dataset.x_test)
+        counts = active_block_counts(model, dataset.x_test)
+        over = {
+            name: float(np.mean(counts[name] > budgets[name])) for name in budgets
+        }
+        report.update({
+            "dataset": dataset.name,
+            "keras_test_accuracy": float((keras_logits.argmax(1) == dataset.y_test).mean()),
+            "exported_test_accuracy": float((exported.argmax(1) == dataset.y_test).mean()),
+            "max_abs_logit_difference": float(np.abs(exported - keras_logits).max()),
+            "test_examples_over_budget": over,
+        })
+        change = report["exported_test_accuracy"] - report["keras_test_accuracy"]
+        print(
+            f"test accuracy on {dataset.name}: keras {report['keras_test_accuracy']:.4f}, "
+            f"exported ({args.format}{', ' + args.quantize if args.quantize else ''}) "
+            f"{report['exported_test_accuracy']:.4f} (change {change:+.4f}); "
+            f"max |logit difference| {report['max_abs_logit_difference']:.2e}; "
+            "test examples with more active blocks than the budget: "
+            + (", ".join(f"{name} {value:.1%}" for name, value in over.items()) or "-")
+        )
+    else:
+        print("No dataset: accuracy not checked (pass --dataset).")
+    return report
+
+
+def _gated(model):
+    from keras_condcomp.models.policy_gradient_model import gated_layers
+
+    return gated_layers(model)
+
+
 def _print_table(results, args):
     rows = [
         (f"gated MLP ({args.layers} x {args.blocks} blocks of {args.units // args.blocks})",
@@ -259,6 +408,8 @@ def main(argv=None):
     try:
         if args.command == "train":
             train(args)
+        elif args.command == "export":
+            export(args)
     except CommandError as error:
         print(f"keras-condcomp: error: {error}", file=sys.stderr)
         return 1

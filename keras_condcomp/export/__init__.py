@@ -15,8 +15,8 @@ gated layer `input_blocks`, `input_budget`).
 """
 
 from keras_condcomp.export._plan import active_block_counts, block_budgets
-from keras_condcomp.export.litert import export_litert, litert_op_names
-from keras_condcomp.export.onnx import export_onnx
+from keras_condcomp.export.litert import export_litert, litert_op_names, litert_predict
+from keras_condcomp.export.onnx import export_onnx, onnx_predict
 
 __all__ = [
     "active_block_counts",
@@ -24,4 +24,6 @@ __all__ = [
     "export_litert",
     "export_onnx",
     "litert_op_names",
+    "litert_predict",
+    "onnx_predict",
 ]

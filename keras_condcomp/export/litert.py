@@ -8,7 +8,7 @@ import numpy as np
 
 from keras_condcomp.export import _plan
 
-__all__ = ["export_litert", "litert_op_names"]
+__all__ = ["export_litert", "litert_op_names", "litert_predict"]
 
 QUANTIZE_MODES = ("int8", "float16")
 
@@ -70,8 +70,9 @@ def _representative(model, data):
 
 def _unsupported_ops(message):
     """TensorFlow op names a converter error lists as not builtin."""
-    found = re.findall(r"\btf\.([A-Za-z0-9_]+)", message)
-    found += re.findall(r"'([A-Za-z0-9_]+)' op is neither a custom op nor a flex op", message)
+    found = re.findall(r"'tf\.([A-Za-z0-9_]+)' op is neither a custom op nor a flex op", message)
+    for listed in re.findall(r"(?:Custom|Flex|Select TF) ops: ([^\n]*)", message):
+        found += [name.strip() for name in listed.split(",") if name.strip()]
     return sorted(set(found))
 
 
@@ -197,8 +198,20 @@ def export_litert(
     return budgets
 
 
-def _interpreter_outputs(path, inputs, num_threads=1):
-    """Runs a LiteRT model over `(n, ...)` inputs one batch at a time (tests, CLI)."""
+def litert_predict(path, inputs, num_threads=1):
+    """Outputs of a single-input, single-output LiteRT model over `(n, ...)` inputs.
+
+    Runs the `ai_edge_litert` interpreter (with its default XNNPACK
+    delegate) one static batch at a time, padding the last one.
+
+    Args:
+        path: the `.tflite` file.
+        inputs: `(n, ...)` float array.
+        num_threads: interpreter threads.
+
+    Returns:
+        `(n, ...)` numpy array.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
@@ -210,8 +223,8 @@ def _interpreter_outputs(path, inputs, num_threads=1):
     results = []
     for start in range(0, len(inputs), batch):
         chunk = inputs[start:start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], "float32")])
-        interpreter.set_tensor(detail["index"], padded)
+        padding = np.zeros((batch - len(chunk),) + chunk.shape[1:], "float32")
+        interpreter.set_tensor(detail["index"], np.concatenate([chunk, padding]))
         interpreter.invoke()
         results.append(interpreter.get_tensor(output)[: len(chunk)].copy())
     return np.concatenate(results)

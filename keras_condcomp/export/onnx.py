@@ -1,10 +1,11 @@
 """Export to ONNX (tf2onnx through Keras's `model.export`), keeping the skipping."""
 
 import importlib.util
+import os
 
 from keras_condcomp.export import _plan
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "onnx_predict"]
 
 
 def export_onnx(
@@ -90,3 +91,38 @@ def export_onnx(
                 raise
         onnx.checker.check_model(staging, full_check=True)
     return budgets
+
+
+def onnx_predict(path, inputs, num_threads=1, batch_size=None):
+    """Outputs of a single-input, single-output ONNX model over `(n, ...)` inputs.
+
+    Args:
+        path: the `.onnx` file.
+        inputs: `(n, ...)` float array.
+        num_threads: onnxruntime intra-op threads.
+        batch_size: examples per run (None: all at once, for a dynamic batch).
+
+    Returns:
+        `(n, ...)` numpy array.
+    """
+    import numpy as np
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        os.fspath(path), options, providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    static = session.get_inputs()[0].shape[0]
+    if isinstance(static, int):
+        batch_size = static
+    inputs = np.asarray(inputs, dtype="float32")
+    step = batch_size or len(inputs)
+    results = []
+    for start in range(0, len(inputs), step):
+        chunk = inputs[start:start + step]
+        padding = np.zeros((step - len(chunk),) + chunk.shape[1:], "float32")
+        results.append(session.run(None, {name: np.concatenate([chunk, padding])})[0][: len(chunk)])
+    return np.concatenate(results)

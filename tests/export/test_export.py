@@ -1,0 +1,266 @@
+"""Export to ONNX and LiteRT: parity with Keras, builtin ops only, skipping kept, errors."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import onnx
+import pytest
+import tensorflow as tf
+
+from keras_condcomp.cli import main
+from keras_condcomp.export import (
+    active_block_counts,
+    block_budgets,
+    export_litert,
+    export_onnx,
+    litert_op_names,
+    litert_predict,
+    onnx_predict,
+)
+from keras_condcomp.layers import GatedDense
+from keras_condcomp.ops import masked_block_dense
+from keras_condcomp.ops.static_budget_dense import static_budget_dense
+
+ATOL = 1e-5
+
+
+def _stack(seed, input_dim, layers, head, dense_first=False):
+    """A random stack of GatedDense layers (and ordinary ones) with varied densities."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((input_dim,))
+    hidden = inputs
+    if dense_first:
+        hidden = keras.layers.Dense(12, activation="tanh")(hidden)
+    for units, blocks in layers:
+        layer = GatedDense(units, blocks, activation="relu")
+        hidden = layer(hidden)
+        # Biases from mostly-off to mostly-on blocks: several densities.
+        layer.policy.bias.assign(rng.normal(-0.5, 1.0, blocks).astype("float32"))
+        if dense_first:
+            hidden = keras.layers.Dropout(0.5)(hidden)
+    outputs = keras.layers.Dense(head)(hidden)
+    return keras.Model(inputs, outputs)
+
+
+STACKS = {
+    # name: (seed, input_dim, [(units, blocks)], head, dense_first, LiteRT batch)
+    "two_gated": (0, 12, [(32, 8), (24, 4)], 3, False, 1),
+    "mixed": (1, 10, [(32, 2), (16, 16)], 2, True, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each stack, its data, and its ONNX and LiteRT exports (budgets measured on the data)."""
+    folder = tmp_path_factory.mktemp("exported")
+    found = {}
+    for name, (seed, input_dim, layers, head, dense_first, batch) in STACKS.items():
+        model = _stack(seed, input_dim, layers, head, dense_first)
+        x = np.random.default_rng(seed + 10).normal(size=(17, input_dim)).astype("float32")
+        onnx_path, litert_path = folder / f"{name}.onnx", folder / f"{name}.tflite"
+        budgets = export_onnx(model, onnx_path, representative_data=x)
+        assert export_litert(
+            model, litert_path, batch_size=batch, representative_data=x
+        ) == budgets
+        found[name] = (model, x, onnx_path, litert_path, budgets)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_onnx_equals_keras_for_several_batch_sizes(exported, name):
+    model, x, onnx_path, _, _ = exported[name]
+    reference = model.predict(x, verbose=0)
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    for batch_size in (1, 5, 17):
+        np.testing.assert_allclose(
+            onnx_predict(onnx_path, x, batch_size=batch_size), reference, atol=ATOL, rtol=0
+        )
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_litert_equals_keras_and_uses_builtin_ops_only(exported, name):
+    model, x, _, litert_path, _ = exported[name]
+    np.testing.assert_allclose(
+        litert_predict(litert_path, x), model.predict(x, verbose=0), atol=ATOL, rtol=0
+    )
+    ops = litert_op_names(litert_path)
+    assert not [op for op in ops if op.startswith("CUSTOM")], ops
+    # The skipping is in the graph: top-k of the mask, gather of the tiles.
+    assert {"TOPK_V2", "GATHER", "FULLY_CONNECTED"} <= set(ops), ops
+    onnx_ops = {node.op_type for node in onnx.load(str(exported[name][2])).graph.node}
+    assert {"TopK", "Gather"} <= onnx_ops and not {"If", "Loop"} & onnx_ops, onnx_ops
+
+
+def test_budgets_are_the_most_active_blocks_and_vary(exported):
+    model, x, _, _, budgets = exported["two_gated"]
+    counts = active_block_counts(model, x)
+    assert budgets == {name: max(1, int(c.max())) for name, c in counts.items()}
+    densities = [c.mean() / layer.blocks for c, layer in zip(counts.values(), model.layers[1:3])]
+    assert all(0 < d < 1 for d in densities), densities
+    # Under its budget, the first layer leaves input blocks of the second at
+    # 0: the second reads only `budget` of them (input sparsity, exact).
+    assert budgets[model.layers[1].name] < 8
+
+
+def test_weights_of_inactive_blocks_are_not_read(tmp_path):
+    """NaN weights in a block that never runs do not reach the exported outputs."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    layer = GatedDense(8, blocks=4, activation="relu")
+    model = keras.Model(inputs, keras.layers.Dense(2)(layer(inputs)))
+    layer.policy.bias.assign(np.array([0.0, 0.0, 0.0, -1e4], "float32"))  # block 3 never runs
+    x = np.random.default_rng(6).normal(size=(8, 6)).astype("float32")
+    reference = model.predict(x, verbose=0)
+    onnx_path, litert_path = tmp_path / "nan.onnx", tmp_path / "nan.tflite"
+    kernel = layer.kernel.numpy()
+    kernel[:, 6:] = np.nan
+    layer.kernel.assign(kernel)
+    export_onnx(model, onnx_path, budget=2)
+    export_litert(model, litert_path, budget=2)
+    keep = active_block_counts(model, x)[layer.name] <= 2
+    for outputs in (onnx_predict(onnx_path, x), litert_predict(litert_path, x)):
+        assert np.all(np.isfinite(outputs))
+        np.testing.assert_allclose(outputs[keep], reference[keep], atol=ATOL)
+
+
+def test_budget_drops_the_active_blocks_of_highest_index():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(6, 5)).astype("float32")
+    kernel = rng.normal(size=(5, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    mask = (rng.random((6, 4)) < 0.7).astype("float32")
+    kept = mask * (np.cumsum(mask, axis=1) <= 2)
+    for batch in (None, 6):
+        fn = tf.function(
+            lambda v: static_budget_dense(v, kernel, bias, mask, tf.nn.relu, budget=2),
+            input_signature=[tf.TensorSpec([batch, 5])],
+        )
+        np.testing.assert_allclose(
+            fn(x), masked_block_dense(x, kernel, bias, kept, tf.nn.relu), atol=1e-6
+        )
+    single = static_budget_dense(x[:1], kernel, bias, mask[:1], tf.nn.relu, budget=2)
+    np.testing.assert_allclose(
+        single, masked_block_dense(x[:1], kernel, bias, kept[:1], tf.nn.relu), atol=1e-6
+    )
+
+
+def test_int8_litert_exports_with_builtin_ops(exported, tmp_path):
+    model, x, _, _, _ = exported["two_gated"]
+    small = tmp_path / "int8.tflite"
+    export_litert(model, small, quantize="int8", representative_data=x)
+    assert not [op for op in litert_op_names(small) if op.startswith("CUSTOM")]
+    assert np.all(np.isfinite(litert_predict(small, x)))
+
+
+def test_block_budgets_defaults_and_checks():
+    inputs = keras.Input((8,))
+    first = GatedDense(16, blocks=8, target_density=0.25, name="first")
+    second = GatedDense(16, blocks=4, name="second")
+    model = keras.Model(inputs, second(first(inputs)))
+    with pytest.warns(UserWarning, match="computing all 4 blocks"):
+        assert block_budgets(model) == {"first": 4, "second": 4}
+    assert block_budgets(model, {"first": 2, "second": 1}) == {"first": 2, "second": 1}
+    with pytest.raises(ValueError, match="budget=9"):
+        block_budgets(model, 9)
+    with pytest.raises(ValueError, match="not gated layers"):
+        block_budgets(model, {"nope": 1})
+
+
+class _SampledTwin(GatedDense):
+    supports_static_budget = False
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, error, message",
+    [
+        (lambda: GatedDense(8, 2, inference="sample"), {}, ValueError, "inference='sample'"),
+        (lambda: _SampledTwin(8, 2), {}, ValueError, "without an export path"),
+        (lambda: GatedDense(8, 2), {"batch_size": 0}, ValueError, "batch_size=0"),
+        (lambda: GatedDense(8, 2), {"quantize": "int4"}, ValueError, "quantize='int4'"),
+        (lambda: GatedDense(8, 2), {"quantize": "int8"}, ValueError, "representative_data=None"),
+        (lambda: GatedDense(8, 2), {"budget": 3}, ValueError, "budget=3"),
+    ],
+)
+def test_litert_errors_leave_nothing_at_path(tmp_path, make, kwargs, error, message):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, make()(inputs))
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"previous")
+    with pytest.raises(error, match=message):
+        export_litert(model, path, **kwargs)
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+def test_non_builtin_op_is_named_and_nothing_is_written(tmp_path):
+    class Erfinv(keras.layers.Layer):
+        def call(self, inputs):
+            return tf.math.erfinv(inputs)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Erfinv()(GatedDense(8, 2)(inputs)))
+    with pytest.raises(ValueError, match="not LiteRT builtins: Erfinv"):
+        export_litert(model, tmp_path / "flex.tflite", budget=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_onnx_errors(tmp_path, monkeypatch):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, GatedDense(8, 2)(inputs))
+    with pytest.raises(ValueError, match="must end with '.onnx'"):
+        export_onnx(model, tmp_path / "model.tflite")
+    with pytest.raises(ValueError, match="opset=3"):
+        export_onnx(model, tmp_path / "model.onnx", opset=3)
+    with pytest.raises(ValueError, match="must be a keras.Model"):
+        export_onnx(object(), tmp_path / "model.onnx")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install tf2onnx"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypatch):
+    from keras_condcomp import speed
+
+    # The speed measurement of `train` (a fresh process) is not under test here.
+    monkeypatch.setattr(speed, "measure_models_speed", lambda *a, **k: {
+        str(b): {"gated_seconds": 1.0, "dense_seconds": 1.0, "speedup": 1.0} for b in (1, 256)
+    })
+    run = tmp_path / "run"
+    # Policy trained by REINFORCE only (no density pressure): blocks stay on and off.
+    assert main([
+        "train", "--epochs", "1", "--units", "64", "--blocks", "4", "--layers", "2",
+        "--sparsity-weight", "0", "--example-sparsity-weight", "0", "--variance-weight", "0",
+        "--verbose", "0", "--out", str(run),
+    ]) == 0
+    assert json.loads((run / "results.json").read_text())["config"]["dataset"] == "digits"
+    model = keras.saving.load_model(run / "model.keras")
+    x = np.random.default_rng(8).random((20, 64)).astype("float32")
+    counts = active_block_counts(model, x)
+    assert any(0 < c.mean() < 4 for c in counts.values()), counts
+    for fmt, out, extra, predict, atol in (
+        ("onnx", tmp_path / "model.onnx", [], onnx_predict, ATOL),
+        ("litert", tmp_path / "model.tflite", ["--quantize", "float16"], litert_predict, 0.05),
+    ):
+        capsys.readouterr()
+        assert main(["export", str(run / "model.keras"), "--format", fmt, "--out", str(out),
+                     "--budget", "4", *extra]) == 0
+        printed = capsys.readouterr().out
+        assert "test accuracy on digits (scikit-learn, 8x8): keras" in printed, printed
+        np.testing.assert_allclose(predict(out, x), model.predict(x, verbose=0), atol=atol)
+    assert "change +0.0000" in printed or "float16" in printed
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing.keras"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "cannot load" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
