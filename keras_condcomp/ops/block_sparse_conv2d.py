@@ -33,15 +33,16 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   (`masked_block_conv2d`), and the fallback when skipping cannot pay.
 - `"auto"`: picked per call inside the graph by the rule below.
 
-Cost rule of `"auto"` (a rule of thumb, not a fitted model): a skipping path
-pays when the fraction of multiply-adds it computes is at most
-`AUTO_MAX_FRACTION` (0.5); below that the gathers and the smaller, less
-efficient convolutions cost less than the saved work. At batch 1 that
-fraction is `(non-zero input channels / in_channels) * (active groups /
-blocks)` and the path is `"per_example"`; at larger batches it is the
-fraction of active (example, group) pairs and the path is `"grouped"`
-(input sparsity, which the union over a group's examples mostly loses at
-large batches, is not counted). Otherwise `"masked"`.
+Cost rule of `"auto"` (a rule of thumb, not a fitted model): skip when
+the fraction of active (example, group) pairs is at most `AUTO_MAX_FRACTION`
+(0.5), with `"per_example"` at batch 1 and `"grouped"` at larger batches;
+otherwise `"masked"`. Below that fraction the saved multiply-adds outweigh
+the extra ops (gathers, the scatter, smaller and less efficient
+convolutions). Input-channel sparsity is not counted by the rule (it only
+makes skipping cheaper); computing it would cost a pass over the input
+before the choice. Measured speeds are in `benchmarks/gated_conv2d.py`:
+on a loaded 2-core machine each extra graph op costs far more than its
+arithmetic, so the skipping paths win less than the ideal MACs ratio.
 """
 
 import tensorflow as tf
@@ -175,9 +176,7 @@ class _Problem:
         At least one channel is marked (channel 0, all zero if nothing is
         used), since a convolution needs one input channel.
         """
-        used = tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2])
-        first = tf.equal(tf.range(self.in_channels), 0)
-        return tf.logical_or(used, tf.logical_and(first, tf.logical_not(tf.reduce_any(used))))
+        return _first_if_none(tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2]))
 
     def finish(self, outputs, bias):
         if bias is not None:
@@ -185,28 +184,41 @@ class _Problem:
         return self.activation(outputs)
 
 
+def _first_if_none(flags):
+    """`flags`, with element 0 set when none is: a convolution needs one channel.
+
+    `argmax` of all-False is 0, and of anything else an element already set,
+    so this costs no branch.
+    """
+    first = tf.argmax(tf.cast(flags, tf.int32), output_type=tf.int32)
+    return tf.logical_or(flags, tf.equal(tf.range(tf.size(flags)), first))
+
+
 def _one_example(problem, inputs, active):
     """One example `(1, h, w, in)` with its `(blocks,)` active groups."""
-    used = problem.channel_used(inputs)
-    in_rows = tf.where(used)[:, 0]
-    active_channels = tf.repeat(active, problem.group_size)  # (filters,)
-    count = tf.reduce_sum(tf.cast(active_channels, tf.int32))
-    # No active group: compute channel 0 anyway; every channel reads the zero.
-    selected = tf.logical_or(
-        active_channels,
-        tf.logical_and(tf.equal(tf.range(problem.filters), 0), tf.equal(count, 0)),
-    )
-    out_cols = tf.where(selected)[:, 0]
-    kernel = tf.gather(tf.gather(problem.kernel, in_rows, axis=2), out_cols, axis=3)
+    blocks, size = problem.blocks, problem.group_size
+    # Non-zero input channels (channel 0 if none: it is zero, adds nothing).
+    used = tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2])
+    in_rows = tf.reshape(tf.where(_first_if_none(used)), [-1])
+    # Active groups (group 0 computed, then discarded, if none is active).
+    groups = tf.reshape(tf.where(_first_if_none(active)), [-1])
+    kernel_h, kernel_w = problem.kernel.shape[:2]
+    kernel = tf.reshape(problem.kernel, [kernel_h, kernel_w, problem.in_channels, blocks, size])
+    kernel = tf.gather(tf.gather(kernel, groups, axis=3), in_rows, axis=2)
+    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(in_rows), tf.size(groups) * size])
     outputs = problem.conv(tf.gather(inputs, in_rows, axis=3), kernel)
-    bias = None if problem.bias is None else tf.gather(problem.bias, out_cols)
+    bias = None
+    if problem.bias is not None:
+        bias = tf.reshape(tf.gather(tf.reshape(problem.bias, [blocks, size]), groups), [-1])
     outputs = problem.finish(outputs, bias)
-    # Channel c reads its position among the computed ones, or the zero
-    # channel appended after them.
-    position = tf.cumsum(tf.cast(active_channels, tf.int32)) - 1
-    position = tf.where(active_channels, position, tf.size(out_cols))
-    outputs = tf.concat([outputs, tf.zeros_like(outputs[..., :1])], axis=-1)
-    return tf.gather(outputs, position, axis=3)
+    # Group g reads its position among the computed groups, or a zero group
+    # appended after them.
+    shape = tf.shape(outputs)
+    outputs = tf.reshape(outputs, [1, shape[1], shape[2], tf.size(groups), size])
+    outputs = tf.concat([outputs, tf.zeros_like(outputs[:, :, :, :1])], axis=3)
+    position = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.size(groups))
+    outputs = tf.gather(outputs, position, axis=3)
+    return tf.reshape(outputs, [1, shape[1], shape[2], problem.filters])
 
 
 def _per_example(problem):
@@ -290,24 +302,22 @@ def _masked(problem):
     return tf.where(active[:, None, None, :], outputs, tf.zeros_like(outputs))
 
 
-def computed_fraction(problem):
-    """The cost rule's fraction of multiply-adds computed (see the module docs)."""
-    active = tf.cast(problem.active, tf.float32)
-    pairs = tf.reduce_mean(active) if problem.blocks else tf.constant(0.0)
-
-    def single():
-        used = tf.reduce_mean(tf.cast(problem.channel_used(problem.inputs), tf.float32))
-        return used * pairs
-
-    return tf.cond(tf.equal(problem.batch, 1), single, lambda: pairs)
+def active_fraction(problem):
+    """The cost rule's input: the fraction of (example, group) pairs active."""
+    return tf.reduce_mean(tf.cast(problem.active, tf.float32))
 
 
 def _auto(problem):
-    skip = computed_fraction(problem) <= AUTO_MAX_FRACTION
-    choice = tf.where(skip, tf.where(tf.equal(problem.batch, 1), 0, 1), 2)
-    return tf.switch_case(
-        choice,
-        [lambda: _per_example(problem), lambda: _grouped(problem), lambda: _masked(problem)],
+    # Two nested branches, no switch: every op counts at batch 1.
+    def skip():
+        return tf.cond(
+            tf.equal(problem.batch, 1),
+            lambda: _one_example(problem, problem.inputs, problem.active[0]),
+            lambda: _grouped(problem),
+        )
+
+    return tf.cond(
+        active_fraction(problem) <= AUTO_MAX_FRACTION, skip, lambda: _masked(problem)
     )
 
 
