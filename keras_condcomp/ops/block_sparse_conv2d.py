@@ -180,7 +180,8 @@ class _Problem:
 
     def finish(self, outputs, bias):
         if bias is not None:
-            outputs = outputs + bias
+            # bias_add, which TensorFlow fuses with the convolution (and ReLU).
+            outputs = tf.nn.bias_add(outputs, bias)
         return self.activation(outputs)
 
 
@@ -213,12 +214,14 @@ def _one_example(problem, inputs, active):
     outputs = problem.finish(outputs, bias)
     # Group g reads its position among the computed groups, or a zero group
     # appended after them.
-    shape = tf.shape(outputs)
-    outputs = tf.reshape(outputs, [1, shape[1], shape[2], tf.size(groups), size])
+    rows, cols = outputs.shape[1:3]
+    if rows is None or cols is None:
+        rows, cols = tf.unstack(tf.shape(outputs)[1:3])
+    outputs = tf.reshape(outputs, [1, rows, cols, tf.size(groups), size])
     outputs = tf.concat([outputs, tf.zeros_like(outputs[:, :, :, :1])], axis=3)
     position = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.size(groups))
     outputs = tf.gather(outputs, position, axis=3)
-    return tf.reshape(outputs, [1, shape[1], shape[2], problem.filters])
+    return tf.reshape(outputs, [1, rows, cols, problem.filters])
 
 
 def _per_example(problem):
