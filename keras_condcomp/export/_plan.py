@@ -122,7 +122,7 @@ def _check_budget(layer, value, name):
     return int(value)
 
 
-def block_budgets(model, budget=None, representative_data=None):
+def block_budgets(model, budget=None, representative_data=None, batch_size=1):
     """The number of blocks each gated layer computes per example when exported.
 
     Exported graphs have static shapes: each gated layer computes a fixed
@@ -136,12 +136,19 @@ def block_budgets(model, budget=None, representative_data=None):
       most `blocks`;
     - else every block (nothing dropped, nothing skipped; a warning).
 
+    Layers whose budget counts the groups active in some example of the
+    batch (class attribute `static_budget_scope = "batch"`: GatedConv2D)
+    default to every group when `batch_size` is not 1 (None: dynamic), so
+    that a batch never drops any; they still skip the groups no example of
+    the batch uses, and at batch 1 the defaults above apply.
+
     Args:
         model: the Keras model.
         budget: None (the defaults), an int for every gated layer, or a dict
             `{layer name: int}` (layers not named get the default).
         representative_data: None or `(n, ...)` inputs (a list of arrays for
             several inputs).
+        batch_size: the exported batch size (None: dynamic).
 
     Returns:
         dict: gated layer name -> budget (int in `[1, blocks]`).
@@ -179,7 +186,9 @@ def block_budgets(model, budget=None, representative_data=None):
         if value is not None:
             result[layer.name] = _check_budget(layer, value, "budget")
             continue
-        if representative_data is not None:
+        if getattr(type(layer), "static_budget_scope", "example") == "batch" and batch_size != 1:
+            result[layer.name] = layer.blocks
+        elif representative_data is not None:
             if counts is None:
                 counts = active_block_counts(model, representative_data)
             result[layer.name] = max(1, int(counts[layer.name].max()))

@@ -13,6 +13,8 @@ from keras_condcomp.ops.block_sparse_conv2d import (
     block_sparse_conv2d,
     masked_block_conv2d,
 )
+from keras_condcomp.ops.static_budget_conv2d import static_budget_conv2d
+from keras_condcomp.ops.static_budget_dense import static_budget_settings
 
 __all__ = ["GatedConv2D"]
 
@@ -234,8 +236,23 @@ class GatedConv2D(GatedLayer):
         axes = (1, 2) if self.data_format == "channels_last" else (2, 3)
         return ops.mean(ops.cast(inputs, "float32"), axis=axes)
 
+    # Reads `keras_condcomp.ops.static_budget_settings(self)` when traced for
+    # export (`keras_condcomp.export`): a fixed group budget, static shapes.
+    supports_static_budget = True
+    # The budget counts the groups active in some example of the batch.
+    static_budget_scope = "batch"
+
     def call(self, inputs, training=None):
         mask = self._gate(inputs, training)
+        budget = None if training else static_budget_settings(self)
+        if budget is not None:
+            channels_first = self.data_format == "channels_first"
+            outputs = static_budget_conv2d(
+                ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs,
+                self.kernel, self.bias, mask, self.activation, self.strides,
+                self.padding, self.dilation_rate, budget=budget["budget"],
+            )
+            return ops.transpose(outputs, (0, 3, 1, 2)) if channels_first else outputs
         if training or keras.backend.backend() != "tensorflow":
             return masked_block_conv2d(
                 inputs, self.kernel, self.bias, mask, self.activation,

@@ -264,3 +264,37 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "m.onnx")]) == 1
     assert "cannot load" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_gated_conv2d_stack_exports_and_matches(tmp_path):
+    from keras_condcomp.layers import GatedConv2D
+
+    keras.utils.set_random_seed(9)
+    rng = np.random.default_rng(9)
+    inputs = keras.Input((8, 8, 3))
+    hidden = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu")(inputs)
+    hidden = keras.layers.MaxPooling2D()(hidden)
+    hidden = GatedConv2D(12, 3, blocks=3, strides=1, activation="relu")(hidden)
+    # GlobalAveragePooling2D, not Flatten: see the note on static shapes below.
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(hidden))
+    model = keras.Model(inputs, outputs)
+    gated = [layer for layer in model.layers if hasattr(layer, "policy")]
+    for layer in gated:
+        layer.policy.bias.assign(rng.normal(-0.3, 1.0, layer.blocks).astype("float32"))
+    x = rng.normal(size=(7, 8, 8, 3)).astype("float32")
+    reference = model.predict(x, verbose=0)
+    litert_path, onnx_path = tmp_path / "cnn.tflite", tmp_path / "cnn.onnx"
+    budgets = export_litert(model, litert_path, representative_data=x)
+    counts = active_block_counts(model, x)
+    assert budgets == {name: max(1, int(c.max())) for name, c in counts.items()}
+    assert any(budgets[layer.name] < layer.blocks for layer in gated), budgets
+    ops = litert_op_names(litert_path)
+    assert "CONV_2D" in ops and "GATHER" in ops and not [o for o in ops if o.startswith("CUSTOM")]
+    np.testing.assert_allclose(litert_predict(litert_path, x), reference, atol=ATOL)
+    # Dynamic batch: a conv budget counts the groups of the whole batch, so
+    # it defaults to every group (no batch drops any).
+    assert export_onnx(model, onnx_path) == {layer.name: layer.blocks for layer in gated}
+    for batch_size in (1, 7):
+        np.testing.assert_allclose(
+            onnx_predict(onnx_path, x, batch_size=batch_size), reference, atol=ATOL
+        )

@@ -1,0 +1,108 @@
+"""The export path of a gated convolution: a fixed budget of filter groups per batch.
+
+Static shapes, as `static_budget_dense`, for a channels-last convolution
+whose `blocks` groups of filters are gated per example:
+
+1. the groups active in some example of the batch (the union of the masks;
+   at batch 1, the example's own), `top_k(union, budget)` of them;
+2. one `gather` of the chosen groups' filters from the kernel stored
+   group-major (a folded constant: the weights are stored once), and one
+   convolution with `budget * group_size` output channels;
+3. bias, activation, each example's own mask, and a `gather` along the
+   channels that puts the chosen groups in place (0 for the others).
+
+Exact when the batch has at most `budget` groups active in some example; a
+batch with more loses the active groups of highest index. LiteRT exports use
+batch 1, where that is the example's own number of active groups.
+"""
+
+import tensorflow as tf
+
+__all__ = ["static_budget_conv2d"]
+
+
+def _identity(x):
+    return x
+
+
+def static_budget_conv2d(
+    inputs, kernel, bias, block_mask, activation=None, strides=(1, 1), padding="valid",
+    dilation_rate=(1, 1), *, budget,
+):
+    """A channels-last gated convolution computing `budget` filter groups.
+
+    Args:
+        inputs: `(batch, rows, cols, channels)` float tensor.
+        kernel: `(kernel_rows, kernel_cols, channels, filters)`.
+        bias: `(filters,)` or None.
+        block_mask: `(batch, blocks)` scores; a group is active when its score
+            is > 0 (the threshold policy's 0/1 mask).
+        activation: element-wise callable or None.
+        strides, padding, dilation_rate: as in `keras.layers.Conv2D`.
+        budget: int in `[1, blocks]`: filter groups computed per batch.
+
+    Returns:
+        `(batch, out_rows, out_cols, filters)`: the masked convolution when at
+        most `budget` groups are active in the batch.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.rand(1, 5, 5, 2).astype("float32")
+    >>> k = np.random.rand(3, 3, 2, 8).astype("float32")
+    >>> mask = np.array([[0., 1., 0., 1.]], "float32")
+    >>> y = static_budget_conv2d(x, k, None, mask, padding="same", budget=2).numpy()
+    >>> dense = tf.nn.conv2d(x, k, 1, "SAME").numpy()
+    >>> bool(np.allclose(y[..., 2:4], dense[..., 2:4], atol=1e-5)), float(y[..., :2].max())
+    (True, 0.0)
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    dtype = inputs.dtype
+    kernel = tf.convert_to_tensor(kernel, dtype)
+    scores = tf.cast(tf.convert_to_tensor(block_mask), tf.float32)
+    rows, cols, channels, filters = kernel.shape
+    blocks = scores.shape[-1]
+    if inputs.shape.rank != 4 or inputs.shape[-1] != channels:
+        raise ValueError(
+            f"`inputs` must have shape (batch, rows, cols, {channels}) to match `kernel` "
+            f"{tuple(kernel.shape)}. Received: inputs.shape={tuple(inputs.shape)}"
+        )
+    if blocks is None or filters % blocks:
+        raise ValueError(
+            f"`block_mask` must have shape (batch, blocks) with blocks dividing "
+            f"filters={filters}. Received: block_mask.shape={tuple(scores.shape)}"
+        )
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget <= blocks:
+        raise ValueError(
+            f"`budget` must be an int in [1, blocks={blocks}]. Received: budget={budget!r}"
+        )
+    activation = activation or _identity
+    size = filters // blocks
+
+    _, chosen = tf.math.top_k(tf.reduce_max(scores, axis=0), k=budget)  # (budget,)
+    groups = tf.transpose(tf.reshape(kernel, [rows, cols, channels, blocks, size]), [3, 0, 1, 2, 4])
+    weights = tf.reshape(
+        tf.transpose(tf.gather(groups, chosen), [1, 2, 3, 0, 4]),
+        [rows, cols, channels, budget * size],
+    )
+    outputs = tf.nn.conv2d(
+        inputs, weights, strides=list(strides), padding=padding.upper(),
+        dilations=list(dilation_rate),
+    )
+    if bias is not None:
+        bias = tf.reshape(tf.convert_to_tensor(bias, dtype), [blocks, size])
+        outputs = outputs + tf.reshape(tf.gather(bias, chosen), [budget * size])
+    # Each example's own mask on the chosen groups.
+    keep = tf.cast(tf.gather(scores, chosen, axis=1) > 0, dtype)  # (batch, budget)
+    keep = tf.reshape(tf.repeat(keep, size, axis=1), [-1, 1, 1, budget * size])
+    outputs = tf.concat([activation(outputs) * keep, tf.zeros_like(outputs[..., :1])], axis=-1)
+    # Output channel (group j, unit g) reads chosen channel k * size + g, or
+    # the appended zero channel when group j was not chosen.
+    placed = tf.one_hot(chosen, blocks, dtype=tf.int32)  # (budget, blocks)
+    position = tf.reduce_sum(placed * tf.range(budget)[:, None], axis=0)
+    exists = tf.reduce_sum(placed, axis=0) > 0
+    channel = position[:, None] * size + tf.range(size)[None, :]
+    channel = tf.where(exists[:, None], channel, budget * size)
+    placed = tf.gather(outputs, tf.reshape(channel, [filters]), axis=-1)
+    placed.set_shape(outputs.shape[:-1].concatenate([filters]))
+    return placed
