@@ -1,0 +1,248 @@
+"""GatedConv2D inference speed against keras.layers.Conv2D, side by side.
+
+The stack (CIFAR-like): 32x32x3 input, three 3x3 "same" convolutions with
+ReLU of 64, 128 and 128 filters in 8 groups, 2x2 max pooling after the first
+two, global average pooling and a 10-unit dense head. For each density and
+batch size, one process times, alternating call by call after a warm-up, the
+median of many calls of:
+
+- `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
+- `masked`: the gated stack computing densely and masking (the reference),
+- `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`.
+
+Every model runs as one `tf.function` over `model(x, training=False)`. The
+masks are the layers' own threshold policies, each policy bias set so that
+every group is active for the given fraction of the benchmark inputs:
+per-example masks at the given density, computed by the real layers (policy
+cost included). A skipped group upstream gives zero input channels
+downstream (max pooling keeps them zero), so the second and third layers
+also skip input channels.
+
+Threads are pinned before TensorFlow starts, in a fresh process per setting:
+`--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
+1; `--threads 0` leaves TensorFlow's defaults (all cores).
+
+Writes `benchmarks/results/gated_conv2d.json` and `gated_conv2d.png`
+(speedup over Conv2D vs density, with the ideal line) and prints a table.
+
+    python benchmarks/gated_conv2d.py            # full run (minutes)
+    python benchmarks/gated_conv2d.py --quick    # density 1/4, batch 1, 1 thread
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+INPUT_SHAPE = (32, 32, 3)
+LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
+HEAD = 10
+DENSITIES = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
+BATCH_SIZES = (1, 32)
+PATHS = ("auto", "per_example", "grouped")
+
+
+def _build(seed=0):
+    import keras
+
+    from keras_condcomp.layers import GatedConv2D
+
+    inputs = keras.Input(INPUT_SHAPE)
+    gated, dense = inputs, inputs
+    for i, (filters, blocks) in enumerate(LAYERS):
+        gated = GatedConv2D(filters, 3, blocks, padding="same", activation="relu", seed=seed)(gated)
+        dense = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(dense)
+        if i < len(LAYERS) - 1:
+            gated = keras.layers.MaxPooling2D()(gated)
+            dense = keras.layers.MaxPooling2D()(dense)
+    gated = keras.layers.Dense(HEAD)(keras.layers.GlobalAveragePooling2D()(gated))
+    dense = keras.layers.Dense(HEAD)(keras.layers.GlobalAveragePooling2D()(dense))
+    gated_model, dense_model = keras.Model(inputs, gated), keras.Model(inputs, dense)
+    for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
+        if d.weights:
+            d.kernel.assign(g.kernel)
+            d.bias.assign(g.bias)
+    return gated_model, dense_model
+
+
+def _calibrate(gated_model, x, density):
+    """Sets each policy bias so every group is open for `density` of `x`.
+
+    Returns the per-layer mean densities and the `(examples, layers)` masks'
+    per-example densities.
+    """
+    from keras_condcomp.layers import GatedConv2D
+
+    h = x
+    per_example = []
+    for layer in gated_model.layers[1:]:
+        if isinstance(layer, GatedConv2D):
+            pooled = h.mean(axis=(1, 2))
+            logits = pooled @ layer.policy.kernel.numpy()
+            threshold = np.quantile(logits, 1 - density, axis=0)
+            layer.policy.bias.assign(-threshold)
+            per_example.append(np.asarray(layer.block_mask(h)).mean(axis=1))
+        h = np.asarray(layer(h, training=False))
+    per_example = np.stack(per_example, axis=1)
+    return per_example.mean(axis=0).tolist(), per_example
+
+
+def _ideal_speedup(per_example):
+    """Dense MACs / conditional MACs (policies and input sparsity included)."""
+    size = INPUT_SHAPE[0]
+    channels = INPUT_SHAPE[2]
+    dense = 0.0
+    conditional = np.zeros(len(per_example))
+    in_density = np.ones(len(per_example))
+    for i, (filters, blocks) in enumerate(LAYERS):
+        macs = size * size * 9 * channels * filters
+        dense += macs
+        conditional += channels * blocks + in_density * per_example[:, i] * macs
+        in_density = per_example[:, i]
+        channels = filters
+        if i < len(LAYERS) - 1:
+            size //= 2
+    dense += channels * HEAD
+    conditional += channels * HEAD
+    return float(dense / conditional.mean())
+
+
+def _worker(args):
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.ops import forced_execution
+    from keras_condcomp.speed import median_latencies
+
+    import keras
+
+    keras.utils.set_random_seed(0)  # the same kernels in every process
+    rng = np.random.default_rng(0)
+    gated, dense = _build()
+    data = rng.random((256, *INPUT_SHAPE)).astype("float32")
+    spec = tf.TensorSpec([None, *INPUT_SHAPE], "float32")
+    rows = []
+    for density in args.densities:
+        layer_densities, per_example = _calibrate(gated, data, density)
+        ideal = _ideal_speedup(per_example)
+        for batch in args.batch_sizes:
+            batches = [data[i * batch % 256:][:batch] for i in range(8)]
+            batches = [b for b in batches if len(b) == batch]
+            functions = {
+                "conv2d": tf.function(lambda x: dense(x, training=False), input_signature=[spec])
+            }
+            for path in ("masked",) + tuple(args.paths):
+                fn = tf.function(lambda x: gated(x, training=False), input_signature=[spec])
+                with forced_execution(path):
+                    fn.get_concrete_function()
+                functions[path] = fn
+            calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+            medians = median_latencies(calls, batches, repeats=args.repeats, warmup=3)
+            for name, seconds in medians.items():
+                rows.append({
+                    "density": density, "layer_densities": layer_densities,
+                    "batch": batch, "threads": args.threads or "all", "path": name,
+                    "seconds": seconds, "speedup": medians["conv2d"] / seconds,
+                    "ideal_speedup": ideal,
+                })
+            print(json.dumps({"progress": f"d={density:.3f} b={batch}"}), file=sys.stderr)
+    print(json.dumps(rows))
+
+
+def _table(rows):
+    lines = [f"{'thr':>3} {'batch':>5} {'density':>7} {'conv ms':>8} {'auto':>6} "
+             f"{'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10}"]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
+    for (threads, batch, density), paths in keyed.items():
+        def sp(name):
+            return f"{paths[name]['speedup']:.2f}x" if name in paths else "-"
+        ideal = paths["conv2d"]["ideal_speedup"]
+        auto = paths["auto"]["speedup"] / ideal if "auto" in paths else float("nan")
+        lines.append(
+            f"{threads!s:>3} {batch:>5} {density:>7.3f} {paths['conv2d']['seconds'] * 1e3:>8.3f} "
+            f"{sp('auto'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
+            f"{ideal:>5.1f}x {auto:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.4), squeeze=False)
+    for j, batch in enumerate(batches):
+        ax = axes[0][j]
+        for threads in sorted({str(r["threads"]) for r in rows}):
+            for name, style in (("auto", "o-"), ("per_example", "s:"), ("grouped", "^:")):
+                sel = sorted(
+                    (r["density"], r["speedup"]) for r in rows
+                    if r["batch"] == batch and str(r["threads"]) == threads and r["path"] == name
+                )
+                if sel:
+                    ax.plot(*zip(*sel), style, label=f"{name}, {threads} thread(s)")
+        ideal = sorted({(r["density"], r["ideal_speedup"]) for r in rows if r["batch"] == batch})
+        ax.plot(*zip(*ideal), "k--", label="ideal (MACs)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"3 gated 3x3 convs (64-128-128, 8 groups), batch {batch}", fontsize=8)
+        ax.set_xlabel("density (every gated layer)")
+        ax.set_ylabel("speedup over Conv2D stack")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
+                        help="thread settings to run, each in its own process (0: all cores)")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--quick", action="store_true",
+                        help="density 1/4, batch 1, 1 thread")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.densities, args.batch_sizes, args.threads = [1 / 4], [1], [1]
+    bad = [v for v in args.densities if not 0 < v <= 1]
+    if bad:
+        parser.error(f"--densities must be in (0, 1], got {bad}")
+    if args.worker:
+        args.threads = args.threads[0]
+        return _worker(args)
+    rows = []
+    for threads in args.threads:
+        command = [sys.executable, __file__, "--worker", "--threads", str(threads),
+                   "--repeats", str(args.repeats), "--densities", *map(str, args.densities),
+                   "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"benchmark worker failed (threads={threads})")
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    os.makedirs(args.out, exist_ok=True)
+    name = "gated_conv2d_quick" if args.quick else "gated_conv2d"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows},
+                  f, indent=1)
+    _plot(rows, os.path.join(args.out, f"{name}.png"))
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
