@@ -121,7 +121,6 @@ def export_litert(
     Example:
 
     >>> import os, tempfile, numpy as np, keras
-    >>> from ai_edge_litert.interpreter import Interpreter
     >>> from keras_condcomp.layers import GatedDense
     >>> inputs = keras.Input((8,))
     >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
@@ -129,12 +128,8 @@ def export_litert(
     >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
     >>> export_litert(model, path, budget=4)
     {'g': 4}
-    >>> interpreter = Interpreter(model_path=path)
-    >>> interpreter.allocate_tensors()
-    >>> x = np.random.rand(1, 8).astype("float32")
-    >>> interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    >>> interpreter.invoke()
-    >>> y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    >>> x = np.random.rand(5, 8).astype("float32")
+    >>> y = litert_predict(path, x)  # the ai_edge_litert interpreter, batch 1
     >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
     True
     """
