@@ -49,7 +49,7 @@ def median_latencies(functions, inputs, repeats=50, warmup=5):
 def _compiled_inference(model):
     import tensorflow as tf
 
-    spec = tf.TensorSpec([None, model.inputs[0].shape[-1]], "float32")
+    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], "float32")
 
     @tf.function(input_signature=[spec])
     def run(x):
@@ -72,7 +72,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
         count = max(1, min(16, len(x) // batch_size))
         batches = [x[i * batch_size : (i + 1) * batch_size] for i in range(count)]
         batches = [b for b in batches if len(b) == batch_size] or [
-            np.resize(x, (batch_size, x.shape[1]))
+            np.resize(x, (batch_size, *x.shape[1:]))
         ]
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
@@ -88,7 +88,7 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
 
     Args:
         gated_path, dense_path: `.keras` files.
-        x: example inputs `(n, features)`, cycled through.
+        x: example inputs `(n, ...)`, cycled through.
         batch_sizes: batch sizes to time.
         threads: TensorFlow intra-op threads (inter-op pinned to 1).
         repeats: timed calls per model and batch size (medians reported).

@@ -26,6 +26,23 @@ def test_train_writes_results_and_model(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".keras-condcomp")]
 
 
+def test_train_cnn_writes_results_and_model(tmp_path):
+    out = tmp_path / "run"
+    arguments = ["--model", "cnn", "--filters", "8,8", "--blocks", "4", "--epochs", "1",
+                 "--batch-size", "256", "--speed-repeats", "1", "--verbose", "0",
+                 "--out", str(out)]
+    assert main(["train", *arguments]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "cnn"
+    for key in ("test_accuracy", "dense_test_accuracy", "density", "conditional_macs",
+                "speedup_batch1", "speedup_batch256"):
+        assert key in results
+    assert sorted(results["layer_densities"]) == ["gated_conv_1", "gated_conv_2"]
+    # digits are 8x8x1: 3x3 convs of 8 filters at 8x8, then 8 -> 8 at 4x4, the head
+    assert results["dense_macs"] == 64 * 9 * 1 * 8 + 16 * 9 * 8 * 8 + 8 * 10
+    assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
+
+
 def test_train_on_mnist_directory(tmp_path, rng):
     fake_mnist(tmp_path, rng, compress=True)
     out = tmp_path / "run"
@@ -42,6 +59,8 @@ def test_train_on_mnist_directory(tmp_path, rng):
         (["--epochs", "-2"], "--epochs must be a positive integer"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "not a directory"),
         (["--dataset", "nope"], "dataset='nope'"),
+        (["--model", "cnn", "--filters", "8,12", "--blocks", "8"],
+         "--filters must be comma-separated positive integers divisible by --blocks (8)"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(

@@ -1,11 +1,14 @@
 """Models that train gated layers, and builders of the paper's networks."""
 
+from keras_condcomp.models.cnn import build_dense_cnn, build_gated_cnn
 from keras_condcomp.models.mlp import build_dense_mlp, build_gated_mlp, equal_macs_width
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel, gated_layers
 
 __all__ = [
     "PolicyGradientModel",
+    "build_dense_cnn",
     "build_dense_mlp",
+    "build_gated_cnn",
     "build_gated_mlp",
     "equal_macs_width",
     "gated_layers",

@@ -1,0 +1,85 @@
+"""Builders of a small gated CNN and of its same-width Conv2D baseline."""
+
+import keras
+
+from keras_condcomp.layers.gated_conv2d import GatedConv2D
+from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
+
+__all__ = ["build_dense_cnn", "build_gated_cnn"]
+
+
+def _check_filters(filters, blocks):
+    if not filters or any(
+        isinstance(f, bool) or not isinstance(f, int) or f <= 0 or f % blocks for f in filters
+    ):
+        raise ValueError(
+            "`filters` must be a non-empty sequence of positive integers divisible "
+            f"by `blocks`. Received: filters={filters!r}, blocks={blocks!r}"
+        )
+
+
+def build_gated_cnn(
+    input_shape, num_classes, filters=(32, 64), blocks=8, activation="relu", **gate_kwargs
+):
+    """`input -> [GatedConv2D(f, 3, blocks) -> MaxPooling2D] ... -> GAP -> Dense` logits.
+
+    One 3x3 "same" gated convolution per entry of `filters`, each but the
+    last followed by 2x2 max pooling (which keeps the skipped groups' zero
+    channels zero, so the next gated layer skips them too), then global
+    average pooling and the `num_classes` logits.
+
+    Args:
+        input_shape: `(rows, cols, channels)` of an example.
+        num_classes: output logits.
+        filters: filters of each gated convolution.
+        blocks: groups per gated convolution (dividing every `filters`).
+        activation: of every gated convolution.
+        **gate_kwargs: passed to every `GatedConv2D` (target_density, ...).
+
+    Returns:
+        an uncompiled `PolicyGradientModel`.
+
+    Example:
+
+    >>> model = build_gated_cnn((8, 8, 1), 10, filters=(16, 32), blocks=4)
+    >>> print(" -> ".join(type(layer).__name__ for layer in model.layers[1:]))
+    GatedConv2D -> MaxPooling2D -> GatedConv2D -> GlobalAveragePooling2D -> Dense
+    """
+    filters = tuple(filters)
+    _check_filters(filters, blocks)
+    seed = gate_kwargs.pop("seed", None)
+    inputs = keras.Input(tuple(input_shape), name="inputs")
+    hidden = inputs
+    for index, width in enumerate(filters):
+        hidden = GatedConv2D(
+            width,
+            3,
+            blocks,
+            padding="same",
+            activation=activation,
+            seed=None if seed is None else seed + index,
+            name=f"gated_conv_{index + 1}",
+            **gate_kwargs,
+        )(hidden)
+        if index < len(filters) - 1:
+            hidden = keras.layers.MaxPooling2D(name=f"pool_{index + 1}")(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool")(hidden)
+    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    return PolicyGradientModel(inputs, outputs, name="gated_cnn")
+
+
+def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu"):
+    """The same-shaped plain Keras CNN, `keras.layers.Conv2D` in place of GatedConv2D."""
+    filters = tuple(filters)
+    _check_filters(filters, 1)
+    inputs = keras.Input(tuple(input_shape), name="inputs")
+    hidden = inputs
+    for index, width in enumerate(filters):
+        hidden = keras.layers.Conv2D(
+            width, 3, padding="same", activation=activation, name=f"conv_{index + 1}"
+        )(hidden)
+        if index < len(filters) - 1:
+            hidden = keras.layers.MaxPooling2D(name=f"pool_{index + 1}")(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool")(hidden)
+    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    return keras.Model(inputs, outputs, name="dense_cnn")
