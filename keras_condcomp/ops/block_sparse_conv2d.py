@@ -138,7 +138,7 @@ def masked_block_conv2d(
     active = active[:, :, None, None] if channel_axis == 1 else active[:, None, None, :]
     # A select, not a product: TensorFlow's graph optimiser mis-folds a
     # convolution times a constant broadcast mask into the kernel (crash).
-    return ops.where(active, outputs, ops.zeros_like(outputs))
+    return ops.where(active, outputs, ops.convert_to_tensor(0, outputs.dtype))
 
 
 def _identity(x):
@@ -302,7 +302,7 @@ def _masked(problem):
     outputs = problem.finish(problem.conv(problem.inputs, problem.kernel), problem.bias)
     active = tf.repeat(problem.active, problem.group_size, axis=-1)
     # A select, not a product (see masked_block_conv2d).
-    return tf.where(active[:, None, None, :], outputs, tf.zeros_like(outputs))
+    return tf.where(active[:, None, None, :], outputs, tf.constant(0, outputs.dtype))
 
 
 def active_fraction(problem):
