@@ -20,10 +20,18 @@ layers) are recorded. The export budgets are measured on the benchmark
 inputs (the largest number of active blocks of an example: nothing dropped),
 so exported outputs equal Keras `predict`; that is checked.
 
+The CNN stack of `benchmarks/gated_conv2d.py` (32x32x3; 3x3 convolutions of
+64, 128, 128 filters in 8 groups; pooling; a 10-unit head) is timed the same
+way at densities 1/8 to 1/2, each policy bias set so that every group is open
+for that fraction of random inputs (random per-example masks; the budgets,
+the most active groups of an input, are then above the mean). Its ONNX
+export uses a static batch of 1 (a GatedConv2D budget counts the groups of a
+batch).
+
 Writes `benchmarks/results/export.json` and `export.png` and prints a table.
 
-    python benchmarks/export.py              # densities 1/16 .. 1/2
-    python benchmarks/export.py --repeats 50 --densities 0.0625
+    python benchmarks/export.py              # MLP densities 1/16 .. 1/2, CNN 1/8 .. 1/2
+    python benchmarks/export.py --repeats 50 --densities 0.0625 --cnn-densities
 """
 
 import argparse
@@ -37,6 +45,12 @@ import numpy as np
 
 INPUT_DIM, UNITS, BLOCKS, CLASSES = 3072, 1536, 24, 10
 DENSITIES = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+# The CNN stack of benchmarks/gated_conv2d.py: 32x32x3, 3x3 "same" convolutions
+# of (filters, groups), 2x2 max pooling after the first two, global average
+# pooling, a 10-unit head.
+CNN_INPUT = (32, 32, 3)
+CNN_LAYERS = [(64, 8), (128, 8), (128, 8)]
+CNN_DENSITIES = (1 / 8, 1 / 4, 1 / 2)
 
 
 def _models(seed=0):
@@ -79,6 +93,54 @@ def _models(seed=0):
     return gated_model, dense_model
 
 
+def _cnn_models(seed=0):
+    import keras
+
+    from keras_condcomp.layers import GatedConv2D
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(CNN_INPUT, name="inputs")
+    gated, dense = inputs, inputs
+    for i, (filters, groups) in enumerate(CNN_LAYERS):
+        gated = GatedConv2D(filters, 3, groups, padding="same", activation="relu")(gated)
+        dense = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(dense)
+        if i < len(CNN_LAYERS) - 1:
+            gated = keras.layers.MaxPooling2D()(gated)
+            dense = keras.layers.MaxPooling2D()(dense)
+    gated = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(gated))
+    dense = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(dense))
+    gated_model = keras.Model(inputs, gated, name="gated_cnn")
+    dense_model = keras.Model(inputs, dense, name="dense_cnn")
+    for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
+        if d.weights:
+            d.kernel.assign(g.kernel)
+            d.bias.assign(g.bias)
+    return gated_model, dense_model
+
+
+def _cnn_calibrate(gated_model, x, density):
+    """Sets each policy bias so every group is open for `density` of `x` (random per example)."""
+    h = x
+    for layer in gated_model.layers[1:]:
+        if hasattr(layer, "policy"):
+            logits = h.mean(axis=(1, 2)) @ layer.policy.kernel.numpy()
+            layer.policy.bias.assign(-np.quantile(logits, 1 - density, axis=0))
+        h = np.asarray(layer(h, training=False))
+
+
+def _cnn_ideal_speedup(budgets):
+    size, channels = CNN_INPUT[0], CNN_INPUT[2]
+    dense = conditional = 0.0
+    for i, ((filters, groups), budget) in enumerate(zip(CNN_LAYERS, budgets.values())):
+        macs = size * size * 9 * channels * filters
+        dense += macs
+        conditional += channels * groups + macs * budget / groups
+        channels = filters
+        if i < len(CNN_LAYERS) - 1:
+            size //= 2
+    return (dense + channels * CLASSES) / (conditional + channels * CLASSES)
+
+
 def _inputs(density, n, seed=1):
     """`n` inputs whose selections have floor/ceil(24 density) blocks, mean 24 density."""
     rng = np.random.default_rng(seed)
@@ -104,25 +166,36 @@ def _ideal_speedup(budgets):
     return dense / conditional
 
 
-def run(densities, repeats, workdir):
+def run(densities, repeats, workdir, shape="mlp"):
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
     from keras_condcomp.export import active_block_counts, export_litert, export_onnx
+    from keras_condcomp.models.policy_gradient_model import gated_layers
     from keras_condcomp.speed import median_latencies
 
     rows = []
-    gated, dense = _models()
+    gated, dense = _models() if shape == "mlp" else _cnn_models()
+    blocks = {layer.name: layer.blocks for layer in gated_layers(gated)}
     for density in densities:
-        x = _inputs(density, 64)
+        if shape == "mlp":
+            x = _inputs(density, 64)
+        else:
+            x = np.random.default_rng(1).random((64,) + CNN_INPUT).astype("float32")
+            _cnn_calibrate(gated, x, density)
         counts = active_block_counts(gated, x)
-        measured = {name: float(c.mean() / BLOCKS) for name, c in counts.items()}
+        measured = {name: float(c.mean() / blocks[name]) for name, c in counts.items()}
         reference = gated.predict(x, verbose=0)
         files, calls, errors = {}, {}, {}
         for kind, model in (("gated", gated), ("dense", dense)):
             onnx_path = os.path.join(workdir, f"{kind}.onnx")
             litert_path = os.path.join(workdir, f"{kind}.tflite")
-            budgets = export_onnx(model, onnx_path, representative_data=x)
+            # A GatedConv2D budget counts the groups of a batch: batch 1 keeps
+            # it per example (the MLP keeps ONNX's dynamic batch).
+            budgets = export_onnx(
+                model, onnx_path, representative_data=x,
+                batch_size=None if shape == "mlp" else 1,
+            )
             export_litert(model, litert_path, representative_data=x)
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
@@ -147,38 +220,42 @@ def run(densities, repeats, workdir):
             files[f"litert_{kind}"] = os.path.getsize(litert_path)
             if kind == "gated":
                 gated_budgets = budgets
-                errors["onnx"] = float(np.abs(onnx_call(x) - reference).max())
+                errors["onnx"] = float(max(
+                    np.abs(onnx_call(x[i:i + 1]) - reference[i:i + 1]).max() for i in range(len(x))
+                ))
                 errors["litert"] = float(max(
                     np.abs(litert_call(x[i:i + 1]) - reference[i:i + 1]).max() for i in range(len(x))
                 ))
         batches = [x[i:i + 1] for i in range(16)]
         medians = median_latencies(calls, batches, repeats=repeats, warmup=20)
         for runtime in ("onnx", "litert"):
+            ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(gated_budgets)
             rows.append({
-                "runtime": runtime, "density": density, "measured_densities": measured,
-                "budgets": gated_budgets,
-                "computed_density": {k: v / BLOCKS for k, v in gated_budgets.items()},
+                "shape": shape, "runtime": runtime, "density": density,
+                "measured_densities": measured, "budgets": gated_budgets,
+                "computed_density": {k: v / blocks[k] for k, v in gated_budgets.items()},
                 "gated_ms": medians[f"{runtime}_gated"] * 1e3,
                 "dense_ms": medians[f"{runtime}_dense"] * 1e3,
                 "speedup": medians[f"{runtime}_dense"] / medians[f"{runtime}_gated"],
-                "ideal_speedup": _ideal_speedup(gated_budgets),
+                "ideal_speedup": ideal,
                 "gated_bytes": files[f"{runtime}_gated"], "dense_bytes": files[f"{runtime}_dense"],
                 "file_ratio": files[f"{runtime}_gated"] / files[f"{runtime}_dense"],
                 "max_abs_error_vs_keras": errors[runtime], "repeats": repeats,
             })
-            print(json.dumps({"progress": f"{runtime} d={density:.4f}", "speedup": rows[-1]["speedup"]}),
+            print(json.dumps({"progress": f"{shape} {runtime} d={density:.4f}",
+                              "speedup": rows[-1]["speedup"]}),
                   file=sys.stderr)
     return rows
 
 
 def _table(rows):
-    lines = [f"{'runtime':8} {'density':>8} {'measured':>9} {'budget':>7} {'dense ms':>9} "
+    lines = [f"{'shape':5} {'runtime':8} {'density':>8} {'measured':>9} {'budget':>8} {'dense ms':>9} "
              f"{'gated ms':>9} {'speedup':>8} {'ideal':>7} {'file ratio':>10} {'max err':>9}"]
     for r in rows:
         measured = np.mean(list(r["measured_densities"].values()))
         budget = "/".join(str(v) for v in r["budgets"].values())
         lines.append(
-            f"{r['runtime']:8} {r['density']:>8.4f} {measured:>9.4f} {budget:>7} "
+            f"{r['shape']:5} {r['runtime']:8} {r['density']:>8.4f} {measured:>9.4f} {budget:>8} "
             f"{r['dense_ms']:>9.3f} {r['gated_ms']:>9.3f} {r['speedup']:>7.2f}x "
             f"{r['ideal_speedup']:>6.1f}x {r['file_ratio']:>10.3f} {r['max_abs_error_vs_keras']:>9.1e}"
         )
@@ -191,20 +268,25 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for runtime, style in (("onnx", "o-"), ("litert", "s-")):
-        sel = sorted((r["density"], r["speedup"]) for r in rows if r["runtime"] == runtime)
-        ax.plot(*zip(*sel), style, label=f"{runtime}, 1 thread, batch 1")
-    ideal = sorted({(r["density"], r["ideal_speedup"]) for r in rows})
-    ax.plot(*zip(*ideal), "k--", label="ideal (MACs at the budget)")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.axhline(4.0, color="red", lw=0.8, ls=":", label="target at 1/16")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("density (mean fraction of active blocks)")
-    ax.set_ylabel("speedup over the dense export")
-    ax.set_title("Exported 3072-24x64-24x64-10 MLP", fontsize=10)
-    ax.legend(fontsize=7)
+    shapes = [s for s in ("mlp", "cnn") if any(r["shape"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 3.8), squeeze=False)
+    titles = {"mlp": "MLP 3072-24x64-24x64-10", "cnn": "CNN 32x32x3, 64-128-128 filters, 8 groups"}
+    for ax, shape in zip(axes[0], shapes):
+        sel_rows = [r for r in rows if r["shape"] == shape]
+        for runtime, style in (("onnx", "o-"), ("litert", "s-")):
+            sel = sorted((r["density"], r["speedup"]) for r in sel_rows if r["runtime"] == runtime)
+            ax.plot(*zip(*sel), style, label=f"{runtime}, 1 thread, batch 1")
+        ideal = sorted({(r["density"], r["ideal_speedup"]) for r in sel_rows})
+        ax.plot(*zip(*ideal), "k--", label="ideal (MACs at the budget)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        if shape == "mlp":
+            ax.axhline(4.0, color="red", lw=0.8, ls=":", label="target at 1/16")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("density (mean fraction of active blocks)")
+        ax.set_ylabel("speedup over the dense export")
+        ax.set_title(f"Exported {titles[shape]}", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -212,6 +294,8 @@ def _plot(rows, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--cnn-densities", nargs="*", type=float, default=list(CNN_DENSITIES),
+                        help="densities of the GatedConv2D stack (none: skip it)")
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
@@ -221,6 +305,8 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(args.densities, args.repeats, workdir)
+        if args.cnn_densities:
+            rows += run(args.cnn_densities, args.repeats, workdir, shape="cnn")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "export.json"), "w") as f:
         json.dump({"cpu_count": os.cpu_count(), "load": os.getloadavg(), "rows": rows}, f, indent=1)
