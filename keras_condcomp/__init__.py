@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from keras_condcomp import callbacks, layers, models, ops, profiling, regularizers
+from keras_condcomp import callbacks, export, layers, models, ops, profiling, regularizers
 from keras_condcomp.layers import BernoulliPolicy, GatedConv2D, GatedDense
 from keras_condcomp.models import PolicyGradientModel
 from keras_condcomp.profiling import summary
@@ -14,6 +14,7 @@ __all__ = [
     "PolicyGradientModel",
     "__version__",
     "callbacks",
+    "export",
     "layers",
     "models",
     "ops",

@@ -97,7 +97,14 @@ def active_block_counts(model, data, batch_size=256):
     arrays = _as_inputs(model, data)
     if not layers:
         return {}
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    try:
+        probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read the inputs of the gated layers of {model.name!r} (gated "
+            "layers inside nested models?): pass `budget` instead of "
+            "`representative_data` to choose the budgets."
+        ) from error
     seen = probe.predict(arrays if len(arrays) > 1 else arrays[0], batch_size=batch_size, verbose=0)
     if len(layers) == 1:
         seen = [seen]
