@@ -152,21 +152,21 @@ def _add_export_parser(commands):
     export.add_argument("--out", required=True, help="the file to write (.onnx or .tflite)")
     export.add_argument(
         "--batch-size", type=_positive_int("--batch-size"), default=None,
-        help="static batch size (default: dynamic for onnx, 1 for litert)",
+        help="static batch size; when not given, dynamic for onnx and 1 for litert",
     )
     export.add_argument("--opset", type=_positive_int("--opset"), default=None,
-                        help="ONNX opset (default: tf2onnx's)")
+                        help="ONNX opset; when not given, tf2onnx's")
     export.add_argument("--quantize", choices=("int8", "float16"), default=None,
                         help="LiteRT post-training quantisation")
     export.add_argument(
         "--budget", type=_positive_int("--budget"), default=None,
-        help="blocks computed per example by every gated layer (default: the most "
-             "active blocks of a training example, else 2 x target density)",
+        help="blocks computed per example by every gated layer; when not given, the "
+             "most active blocks of a training example, else 2 x target density",
     )
     export.add_argument(
         "--dataset", default=None,
-        help="dataset for budgets, int8 calibration and the accuracy check "
-             "(default: the one in results.json beside the model, if any)",
+        help="dataset for budgets, int8 calibration and the accuracy check; when not "
+             "given, the one in results.json beside the model, if any",
     )
     export.add_argument("--data-dir", default=None, help="directory of the dataset's files")
 
