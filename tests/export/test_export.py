@@ -1,6 +1,5 @@
 """Export to ONNX and LiteRT: parity with Keras, builtin ops only, skipping kept, errors."""
 
-import json
 import os
 
 import keras
