@@ -157,7 +157,7 @@ def _add_export_parser(commands):
     export.add_argument("--opset", type=_positive_int("--opset"), default=None,
                         help="ONNX opset; when not given, tf2onnx's")
     export.add_argument("--quantize", choices=("int8", "float16"), default=None,
-                        help="LiteRT post-training quantisation")
+                        help="LiteRT weights stored as int8 or float16")
     export.add_argument(
         "--budget", type=_positive_int("--budget"), default=None,
         help="blocks computed per example by every gated layer; when not given, the "
@@ -165,7 +165,7 @@ def _add_export_parser(commands):
     )
     export.add_argument(
         "--dataset", default=None,
-        help="dataset for budgets, int8 calibration and the accuracy check; when not "
+        help="dataset for budgets and the accuracy check; when not "
              "given, the one in results.json beside the model, if any",
     )
     export.add_argument("--data-dir", default=None, help="directory of the dataset's files")
@@ -448,9 +448,8 @@ EXPORT_DESCRIPTION = """Export a gated model to ONNX or LiteRT (keras_condcomp.e
 Gated layers keep skipping in the exported graph: each computes a fixed
 budget of blocks per example. With a dataset (given, or named in the
 results.json that `train` wrote beside the model) the budgets are the most
-active blocks of a training example, int8 calibrates on training examples,
-and the test accuracy of the exported model in its runtime is compared with
-Keras's.
+active blocks of a training example, and the test accuracy of the exported
+model in its runtime (quantised or not) is compared with Keras's.
 """
 
 
@@ -498,8 +497,6 @@ def export(args):
     if dataset is not None:
         order = np.random.default_rng(0).permutation(len(dataset.x_train))[:1000]
         representative = dataset.x_train[order]
-    elif args.quantize == "int8":
-        raise CommandError("--quantize int8 needs a dataset to calibrate on (--dataset)")
     budget = None
     if args.budget is not None:
         budget = {layer.name: min(args.budget, layer.blocks) for layer in _gated(model)}
