@@ -187,3 +187,20 @@ def test_bad_inputs_and_layers_are_refused(rng):
         GatedConv2D.from_conv(keras.layers.Dense(4), blocks=2)
     with pytest.raises(ValueError, match="groups=2"):
         GatedConv2D.from_conv(keras.layers.Conv2D(4, 3, groups=2), blocks=2)
+
+
+def test_profile_counts_group_sparsity_through_pooling():
+    from keras_condcomp.profiling import gated_inputs, profile_macs
+
+    inputs = keras.Input((8, 8, 2))
+    hidden = GatedConv2D(8, 3, 4, padding="same", name="a")(inputs)
+    hidden = keras.layers.MaxPooling2D()(hidden)
+    hidden = GatedConv2D(16, 3, 4, padding="same", name="b")(hidden)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(hidden))
+    assert gated_inputs(model) == {"a": None, "b": "a"}
+    profile = profile_macs(model, densities={"a": 0.5, "b": 0.25})
+    a, b = profile.layer("a"), profile.layer("b")
+    assert (a.dense_macs, a.policy_macs) == (64 * 9 * 2 * 8, 2 * 4)
+    assert (b.dense_macs, b.policy_macs) == (16 * 9 * 8 * 16, 8 * 4)
+    expected = 2 * 4 + 0.5 * a.dense_macs + 8 * 4 + 0.5 * 0.25 * b.dense_macs
+    assert profile.conditional_macs == pytest.approx(expected)
