@@ -147,8 +147,8 @@ def test_budget_drops_the_active_blocks_of_highest_index():
 
 
 def test_int8_litert_is_smaller_and_close(tmp_path):
-    model = _stack(11, 64, [(64, 4)], 3)  # weights large enough to be quantised
-    x = np.random.default_rng(12).normal(size=(16, 64)).astype("float32")
+    model = _stack(11, 128, [(128, 4)], 3)  # weights large enough to be quantised
+    x = np.random.default_rng(12).normal(size=(16, 128)).astype("float32")
     paths = {name: tmp_path / f"{name}.tflite" for name in ("float32", "int8")}
     export_litert(model, paths["float32"], budget=4)
     export_litert(model, paths["int8"], quantize="int8", budget=4)
