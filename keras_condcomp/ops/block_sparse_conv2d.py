@@ -439,7 +439,11 @@ def block_sparse_conv2d(
             inputs, kernel, bias if has_bias else None, block_mask, activation,
             strides, padding, dilation_rate,
         )
-        return _PATHS[path](problem)
+        outputs = _PATHS[path](problem)
+        # The paths' control flow loses the static shape; layers after a
+        # gated convolution (Flatten -> GatedDense) need it.
+        outputs.set_shape([inputs.shape[0], *_output_shape(problem)[1:]])
+        return outputs
     run = _compiled_path(
         path, activation, tuple(inputs.shape[1:]), tuple(kernel.shape), blocks,
         inputs.dtype, has_bias, strides, padding, dilation_rate,

@@ -65,6 +65,20 @@ def test_every_execution_path_matches_masked_reference(rng, execution):
         np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
+def test_predict_through_flatten_into_a_gated_dense(rng):
+    # Inside predict's graph the skipping paths must keep the static shape,
+    # or Flatten -> GatedDense cannot be built on the convolution's output.
+    from keras_condcomp.layers import GatedDense
+
+    inputs = keras.Input((6, 6, 2))
+    hidden = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu")(inputs)
+    hidden = GatedDense(8, blocks=2)(keras.layers.Flatten()(hidden))
+    model = keras.Model(inputs, hidden)
+    x = rng.normal(size=(5, 6, 6, 2)).astype("float32")
+    got = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got, model(x, training=False), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "strides, padding, dilation_rate",
     [(1, "valid", 1), (2, "same", 1), ((2, 1), "valid", 1), (2, "valid", 1),
