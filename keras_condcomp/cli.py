@@ -87,7 +87,7 @@ def _parser():
         help="'mlp': GatedDense layers (--units, --layers); 'cnn': GatedConv2D "
              "layers (--filters) on the images, against a same-width Conv2D CNN",
     )
-    train.add_argument("--units", type=_positive_int("--units"), default=1024)
+    train.add_argument("--units", type=_positive_int("--units"), default=2048)
     train.add_argument(
         "--blocks", type=_positive_int("--blocks"), default=None,
         help=f"blocks per gated layer (default: {MODEL_DEFAULTS['mlp']['blocks']} for mlp, "
