@@ -57,6 +57,7 @@ def _models(seed=0):
     import keras
 
     from keras_condcomp.layers import GatedDense
+    from keras_condcomp.ops import to_block_kernel
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((INPUT_DIM,), name="inputs")
@@ -80,7 +81,7 @@ def _models(seed=0):
     block = UNITS // BLOCKS
     k1[:BLOCKS] = 0.0
     k1[np.arange(BLOCKS), np.arange(BLOCKS) * block] = 50.0
-    g1.kernel.assign(k1)
+    g1.block_kernel.assign(to_block_kernel(k1, BLOCKS))
     # ... which policy 2 reads through a random permutation of the blocks.
     permutation = rng.permutation(BLOCKS)
     z2 = rng.normal(0, 1e-3, (UNITS, BLOCKS)).astype("float32")

@@ -11,9 +11,11 @@ from keras_condcomp.layers._gated_layer import (  # noqa: F401  (re-exported)
     validate_gating_arguments,
 )
 from keras_condcomp.ops import (
+    block_dense,
     block_sparse_dense,
     forced_execution_path,
-    masked_block_dense,
+    from_block_kernel,
+    to_block_kernel,
 )
 from keras_condcomp.ops.static_budget_dense import (
     static_budget_dense,
@@ -38,6 +40,16 @@ class GatedDense(GatedLayer):
     so a following gated layer reads a block-sparse input. At inference the
     skipped blocks are not computed (`keras_condcomp.ops.block_sparse_dense`);
     in training the masked product is used, since every block gets gradients.
+
+    Weights: `block_kernel`, the Dense kernel stored block-major, shape
+    `(blocks, input_dim, units // blocks)`, so that skipping reads each
+    active block's weights contiguously (`keras_condcomp.ops.to_block_kernel`);
+    `bias`, shape `(units,)`; and the policy's. `layer.kernel` is the
+    `(input_dim, units)` kernel of `keras.layers.Dense` (a tensor, like
+    `Dense.kernel` with LoRA): set it with
+    `layer.block_kernel.assign(to_block_kernel(kernel, layer.blocks))`, or
+    convert a layer with `GatedDense.from_dense`. Initializers, regularizers
+    and constraints see the `(input_dim, units)` kernel, as in Dense.
 
     The policy is trained by `keras_condcomp.PolicyGradientModel` (REINFORCE);
     the layer adds the regularisers `sparsity_weight (L_b + L_e) +
@@ -161,14 +173,33 @@ class GatedDense(GatedLayer):
         """Units per block."""
         return self.units // self.blocks
 
+    @property
+    def kernel(self):
+        """The `(input_dim, units)` kernel of `keras.layers.Dense` (a tensor)."""
+        if not self.built:
+            raise AttributeError("`kernel` is created when the layer is built.")
+        return from_block_kernel(self.block_kernel)
+
     def build(self, input_shape):
         input_dim = input_shape[-1]
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_dim, self.units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
+        dense_shape = (input_dim, self.units)
+
+        def initializer(shape, dtype=None):
+            return to_block_kernel(self.kernel_initializer(dense_shape, dtype), self.blocks)
+
+        def regularizer(block_kernel):
+            return self.kernel_regularizer(from_block_kernel(block_kernel))
+
+        def constraint(block_kernel):
+            dense = self.kernel_constraint(from_block_kernel(block_kernel))
+            return to_block_kernel(dense, self.blocks)
+
+        self.block_kernel = self.add_weight(
+            name="block_kernel",
+            shape=(self.blocks, input_dim, self.block_size),
+            initializer=initializer,
+            regularizer=regularizer if self.kernel_regularizer else None,
+            constraint=constraint if self.kernel_constraint else None,
         )
         self.bias = None
         if self.use_bias:
@@ -194,12 +225,15 @@ class GatedDense(GatedLayer):
                 inputs, self.kernel, self.bias, mask, self.activation, **budget
             )
         if training or keras.backend.backend() != "tensorflow":
-            return masked_block_dense(
-                inputs, self.kernel, self.bias, mask, self.activation
-            )
+            outputs = block_dense(inputs, self.block_kernel)
+            if self.bias is not None:
+                outputs = outputs + self.bias
+            if self.activation is not None:
+                outputs = self.activation(outputs)
+            return outputs * ops.cast(ops.repeat(mask, self.block_size, axis=-1), outputs.dtype)
         return block_sparse_dense(
             inputs,
-            ops.convert_to_tensor(self.kernel),
+            ops.convert_to_tensor(self.block_kernel),
             None if self.bias is None else ops.convert_to_tensor(self.bias),
             mask,
             self.activation,
@@ -240,7 +274,7 @@ class GatedDense(GatedLayer):
         layer = cls(blocks=blocks, **{**config, **gate_kwargs})
         if dense.built:
             layer.build((None, dense.kernel.shape[0]))
-            layer.kernel.assign(dense.kernel)
+            layer.block_kernel.assign(to_block_kernel(dense.kernel, blocks))
             if dense.use_bias:
                 layer.bias.assign(dense.bias)
         return layer

@@ -1,5 +1,6 @@
 """Block-sparse execution: the masked reference and the paths that skip work."""
 
+from keras_condcomp.ops.block_kernel import block_dense, from_block_kernel, to_block_kernel
 from keras_condcomp.ops.block_sparse_conv2d import (
     CONV2D_EXECUTION_PATHS,
     block_sparse_conv2d,
@@ -18,13 +19,16 @@ from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_
 __all__ = [
     "CONV2D_EXECUTION_PATHS",
     "EXECUTION_PATHS",
+    "block_dense",
     "block_sparse_conv2d",
     "block_sparse_dense",
     "cost_constants",
     "expand_block_mask",
     "forced_execution",
     "forced_execution_path",
+    "from_block_kernel",
     "masked_block_conv2d",
     "masked_block_dense",
     "set_cost_constants",
+    "to_block_kernel",
 ]

@@ -7,11 +7,13 @@ so only non-zero input units are read. That is exact whatever the upstream
 layer (an active unit that happens to be 0 contributes nothing), and ReLU
 zeros are skipped for free.
 
-The kernel keeps the `(input_dim, units)` layout of `keras.layers.Dense` and
-is never copied whole: it is viewed, without a copy, as `(input_dim * blocks,
-block_size)`, whose row `i * blocks + j` is input unit `i`'s slice of output
-block `j`. One `tf.gather` of rows of that view fetches exactly the weight
-tiles (active inputs x active output blocks) that a path needs.
+The weights are in `GatedDense`'s block-major layout (`block_kernel`, shape
+`(blocks, input_dim, block_size)`, see `keras_condcomp.ops.to_block_kernel`),
+viewed without a copy as `(blocks * input_dim, block_size)`, whose row
+`j * input_dim + i` is input unit `i`'s slice of output block `j`. One
+`tf.gather` of rows of that view fetches exactly the weight tiles (active
+inputs x active output blocks) that a path needs, and the rows of a block's
+tile are consecutive in memory.
 
 Paths (TensorFlow graphs; one trace serves every batch size):
 
@@ -39,19 +41,21 @@ example and `n` the number of blocks active in some example:
 
     masked      = max(B d u / gemm, d u / read)
     per_example = P R s (1 / copy + 1 / matvec) + overhead
-    grouped     = n r s / copy + P r s / batched + overhead
+    grouped     = n r s / copy + max(n C r s / batched, n r s / read) + overhead
+
+with `C` the most examples sharing a block (the grouped product is padded to
+it). The copy term is 0 when every block and every input is used: the kernel
+is then read in place, and like the dense product it cannot beat streaming the
+weights it touches.
 
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
-the weights per ns a strided `tf.gather` copies, `matvec` and `batched` the
+the weights per ns `tf.gather` copies, `matvec` and `batched` the
 multiply-adds per ns of batches of small products, and `overhead` the fixed
 cost of a skipping path's extra graph ops, which keeps small layers (e.g.
 784 -> 256 at batch 1) on the dense path. Only their ratios matter. The
 defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
-Xeon; `set_cost_constants` changes them for other machines. Note how slow
-`copy` is next to `read`: the rows of a block's column slice of the
-`(input_dim, units)` kernel lie `units` floats apart, so every 64-float tile
-row is a separate cache miss that the hardware prefetcher does not follow.
+Xeon; `set_cost_constants` changes them for other machines.
 """
 
 import contextlib
@@ -59,7 +63,7 @@ import threading
 
 import tensorflow as tf
 
-from keras_condcomp.ops.masked_reference import masked_block_dense
+from keras_condcomp.ops.block_kernel import block_dense
 
 __all__ = [
     "block_sparse_dense",
@@ -162,16 +166,15 @@ def _identity(x):
 class _Problem:
     """The shapes and index sets of one call, shared by the paths."""
 
-    def __init__(self, inputs, kernel, bias, block_mask, activation, blocks):
+    def __init__(self, inputs, block_kernel, bias, block_mask, activation):
         self.inputs = inputs
         self.bias = bias
         self.activation = activation
-        self.blocks = blocks
-        self.input_dim = kernel.shape[0]
-        self.units = kernel.shape[-1]
-        self.block_size = self.units // blocks
-        # Row `i * blocks + j` is input unit i's slice of output block j.
-        self.tiles = tf.reshape(kernel, [self.input_dim * blocks, self.block_size])
+        self.block_kernel = block_kernel
+        self.blocks, self.input_dim, self.block_size = block_kernel.shape
+        self.units = self.blocks * self.block_size
+        # Row `j * input_dim + i` is input unit i's slice of output block j.
+        self.tiles = tf.reshape(block_kernel, [self.blocks * self.input_dim, self.block_size])
         self.batch = tf.shape(inputs)[0]
         self.active = block_mask > 0
         self.nonzero = tf.not_equal(inputs, 0)
@@ -200,7 +203,8 @@ def _nonzero_rows_per_example(problem):
     """`(batch, R)` input-unit indices and values of each example's non-zeros.
 
     Padded with index 0 and value 0 (which contributes nothing). Falls back to
-    every input unit when some example is dense enough.
+    every input unit when some example is dense enough; also returns whether
+    it did not (the rows are a subset).
     """
     def sparse():
         where = tf.where(problem.nonzero)
@@ -218,22 +222,40 @@ def _nonzero_rows_per_example(problem):
         return rows, problem.inputs
 
     sparse_enough = tf.cast(problem.most_nonzero, tf.float32) <= problem.sparse_limit
-    return tf.cond(sparse_enough, sparse, dense)
+    rows, values = tf.cond(sparse_enough, sparse, dense)
+    return rows, values, sparse_enough
+
+
+def _block_weights(problem, blocks_of, rows, sparse_rows):
+    """`(len(blocks_of), R, block_size)`: rows `rows` of the given blocks.
+
+    `rows` is `(R,)` shared by every block, or `(len(blocks_of), R)`. With
+    every row (`sparse_rows` False) each block is one contiguous copy.
+    """
+    def some_rows():
+        rows_ = rows if rows.shape.rank == 2 else rows[None, :]
+        return tf.gather(problem.tiles, rows_ + blocks_of[:, None] * problem.input_dim)
+
+    return tf.cond(
+        sparse_rows, some_rows, lambda: tf.gather(problem.block_kernel, blocks_of)
+    )
 
 
 def _per_example(problem):
-    rows, values = _nonzero_rows_per_example(problem)
+    rows, values, sparse_rows = _nonzero_rows_per_example(problem)
     pairs = tf.where(problem.active)  # (P, 2): example, block
     examples, blocks_of_pairs = pairs[:, 0], tf.cast(pairs[:, 1], tf.int32)
-    pair_rows = tf.gather(rows, examples) * problem.blocks + blocks_of_pairs[:, None]
-    weights = tf.gather(problem.tiles, pair_rows)  # (P, R, block_size)
+    weights = _block_weights(  # (P, R, block_size)
+        problem, blocks_of_pairs, tf.gather(rows, examples), sparse_rows
+    )
     pair_values = tf.gather(values, examples)[:, None, :]  # (P, 1, R)
     outputs = tf.matmul(pair_values, weights)[:, 0, :]
     return problem.finish(outputs, examples, blocks_of_pairs)
 
 
 def _used_input_rows(problem):
-    """Indices and columns of the input units non-zero in some example."""
+    """Indices and columns of the input units non-zero in some example, and
+    whether they are a subset."""
     used = problem.used_inputs
     count = tf.reduce_sum(tf.cast(used, tf.int32))
 
@@ -245,11 +267,12 @@ def _used_input_rows(problem):
         return tf.range(problem.input_dim), problem.inputs
 
     sparse_enough = tf.cast(count, tf.float32) <= problem.sparse_limit
-    return tf.cond(sparse_enough, sparse, dense)
+    rows, inputs = tf.cond(sparse_enough, sparse, dense)
+    return rows, inputs, sparse_enough
 
 
 def _grouped(problem):
-    rows, inputs = _used_input_rows(problem)
+    rows, inputs, sparse_rows = _used_input_rows(problem)
     active = tf.transpose(problem.active)  # (blocks, batch)
     pairs = tf.where(active)  # (P, 2): block, example; sorted by block
     blocks_of_pairs, examples = tf.cast(pairs[:, 0], tf.int32), pairs[:, 1]
@@ -268,8 +291,14 @@ def _grouped(problem):
     )
     padded = tf.concat([inputs, tf.zeros_like(inputs[:1])], axis=0)
     grouped_inputs = tf.gather(padded, slot_examples)  # (n, C, r)
-    tile_rows = used_blocks[:, None] + rows[None, :] * problem.blocks
-    weights = tf.gather(problem.tiles, tile_rows)  # (n, r, block_size)
+    every_block = tf.logical_and(
+        tf.logical_not(sparse_rows), tf.equal(tf.size(used_blocks), problem.blocks)
+    )
+    weights = tf.cond(  # (n, r, block_size); all of them needs no copy
+        every_block,
+        lambda: problem.block_kernel,
+        lambda: _block_weights(problem, used_blocks, rows, sparse_rows),
+    )
     outputs = tf.gather_nd(tf.matmul(grouped_inputs, weights), slots)
     return problem.finish(outputs, examples, blocks_of_pairs)
 
@@ -291,11 +320,7 @@ def _static_capacity(problem, capacity=None):
     # Inactive pairs all write the dump slot, so a kept pair's slot is its own.
     padded = tf.concat([problem.inputs, tf.zeros_like(problem.inputs[:1])], axis=0)
     grouped_inputs = tf.gather(padded, slot_examples)  # (blocks, C, d)
-    weights = tf.transpose(
-        tf.reshape(problem.tiles, [problem.input_dim, problem.blocks, problem.block_size]),
-        [1, 0, 2],
-    )
-    grouped = tf.matmul(grouped_inputs, weights)  # (blocks, C, block_size)
+    grouped = tf.matmul(grouped_inputs, problem.block_kernel)  # (blocks, C, block_size)
     gather_at = tf.stack([block_ids, tf.minimum(slot, capacity - 1)], axis=-1)
     outputs = tf.gather_nd(grouped, gather_at)  # (batch, blocks, s)
     if problem.bias is not None:
@@ -305,9 +330,11 @@ def _static_capacity(problem, capacity=None):
 
 
 def _masked(problem):
-    mask = tf.cast(problem.active, problem.inputs.dtype)
-    kernel = tf.reshape(problem.tiles, [problem.input_dim, problem.units])
-    return masked_block_dense(problem.inputs, kernel, problem.bias, mask, problem.activation)
+    outputs = block_dense(problem.inputs, problem.block_kernel)
+    if problem.bias is not None:
+        outputs = outputs + problem.bias
+    mask = tf.repeat(tf.cast(problem.active, outputs.dtype), problem.block_size, axis=1)
+    return problem.activation(outputs) * mask
 
 
 def path_costs(problem):
@@ -323,7 +350,19 @@ def path_costs(problem):
     s = float(problem.block_size)
     c = _COSTS
     per_example = pairs * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
-    grouped = used_blocks * used * s / c["copy"] + pairs * used * s / c["batched"] + c["overhead"]
+    # Every block with every input row is read in place, without a copy.
+    copied = tf.where(
+        tf.logical_and(used_blocks == problem.blocks, used == problem.input_dim), 0.0, used_blocks
+    )
+    capacity = f32(tf.reduce_max(tf.concat(
+        [tf.reduce_sum(tf.cast(problem.active, tf.int32), axis=0), [0]], axis=0
+    )))
+    touched = used_blocks * used * s
+    grouped = (
+        copied * used * s / c["copy"]
+        + tf.maximum(touched * capacity / c["batched"], touched / c["read"])
+        + c["overhead"]
+    )
     weights = float(problem.input_dim * problem.units)
     masked = tf.maximum(f32(problem.batch) * weights / c["gemm"], weights / c["read"])
     return tf.stack([per_example, grouped, masked])
@@ -347,19 +386,20 @@ _PATHS = {
 _compiled = {}
 
 
-def _compiled_path(path, activation, input_dim, units, blocks, dtype, has_bias, capacity):
-    key = (path, activation, input_dim, units, blocks, dtype, has_bias, capacity)
+def _compiled_path(path, activation, kernel_shape, dtype, has_bias, capacity):
+    key = (path, activation, kernel_shape, dtype, has_bias, capacity)
     if key not in _compiled:
+        blocks, input_dim, block_size = kernel_shape
         signature = [
             tf.TensorSpec([None, input_dim], dtype),
-            tf.TensorSpec([input_dim, units], dtype),
-            tf.TensorSpec([units] if has_bias else [0], dtype),
+            tf.TensorSpec(kernel_shape, dtype),
+            tf.TensorSpec([blocks * block_size] if has_bias else [0], dtype),
             tf.TensorSpec([None, blocks], dtype),
         ]
 
-        def run(inputs, kernel, bias, block_mask):
+        def run(inputs, block_kernel, bias, block_mask):
             problem = _Problem(
-                inputs, kernel, bias if has_bias else None, block_mask, activation, blocks
+                inputs, block_kernel, bias if has_bias else None, block_mask, activation
             )
             if path == "static_capacity":
                 return _static_capacity(problem, capacity)
@@ -372,14 +412,15 @@ def _compiled_path(path, activation, input_dim, units, blocks, dtype, has_bias, 
 
 
 def block_sparse_dense(
-    inputs, kernel, bias, block_mask, activation=None, path="auto", capacity=None
+    inputs, block_kernel, bias, block_mask, activation=None, path="auto", capacity=None
 ):
     """Computes `masked_block_dense` without computing the skipped blocks.
 
     Args:
         inputs: `(batch, input_dim)` float tensor.
-        kernel: `(input_dim, units)`, `units` divisible by the mask's blocks.
-        bias: `(units,)` or None.
+        block_kernel: `(blocks, input_dim, block_size)`, the block-major
+            kernel (`to_block_kernel(kernel, blocks)` of a Dense kernel).
+        bias: `(blocks * block_size,)` or None.
         block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one.
         activation: an element-wise callable applied to active blocks, or None.
         path: one of `EXECUTION_PATHS` (see the module docs).
@@ -387,15 +428,17 @@ def block_sparse_dense(
             the batch size, which never drops).
 
     Returns:
-        `(batch, units)`, equal to `masked_block_dense` on the same arguments
-        (for `"static_capacity"`, as long as no block has more than `capacity`
+        `(batch, units)`, equal to `masked_block_dense(inputs,
+        from_block_kernel(block_kernel), bias, block_mask, activation)` (for
+        `"static_capacity"`, as long as no block has more than `capacity`
         active examples).
 
     Example:
 
     >>> import numpy as np
+    >>> from keras_condcomp.ops import to_block_kernel
     >>> x = np.random.rand(3, 8).astype("float32")
-    >>> w = np.random.rand(8, 4).astype("float32")
+    >>> w = to_block_kernel(np.random.rand(8, 4).astype("float32"), 2)
     >>> mask = np.array([[1, 0], [0, 0], [1, 1]], "float32")
     >>> y = block_sparse_dense(x, w, None, mask)
     >>> bool(np.all(y.numpy()[1] == 0))
@@ -410,19 +453,23 @@ def block_sparse_dense(
             f"path='static_capacity'. Received: capacity={capacity!r}, path={path!r}"
         )
     inputs = tf.convert_to_tensor(inputs)
-    kernel = tf.convert_to_tensor(kernel, dtype=inputs.dtype)
+    block_kernel = tf.convert_to_tensor(block_kernel, dtype=inputs.dtype)
     block_mask = tf.cast(block_mask, inputs.dtype)
-    input_dim, units = kernel.shape
-    blocks = block_mask.shape[-1]
+    if block_kernel.shape.rank != 3 or None in block_kernel.shape:
+        raise ValueError(
+            "`block_kernel` must have a static shape (blocks, input_dim, block_size). "
+            f"Received: block_kernel.shape={tuple(block_kernel.shape)}"
+        )
+    blocks, input_dim, block_size = block_kernel.shape
     if inputs.shape.rank != 2 or inputs.shape[-1] != input_dim:
         raise ValueError(
-            f"`inputs` must have shape (batch, {input_dim}) to match `kernel` "
-            f"{tuple(kernel.shape)}. Received: inputs.shape={tuple(inputs.shape)}"
+            f"`inputs` must have shape (batch, {input_dim}) to match `block_kernel` "
+            f"{tuple(block_kernel.shape)}. Received: inputs.shape={tuple(inputs.shape)}"
         )
-    if blocks is None or units % blocks:
+    if block_mask.shape.rank != 2 or block_mask.shape[-1] != blocks:
         raise ValueError(
-            f"`block_mask` must have shape (batch, blocks) with blocks dividing "
-            f"units={units}. Received: block_mask.shape={tuple(block_mask.shape)}"
+            f"`block_mask` must have shape (batch, {blocks}) to match `block_kernel` "
+            f"{tuple(block_kernel.shape)}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
     has_bias = bias is not None
     bias = (
@@ -434,18 +481,16 @@ def block_sparse_dense(
         # Inlined into the caller's graph: a nested function call costs more
         # than the small layers it would wrap.
         problem = _Problem(
-            inputs, kernel, bias if has_bias else None, block_mask,
-            activation or _identity, blocks,
+            inputs, block_kernel, bias if has_bias else None, block_mask,
+            activation or _identity,
         )
         return _PATHS[path](problem)
     run = _compiled_path(
         path,
         activation or _identity,
-        input_dim,
-        units,
-        blocks,
+        tuple(block_kernel.shape),
         inputs.dtype,
         has_bias,
         capacity,
     )
-    return run(inputs, kernel, bias, block_mask)
+    return run(inputs, block_kernel, bias, block_mask)

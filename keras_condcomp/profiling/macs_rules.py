@@ -111,7 +111,7 @@ def _transposed_convolution(layer):
 
 def _gated_dense(layer):
     return LayerCost(
-        dense_macs=_size(layer.kernel),
+        dense_macs=_size(layer.block_kernel),
         policy_macs=_size(layer.policy.kernel),
         blocks=layer.blocks,
     )

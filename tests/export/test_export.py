@@ -19,7 +19,7 @@ from keras_condcomp.export import (
     onnx_predict,
 )
 from keras_condcomp.layers import GatedDense
-from keras_condcomp.ops import masked_block_dense
+from keras_condcomp.ops import masked_block_dense, to_block_kernel
 from keras_condcomp.ops.static_budget_dense import static_budget_dense
 
 ATOL = 1e-5
@@ -116,7 +116,7 @@ def test_weights_of_inactive_blocks_are_not_read(tmp_path):
     onnx_path, litert_path = tmp_path / "nan.onnx", tmp_path / "nan.tflite"
     kernel = layer.kernel.numpy()
     kernel[:, 6:] = np.nan
-    layer.kernel.assign(kernel)
+    layer.block_kernel.assign(to_block_kernel(kernel, layer.blocks))
     export_onnx(model, onnx_path, budget=2)
     export_litert(model, litert_path, budget=2)
     keep = active_block_counts(model, x)[layer.name] <= 2

@@ -129,3 +129,26 @@ def test_bad_input_shape_is_refused(rng):
 def test_from_dense_refuses_other_layers():
     with pytest.raises(ValueError, match="dense=Conv2D"):
         GatedDense.from_dense(keras.layers.Conv2D(4, 3), blocks=2)
+
+
+def test_block_major_storage_keeps_dense_semantics(rng):
+    def seeded():
+        return keras.initializers.GlorotUniform(seed=3)
+
+    regularizer = keras.regularizers.OrthogonalRegularizer(0.1, mode="columns")
+    constraint = keras.constraints.MaxNorm(0.5, axis=0)
+    gated = GatedDense(12, 3, kernel_initializer=seeded(), kernel_regularizer=regularizer,
+                       kernel_constraint=constraint)
+    dense = keras.layers.Dense(12, kernel_initializer=seeded())
+    x = rng.normal(size=(2, 5)).astype("float32")
+    gated(x), dense(x)
+    kernel = dense.kernel.numpy()
+    # Initialised as the Dense kernel, stored block by block.
+    np.testing.assert_array_equal(gated.kernel.numpy(), kernel)
+    assert gated.block_kernel.shape == (3, 5, 4)
+    np.testing.assert_array_equal(gated.block_kernel.numpy()[1], kernel[:, 4:8])
+    # The regularizer and the constraint see the (input_dim, units) kernel.
+    np.testing.assert_allclose(gated.block_kernel.regularizer(gated.block_kernel),
+                               regularizer(dense.kernel), rtol=1e-6)
+    constrained = gated.block_kernel.constraint(gated.block_kernel)
+    np.testing.assert_allclose(constrained[2], constraint(dense.kernel)[:, 8:], rtol=1e-6)

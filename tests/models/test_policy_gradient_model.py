@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras_condcomp import PolicyGradientModel
 from keras_condcomp.layers import GatedDense
 from keras_condcomp.models import build_gated_mlp
+from keras_condcomp.ops import to_block_kernel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -190,7 +191,8 @@ def test_reinforce_estimator_is_unbiased(rng):
     gate = model.get_layer("gate")
     gate.policy.kernel.assign(rng.normal(size=(3, 3)).astype("float32"))
     gate.policy.bias.assign(np.array([0.5, -0.3, 0.1], "float32"))
-    gate.kernel.assign(np.abs(rng.normal(size=(3, 6))).astype("float32"))
+    kernel = np.abs(rng.normal(size=(3, 6))).astype("float32")
+    gate.block_kernel.assign(to_block_kernel(kernel, gate.blocks))
     model.get_layer("head").kernel.assign(3 * rng.normal(size=(6, 3)).astype("float32"))
     x = np.abs(rng.normal(size=(1, 3))).astype("float32")
     y = np.array([1])

@@ -12,6 +12,7 @@ from keras_condcomp.ops import (
     forced_execution,
     masked_block_dense,
     set_cost_constants,
+    to_block_kernel,
 )
 from keras_condcomp.ops.block_sparse_dense import _Problem, path_costs
 
@@ -50,7 +51,8 @@ def test_paths_match_masked_reference(
     @tf.function
     def every_path(x, mask):
         return [
-            block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path)
+            block_sparse_dense(x, to_block_kernel(kernel, blocks), bias, mask, tf.nn.relu,
+                               path=path)
             for path in INLINED_PATHS
         ]
 
@@ -69,20 +71,22 @@ def test_compiled_paths_match_masked_reference(path, rng):
         mask[0] = 0.0
         mask[-1] = 1.0
         expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
-        got = block_sparse_dense(x, kernel, bias, mask, tf.nn.relu, path=path).numpy()
+        got = block_sparse_dense(
+            x, to_block_kernel(kernel, 4), bias, mask, tf.nn.relu, path=path
+        ).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"batch {batch}")
 
 
 def test_one_trace_serves_every_batch_size(rng):
-    kernel = rng.normal(size=(6, 8)).astype("float32")
+    block_kernel = rng.normal(size=(2, 6, 4)).astype("float32")
     for batch in (1, 3, 5, 17):
         x = rng.normal(size=(batch, 6)).astype("float32")
-        block_sparse_dense(x, kernel, None, np.ones((batch, 2), "float32"), path="grouped")
+        block_sparse_dense(x, block_kernel, None, np.ones((batch, 2), "float32"), path="grouped")
     from keras_condcomp.ops import block_sparse_dense as module_function
 
     compiled = [
         f for key, f in module_function.__globals__["_compiled"].items()
-        if key[0] == "grouped" and key[2:4] == (6, 8)
+        if key[0] == "grouped" and key[2] == (2, 6, 4)
     ]
     assert len(compiled) == 1
     assert compiled[0].experimental_get_tracing_count() == 1
@@ -90,20 +94,24 @@ def test_one_trace_serves_every_batch_size(rng):
 
 def test_errors_name_the_argument(rng):
     x = rng.normal(size=(2, 4)).astype("float32")
-    kernel = rng.normal(size=(4, 6)).astype("float32")
+    block_kernel = rng.normal(size=(3, 4, 2)).astype("float32")
     with pytest.raises(ValueError, match="path='fast'"):
-        block_sparse_dense(x, kernel, None, np.ones((2, 3)), path="fast")
+        block_sparse_dense(x, block_kernel, None, np.ones((2, 3)), path="fast")
     with pytest.raises(ValueError, match="inputs.shape=\\(2, 5\\)"):
-        block_sparse_dense(np.ones((2, 5), "float32"), kernel, None, np.ones((2, 3)))
+        block_sparse_dense(np.ones((2, 5), "float32"), block_kernel, None, np.ones((2, 3)))
     with pytest.raises(ValueError, match="block_mask.shape=\\(2, 4\\)"):
-        block_sparse_dense(x, kernel, None, np.ones((2, 4)))
+        block_sparse_dense(x, block_kernel, None, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="block_kernel.shape=\\(4, 6\\)"):
+        block_sparse_dense(x, np.ones((4, 6), "float32"), None, np.ones((2, 3)))
 
 
 def test_static_capacity_drops_examples_beyond_capacity(rng):
     x = rng.normal(size=(3, 4)).astype("float32")
     kernel = rng.normal(size=(4, 4)).astype("float32")
     mask = np.array([[1, 0], [1, 1], [1, 0]], "float32")
-    got = block_sparse_dense(x, kernel, None, mask, path="static_capacity", capacity=1).numpy()
+    got = block_sparse_dense(
+        x, to_block_kernel(kernel, 2), None, mask, path="static_capacity", capacity=1
+    ).numpy()
     expected = masked_block_dense(x, kernel, None, mask).numpy()
     # Block 0 keeps its first example only; block 1 has one example and keeps it.
     np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
@@ -112,9 +120,8 @@ def test_static_capacity_drops_examples_beyond_capacity(rng):
 
 
 def _chosen_path(x, kernel, mask):
-    problem = _Problem(
-        tf.constant(x), tf.constant(kernel), None, tf.constant(mask), tf.identity, mask.shape[1]
-    )
+    block_kernel = to_block_kernel(tf.constant(kernel), mask.shape[1])
+    problem = _Problem(tf.constant(x), block_kernel, None, tf.constant(mask), tf.identity)
     return ("per_example", "grouped", "masked")[int(np.argmin(path_costs(problem).numpy()))]
 
 
@@ -166,8 +173,9 @@ def test_forced_execution_overrides_the_layer(rng):
 
 def test_capacity_errors(rng):
     x = rng.normal(size=(2, 4)).astype("float32")
-    kernel = rng.normal(size=(4, 4)).astype("float32")
+    block_kernel = rng.normal(size=(2, 4, 2)).astype("float32")
     with pytest.raises(ValueError, match="capacity=0"):
-        block_sparse_dense(x, kernel, None, np.ones((2, 2)), path="static_capacity", capacity=0)
+        block_sparse_dense(x, block_kernel, None, np.ones((2, 2)), path="static_capacity",
+                           capacity=0)
     with pytest.raises(ValueError, match="capacity=2, path='grouped'"):
-        block_sparse_dense(x, kernel, None, np.ones((2, 2)), path="grouped", capacity=2)
+        block_sparse_dense(x, block_kernel, None, np.ones((2, 2)), path="grouped", capacity=2)

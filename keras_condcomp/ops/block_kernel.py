@@ -1,0 +1,67 @@
+"""The block-major kernel layout of `GatedDense`, and the dense product in it.
+
+`GatedDense` stores its weights as `block_kernel`, shape `(blocks, input_dim,
+block_size)`: block `j` is the contiguous `(input_dim, block_size)` slice
+`kernel[:, j * block_size:(j + 1) * block_size]` of the `(input_dim, units)`
+kernel of `keras.layers.Dense`. In this layout the weights of an active
+output block, and the rows of it that an active input block multiplies, lie
+together in memory, so skipping reads them at streaming speed; in the Dense
+layout their rows lie `units` floats apart.
+"""
+
+from keras import ops
+
+__all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
+
+
+def to_block_kernel(kernel, blocks):
+    """`(input_dim, units)` kernel -> `(blocks, input_dim, units // blocks)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> kernel = np.arange(12.0).reshape(2, 6)
+    >>> np.asarray(to_block_kernel(kernel, 3))[1].tolist()
+    [[2.0, 3.0], [8.0, 9.0]]
+    """
+    input_dim, units = kernel.shape
+    if units % blocks:
+        raise ValueError(
+            "The kernel's units must be divisible by `blocks`. "
+            f"Received: kernel.shape={tuple(kernel.shape)}, blocks={blocks}"
+        )
+    return ops.transpose(ops.reshape(kernel, (input_dim, blocks, units // blocks)), (1, 0, 2))
+
+
+def from_block_kernel(block_kernel):
+    """`(blocks, input_dim, block_size)` -> the `(input_dim, units)` kernel.
+
+    Example:
+
+    >>> import numpy as np
+    >>> kernel = np.arange(12.0).reshape(2, 6)
+    >>> bool(np.array_equal(from_block_kernel(to_block_kernel(kernel, 3)), kernel))
+    True
+    """
+    blocks, input_dim, block_size = block_kernel.shape
+    return ops.reshape(ops.transpose(block_kernel, (1, 0, 2)), (input_dim, blocks * block_size))
+
+
+def block_dense(inputs, block_kernel):
+    """`inputs @ from_block_kernel(block_kernel)`, without reordering the weights.
+
+    One batched product `(1, batch, input_dim) x (blocks, input_dim,
+    block_size)`; only the `(batch, units)` output is reordered. Used for
+    training and as the dense fallback of the skipping engine.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x, kernel = np.random.rand(2, 4), np.random.rand(4, 6)
+    >>> y = block_dense(x, to_block_kernel(kernel, 3))
+    >>> bool(np.allclose(y, x @ kernel))
+    True
+    """
+    blocks, input_dim, block_size = block_kernel.shape
+    outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)
+    return ops.reshape(ops.transpose(outputs, (1, 0, 2)), (-1, blocks * block_size))
