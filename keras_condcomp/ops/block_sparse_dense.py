@@ -30,8 +30,11 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   block's capacity get 0 in that block (dropped), as in capacity-based MoE.
 - `"masked"`: the dense product, then the mask: the reference, and the dense
   fallback when skipping cannot pay.
-- `"auto"`: the cheapest of `"per_example"`, `"grouped"` and `"masked"` by the
-  cost model below, decided per call inside the graph.
+- `"auto"`: decided per call inside the graph: `"masked"` when more than
+  half of the (example, block) pairs are active (skipping never paid there in
+  `benchmarks/gated_dense.py`, and the mask alone decides it), else the
+  cheapest of `"per_example"`, `"grouped"` and `"masked"` by the cost model
+  below.
 
 Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
 With `B` the batch, `d` the input size, `u` the units, `s` the block size, `P`
@@ -88,6 +91,10 @@ _COSTS = {
 # Above this fraction of non-zero inputs, reading every input row is cheaper
 # than finding and gathering the non-zero ones.
 _INPUT_SPARSITY_THRESHOLD = 0.5
+
+# `"auto"` runs the dense fallback, without evaluating the cost model, when
+# more than this fraction of the (example, block) pairs is active.
+_AUTO_MAX_FRACTION = 0.5
 
 
 def cost_constants():
@@ -368,10 +375,21 @@ def path_costs(problem):
     return tf.stack([per_example, grouped, masked])
 
 
+def choose_path(problem):
+    """The index in `("per_example", "grouped", "masked")` that `"auto"` runs."""
+    pairs = tf.reduce_sum(tf.cast(problem.active, tf.float32))
+    fraction = pairs / tf.cast(tf.maximum(tf.size(problem.active), 1), tf.float32)
+    # The mask alone decides the dense cases, without the cost model's ops.
+    return tf.cond(
+        fraction > _AUTO_MAX_FRACTION,
+        lambda: tf.constant(2),
+        lambda: tf.argmin(path_costs(problem), output_type=tf.int32),
+    )
+
+
 def _auto(problem):
-    choice = tf.argmin(path_costs(problem), output_type=tf.int32)
     return tf.switch_case(
-        choice,
+        choose_path(problem),
         [lambda: _per_example(problem), lambda: _grouped(problem), lambda: _masked(problem)],
     )
 

@@ -14,7 +14,7 @@ from keras_condcomp.ops import (
     set_cost_constants,
     to_block_kernel,
 )
-from keras_condcomp.ops.block_sparse_dense import _Problem, path_costs
+from keras_condcomp.ops.block_sparse_dense import _Problem, choose_path, path_costs
 
 
 # "auto" only switches between these (it is checked on fixed shapes below);
@@ -122,7 +122,7 @@ def test_static_capacity_drops_examples_beyond_capacity(rng):
 def _chosen_path(x, kernel, mask):
     block_kernel = to_block_kernel(tf.constant(kernel), mask.shape[1])
     problem = _Problem(tf.constant(x), block_kernel, None, tf.constant(mask), tf.identity)
-    return ("per_example", "grouped", "masked")[int(np.argmin(path_costs(problem).numpy()))]
+    return ("per_example", "grouped", "masked")[int(choose_path(problem))]
 
 
 def test_cost_model_choices(rng):
@@ -147,6 +147,24 @@ def test_cost_model_choices(rng):
     small = rng.normal(size=(64, 32)).astype("float32")
     assert _chosen_path(rng.random((1, 64)).astype("float32"), small,
                         np.eye(1, 4, dtype="float32")) == "masked"
+
+
+def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rng):
+    kernel = rng.normal(size=(3072, 1536)).astype("float32")
+    x = rng.random((50, 3072)).astype("float32")
+    mask = np.zeros((50, 24), "float32")
+    mask[:, :13] = 1.0  # 13 of 24 blocks: just over half
+    before = cost_constants()
+    try:
+        set_cost_constants(gemm=1e-3, read=1e-3, overhead=1.0)  # a very slow dense product
+        problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 24), None,
+                           tf.constant(mask), tf.identity)
+        assert int(np.argmin(path_costs(problem))) != 2  # the cost model alone would skip
+        assert _chosen_path(x, kernel, mask) == "masked"
+        mask[:, 12] = 0.0  # exactly half: the cost model decides
+        assert _chosen_path(x, kernel, mask) != "masked"
+    finally:
+        set_cost_constants(**before)
 
 
 def test_cost_constants_are_validated():
