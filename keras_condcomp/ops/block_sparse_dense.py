@@ -58,7 +58,9 @@ multiply-adds per ns of batches of small products, and `overhead` the fixed
 cost of a skipping path's extra graph ops, which keeps small layers (e.g.
 784 -> 256 at batch 1) on the dense path. Only their ratios matter. The
 defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
-Xeon; `set_cost_constants` changes them for other machines.
+Xeon (`copy` when the tiles were still strided: it underestimates contiguous
+copies, which only favours the dense fallback); `set_cost_constants`
+changes them for other machines.
 """
 
 import contextlib
