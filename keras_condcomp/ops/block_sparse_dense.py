@@ -44,12 +44,15 @@ example and `n` the number of blocks active in some example:
 
     masked      = max(B d u / gemm, d u / read)
     per_example = P R s (1 / copy + 1 / matvec) + overhead
-    grouped     = n r s / copy + max(n C r s / batched, n r s / read) + overhead
+    grouped     = n r s / copy + n C r s / batched + overhead
 
 with `C` the most examples sharing a block (the grouped product is padded to
-it). The copy term is 0 when every block and every input is used: the kernel
-is then read in place, and like the dense product it cannot beat streaming the
-weights it touches.
+it). When every block and every input is used, the kernel is read in place:
+the copy term is 0 and, like the dense product, the grouped product cannot
+beat streaming the weights (`n C r s / batched` becomes
+`max(n C r s / batched, n r s / read)`). At batch 1 both skipping paths do
+the same arithmetic and `grouped` measured faster (`per_example` builds
+ragged per-example row lists), which `matvec` < `batched` reflects.
 
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
@@ -58,9 +61,10 @@ multiply-adds per ns of batches of small products, and `overhead` the fixed
 cost of a skipping path's extra graph ops, which keeps small layers (e.g.
 784 -> 256 at batch 1) on the dense path. Only their ratios matter. The
 defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
-Xeon (`copy` when the tiles were still strided: it underestimates contiguous
-copies, which only favours the dense fallback); `set_cost_constants`
-changes them for other machines.
+Xeon (`copy` and `overhead` refitted for the block-major layout from where
+skipping and the dense product cross over at batch 1: about 5 of 16 blocks
+for 2048 -> 2048, 7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024);
+`set_cost_constants` changes them for other machines.
 """
 
 import contextlib
@@ -84,10 +88,10 @@ EXECUTION_PATHS = ("auto", "per_example", "grouped", "static_capacity", "masked"
 _COSTS = {
     "gemm": 17.0,
     "read": 1.0,
-    "copy": 0.28,
+    "copy": 0.4,
     "matvec": 2.0,
     "batched": 6.0,
-    "overhead": 1.5e5,
+    "overhead": 2.5e5,
 }
 
 # Above this fraction of non-zero inputs, reading every input row is cheaper
@@ -111,9 +115,11 @@ def set_cost_constants(**constants):
 
     Example:
 
-    >>> set_cost_constants(overhead=1.5e5)
+    >>> before = cost_constants()
+    >>> set_cost_constants(overhead=3e5)
     >>> cost_constants()["overhead"]
-    150000.0
+    300000.0
+    >>> set_cost_constants(**before)
     """
     for name, value in constants.items():
         if name not in _COSTS:
@@ -367,9 +373,12 @@ def path_costs(problem):
         [tf.reduce_sum(tf.cast(problem.active, tf.int32), axis=0), [0]], axis=0
     )))
     touched = used_blocks * used * s
+    # Copied tiles are multiplied while in cache; in place, the product
+    # streams the kernel like the dense one.
+    streamed = tf.where(copied > 0, 0.0, touched / c["read"])
     grouped = (
         copied * used * s / c["copy"]
-        + tf.maximum(touched * capacity / c["batched"], touched / c["read"])
+        + tf.maximum(touched * capacity / c["batched"], streamed)
         + c["overhead"]
     )
     weights = float(problem.input_dim * problem.units)
