@@ -49,7 +49,8 @@ class GatedDense(GatedLayer):
     `Dense.kernel` with LoRA): set it with
     `layer.block_kernel.assign(to_block_kernel(kernel, layer.blocks))`, or
     convert a layer with `GatedDense.from_dense`. Initializers, regularizers
-    and constraints see the `(input_dim, units)` kernel, as in Dense.
+    and constraints see the `(input_dim, units)` kernel, as in Dense;
+    `.keras` files that stored the kernel in that layout still load.
 
     The policy is trained by `keras_condcomp.PolicyGradientModel` (REINFORCE);
     the layer adds the regularisers `sparsity_weight (L_b + L_e) +
@@ -242,6 +243,13 @@ class GatedDense(GatedLayer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
+
+    def load_own_variables(self, store):
+        # Files saved before the block-major storage hold the Dense kernel.
+        if "0" in store.keys() and len(store["0"].shape) == 2:
+            store = {key: store[key] for key in store.keys()}
+            store["0"] = to_block_kernel(ops.convert_to_tensor(store["0"]), self.blocks)
+        super().load_own_variables(store)
 
     @classmethod
     def from_dense(cls, dense, blocks, **gate_kwargs):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from keras_condcomp.layers import BernoulliPolicy, GatedDense
-from keras_condcomp.ops import EXECUTION_PATHS, masked_block_dense
+from keras_condcomp.ops import EXECUTION_PATHS, masked_block_dense, to_block_kernel
 
 
 def all_open(layer):
@@ -152,3 +152,16 @@ def test_block_major_storage_keeps_dense_semantics(rng):
                                regularizer(dense.kernel), rtol=1e-6)
     constrained = gated.block_kernel.constraint(gated.block_kernel)
     np.testing.assert_allclose(constrained[2], constraint(dense.kernel)[:, 8:], rtol=1e-6)
+
+
+def test_loads_variables_saved_in_the_dense_layout(rng):
+    layer = GatedDense(6, 3)
+    layer.build((None, 4))
+    kernel = rng.normal(size=(4, 6)).astype("float32")
+    bias = rng.normal(size=(6,)).astype("float32")
+    layer.load_own_variables({"0": kernel, "1": bias})  # as written before block-major
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    np.testing.assert_array_equal(layer.bias.numpy(), bias)
+    block_kernel = to_block_kernel(kernel, 3)
+    layer.load_own_variables({"0": np.asarray(block_kernel) * 2, "1": bias})
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel * 2)
