@@ -226,12 +226,7 @@ class GatedDense(GatedLayer):
                 inputs, self.kernel, self.bias, mask, self.activation, **budget
             )
         if training or keras.backend.backend() != "tensorflow":
-            outputs = block_dense(inputs, self.block_kernel)
-            if self.bias is not None:
-                outputs = outputs + self.bias
-            if self.activation is not None:
-                outputs = self.activation(outputs)
-            return outputs * ops.cast(ops.repeat(mask, self.block_size, axis=-1), outputs.dtype)
+            return block_dense(inputs, self.block_kernel, self.bias, mask, self.activation)
         return block_sparse_dense(
             inputs,
             ops.convert_to_tensor(self.block_kernel),

@@ -11,6 +11,8 @@ layout their rows lie `units` floats apart.
 
 from keras import ops
 
+from keras_condcomp.ops.masked_reference import expand_block_mask
+
 __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
 
 
@@ -47,12 +49,14 @@ def from_block_kernel(block_kernel):
     return ops.reshape(ops.transpose(block_kernel, (1, 0, 2)), (input_dim, blocks * block_size))
 
 
-def block_dense(inputs, block_kernel):
-    """`inputs @ from_block_kernel(block_kernel)`, without reordering the weights.
+def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=None):
+    """`activation(inputs @ from_block_kernel(block_kernel) + bias) * mask`.
 
     One batched product `(1, batch, input_dim) x (blocks, input_dim,
-    block_size)`; only the `(batch, units)` output is reordered. Used for
-    training and as the dense fallback of the skipping engine.
+    block_size)`, without reordering the weights; only the `(batch, units)`
+    output is reordered. `bias`, the `(batch, blocks)` `block_mask` (repeated
+    over each block's units) and `activation` are optional. Used for training
+    and as the dense fallback of the skipping engine.
 
     Example:
 
@@ -64,4 +68,12 @@ def block_dense(inputs, block_kernel):
     """
     blocks, input_dim, block_size = block_kernel.shape
     outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)
-    return ops.reshape(ops.transpose(outputs, (1, 0, 2)), (-1, blocks * block_size))
+    outputs = ops.reshape(ops.transpose(outputs, (1, 0, 2)), (-1, blocks * block_size))
+    if bias is not None:
+        outputs = outputs + bias
+    if activation is not None:
+        outputs = activation(outputs)
+    if block_mask is not None:
+        mask = expand_block_mask(block_mask, blocks * block_size)
+        outputs = outputs * ops.cast(mask, outputs.dtype)
+    return outputs

@@ -345,11 +345,9 @@ def _static_capacity(problem, capacity=None):
 
 
 def _masked(problem):
-    outputs = block_dense(problem.inputs, problem.block_kernel)
-    if problem.bias is not None:
-        outputs = outputs + problem.bias
-    mask = tf.repeat(tf.cast(problem.active, outputs.dtype), problem.block_size, axis=1)
-    return problem.activation(outputs) * mask
+    return block_dense(
+        problem.inputs, problem.block_kernel, problem.bias, problem.active, problem.activation
+    )
 
 
 def path_costs(problem):

@@ -14,9 +14,10 @@ def expand_block_mask(block_mask, units):
 def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
     """`activation(inputs @ kernel + bias) * mask`, the mask repeated per block.
 
-    This is the reference every skipping path is tested against, and the
-    dense fallback when density is too high for skipping to pay. It computes
-    all the work: it is never faster than `keras.layers.Dense`.
+    This is the reference every skipping path is tested against, on the
+    `(input_dim, units)` kernel of `keras.layers.Dense`. It computes all the
+    work (the engine's dense fallback is `block_dense`, on `GatedDense`'s
+    block-major kernel).
 
     Args:
         inputs: `(batch, input_dim)`.
