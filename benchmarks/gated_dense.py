@@ -5,7 +5,13 @@ by call after a warm-up, the median of many calls of:
 
 - `dense`: the same-width `keras.layers.Dense` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
-- `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`.
+- `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`,
+- two bounds, as speedups over dense in the `call` and `stream` columns:
+  `floor_call`, a graph that only slices its input (the fixed cost of a
+  call: no graph beats dense by more), and `floor_stream`, a graph that
+  reads every kernel of the dense stack once (no path that reads every
+  weight, as any must when every block is used by some example of the
+  batch, beats dense by more).
 
 Every model runs as one `tf.function` over `model(x, training=False)`, so
 graph-call overhead is the same for all. The masks are the layers' own
@@ -126,6 +132,13 @@ def _worker(args):
                 batches = [b for b in batches if len(b) == batch]
                 spec = tf.TensorSpec([None, input_dim], "float32")
                 functions = {"dense": tf.function(lambda x: dense(x, training=False), input_signature=[spec])}
+                # Bounds: the fixed cost of a call, and of streaming every kernel once.
+                functions["floor_call"] = tf.function(lambda x: x[:, :1], input_signature=[spec])
+                kernels = [layer.kernel for layer in dense.layers[1:]]
+                functions["floor_stream"] = tf.function(
+                    lambda x: x[:, :1] + tf.add_n([tf.reduce_sum(k) for k in kernels]),
+                    input_signature=[spec],
+                )
                 paths = ("masked",) + tuple(args.paths)
                 for path in paths:
                     widest = batch * density * sum(b for _, b in SHAPES[shape][1]) * input_dim * 64
@@ -152,7 +165,7 @@ def _worker(args):
 def _table(rows):
     lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
              f"{'auto':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
-             f"{'ideal':>6} {'auto/ideal':>10}"]
+             f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["shape"], r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -164,7 +177,8 @@ def _table(rows):
             f"{shape:20} {threads!s:>3} {batch:>5} {density:>7.3f} "
             f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
-            f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f}"
+            f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f} "
+            f"{sp('floor_call'):>6} {sp('floor_stream'):>6}"
         )
     return "\n".join(lines)
 

@@ -20,9 +20,12 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"per_example"`: every (example, active block) pair gathers its own tiles,
   restricted to that example's non-zero inputs; one batched matrix-vector
   product. The batch-1 path, and the best one when inputs are sparse.
-- `"grouped"`: examples grouped by output block, dropless: the tiles of every
-  block used by the batch are gathered once, the rows of its examples are
-  gathered beside them, and one batched matmul computes all blocks.
+- `"grouped"`: examples grouped by output block, dropless: the rows of each
+  block's examples are gathered, and one batched matmul computes all
+  blocks. When the batch uses few tiles (blocks used by some example x
+  inputs non-zero in some example), they are copied first; when it uses
+  most, copying them would cost more than streaming the whole kernel, so the
+  product reads `block_kernel` in place (an unused block multiplies padding).
 - `"static_capacity"`: the grouped path with static shapes (every block, a
   fixed number of example slots per block), which compiles under
   `jit_compile=True`. Exact when `capacity` >= the largest number of examples
@@ -44,15 +47,14 @@ example and `n` the number of blocks active in some example:
 
     masked      = max(B d u / gemm, d u / read)
     per_example = P R s (1 / copy + 1 / matvec) + overhead
-    grouped     = n r s / copy + n C r s / batched + overhead
+    grouped     = n r s / copy + n C r s / batched + overhead        (copied)
+                = max(b C d s / batched, b d s / read) + overhead   (in place)
 
 with `C` the most examples sharing a block (the grouped product is padded to
-it). When every block and every input is used, the kernel is read in place:
-the copy term is 0 and, like the dense product, the grouped product cannot
-beat streaming the weights (`n C r s / batched` becomes
-`max(n C r s / batched, n r s / read)`). At batch 1 both skipping paths do
-the same arithmetic and `grouped` measured faster (`per_example` builds
-ragged per-example row lists), which `matvec` < `batched` reflects.
+it) and `b` the number of blocks. The grouped path reads in place when
+`n r / copy >= b d / read`. At batch 1 both skipping paths do the same
+arithmetic and `grouped` measured faster (`per_example` builds ragged
+per-example row lists), which `matvec` < `batched` reflects.
 
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
@@ -63,8 +65,10 @@ cost of a skipping path's extra graph ops, which keeps small layers (e.g.
 defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
 Xeon (`copy` and `overhead` refitted for the block-major layout from where
 skipping and the dense product cross over at batch 1: about 5 of 16 blocks
-for 2048 -> 2048, 7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024);
-`set_cost_constants` changes them for other machines.
+for 2048 -> 2048, 7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024;
+`batched` from where grouped and the dense product compare at batch 50 and
+256, densities 1/8 to 1/2); `set_cost_constants` changes them for other
+machines.
 """
 
 import contextlib
@@ -90,7 +94,7 @@ _COSTS = {
     "read": 1.0,
     "copy": 0.4,
     "matvec": 2.0,
-    "batched": 6.0,
+    "batched": 12.0,
     "overhead": 2.5e5,
 }
 
@@ -192,15 +196,36 @@ class _Problem:
         self.tiles = tf.reshape(block_kernel, [self.blocks * self.input_dim, self.block_size])
         self.batch = tf.shape(inputs)[0]
         self.active = block_mask > 0
-        self.nonzero = tf.not_equal(inputs, 0)
-        nonzero = tf.cast(self.nonzero, tf.int32)
-        # The most non-zero inputs of one example, and the inputs non-zero in
-        # some example (0 for an empty batch); read by the paths and the costs.
-        self.most_nonzero = tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0]], 0))
-        self.used_inputs = tf.reduce_any(
-            tf.concat([self.nonzero, tf.zeros_like(self.nonzero[:1])], 0), axis=0
-        )
+        # Products with a ones vector: reduce_any over the batch axis measured
+        # 5-9x slower at batch 50-256.
+        nonzero = tf.cast(tf.not_equal(inputs, 0), tf.float32)
+        # The most non-zero inputs of one example, and the number of inputs
+        # non-zero in some example (0 for an empty batch); read by the paths
+        # and the costs.
+        self.most_nonzero = tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0.0]], 0))
+        self.used_inputs = tf.matmul(tf.ones([1, self.batch]), nonzero)[0] > 0
+        self.used_input_count = tf.reduce_sum(tf.cast(self.used_inputs, tf.float32))
         self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
+        counts = tf.reduce_sum(tf.cast(self.active, tf.int32), axis=0)
+        # Examples per block, blocks used by some example, and the most
+        # examples sharing a block (0 for an empty batch).
+        self.block_counts = counts
+        self.used_block_count = tf.reduce_sum(tf.cast(counts > 0, tf.float32))
+        self.capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
+
+    def rows_read(self):
+        """Input rows a grouped product reads: the used ones if few enough."""
+        return tf.where(
+            self.used_input_count <= self.sparse_limit, self.used_input_count,
+            float(self.input_dim),
+        )
+
+    def grouped_in_place(self):
+        """Whether the grouped path multiplies the kernel in place (every
+        block, every row) rather than a copy of the tiles it uses: when
+        copying them would cost more than streaming the whole kernel."""
+        tiles = self.used_block_count * self.rows_read()
+        return tiles / _COSTS["copy"] >= self.blocks * self.input_dim / _COSTS["read"]
 
     def finish(self, outputs, examples, blocks_of_pairs):
         """Bias and activation of `(pairs, block_size)` outputs, scattered back."""
@@ -222,7 +247,7 @@ def _nonzero_rows_per_example(problem):
     it did not (the rows are a subset).
     """
     def sparse():
-        where = tf.where(problem.nonzero)
+        where = tf.where(tf.not_equal(problem.inputs, 0))
         ragged_rows = tf.RaggedTensor.from_value_rowids(
             tf.cast(where[:, 1], tf.int32), where[:, 0], nrows=tf.cast(problem.batch, tf.int64)
         )
@@ -236,7 +261,7 @@ def _nonzero_rows_per_example(problem):
         rows = tf.tile(tf.range(problem.input_dim)[None, :], [problem.batch, 1])
         return rows, problem.inputs
 
-    sparse_enough = tf.cast(problem.most_nonzero, tf.float32) <= problem.sparse_limit
+    sparse_enough = problem.most_nonzero <= problem.sparse_limit
     rows, values = tf.cond(sparse_enough, sparse, dense)
     return rows, values, sparse_enough
 
@@ -271,48 +296,50 @@ def _per_example(problem):
 def _used_input_rows(problem):
     """Indices and columns of the input units non-zero in some example, and
     whether they are a subset."""
-    used = problem.used_inputs
-    count = tf.reduce_sum(tf.cast(used, tf.int32))
-
     def sparse():
-        rows = tf.cast(tf.where(used)[:, 0], tf.int32)
+        rows = tf.cast(tf.where(problem.used_inputs)[:, 0], tf.int32)
         return rows, tf.gather(problem.inputs, rows, axis=1)
 
     def dense():
         return tf.range(problem.input_dim), problem.inputs
 
-    sparse_enough = tf.cast(count, tf.float32) <= problem.sparse_limit
+    sparse_enough = problem.used_input_count <= problem.sparse_limit
     rows, inputs = tf.cond(sparse_enough, sparse, dense)
     return rows, inputs, sparse_enough
 
 
 def _grouped(problem):
-    rows, inputs, sparse_rows = _used_input_rows(problem)
+    in_place = problem.grouped_in_place()
     active = tf.transpose(problem.active)  # (blocks, batch)
     pairs = tf.where(active)  # (P, 2): block, example; sorted by block
     blocks_of_pairs, examples = tf.cast(pairs[:, 0], tf.int32), pairs[:, 1]
-    counts = tf.reduce_sum(tf.cast(active, tf.int32), axis=1)
-    used_blocks = tf.cast(tf.where(counts > 0)[:, 0], tf.int32)
-    slot_block = tf.cumsum(tf.cast(counts > 0, tf.int32)) - 1  # block -> its slot
+    counts = problem.block_counts
+    # In place every block has its row of slots (an unused block's slots
+    # multiply padding); else only the blocks some example uses.
+    kept = tf.logical_or(counts > 0, in_place)
+    kept_blocks = tf.cast(tf.where(kept)[:, 0], tf.int32)
+    slot_block = tf.cumsum(tf.cast(kept, tf.int32)) - 1  # block -> its slot row
     starts = tf.cumsum(counts, exclusive=True)
     position = tf.range(tf.size(examples)) - tf.gather(starts, blocks_of_pairs)
     slots = tf.stack([tf.gather(slot_block, blocks_of_pairs), position], axis=1)
-    capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
-    # Example index per (used block, slot); empty slots read an appended zero row.
+    # Example index per (kept block, slot); empty slots read an appended zero row.
     slot_examples = tf.tensor_scatter_nd_update(
-        tf.fill(tf.stack([tf.size(used_blocks), capacity]), tf.cast(problem.batch, tf.int64)),
+        tf.fill(tf.stack([tf.size(kept_blocks), problem.capacity]),
+                tf.cast(problem.batch, tf.int64)),
         slots,
         examples,
     )
+    rows, inputs, sparse_rows = tf.cond(
+        in_place,
+        lambda: (tf.range(problem.input_dim), problem.inputs, tf.constant(False)),
+        lambda: _used_input_rows(problem),
+    )
     padded = tf.concat([inputs, tf.zeros_like(inputs[:1])], axis=0)
     grouped_inputs = tf.gather(padded, slot_examples)  # (n, C, r)
-    every_block = tf.logical_and(
-        tf.logical_not(sparse_rows), tf.equal(tf.size(used_blocks), problem.blocks)
-    )
-    weights = tf.cond(  # (n, r, block_size); all of them needs no copy
-        every_block,
+    weights = tf.cond(  # (n, r, block_size)
+        in_place,
         lambda: problem.block_kernel,
-        lambda: _block_weights(problem, used_blocks, rows, sparse_rows),
+        lambda: _block_weights(problem, kept_blocks, rows, sparse_rows),
     )
     outputs = tf.gather_nd(tf.matmul(grouped_inputs, weights), slots)
     return problem.finish(outputs, examples, blocks_of_pairs)
@@ -353,32 +380,19 @@ def _masked(problem):
 def path_costs(problem):
     """The cost-model estimates (ns) of `[per_example, grouped, masked]`."""
     f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
-    threshold = problem.sparse_limit
-    most = f32(problem.most_nonzero)
-    widest = tf.where(most <= threshold, most, float(problem.input_dim))
-    used = f32(tf.reduce_sum(tf.cast(problem.used_inputs, tf.int32)))
-    used = tf.where(used <= threshold, used, float(problem.input_dim))
+    most = problem.most_nonzero
+    widest = tf.where(most <= problem.sparse_limit, most, float(problem.input_dim))
     pairs = f32(tf.reduce_sum(tf.cast(problem.active, tf.int32)))
-    used_blocks = f32(tf.reduce_sum(tf.cast(tf.reduce_any(problem.active, axis=0), tf.int32)))
     s = float(problem.block_size)
     c = _COSTS
     per_example = pairs * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
-    # Every block with every input row is read in place, without a copy.
-    copied = tf.where(
-        tf.logical_and(used_blocks == problem.blocks, used == problem.input_dim), 0.0, used_blocks
-    )
-    capacity = f32(tf.reduce_max(tf.concat(
-        [tf.reduce_sum(tf.cast(problem.active, tf.int32), axis=0), [0]], axis=0
-    )))
-    touched = used_blocks * used * s
-    # Copied tiles are multiplied while in cache; in place, the product
-    # streams the kernel like the dense one.
-    streamed = tf.where(copied > 0, 0.0, touched / c["read"])
-    grouped = (
-        copied * used * s / c["copy"]
-        + tf.maximum(touched * capacity / c["batched"], streamed)
-        + c["overhead"]
-    )
+    capacity = f32(problem.capacity)
+    used, rows = problem.used_block_count, problem.rows_read()
+    copied = used * rows * s / c["copy"] + used * capacity * rows * s / c["batched"]
+    # In place, the product streams the whole kernel like the dense one.
+    every = float(problem.blocks * problem.input_dim) * s
+    in_place = tf.maximum(every * capacity / c["batched"], every / c["read"])
+    grouped = tf.where(problem.grouped_in_place(), in_place, copied) + c["overhead"]
     weights = float(problem.input_dim * problem.units)
     masked = tf.maximum(f32(problem.batch) * weights / c["gemm"], weights / c["read"])
     return tf.stack([per_example, grouped, masked])

@@ -152,6 +152,26 @@ def test_cost_model_choices(rng):
                         np.eye(1, 4, dtype="float32")) == "masked"
 
 
+@pytest.mark.parametrize("used_blocks, in_place", [(3, True), (1, False)])
+def test_grouped_reads_the_kernel_in_place_when_copying_would_cost_more(
+    rng, used_blocks, in_place
+):
+    # 3 of 4 blocks: copying their tiles costs more than streaming all 4, so
+    # the unused block's slots multiply padding; 1 of 4: its tiles are copied.
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    x = rng.normal(size=(5, 16)).astype("float32")
+    mask = np.zeros((5, 4), "float32")
+    mask[np.arange(5), np.arange(5) % used_blocks] = 1.0
+    mask[0, :used_blocks] = 1.0
+    problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 4), None,
+                       tf.constant(mask), tf.nn.relu)
+    assert bool(problem.grouped_in_place()) is in_place
+    expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu).numpy()
+    got = block_sparse_dense(x, to_block_kernel(kernel, 4), None, mask, tf.nn.relu,
+                             path="grouped").numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rng):
     kernel = rng.normal(size=(3072, 1536)).astype("float32")
     x = rng.random((50, 3072)).astype("float32")
