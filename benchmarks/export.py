@@ -3,11 +3,13 @@
 For each density, the Bengio et al. CIFAR-10 MLP shape (3072 -> 24 blocks x
 64 -> 24 x 64 -> 10) is built twice with the same kernels: with GatedDense
 layers and with `keras.layers.Dense`. Both are exported with
-`keras_condcomp.export` to ONNX (dynamic batch) and to LiteRT (static batch
-1, builtin ops, float32), and timed at batch 1, single thread, in
-onnxruntime (`intra_op_num_threads=1`, `inter_op_num_threads=1`) and in the
-LiteRT interpreter (`num_threads=1`, its default XNNPACK delegate), all four
-alternating call by call after a warm-up; the median of many calls is kept.
+`keras_condcomp.export` to ONNX (twice: with the default dynamic batch,
+runtime "onnx", and with a static batch of 1, "onnx_batch1") and to LiteRT
+(static batch 1, builtin ops, float32), and timed at batch 1, single thread,
+in onnxruntime (`intra_op_num_threads=1`, `inter_op_num_threads=1`) and in
+the LiteRT interpreter (`num_threads=1`, its default XNNPACK delegate), all
+six alternating call by call after a warm-up; the median of many calls is
+kept.
 
 Masks: random per example, of a controlled size. Each input carries, in its
 first 24 features, a random 0/1 selection of blocks (the others are uniform
@@ -188,48 +190,49 @@ def run(densities, repeats, workdir, shape="mlp"):
         measured = {name: float(c.mean() / blocks[name]) for name, c in counts.items()}
         reference = gated.predict(x, verbose=0)
         files, calls, errors = {}, {}, {}
+        # A GatedConv2D budget counts the groups of a batch: its ONNX export
+        # uses batch 1. The MLP's is timed both with the default dynamic batch
+        # ("onnx") and with a static batch of 1 ("onnx_batch1").
+        onnx_batches = {"onnx": None, "onnx_batch1": 1} if shape == "mlp" else {"onnx": 1}
         for kind, model in (("gated", gated), ("dense", dense)):
-            onnx_path = os.path.join(workdir, f"{kind}.onnx")
+            for runtime, batch_size in onnx_batches.items():
+                path = os.path.join(workdir, f"{kind}_{runtime}.onnx")
+                budgets = export_onnx(
+                    model, path, representative_data=x, batch_size=batch_size
+                )
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = 1
+                options.inter_op_num_threads = 1
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                name = session.get_inputs()[0].name
+                calls[f"{runtime}_{kind}"] = (
+                    lambda batch, session=session, name=name: session.run(None, {name: batch})[0]
+                )
+                files[f"{runtime}_{kind}"] = os.path.getsize(path)
             litert_path = os.path.join(workdir, f"{kind}.tflite")
-            # A GatedConv2D budget counts the groups of a batch: batch 1 keeps
-            # it per example (the MLP keeps ONNX's dynamic batch).
-            budgets = export_onnx(
-                model, onnx_path, representative_data=x,
-                batch_size=None if shape == "mlp" else 1,
-            )
             export_litert(model, litert_path, representative_data=x)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
             interpreter = Interpreter(model_path=litert_path, num_threads=1)
             interpreter.allocate_tensors()
             detail = interpreter.get_input_details()[0]["index"]
             output = interpreter.get_output_details()[0]["index"]
-
-            def onnx_call(batch, session=session, name=name):
-                return session.run(None, {name: batch})[0]
 
             def litert_call(batch, interpreter=interpreter, detail=detail, output=output):
                 interpreter.set_tensor(detail, batch)
                 interpreter.invoke()
                 return interpreter.get_tensor(output)
 
-            calls[f"onnx_{kind}"], calls[f"litert_{kind}"] = onnx_call, litert_call
-            files[f"onnx_{kind}"] = os.path.getsize(onnx_path)
+            calls[f"litert_{kind}"] = litert_call
             files[f"litert_{kind}"] = os.path.getsize(litert_path)
             if kind == "gated":
                 gated_budgets = budgets
-                errors["onnx"] = float(max(
-                    np.abs(onnx_call(x[i:i + 1]) - reference[i:i + 1]).max() for i in range(len(x))
-                ))
-                errors["litert"] = float(max(
-                    np.abs(litert_call(x[i:i + 1]) - reference[i:i + 1]).max() for i in range(len(x))
-                ))
+                for runtime in (*onnx_batches, "litert"):
+                    errors[runtime] = float(max(
+                        np.abs(calls[f"{runtime}_gated"](x[i:i + 1]) - reference[i:i + 1]).max()
+                        for i in range(len(x))
+                    ))
         batches = [x[i:i + 1] for i in range(16)]
         medians = median_latencies(calls, batches, repeats=repeats, warmup=20)
-        for runtime in ("onnx", "litert"):
+        for runtime in (*onnx_batches, "litert"):
             ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(gated_budgets)
             rows.append({
                 "shape": shape, "runtime": runtime, "density": density,
@@ -250,13 +253,13 @@ def run(densities, repeats, workdir, shape="mlp"):
 
 
 def _table(rows):
-    lines = [f"{'shape':5} {'runtime':8} {'density':>8} {'measured':>9} {'budget':>8} {'dense ms':>9} "
+    lines = [f"{'shape':5} {'runtime':11} {'density':>8} {'measured':>9} {'budget':>8} {'dense ms':>9} "
              f"{'gated ms':>9} {'speedup':>8} {'ideal':>7} {'file ratio':>10} {'max err':>9}"]
     for r in rows:
         measured = np.mean(list(r["measured_densities"].values()))
         budget = "/".join(str(v) for v in r["budgets"].values())
         lines.append(
-            f"{r['shape']:5} {r['runtime']:8} {r['density']:>8.4f} {measured:>9.4f} {budget:>8} "
+            f"{r['shape']:5} {r['runtime']:11} {r['density']:>8.4f} {measured:>9.4f} {budget:>8} "
             f"{r['dense_ms']:>9.3f} {r['gated_ms']:>9.3f} {r['speedup']:>7.2f}x "
             f"{r['ideal_speedup']:>6.1f}x {r['file_ratio']:>10.3f} {r['max_abs_error_vs_keras']:>9.1e}"
         )
@@ -274,9 +277,12 @@ def _plot(rows, path):
     titles = {"mlp": "MLP 3072-24x64-24x64-10", "cnn": "CNN 32x32x3, 64-128-128 filters, 8 groups"}
     for ax, shape in zip(axes[0], shapes):
         sel_rows = [r for r in rows if r["shape"] == shape]
-        for runtime, style in (("onnx", "o-"), ("litert", "s-")):
+        labels = {"onnx": "onnx, dynamic batch" if shape == "mlp" else "onnx, batch 1",
+                  "onnx_batch1": "onnx, static batch 1", "litert": "litert"}
+        for runtime, style in (("onnx", "o-"), ("onnx_batch1", "^-"), ("litert", "s-")):
             sel = sorted((r["density"], r["speedup"]) for r in sel_rows if r["runtime"] == runtime)
-            ax.plot(*zip(*sel), style, label=f"{runtime}, 1 thread, batch 1")
+            if sel:
+                ax.plot(*zip(*sel), style, label=f"{labels[runtime]}; 1 thread, batch 1")
         ideal = sorted({(r["density"], r["ideal_speedup"]) for r in sel_rows})
         ax.plot(*zip(*ideal), "k--", label="ideal (MACs at the budget)")
         ax.axhline(1.0, color="grey", lw=0.8)
@@ -297,7 +303,7 @@ def main(argv=None):
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--cnn-densities", nargs="*", type=float, default=list(CNN_DENSITIES),
                         help="densities of the GatedConv2D stack (none: skip it)")
-    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=1000)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     bad = [v for v in args.densities if not 1 / BLOCKS <= v <= 1]

@@ -129,6 +129,11 @@ def _parser():
         type=_number("--policy-learning-rate", 0, inf, True, True),
         default=1e-2,
     )
+    train.add_argument(
+        "--lr-schedule", choices=("cosine", "constant"), default="cosine",
+        help="learning rates of every model (network and policy): cosine decay to 0 "
+             "over the run (default), or constant",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument(
@@ -182,6 +187,24 @@ def _fit(model, args, x_train, y_train, x_val, y_val):
     )
 
 
+def _learning_rate(rate, args, train_size):
+    """`rate`, or its decay over the whole run as `--lr-schedule` says."""
+    import math
+
+    import keras
+
+    if args.lr_schedule == "constant":
+        return rate
+    steps = args.epochs * math.ceil(train_size / args.batch_size)
+    return keras.optimizers.schedules.CosineDecay(rate, decay_steps=steps)
+
+
+def _adam(rate, args, train_size):
+    import keras
+
+    return keras.optimizers.Adam(_learning_rate(rate, args, train_size))
+
+
 def _accuracy(model, x, y):
     logits = model.predict(x, batch_size=256, verbose=0)
     return float((logits.argmax(axis=1) == y).mean())
@@ -230,8 +253,8 @@ def train(args):
         example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
     )
     gated.compile(
-        keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"],
-        policy_optimizer=keras.optimizers.Adam(args.policy_learning_rate),
+        _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
+        policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
     )
     _fit(gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
@@ -242,7 +265,7 @@ def train(args):
 
     def train_dense(units):
         model = build_dense_mlp(input_dim, dataset.num_classes, units, args.layers)
-        model.compile(keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"])
+        model.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
         _fit(model, args, x_train, y_train, x_val, y_val)
         return model
 
@@ -369,8 +392,8 @@ def train_cnn(args):
         example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
     )
     gated.compile(
-        keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"],
-        policy_optimizer=keras.optimizers.Adam(args.policy_learning_rate),
+        _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
+        policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
     )
     _fit(gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
@@ -382,7 +405,7 @@ def train_cnn(args):
     print(f"Training the same-width Conv2D CNN (filters {','.join(map(str, filters))})")
     started = time.perf_counter()
     dense = build_dense_cnn(shape, dataset.num_classes, filters=filters)
-    dense.compile(keras.optimizers.Adam(args.learning_rate), loss, metrics=["accuracy"])
+    dense.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
     _fit(dense, args, x_train, y_train, x_val, y_val)
     dense_seconds = time.perf_counter() - started
 

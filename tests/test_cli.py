@@ -26,6 +26,19 @@ def test_train_writes_results_and_model(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".keras-condcomp")]
 
 
+@pytest.mark.parametrize("schedule, last_rate", [("cosine", 0.0), ("constant", 1e-3)])
+def test_learning_rates_follow_the_schedule_over_the_run(schedule, last_rate):
+    import argparse
+
+    from keras_condcomp.cli import _learning_rate
+
+    args = argparse.Namespace(lr_schedule=schedule, epochs=4, batch_size=32)
+    rate = _learning_rate(1e-3, args, train_size=100)  # 4 steps an epoch, 16 in all
+    at = (lambda step: float(rate(step))) if callable(rate) else (lambda step: float(rate))
+    assert at(0) == pytest.approx(1e-3)
+    assert at(16) == pytest.approx(last_rate, abs=1e-9)
+
+
 def test_train_cnn_writes_results_and_model(tmp_path):
     out = tmp_path / "run"
     arguments = ["--model", "cnn", "--filters", "8,8", "--blocks", "4", "--epochs", "1",
@@ -59,6 +72,7 @@ def test_train_on_mnist_directory(tmp_path, rng):
         (["--epochs", "-2"], "--epochs must be a positive integer"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "not a directory"),
         (["--dataset", "nope"], "dataset='nope'"),
+        (["--lr-schedule", "linear"], "--lr-schedule: invalid choice: 'linear'"),
         (["--model", "cnn", "--filters", "8,12", "--blocks", "8"],
          "--filters must be comma-separated positive integers divisible by --blocks (8)"),
     ],
