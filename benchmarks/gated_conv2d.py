@@ -8,7 +8,9 @@ median of many calls of:
 
 - `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
-- `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`.
+- `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`,
+- `floor_call`, a graph that only slices its input: the fixed cost of a
+  call, shown as the `call` bound (no graph beats Conv2D by more).
 
 Every model runs as one `tf.function` over `model(x, training=False)`. The
 masks are the layers' own threshold policies, each policy bias set so that
@@ -134,7 +136,9 @@ def _worker(args):
             batches = [data[i * batch % 256:][:batch] for i in range(8)]
             batches = [b for b in batches if len(b) == batch]
             functions = {
-                "conv2d": tf.function(lambda x: dense(x, training=False), input_signature=[spec])
+                "conv2d": tf.function(lambda x: dense(x, training=False), input_signature=[spec]),
+                # Bound: the fixed cost of a call (no graph beats Conv2D by more).
+                "floor_call": tf.function(lambda x: x[:, 0, 0, :], input_signature=[spec]),
             }
             for path in ("masked",) + tuple(args.paths):
                 fn = tf.function(lambda x: gated(x, training=False), input_signature=[spec])
@@ -156,7 +160,8 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'thr':>3} {'batch':>5} {'density':>7} {'conv ms':>8} {'auto':>6} "
-             f"{'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10}"]
+             f"{'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10} "
+             f"{'call':>6}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -168,7 +173,7 @@ def _table(rows):
         lines.append(
             f"{threads!s:>3} {batch:>5} {density:>7.3f} {paths['conv2d']['seconds'] * 1e3:>8.3f} "
             f"{sp('auto'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
-            f"{ideal:>5.1f}x {auto:>10.2f}"
+            f"{ideal:>5.1f}x {auto:>10.2f} {sp('floor_call'):>6}"
         )
     return "\n".join(lines)
 

