@@ -270,9 +270,9 @@ class GatedLayer(keras.layers.Layer):
     def _gate(self, inputs, training):
         """Decides the block mask of a call and reports it.
 
-        In training, adds the gating regulariser as a layer loss; inside a
-        `DecisionRecorder` (`PolicyGradientModel`'s steps) records the
-        decision. Returns the `(batch, blocks)` mask in the compute dtype.
+        Inside a `DecisionRecorder` (`PolicyGradientModel`'s steps) records
+        the decision and its gating regulariser; in training outside one,
+        adds the regulariser as a layer loss. Returns the `(batch, blocks)` mask in the compute dtype.
         """
         logits, mask = self._decide(inputs, training)
         recorder = current_recorder()
@@ -283,9 +283,12 @@ class GatedLayer(keras.layers.Layer):
             regularization = enabled * self.gating_regularization(
                 ops.sigmoid(logits), current
             )
-        if training:
+        if training and recorder is None:
+            # PolicyGradientModel adds the recorded regulariser to the
+            # policy's objective instead, so that its logged `loss` stays the
+            # task loss (L_v is negative).
             self.add_loss(regularization)
-            if recorder is None and not self._warned_unrecorded:
+            if not self._warned_unrecorded:
                 self._warned_unrecorded = True
                 warnings.warn(
                     f"{type(self).__name__} {self.name!r} is training outside "

@@ -274,26 +274,27 @@ class _PolicyGradientTraining:
             )
             policy_loss = surrogate + regularization
         else:
-            surrogate = policy_loss = ops.zeros(())
+            policy_loss = ops.zeros(())
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         self._loss_metric().update_state(loss * replicas, sample_weight=batch)
         self._update_gate_metrics(decisions, policy_loss)
         # Divided like compute_loss's losses, so replicas sum to the global mean.
-        return y_pred, loss, surrogate / replicas
+        return y_pred, loss, policy_loss / replicas
 
     def train_step(self, data):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         separate = self.policy_optimizer is not None
         with tf.GradientTape(persistent=separate) as tape:
-            y_pred, loss, surrogate = self._forward(x, y, sample_weight, True)
-            # The surrogate depends on the policies only (their input is a
-            # stopped gradient) and the task loss on the network only.
+            y_pred, loss, policy_objective = self._forward(x, y, sample_weight, True)
+            # The policy objective (surrogate and gating regularisers) depends
+            # on the policies only (their input is a stopped gradient) and the
+            # task loss on the network only.
             if separate:
                 network_loss = self.optimizer.scale_loss(loss)
-                policy_loss = self.policy_optimizer.scale_loss(loss + surrogate)
+                policy_loss = self.policy_optimizer.scale_loss(loss + policy_objective)
             else:
-                total_loss = self.optimizer.scale_loss(loss + surrogate)
+                total_loss = self.optimizer.scale_loss(loss + policy_objective)
         if separate:
             network, policy = self._split_trainable_variables()
             self.optimizer.apply(tape.gradient(network_loss, network), network)
@@ -346,8 +347,10 @@ class PolicyGradientModel(
     Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
     outputs)`) or subclassed.
 
-    Besides `loss` and the compiled metrics, `fit` and `evaluate` log
-    `policy_loss` (the policy's surrogate objective plus its regularisers),
+    Besides `loss` (the task loss plus the network's Keras losses; the gating
+    regularisers, `L_v` negative, are not in it) and the compiled metrics,
+    `fit` and `evaluate` log `policy_loss` (the policy's surrogate objective
+    plus its regularisers),
     `density` (mean fraction of active blocks over the gated layers),
     `<layer name>_density` for each gated layer and `conditional_macs`, the
     mean multiply-adds per example really computed, counted as

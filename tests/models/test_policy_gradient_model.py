@@ -41,6 +41,21 @@ def test_fit_and_evaluate_log_policy_loss_and_densities(rng):
     np.testing.assert_allclose(logs["density"], logs["gate_density"])
 
 
+def test_logged_loss_is_the_task_loss_and_policy_loss_has_the_regularisers(rng):
+    # With a large L_v weight the gating regulariser is far below 0; it must
+    # go to the policy's objective, not into the task loss that `loss` logs.
+    model = tiny_model(variance_weight=1e3)
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert history.history["loss"][0] >= 0.0
+    gate = model.get_layer("gate")
+    regularisation = float(gate.gating_regularization(gate.block_probabilities(x)))
+    assert regularisation < -1.0
+    assert history.history["policy_loss"][0] < -1.0
+    assert not gate.losses
+
+
 def test_trains_on_digits_to_accuracy_and_density(digits):
     keras.utils.set_random_seed(0)
     model = build_gated_mlp(
