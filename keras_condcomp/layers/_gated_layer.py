@@ -272,7 +272,8 @@ class GatedLayer(keras.layers.Layer):
 
         Inside a `DecisionRecorder` (`PolicyGradientModel`'s steps) records
         the decision and its gating regulariser; in training outside one,
-        adds the regulariser as a layer loss. Returns the `(batch, blocks)` mask in the compute dtype.
+        adds the regulariser as a layer loss. Returns the `(batch, blocks)`
+        mask in the compute dtype.
         """
         logits, mask = self._decide(inputs, training)
         recorder = current_recorder()
