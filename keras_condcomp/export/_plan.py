@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_condcomp.models.execution_tuning import gated_layer_inputs
 from keras_condcomp.models.policy_gradient_model import gated_layers
 from keras_condcomp.ops.static_budget_dense import static_budget_plan
 
@@ -95,19 +96,14 @@ def active_block_counts(model, data, batch_size=256):
     """
     layers = gated_layers(model)
     arrays = _as_inputs(model, data)
-    if not layers:
-        return {}
     try:
-        probe = keras.Model(model.inputs, [layer.input for layer in layers])
-    except (AttributeError, ValueError) as error:
+        seen = gated_layer_inputs(
+            model, arrays if len(arrays) > 1 else arrays[0], batch_size=batch_size
+        )
+    except ValueError as error:
         raise ValueError(
-            f"Cannot read the inputs of the gated layers of {model.name!r} (gated "
-            "layers inside nested models?): pass `budget` instead of "
-            "`representative_data` to choose the budgets."
+            f"{error} Pass `budget` instead of `representative_data` to choose the budgets."
         ) from error
-    seen = probe.predict(arrays if len(arrays) > 1 else arrays[0], batch_size=batch_size, verbose=0)
-    if len(layers) == 1:
-        seen = [seen]
     counts = {}
     for layer, layer_inputs in zip(layers, seen):
         masks = [

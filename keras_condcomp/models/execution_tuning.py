@@ -1,0 +1,127 @@
+"""Per-layer choice of the inference path by timing, instead of the per-call cost model."""
+
+import keras
+import numpy as np
+
+from keras_condcomp.models.policy_gradient_model import gated_layers
+
+__all__ = ["gated_layer_inputs", "tune_execution"]
+
+# "auto" decides per call; "static_capacity" compiles with XLA per shape
+# (forced only): neither is a candidate.
+_NOT_CANDIDATES = ("auto", "static_capacity")
+
+
+def gated_layer_inputs(model, x, batch_size=256):
+    """The inputs each gated layer of `model` sees when the model runs on `x`.
+
+    Args:
+        model: a built functional or Sequential model with gated layers.
+        x: model inputs (an array, or a list of arrays for several inputs).
+        batch_size: examples per forward pass.
+
+    Returns:
+        list of arrays, one per layer of `keras_condcomp.models.gated_layers(model)`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> hidden = GatedDense(16, blocks=4, activation="relu")(inputs)
+    >>> model = keras.Model(inputs, GatedDense(12, blocks=3)(hidden))
+    >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
+    ((5, 8), (5, 16))
+    """
+    layers = gated_layers(model)
+    if not layers:
+        return []
+    try:
+        probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read the inputs of the gated layers of {model.name!r} (gated "
+            "layers inside nested models?)."
+        ) from error
+    seen = probe.predict(x, batch_size=batch_size, verbose=0)
+    return [np.asarray(a) for a in (seen if len(layers) > 1 else [seen])]
+
+
+def tune_execution(model, x, batch_size=1, repeats=30):
+    """Times every inference path of each gated layer and keeps the fastest.
+
+    `execution="auto"` decides per call, inside the graph, which costs some
+    0.1-0.3 ms per layer at batch 1 (guide "How skipping runs fast"). Where
+    the batch size and the data are known in advance, this measures instead:
+    for each gated layer, on the inputs it sees when the model runs on `x`,
+    in batches of `batch_size`, it times every path the layer accepts (other
+    than `"auto"` and `"static_capacity"`) side by side, alternating, and
+    sets `layer.execution` to the fastest (median of `repeats` calls). The
+    choice is part of the layer's config, so it is saved with the model.
+
+    Run it under the thread settings you will deploy with. Graphs traced
+    before the call keep their paths: the model's own predict function is
+    rebuilt, `tf.function`s of your own must be re-created.
+
+    Args:
+        model: a built functional or Sequential model with gated layers.
+        x: representative inputs (an array, or a list of arrays), at least
+            `batch_size` examples.
+        batch_size: the batch size to tune for (positive int).
+        repeats: timed calls per path (positive int).
+
+    Returns:
+        dict: gated layer name -> `{"execution": path, "seconds": {path:
+        median seconds a call}}`.
+
+    Raises:
+        ValueError: no gated layer, bad `batch_size`/`repeats`, fewer than
+            `batch_size` examples.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((16,))
+    >>> model = keras.Model(inputs, GatedDense(32, blocks=4, name="g")(inputs))
+    >>> chosen = tune_execution(model, np.random.rand(8, 16), repeats=3).get("g")
+    >>> chosen.get("execution") == model.get_layer("g").execution
+    True
+    """
+    import tensorflow as tf
+
+    from keras_condcomp.ops import forced_execution
+    from keras_condcomp.speed import median_latencies
+
+    for name, value in (("batch_size", batch_size), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError(f"Model {model.name!r} has no gated layers to tune.")
+    first = x[0] if isinstance(x, (list, tuple)) else x
+    if len(first) < batch_size:
+        raise ValueError(
+            f"`x` must hold at least batch_size={batch_size} examples. "
+            f"Received: {len(first)}"
+        )
+    report = {}
+    for layer, inputs in zip(layers, gated_layer_inputs(model, x)):
+        count = min(16, len(inputs) // batch_size)
+        batches = [inputs[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+        spec = tf.TensorSpec([None, *inputs.shape[1:]], "float32")
+        calls = {}
+        for path in layer.execution_paths:
+            if path in _NOT_CANDIDATES:
+                continue
+            function = tf.function(
+                lambda t, layer=layer: layer(t, training=False), input_signature=[spec]
+            )
+            with forced_execution(path):
+                function.get_concrete_function()
+            calls[path] = lambda batch, function=function: function(batch).numpy()
+        seconds = median_latencies(calls, batches, repeats=repeats)
+        layer.execution = min(seconds, key=seconds.get)
+        report[layer.name] = {"execution": layer.execution, "seconds": seconds}
+    model.make_predict_function(force=True)
+    return report

@@ -1,0 +1,68 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_condcomp.layers import GatedConv2D, GatedDense
+from keras_condcomp.models import gated_layer_inputs, tune_execution
+from keras_condcomp.ops import CONV2D_EXECUTION_PATHS, EXECUTION_PATHS
+
+
+def _mixed_model():
+    inputs = keras.Input((8, 8, 3))
+    hidden = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", name="conv")(inputs)
+    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    hidden = GatedDense(16, blocks=4, activation="relu", name="gated_dense")(hidden)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+
+
+def test_tune_execution_sets_a_measured_path_per_layer_and_keeps_outputs(rng, tmp_path):
+    model = _mixed_model()
+    x = rng.random((12, 8, 8, 3)).astype("float32")
+    before = model.predict(x, verbose=0)
+    report = tune_execution(model, x, batch_size=2, repeats=2)
+    candidates = {
+        "conv": set(CONV2D_EXECUTION_PATHS) - {"auto", "static_capacity"},
+        "gated_dense": set(EXECUTION_PATHS) - {"auto", "static_capacity"},
+    }
+    for name, timed in candidates.items():
+        layer = model.get_layer(name)
+        assert set(report[name]["seconds"]) == timed
+        assert report[name]["execution"] == layer.execution
+        assert layer.execution == min(report[name]["seconds"], key=report[name]["seconds"].get)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=1e-5)
+    path = str(tmp_path / "tuned.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for name in candidates:
+        assert loaded.get_layer(name).execution == model.get_layer(name).execution
+
+
+def test_gated_layer_inputs_are_what_each_gated_layer_sees(rng):
+    model = _mixed_model()
+    x = rng.random((5, 8, 8, 3)).astype("float32")
+    conv_input, dense_input = gated_layer_inputs(model, x)
+    np.testing.assert_array_equal(conv_input, x)
+    pooled = keras.Model(model.inputs, model.get_layer("gated_dense").input)
+    np.testing.assert_allclose(dense_input, pooled.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 1.5}, "batch_size=1.5"),
+        ({"repeats": -1}, "repeats=-1"),
+        ({"batch_size": 20}, "at least batch_size=20 examples. Received: 12"),
+    ],
+)
+def test_tune_execution_errors_name_the_argument(rng, kwargs, message):
+    model = _mixed_model()
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        tune_execution(model, rng.random((12, 8, 8, 3)).astype("float32"), **kwargs)
+
+
+def test_tune_execution_needs_gated_layers(rng):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="plain")
+    with pytest.raises(ValueError, match="'plain' has no gated layers"):
+        tune_execution(model, rng.random((4, 4)).astype("float32"))
