@@ -63,10 +63,11 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
 
     import keras_condcomp  # noqa: F401  (registers the layers)
 
+    from keras_condcomp.models import tune_execution
+
     gated = keras.models.load_model(gated_path, compile=False)
     dense = keras.models.load_model(dense_path, compile=False)
     x = np.load(data_path)
-    functions = {"gated": _compiled_inference(gated), "dense": _compiled_inference(dense)}
     results = {}
     for batch_size in batch_sizes:
         count = max(1, min(16, len(x) // batch_size))
@@ -74,11 +75,24 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
         batches = [b for b in batches if len(b) == batch_size] or [
             np.resize(x, (batch_size, *x.shape[1:]))
         ]
+        # A copy whose paths are chosen by timing for this batch size.
+        tuned = keras.models.load_model(gated_path, compile=False)
+        report = tune_execution(
+            tuned, np.concatenate(batches), batch_size=batch_size, repeats=max(3, repeats // 4)
+        )
+        functions = {
+            "gated": _compiled_inference(gated),
+            "tuned": _compiled_inference(tuned),
+            "dense": _compiled_inference(dense),
+        }
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
             "gated_seconds": medians["gated"],
             "dense_seconds": medians["dense"],
             "speedup": medians["dense"] / medians["gated"],
+            "tuned_seconds": medians["tuned"],
+            "tuned_speedup": medians["dense"] / medians["tuned"],
+            "tuned_execution": {name: r["execution"] for name, r in report.items()},
         }
     return results
 
@@ -93,8 +107,13 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
         threads: TensorFlow intra-op threads (inter-op pinned to 1).
         repeats: timed calls per model and batch size (medians reported).
 
+    The gated model runs as saved (`execution="auto"` by default) and, as
+    `tuned`, with each layer's path chosen by
+    `keras_condcomp.models.tune_execution` for that batch size.
+
     Returns:
-        `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup"}}`.
+        `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup",
+        "tuned_seconds", "tuned_speedup", "tuned_execution"}}`.
     """
     import tempfile
 

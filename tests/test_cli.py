@@ -18,7 +18,8 @@ def test_train_writes_results_and_model(tmp_path):
     results = json.loads((out / "results.json").read_text())
     for key in ("test_accuracy", "dense_test_accuracy", "equal_macs_dense_test_accuracy",
                 "density", "layer_densities", "dense_macs", "conditional_macs",
-                "speedup_batch1", "speedup_batch256"):
+                "speedup_batch1", "speedup_batch256", "tuned_speedup_batch1",
+                "tuned_speedup_batch256"):
         assert key in results
     assert 0 <= results["density"] <= 1 and results["speedup_batch1"] > 0
     assert results["dense_macs"] == 64 * 32 + 32 * 10
@@ -48,7 +49,8 @@ def test_train_cnn_writes_results_and_model(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "cnn"
     for key in ("test_accuracy", "dense_test_accuracy", "density", "conditional_macs",
-                "speedup_batch1", "speedup_batch256"):
+                "speedup_batch1", "speedup_batch256", "tuned_speedup_batch1",
+                "tuned_speedup_batch256"):
         assert key in results
     assert sorted(results["layer_densities"]) == ["gated_conv_1", "gated_conv_2"]
     # digits are 8x8x1: 3x3 convs of 8 filters at 8x8, then 8 -> 8 at 4x4, the head
