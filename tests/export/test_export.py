@@ -237,7 +237,9 @@ def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypa
 
     # The speed measurement of `train` (a fresh process) is not under test here.
     monkeypatch.setattr(speed, "measure_models_speed", lambda *a, **k: {
-        str(b): {"gated_seconds": 1.0, "dense_seconds": 1.0, "speedup": 1.0} for b in (1, 256)
+        str(b): {"gated_seconds": 1.0, "dense_seconds": 1.0, "speedup": 1.0,
+                 "tuned_seconds": 1.0, "tuned_speedup": 1.0, "tuned_execution": {}}
+        for b in (1, 256)
     })
     run = tmp_path / "run"
     # Policy trained by REINFORCE only (no density pressure): blocks stay on and off.
