@@ -19,7 +19,8 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 
 - `"per_example"`: every (example, active block) pair gathers its own tiles,
   restricted to that example's non-zero inputs; one batched matrix-vector
-  product. The batch-1 path, and the best one when inputs are sparse.
+  product. The best one when the examples of a batch read different sparse
+  inputs (at batch 1 `"grouped"` does the same work with fewer ops).
 - `"grouped"`: examples grouped by output block, dropless: the rows of each
   block's examples are gathered, and one batched matmul computes all
   blocks. When the batch uses few tiles (blocks used by some example x
