@@ -102,6 +102,11 @@ def _parser():
         "--filters", default="32,64",
         help="cnn: comma-separated filters of the gated 3x3 convolutions",
     )
+    train.add_argument(
+        "--policy-grid", type=_positive_int("--policy-grid"), default=None,
+        help="cnn: each policy reads the channel means over a g x g grid of cells "
+             "(default: over the whole image)",
+    )
     inf = float("inf")
     train.add_argument(
         "--target-density", type=_number("--target-density", 0, 1), default=None,
@@ -229,6 +234,8 @@ def train(args):
             setattr(args, key, value)
     if args.model == "cnn":
         return train_cnn(args)
+    if args.policy_grid is not None:
+        raise CommandError(f"--policy-grid ({args.policy_grid}) applies to --model cnn only")
     if args.units % args.blocks:
         raise CommandError(
             f"--units ({args.units}) must be divisible by --blocks ({args.blocks})"
@@ -391,11 +398,19 @@ def train_cnn(args):
     print(f"Training a gated CNN on {dataset.name}: {len(fit)} train, {n_val} validation, "
           f"{len(x_test)} test examples")
     started = time.perf_counter()
+    # Each gated convolution but the last is followed by 2x2 max pooling.
+    smallest = min(shape[:2]) // 2 ** (len(filters) - 1)
+    if args.policy_grid is not None and args.policy_grid > smallest:
+        raise CommandError(
+            f"--policy-grid ({args.policy_grid}) must be at most {smallest}, the "
+            f"rows of the last gated convolution's input ({shape[0]}x{shape[1]} images)"
+        )
     gated = build_gated_cnn(
         shape, dataset.num_classes, filters=filters, blocks=args.blocks,
         target_density=args.target_density, sparsity_weight=args.sparsity_weight,
         variance_weight=args.variance_weight,
         example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
+        policy_grid=args.policy_grid,
     )
     gated.compile(
         _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],

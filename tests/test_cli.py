@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 
 from keras_condcomp.cli import main
@@ -44,10 +45,14 @@ def test_train_cnn_writes_results_and_model(tmp_path):
     out = tmp_path / "run"
     arguments = ["--model", "cnn", "--filters", "8,8", "--blocks", "4", "--epochs", "1",
                  "--batch-size", "256", "--speed-repeats", "1", "--verbose", "0",
-                 "--out", str(out)]
+                 "--policy-grid", "2", "--out", str(out)]
     assert main(["train", *arguments]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "cnn"
+    model = keras.saving.load_model(out / "model.keras")
+    # Each policy reads the channel means of 2 x 2 cells: 1 then 8 channels.
+    assert [layer.policy.kernel.shape for layer in model.layers if hasattr(layer, "policy")] \
+        == [(4, 4), (32, 4)]
     for key in ("test_accuracy", "dense_test_accuracy", "density", "conditional_macs",
                 "speedup_batch1", "speedup_batch256", "tuned_speedup_batch1",
                 "tuned_speedup_batch256"):
@@ -75,6 +80,9 @@ def test_train_on_mnist_directory(tmp_path, rng):
         (["--dataset", "mnist", "--data-dir", "/nonexistent"], "not a directory"),
         (["--dataset", "nope"], "dataset='nope'"),
         (["--lr-schedule", "linear"], "--lr-schedule: invalid choice: 'linear'"),
+        (["--policy-grid", "2"], "--policy-grid (2) applies to --model cnn only"),
+        (["--model", "cnn", "--policy-grid", "5"],
+         "--policy-grid (5) must be at most 4, the rows of the last gated convolution's input"),
         (["--model", "cnn", "--filters", "8,12", "--blocks", "8"],
          "--filters must be comma-separated positive integers divisible by --blocks (8)"),
     ],

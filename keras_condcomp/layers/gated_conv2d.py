@@ -21,6 +21,11 @@ __all__ = ["GatedConv2D"]
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
+def _spatial(input_shape, data_format):
+    """`(rows, cols)` of a 4D input shape."""
+    return tuple(input_shape[1:3] if data_format == "channels_last" else input_shape[2:4])
+
+
 @keras.saving.register_keras_serializable(package="keras_condcomp")
 class GatedConv2D(GatedLayer):
     """A `keras.layers.Conv2D` whose `blocks` groups of filters run per example.
@@ -28,7 +33,8 @@ class GatedConv2D(GatedLayer):
     The `filters` output channels are split into `blocks` equal groups. A
     policy (`layer.policy`, a `BernoulliPolicy`) reads a cheap summary of the
     input, its global average over the spatial positions `s = mean_hw(x)`
-    (one value per input channel), and gives each group a probability
+    (one value per input channel; or over a grid of cells, `policy_grid`),
+    and gives each group a probability
     `sigma = sigmoid(s Z + d)`; a mask `u` of active groups is sampled from it
     in training (`u ~ Bernoulli(sigma)`) and thresholded (`sigma > 0.5`) at
     inference, and
@@ -81,6 +87,11 @@ class GatedConv2D(GatedLayer):
         seed: int seed of the mask sampling.
         example_sparsity_weight: None (default: `sparsity_weight`) or the
             weight of `L_e` alone, as in GatedDense.
+        policy_grid: None (default): the policy reads each input channel's
+            mean over the image. A positive int `g`: the means over a
+            `g x g` grid of equal cells (`g * g * in_channels` numbers), for
+            layers whose input has few channels (a first layer reading a
+            grey image otherwise sees one number).
 
     Call arguments:
         inputs: a 4D tensor.
@@ -135,6 +146,7 @@ class GatedConv2D(GatedLayer):
         execution="auto",
         seed=None,
         example_sparsity_weight=None,
+        policy_grid=None,
         **kwargs,
     ):
         if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
@@ -155,6 +167,13 @@ class GatedConv2D(GatedLayer):
             raise ValueError(
                 "`strides > 1` is not supported with `dilation_rate > 1`. "
                 f"Received: strides={strides}, dilation_rate={dilation_rate}"
+            )
+        if policy_grid is not None and (
+            isinstance(policy_grid, bool) or not isinstance(policy_grid, int) or policy_grid <= 0
+        ):
+            raise ValueError(
+                "`policy_grid` must be None or a positive integer. "
+                f"Received: policy_grid={policy_grid!r}"
             )
         if data_format is None:
             data_format = keras.config.image_data_format()
@@ -192,6 +211,7 @@ class GatedConv2D(GatedLayer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.policy_grid = policy_grid
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     @property
@@ -226,15 +246,38 @@ class GatedConv2D(GatedLayer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-        self._build_gating(in_channels)
+        state_dim = in_channels
+        if self.policy_grid is not None:
+            spatial = _spatial(input_shape, self.data_format)
+            if None in spatial or min(spatial) < self.policy_grid:
+                raise ValueError(
+                    f"`policy_grid={self.policy_grid}` needs inputs whose rows and "
+                    f"columns are known and at least {self.policy_grid}. "
+                    f"Received: input_shape={tuple(input_shape)}"
+                )
+            state_dim = in_channels * self.policy_grid**2
+        self._build_gating(state_dim)
         self.input_spec = keras.layers.InputSpec(
             ndim=4, axes={self._channel_axis: in_channels}
         )
 
     def _policy_state(self, inputs):
-        """Global average pooling: `(batch, in_channels)`."""
-        axes = (1, 2) if self.data_format == "channels_last" else (2, 3)
-        return ops.mean(ops.cast(inputs, "float32"), axis=axes)
+        """Channel means over the image (`policy_grid` None): `(batch,
+        in_channels)`, or over a `g x g` grid of equal cells: `(batch, g * g *
+        in_channels)` (rows and columns beyond a multiple of `g` left out)."""
+        inputs = ops.cast(inputs, "float32")
+        if self.data_format == "channels_first":
+            inputs = ops.transpose(inputs, (0, 2, 3, 1))
+        if self.policy_grid is None:
+            return ops.mean(inputs, axis=(1, 2))
+        g = self.policy_grid
+        rows, cols, channels = inputs.shape[1:]
+        cell_rows, cell_cols = rows // g, cols // g
+        cells = ops.reshape(
+            inputs[:, : g * cell_rows, : g * cell_cols],
+            (-1, g, cell_rows, g, cell_cols, channels),
+        )
+        return ops.reshape(ops.mean(cells, axis=(2, 4)), (-1, g * g * channels))
 
     # Reads `keras_condcomp.ops.static_budget_settings(self)` when traced for
     # export (`keras_condcomp.export`): a fixed group budget, static shapes.
@@ -356,5 +399,6 @@ class GatedConv2D(GatedLayer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "policy_grid": self.policy_grid,
             **self._gating_config(),
         }

@@ -16,8 +16,9 @@ The rules:
   input position.
 - `GatedDense`: `input_dim * units` dense, `input_dim * blocks` for its policy.
 - `GatedConv2D`: `kernel.size` per output position dense (as `Conv2D`),
-  `in_channels * blocks` for its policy (on the globally averaged input;
-  the averaging is additions, not counted).
+  the size of its policy kernel for its policy (`in_channels * blocks` on
+  the globally averaged input, `g * g` times that with `policy_grid=g`; the
+  averaging is additions, not counted).
 - Layers without weights (pooling, activations, dropout, reshapes, merges)
   and normalisation and `Embedding` layers: 0 MACs (elementwise work and
   lookups are not multiply-adds of a product).

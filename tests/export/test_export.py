@@ -282,7 +282,9 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
     keras.utils.set_random_seed(9)
     rng = np.random.default_rng(9)
     inputs = keras.Input((8, 8, 3))
-    hidden = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu")(inputs)
+    hidden = GatedConv2D(
+        8, 3, blocks=4, padding="same", activation="relu", policy_grid=2
+    )(inputs)
     hidden = keras.layers.MaxPooling2D()(hidden)
     hidden = GatedConv2D(12, 3, blocks=3, strides=1, activation="relu")(hidden)
     # GlobalAveragePooling2D, not Flatten: see the note on static shapes below.

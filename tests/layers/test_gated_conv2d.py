@@ -95,12 +95,28 @@ def test_output_shapes_match_conv2d(rng, strides, padding, dilation_rate):
     )
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_policy_grid_reads_the_means_of_grid_cells(rng, data_format):
+    layer = GatedConv2D(8, 3, 4, padding="same", policy_grid=2, data_format=data_format)
+    image = rng.normal(size=(3, 7, 9, 2)).astype("float32")  # rows 7 -> 2 cells of 3
+    x = image if data_format == "channels_last" else image.transpose(0, 3, 1, 2)
+    layer(x)
+    assert layer.policy.kernel.shape == (2 * 2 * 2, 4)
+    cells = [image[:, r * 3:(r + 1) * 3, c * 4:(c + 1) * 4].mean(axis=(1, 2))
+             for r in range(2) for c in range(2)]
+    state = np.stack(cells, axis=1).reshape(3, -1)
+    logits = state @ layer.policy.kernel.numpy() + layer.policy.bias.numpy()
+    np.testing.assert_allclose(
+        layer.block_probabilities(x), 1 / (1 + np.exp(-logits)), atol=1e-6
+    )
+
+
 def test_config_round_trip():
     layer = GatedConv2D(
         16, (3, 2), 4, strides=(2, 1), padding="same", activation="relu",
         target_density=0.3, sparsity_weight=3.0, variance_weight=0.5,
         inference="sample", execution="grouped", seed=9, kernel_regularizer="l2",
-        policy_regularizer="l2", example_sparsity_weight=5.0,
+        policy_regularizer="l2", example_sparsity_weight=5.0, policy_grid=2,
     )
     config = layer.get_config()
     clone = GatedConv2D.from_config(config)
@@ -183,6 +199,9 @@ def test_training_lowers_density_toward_target(rng):
          "target_density=1.5"),
         ({"filters": 8, "kernel_size": 3, "blocks": 2, "execution": "static_capacity"},
          "execution='static_capacity'"),
+        ({"filters": 8, "kernel_size": 3, "blocks": 2, "policy_grid": 0}, "policy_grid=0"),
+        ({"filters": 8, "kernel_size": 3, "blocks": 2, "policy_grid": True},
+         "policy_grid=True"),
     ],
 )
 def test_bad_arguments_name_argument_and_value(kwargs, message):
@@ -191,6 +210,8 @@ def test_bad_arguments_name_argument_and_value(kwargs, message):
 
 
 def test_bad_inputs_and_layers_are_refused(rng):
+    with pytest.raises(ValueError, match=r"policy_grid=4. needs inputs whose rows"):
+        GatedConv2D(4, 3, 2, policy_grid=4)(rng.normal(size=(1, 3, 5, 3)).astype("float32"))
     layer = GatedConv2D(4, 3, 2)
     layer(rng.normal(size=(1, 5, 5, 3)).astype("float32"))
     with pytest.raises(ValueError, match="axis -1"):
