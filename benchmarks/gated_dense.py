@@ -1,11 +1,14 @@
 """GatedDense inference speed against keras.layers.Dense, side by side.
 
-For each shape, density and batch size, one process times, alternating call
-by call after a warm-up, the median of many calls of:
+For each shape, density and batch size, one process times each of these
+against `dense` alone, the two alternating call by call after a warm-up,
+median of many calls (the `dense` row is the median of its pairs):
 
 - `dense`: the same-width `keras.layers.Dense` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
 - `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`,
+- `tuned`: the gated stack with each layer's path chosen by
+  `keras_condcomp.models.tune_execution` for that batch size,
 - two bounds, as speedups over dense in the `call` and `stream` columns:
   `floor_call`, a graph that only slices its input (the fixed cost of a
   call: no graph beats dense by more), and `floor_stream`, a graph that
@@ -115,6 +118,7 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import median_latencies
 
@@ -148,14 +152,40 @@ def _worker(args):
                     with forced_execution(path):
                         fn.get_concrete_function()
                     functions[path] = fn
+                # Each layer's path chosen by timing for this batch size, on the
+                # same model (the same weights, as warm or cold in the cache as
+                # the other paths'); the graphs above keep their forced paths.
+                tune_execution(gated, data[: max(64, batch)], batch_size=batch, repeats=20)
+                functions["tuned"] = tf.function(
+                    lambda x: gated(x, training=False), input_signature=[spec]
+                )
+                functions["tuned"].get_concrete_function()
+                for layer in gated.layers:
+                    if hasattr(layer, "execution"):
+                        layer.execution = "auto"
                 calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
-                medians = median_latencies(calls, batches, repeats=args.repeats, warmup=3)
+                # Each against Dense alone: paths of one model timed in one
+                # alternation would find the tiles the previous path read for
+                # the same batch still in cache (measured: +30% for "auto" at
+                # batch 1, none at batch 50).
+                medians, dense_medians = {}, []
+                for name in calls:
+                    if name == "dense":
+                        continue
+                    pair = median_latencies(
+                        {"dense": calls["dense"], name: calls[name]}, batches,
+                        repeats=args.repeats, warmup=3,
+                    )
+                    dense_medians.append(pair["dense"])
+                    medians[name] = (pair[name], pair["dense"])
+                dense_seconds = float(np.median(dense_medians))
                 ideal = _ideal_speedup(shape, layer_densities)
-                for name, seconds in medians.items():
+                timed = {"dense": (dense_seconds, dense_seconds), **medians}
+                for name, (seconds, paired_dense) in timed.items():
                     rows.append({
                         "shape": shape, "density": density, "layer_densities": layer_densities,
                         "batch": batch, "threads": args.threads or "all", "path": name,
-                        "seconds": seconds, "speedup": medians["dense"] / seconds,
+                        "seconds": seconds, "speedup": paired_dense / seconds,
                         "ideal_speedup": ideal, "weight_memory_ratio": memory,
                     })
                 print(json.dumps({"progress": f"{shape} d={density:.3f} b={batch}"}), file=sys.stderr)
@@ -164,7 +194,7 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
-             f"{'auto':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
+             f"{'auto':>6} {'tuned':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
              f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6}"]
     keyed = {}
     for r in rows:
@@ -175,7 +205,8 @@ def _table(rows):
         ideal = paths["dense"]["ideal_speedup"]
         lines.append(
             f"{shape:20} {threads!s:>3} {batch:>5} {density:>7.3f} "
-            f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('per_example'):>6} "
+            f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('tuned'):>6} "
+            f"{sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
             f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f} "
             f"{sp('floor_call'):>6} {sp('floor_stream'):>6}"

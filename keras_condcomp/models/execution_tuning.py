@@ -53,26 +53,27 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     `execution="auto"` decides per call, inside the graph, which costs some
     0.1-0.3 ms per layer at batch 1 (guide "How skipping runs fast"). Where
     the batch size and the data are known in advance, this measures instead:
-    for each gated layer, on the inputs it sees when the model runs on `x`,
-    in batches of `batch_size`, it times every path the layer accepts (other
-    than `"auto"` and `"static_capacity"`) side by side, alternating, and
-    sets `layer.execution` to the fastest (median of `repeats` calls). The
-    choice is part of the layer's config, so it is saved with the model.
+    layer by layer, in order, it sets each path the layer accepts (other than
+    `"auto"` and `"static_capacity"`), times the whole model on `x` in
+    batches of `batch_size` for each, side by side and alternating, and
+    keeps the fastest (median of `repeats` calls) before moving to the next
+    layer. The choice is part of each layer's config, so it is saved with
+    the model.
 
     Run it under the thread settings you will deploy with. Graphs traced
     before the call keep their paths: the model's own predict function is
     rebuilt, `tf.function`s of your own must be re-created.
 
     Args:
-        model: a built functional or Sequential model with gated layers.
-        x: representative inputs (an array, or a list of arrays), at least
-            `batch_size` examples.
+        model: a built functional or Sequential model with gated layers
+            (one input).
+        x: representative inputs, at least `batch_size` examples.
         batch_size: the batch size to tune for (positive int).
         repeats: timed calls per path (positive int).
 
     Returns:
         dict: gated layer name -> `{"execution": path, "seconds": {path:
-        median seconds a call}}`.
+        median seconds of a model call}}`.
 
     Raises:
         ValueError: no gated layer, bad `batch_size`/`repeats`, fewer than
@@ -90,7 +91,6 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     """
     import tensorflow as tf
 
-    from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import median_latencies
 
     for name, value in (("batch_size", batch_size), ("repeats", repeats)):
@@ -99,26 +99,29 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     layers = gated_layers(model)
     if not layers:
         raise ValueError(f"Model {model.name!r} has no gated layers to tune.")
-    first = x[0] if isinstance(x, (list, tuple)) else x
-    if len(first) < batch_size:
+    if len(getattr(model, "inputs", None) or ()) != 1:
         raise ValueError(
-            f"`x` must hold at least batch_size={batch_size} examples. "
-            f"Received: {len(first)}"
+            f"tune_execution needs a built model with one input. Received: model "
+            f"{model.name!r} with {len(getattr(model, 'inputs', None) or ())} inputs"
         )
+    x = np.asarray(x, dtype="float32")
+    if len(x) < batch_size:
+        raise ValueError(
+            f"`x` must hold at least batch_size={batch_size} examples. Received: {len(x)}"
+        )
+    count = min(16, len(x) // batch_size)
+    batches = [x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    spec = tf.TensorSpec([None, *x.shape[1:]], "float32")
     report = {}
-    for layer, inputs in zip(layers, gated_layer_inputs(model, x)):
-        count = min(16, len(inputs) // batch_size)
-        batches = [inputs[i * batch_size:(i + 1) * batch_size] for i in range(count)]
-        spec = tf.TensorSpec([None, *inputs.shape[1:]], "float32")
+    for layer in layers:
         calls = {}
         for path in layer.execution_paths:
             if path in _NOT_CANDIDATES:
                 continue
-            function = tf.function(
-                lambda t, layer=layer: layer(t, training=False), input_signature=[spec]
-            )
-            with forced_execution(path):
-                function.get_concrete_function()
+            # A layer reads `execution` when a graph is traced.
+            layer.execution = path
+            function = tf.function(lambda t: model(t, training=False), input_signature=[spec])
+            function.get_concrete_function()
             calls[path] = lambda batch, function=function: function(batch).numpy()
         seconds = median_latencies(calls, batches, repeats=repeats)
         layer.execution = min(seconds, key=seconds.get)

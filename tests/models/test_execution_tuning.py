@@ -61,8 +61,13 @@ def test_tune_execution_errors_name_the_argument(rng, kwargs, message):
         tune_execution(model, rng.random((12, 8, 8, 3)).astype("float32"), **kwargs)
 
 
-def test_tune_execution_needs_gated_layers(rng):
+def test_tune_execution_needs_gated_layers_and_one_input(rng):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="plain")
     with pytest.raises(ValueError, match="'plain' has no gated layers"):
         tune_execution(model, rng.random((4, 4)).astype("float32"))
+    a, b = keras.Input((4,)), keras.Input((4,))
+    gated = GatedDense(8, blocks=2)(keras.layers.Add()([a, b]))
+    two = keras.Model([a, b], gated, name="two")
+    with pytest.raises(ValueError, match="'two' with 2 inputs"):
+        tune_execution(two, [rng.random((4, 4))] * 2)
