@@ -3,8 +3,8 @@
 The stack (CIFAR-like): 32x32x3 input, three 3x3 "same" convolutions with
 ReLU of 64, 128 and 128 filters in 8 groups, 2x2 max pooling after the first
 two, global average pooling and a 10-unit dense head. For each density and
-batch size, one process times, alternating call by call after a warm-up, the
-median of many calls of:
+batch size, one process times each of these against `conv2d` alone, the two
+alternating call by call after a warm-up, median of many calls:
 
 - `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
@@ -119,7 +119,7 @@ def _worker(args):
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies
+    from keras_condcomp.speed import paired_latencies
 
     import keras
 
@@ -146,12 +146,13 @@ def _worker(args):
                     fn.get_concrete_function()
                 functions[path] = fn
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
-            medians = median_latencies(calls, batches, repeats=args.repeats, warmup=3)
-            for name, seconds in medians.items():
+            # Each against Conv2D alone (see benchmarks/gated_dense.py).
+            timed = paired_latencies(calls, "conv2d", batches, repeats=args.repeats, warmup=3)
+            for name, (seconds, paired_conv2d) in timed.items():
                 rows.append({
                     "density": density, "layer_densities": layer_densities,
                     "batch": batch, "threads": args.threads or "all", "path": name,
-                    "seconds": seconds, "speedup": medians["conv2d"] / seconds,
+                    "seconds": seconds, "speedup": paired_conv2d / seconds,
                     "ideal_speedup": ideal,
                 })
             print(json.dumps({"progress": f"d={density:.3f} b={batch}"}), file=sys.stderr)

@@ -120,7 +120,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies
+    from keras_condcomp.speed import paired_latencies
 
     rng = np.random.default_rng(0)
     rows = []
@@ -168,19 +168,8 @@ def _worker(args):
                 # alternation would find the tiles the previous path read for
                 # the same batch still in cache (measured: +30% for "auto" at
                 # batch 1, none at batch 50).
-                medians, dense_medians = {}, []
-                for name in calls:
-                    if name == "dense":
-                        continue
-                    pair = median_latencies(
-                        {"dense": calls["dense"], name: calls[name]}, batches,
-                        repeats=args.repeats, warmup=3,
-                    )
-                    dense_medians.append(pair["dense"])
-                    medians[name] = (pair[name], pair["dense"])
-                dense_seconds = float(np.median(dense_medians))
+                timed = paired_latencies(calls, "dense", batches, repeats=args.repeats, warmup=3)
                 ideal = _ideal_speedup(shape, layer_densities)
-                timed = {"dense": (dense_seconds, dense_seconds), **medians}
                 for name, (seconds, paired_dense) in timed.items():
                     rows.append({
                         "shape": shape, "density": density, "layer_densities": layer_densities,

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-__all__ = ["median_latencies", "measure_models_speed"]
+__all__ = ["median_latencies", "measure_models_speed", "paired_latencies"]
 
 
 def median_latencies(functions, inputs, repeats=50, warmup=5):
@@ -44,6 +44,32 @@ def median_latencies(functions, inputs, repeats=50, warmup=5):
             functions[name](batch)
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def paired_latencies(functions, reference, inputs, repeats=50, warmup=5):
+    """Median seconds of each function timed against `reference` alone.
+
+    Each function alternates call by call with `functions[reference]` only
+    (`median_latencies` of the pair): functions that read the same weights
+    are never timed in one alternation, where a later one would find in
+    cache what an earlier one read for the same input.
+
+    Returns:
+        `{name: (seconds, reference seconds in its pair)}` for every function
+        but the reference, and for the reference the median of its pairs
+        (twice).
+    """
+    results, reference_seconds = {}, []
+    for name, function in functions.items():
+        if name == reference:
+            continue
+        pair = median_latencies(
+            {reference: functions[reference], name: function}, inputs, repeats, warmup
+        )
+        results[name] = (pair[name], pair[reference])
+        reference_seconds.append(pair[reference])
+    middle = float(np.median(reference_seconds))
+    return {reference: (middle, middle), **results}
 
 
 def _compiled_inference(model):
