@@ -152,9 +152,8 @@ def _worker(args):
                     with forced_execution(path):
                         fn.get_concrete_function()
                     functions[path] = fn
-                # Each layer's path chosen by timing for this batch size, on the
-                # same model (the same weights, as warm or cold in the cache as
-                # the other paths'); the graphs above keep their forced paths.
+                # Each layer's path chosen by timing for this batch size; the
+                # graphs above keep the paths they were traced with.
                 tune_execution(gated, data[: max(64, batch)], batch_size=batch, repeats=20)
                 functions["tuned"] = tf.function(
                     lambda x: gated(x, training=False), input_signature=[spec]

@@ -478,14 +478,7 @@ def train_cnn(args):
           f"{results['test_accuracy']:>9.4f} {results['conditional_macs']:>13,.0f}")
     print(f"{'Conv2D CNN, same width':<44} {results['dense_test_accuracy']:>9.4f} "
           f"{results['dense_macs']:>13,.0f}")
-    print(
-        f"\ninference density {results['density']:.3f} "
-        f"({', '.join(f'{k} {v:.3f}' for k, v in layer_densities.items())}); "
-        f"ideal speedup {results['ideal_speedup']:.2f}x; measured (1 thread) "
-        f"batch 1: {results['speedup_batch1']:.2f}x, batch 256: {results['speedup_batch256']:.2f}x; "
-        f"with paths tuned per batch size: {results['tuned_speedup_batch1']:.2f}x, "
-        f"{results['tuned_speedup_batch256']:.2f}x"
-    )
+    print(_density_and_speed_line(results))
     print(f"Wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'model.keras')}")
     return results
 
@@ -602,6 +595,17 @@ def _gated(model):
     return gated_layers(model)
 
 
+def _density_and_speed_line(results):
+    densities = ", ".join(f"{k} {v:.3f}" for k, v in results["layer_densities"].items())
+    return (
+        f"\ninference density {results['density']:.3f} ({densities}); "
+        f"ideal speedup {results['ideal_speedup']:.2f}x; measured (1 thread) "
+        f"batch 1: {results['speedup_batch1']:.2f}x, batch 256: {results['speedup_batch256']:.2f}x; "
+        f"with paths tuned per batch size: {results['tuned_speedup_batch1']:.2f}x, "
+        f"{results['tuned_speedup_batch256']:.2f}x"
+    )
+
+
 def _print_table(results, args):
     rows = [
         (f"gated MLP ({args.layers} x {args.blocks} blocks of {args.units // args.blocks})",
@@ -616,14 +620,7 @@ def _print_table(results, args):
     for name, accuracy, macs in rows:
         macs_text = f"{macs:>13,.0f}" if macs is not None else f"{'~ gated':>13}"
         print(f"{name:<44} {accuracy:>9.4f} {macs_text}")
-    print(
-        f"\ninference density {results['density']:.3f} "
-        f"({', '.join(f'{k} {v:.3f}' for k, v in results['layer_densities'].items())}); "
-        f"ideal speedup {results['ideal_speedup']:.2f}x; measured (1 thread) "
-        f"batch 1: {results['speedup_batch1']:.2f}x, batch 256: {results['speedup_batch256']:.2f}x; "
-        f"with paths tuned per batch size: {results['tuned_speedup_batch1']:.2f}x, "
-        f"{results['tuned_speedup_batch256']:.2f}x"
-    )
+    print(_density_and_speed_line(results))
 
 
 def main(argv=None):

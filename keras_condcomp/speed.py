@@ -94,6 +94,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
     gated = keras.models.load_model(gated_path, compile=False)
     dense = keras.models.load_model(dense_path, compile=False)
     x = np.load(data_path)
+    gated_call, dense_call = _compiled_inference(gated), _compiled_inference(dense)
     results = {}
     for batch_size in batch_sizes:
         count = max(1, min(16, len(x) // batch_size))
@@ -106,11 +107,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
         report = tune_execution(
             tuned, np.concatenate(batches), batch_size=batch_size, repeats=max(3, repeats // 4)
         )
-        functions = {
-            "gated": _compiled_inference(gated),
-            "tuned": _compiled_inference(tuned),
-            "dense": _compiled_inference(dense),
-        }
+        functions = {"gated": gated_call, "tuned": _compiled_inference(tuned), "dense": dense_call}
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
             "gated_seconds": medians["gated"],

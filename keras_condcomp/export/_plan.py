@@ -9,8 +9,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_condcomp.models.execution_tuning import gated_layer_inputs
-from keras_condcomp.models.policy_gradient_model import gated_layers
+from keras_condcomp.models.policy_gradient_model import gated_layer_inputs, gated_layers
 from keras_condcomp.ops.static_budget_dense import static_budget_plan
 
 __all__ = ["active_block_counts", "block_budgets"]

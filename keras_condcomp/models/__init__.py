@@ -1,9 +1,13 @@
 """Models that train gated layers, and builders of the paper's networks."""
 
 from keras_condcomp.models.cnn import build_dense_cnn, build_gated_cnn
-from keras_condcomp.models.execution_tuning import gated_layer_inputs, tune_execution
+from keras_condcomp.models.execution_tuning import tune_execution
 from keras_condcomp.models.mlp import build_dense_mlp, build_gated_mlp, equal_macs_width
-from keras_condcomp.models.policy_gradient_model import PolicyGradientModel, gated_layers
+from keras_condcomp.models.policy_gradient_model import (
+    PolicyGradientModel,
+    gated_layer_inputs,
+    gated_layers,
+)
 
 __all__ = [
     "PolicyGradientModel",

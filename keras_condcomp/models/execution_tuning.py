@@ -1,50 +1,14 @@
 """Per-layer choice of the inference path by timing, instead of the per-call cost model."""
 
-import keras
 import numpy as np
 
 from keras_condcomp.models.policy_gradient_model import gated_layers
 
-__all__ = ["gated_layer_inputs", "tune_execution"]
+__all__ = ["tune_execution"]
 
 # "auto" decides per call; "static_capacity" compiles with XLA per shape
 # (forced only): neither is a candidate.
 _NOT_CANDIDATES = ("auto", "static_capacity")
-
-
-def gated_layer_inputs(model, x, batch_size=256):
-    """The inputs each gated layer of `model` sees when the model runs on `x`.
-
-    Args:
-        model: a built functional or Sequential model with gated layers.
-        x: model inputs (an array, or a list of arrays for several inputs).
-        batch_size: examples per forward pass.
-
-    Returns:
-        list of arrays, one per layer of `keras_condcomp.models.gated_layers(model)`.
-
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(16, blocks=4, activation="relu")(inputs)
-    >>> model = keras.Model(inputs, GatedDense(12, blocks=3)(hidden))
-    >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
-    ((5, 8), (5, 16))
-    """
-    layers = gated_layers(model)
-    if not layers:
-        return []
-    try:
-        probe = keras.Model(model.inputs, [layer.input for layer in layers])
-    except (AttributeError, ValueError) as error:
-        raise ValueError(
-            f"Cannot read the inputs of the gated layers of {model.name!r} (gated "
-            "layers inside nested models?)."
-        ) from error
-    seen = probe.predict(x, batch_size=batch_size, verbose=0)
-    return [np.asarray(a) for a in (seen if len(layers) > 1 else [seen])]
 
 
 def tune_execution(model, x, batch_size=1, repeats=30):

@@ -1,6 +1,7 @@
 """PolicyGradientModel: trains gated layers' policies with REINFORCE in `fit`."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -8,7 +9,7 @@ from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling import gated_inputs, profile_macs
 
-__all__ = ["PolicyGradientModel", "gated_layers"]
+__all__ = ["PolicyGradientModel", "gated_layer_inputs", "gated_layers"]
 
 BASELINES = ("moving_average", None)
 
@@ -27,6 +28,41 @@ def gated_layers(model):
     for layer in model.layers:
         visit(layer)
     return found
+
+
+def gated_layer_inputs(model, x, batch_size=256):
+    """The inputs each gated layer of `model` sees when the model runs on `x`.
+
+    Args:
+        model: a built functional or Sequential model with gated layers.
+        x: model inputs (an array, or a list of arrays for several inputs).
+        batch_size: examples per forward pass.
+
+    Returns:
+        list of arrays, one per layer of `keras_condcomp.models.gated_layers(model)`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((8,))
+    >>> hidden = GatedDense(16, blocks=4, activation="relu")(inputs)
+    >>> model = keras.Model(inputs, GatedDense(12, blocks=3)(hidden))
+    >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
+    ((5, 8), (5, 16))
+    """
+    layers = gated_layers(model)
+    if not layers:
+        return []
+    try:
+        probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read the inputs of the gated layers of {model.name!r} (gated "
+            "layers inside nested models?)."
+        ) from error
+    seen = probe.predict(x, batch_size=batch_size, verbose=0)
+    return [np.asarray(a) for a in (seen if len(layers) > 1 else [seen])]
 
 
 def _unreduced_loss(loss):

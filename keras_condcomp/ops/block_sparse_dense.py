@@ -211,22 +211,21 @@ class _Problem:
         # Examples per block, blocks used by some example, and the most
         # examples sharing a block (0 for an empty batch).
         self.block_counts = counts
+        self.pair_count = tf.reduce_sum(tf.cast(counts, tf.float32))
         self.used_block_count = tf.reduce_sum(tf.cast(counts > 0, tf.float32))
         self.capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
-
-    def rows_read(self):
-        """Input rows a grouped product reads: the used ones if few enough."""
-        return tf.where(
+        # Input rows a grouped product reads: the used ones if few enough.
+        self.rows_read = tf.where(
             self.used_input_count <= self.sparse_limit, self.used_input_count,
             float(self.input_dim),
         )
-
-    def grouped_in_place(self):
-        """Whether the grouped path multiplies the kernel in place (every
-        block, every row) rather than a copy of the tiles it uses: when
-        copying them would cost more than streaming the whole kernel."""
-        tiles = self.used_block_count * self.rows_read()
-        return tiles / _COSTS["copy"] >= self.blocks * self.input_dim / _COSTS["read"]
+        # Whether the grouped path multiplies the kernel in place (every
+        # block, every row) rather than a copy of the tiles it uses: when
+        # copying them would cost more than streaming the whole kernel.
+        self.grouped_in_place = (
+            self.used_block_count * self.rows_read / _COSTS["copy"]
+            >= self.blocks * self.input_dim / _COSTS["read"]
+        )
 
     def finish(self, outputs, examples, blocks_of_pairs):
         """Bias and activation of `(pairs, block_size)` outputs, scattered back."""
@@ -310,7 +309,7 @@ def _used_input_rows(problem):
 
 
 def _grouped(problem):
-    in_place = problem.grouped_in_place()
+    in_place = problem.grouped_in_place
     active = tf.transpose(problem.active)  # (blocks, batch)
     pairs = tf.where(active)  # (P, 2): block, example; sorted by block
     blocks_of_pairs, examples = tf.cast(pairs[:, 0], tf.int32), pairs[:, 1]
@@ -383,17 +382,17 @@ def path_costs(problem):
     f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
     most = problem.most_nonzero
     widest = tf.where(most <= problem.sparse_limit, most, float(problem.input_dim))
-    pairs = f32(tf.reduce_sum(tf.cast(problem.active, tf.int32)))
+    pairs = problem.pair_count
     s = float(problem.block_size)
     c = _COSTS
     per_example = pairs * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
     capacity = f32(problem.capacity)
-    used, rows = problem.used_block_count, problem.rows_read()
+    used, rows = problem.used_block_count, problem.rows_read
     copied = used * rows * s / c["copy"] + used * capacity * rows * s / c["batched"]
     # In place, the product streams the whole kernel like the dense one.
     every = float(problem.blocks * problem.input_dim) * s
     in_place = tf.maximum(every * capacity / c["batched"], every / c["read"])
-    grouped = tf.where(problem.grouped_in_place(), in_place, copied) + c["overhead"]
+    grouped = tf.where(problem.grouped_in_place, in_place, copied) + c["overhead"]
     weights = float(problem.input_dim * problem.units)
     masked = tf.maximum(f32(problem.batch) * weights / c["gemm"], weights / c["read"])
     return tf.stack([per_example, grouped, masked])
@@ -401,8 +400,7 @@ def path_costs(problem):
 
 def choose_path(problem):
     """The index in `("per_example", "grouped", "masked")` that `"auto"` runs."""
-    pairs = tf.reduce_sum(tf.cast(problem.active, tf.float32))
-    fraction = pairs / tf.cast(tf.maximum(tf.size(problem.active), 1), tf.float32)
+    fraction = problem.pair_count / tf.cast(tf.maximum(tf.size(problem.active), 1), tf.float32)
     # The mask alone decides the dense cases, without the cost model's ops.
     return tf.cond(
         fraction > _AUTO_MAX_FRACTION,

@@ -165,7 +165,7 @@ def test_grouped_reads_the_kernel_in_place_when_copying_would_cost_more(
     mask[0, :used_blocks] = 1.0
     problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 4), None,
                        tf.constant(mask), tf.nn.relu)
-    assert bool(problem.grouped_in_place()) is in_place
+    assert bool(problem.grouped_in_place) is in_place
     expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu).numpy()
     got = block_sparse_dense(x, to_block_kernel(kernel, 4), None, mask, tf.nn.relu,
                              path="grouped").numpy()
