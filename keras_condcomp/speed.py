@@ -6,6 +6,7 @@ Thread counts must be pinned before TensorFlow starts: `measure_models_speed`
 therefore runs in a fresh process (`python -m keras_condcomp.speed`).
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -14,10 +15,10 @@ import time
 
 import numpy as np
 
-__all__ = ["median_latencies", "measure_models_speed", "paired_latencies"]
+__all__ = ["evict_caches", "median_latencies", "measure_models_speed", "paired_latencies"]
 
 
-def median_latencies(functions, inputs, repeats=50, warmup=5):
+def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, before_call=None):
     """Median seconds per call of each function, called in alternation.
 
     Args:
@@ -26,33 +27,72 @@ def median_latencies(functions, inputs, repeats=50, warmup=5):
             `inputs[r % len(inputs)]`, so all see the same data.
         repeats: timed calls per function.
         warmup: untimed calls per function first.
+        consecutive: calls of a function in a row before the next one's
+            turn: 1 alternates call by call (each function finds the caches
+            as the others left them); more times each in its own steady
+            state, like a model serving a stream alone.
+        before_call: None, or a callable run untimed before every timed
+            call (`evict_caches`: every call reads its weights from memory).
 
     Returns:
         `{name: median seconds}`.
+
+    Example:
+
+    >>> timed = median_latencies({"a": abs, "b": round}, [-1.5], repeats=4, consecutive=2)
+    >>> sorted(timed)
+    ['a', 'b']
     """
+    if isinstance(consecutive, bool) or not isinstance(consecutive, int) or consecutive < 1:
+        raise ValueError(
+            f"`consecutive` must be a positive int. Received: consecutive={consecutive!r}"
+        )
     names = list(functions)
     for r in range(warmup):
         for name in names:
             functions[name](inputs[r % len(inputs)])
     times = {name: [] for name in names}
-    for r in range(repeats):
-        batch = inputs[r % len(inputs)]
+    for turn, first in enumerate(range(0, repeats, consecutive)):
+        calls = range(first, min(first + consecutive, repeats))
         # Rotate who goes first so cache warmth favours nobody.
         for k in range(len(names)):
-            name = names[(r + k) % len(names)]
-            start = time.perf_counter()
-            functions[name](batch)
-            times[name].append(time.perf_counter() - start)
+            name = names[(turn + k) % len(names)]
+            for r in calls:
+                batch = inputs[r % len(inputs)]
+                if before_call is not None:
+                    before_call()
+                start = time.perf_counter()
+                functions[name](batch)
+                times[name].append(time.perf_counter() - start)
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def paired_latencies(functions, reference, inputs, repeats=50, warmup=5):
+@functools.lru_cache(maxsize=1)
+def _eviction_buffer(size_bytes):
+    return np.zeros(size_bytes // 4, np.float32)
+
+
+def evict_caches(size_bytes=64 * 2**20):
+    """Writes a `size_bytes` buffer, pushing other data out of the CPU caches.
+
+    Run before a timed call (`median_latencies(..., before_call=evict_caches)`),
+    the call then reads its weights from memory, as a model larger than the
+    caches, or one called rarely, does on any machine. The default, 64 MiB,
+    is twice the largest last-level cache of the machines we measure on.
+    """
+    buffer = _eviction_buffer(int(size_bytes))
+    np.add(buffer, 1.0, out=buffer)
+
+
+def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **options):
     """Median seconds of each function timed against `reference` alone.
 
-    Each function alternates call by call with `functions[reference]` only
+    Each function alternates with `functions[reference]` only
     (`median_latencies` of the pair): functions that read the same weights
     are never timed in one alternation, where a later one would find in
     cache what an earlier one read for the same input.
+
+    `options` (`consecutive`, `before_call`) go to `median_latencies`.
 
     Returns:
         `{name: (seconds, reference seconds in its pair)}` for every function
@@ -64,7 +104,8 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5):
         if name == reference:
             continue
         pair = median_latencies(
-            {reference: functions[reference], name: function}, inputs, repeats, warmup
+            {reference: functions[reference], name: function}, inputs, repeats, warmup,
+            **options,
         )
         results[name] = (pair[name], pair[reference])
         reference_seconds.append(pair[reference])

@@ -1,4 +1,6 @@
-from keras_condcomp.speed import paired_latencies
+import pytest
+
+from keras_condcomp.speed import evict_caches, median_latencies, paired_latencies
 
 
 def test_paired_latencies_time_each_function_against_the_reference_alone():
@@ -17,3 +19,29 @@ def test_paired_latencies_time_each_function_against_the_reference_alone():
     first_b = next(i for i, (name, _) in enumerate(seen) if name == "b")
     assert all(name != "a" for name, _ in seen[first_b:])
     assert {batch for name, batch in seen if name == "b"} == {1, 2}
+
+
+def test_median_latencies_runs_consecutive_calls_and_the_untimed_hook():
+    seen = []
+    functions = {name: (lambda batch, name=name: seen.append((name, batch))) for name in "ab"}
+    timed = median_latencies(
+        functions, [0, 1, 2, 3, 4], repeats=5, warmup=0, consecutive=2,
+        before_call=lambda: seen.append(("hook", None)),
+    )
+    assert set(timed) == {"a", "b"}
+    calls = [entry for entry in seen if entry[0] != "hook"]
+    # Turns of two calls, the starter rotating; the last turn has the fifth call.
+    assert calls == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("b", 3),
+                     ("a", 2), ("a", 3), ("a", 4), ("b", 4)]
+    assert [name for name, _ in seen[::2]] == ["hook"] * 10
+
+
+@pytest.mark.parametrize("consecutive", [0, 1.5, True])
+def test_median_latencies_rejects_a_bad_run_length(consecutive):
+    with pytest.raises(ValueError, match="consecutive"):
+        median_latencies({"a": abs}, [1], repeats=2, consecutive=consecutive)
+
+
+def test_evict_caches_writes_its_buffer():
+    evict_caches(1024)
+    evict_caches(1024)  # the same buffer, written again

@@ -100,3 +100,21 @@ def test_errors_name_the_argument(rng):
         block_sparse_conv2d(x, kernel, None, mask, padding="full")
     with pytest.raises(ValueError, match=r"strides=\(2, 2\), dilation_rate=\(2, 2\)"):
         block_sparse_conv2d(x, kernel, None, mask, strides=2, dilation_rate=2)
+
+
+@pytest.mark.parametrize("strides, padding, dilation_rate", GEOMETRIES)
+def test_static_budget_path_matches_masked_reference(rng, strides, padding, dilation_rate):
+    from keras_condcomp.ops.static_budget_conv2d import static_budget_conv2d
+
+    for batch in (1, 3):
+        x = block_sparse_input(rng, batch)
+        kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
+        bias = rng.normal(size=12).astype("float32")
+        mask = (rng.random((batch, 4)) < 0.4).astype("float32")
+        mask[0, 1] = 1.0  # at least one active group
+        union = int(mask.max(axis=0).sum())
+        arguments = dict(strides=strides, padding=padding, dilation_rate=dilation_rate)
+        expected = masked_block_conv2d(x, kernel, bias, mask, tf.nn.relu, **arguments)
+        for budget in range(union, 5):
+            got = static_budget_conv2d(x, kernel, bias, mask, tf.nn.relu, **arguments, budget=budget)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
