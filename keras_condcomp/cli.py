@@ -17,12 +17,14 @@ import sys
 import tempfile
 import time
 
+from keras_condcomp.models.cnn import DEFAULT_POLICY_GRID
+
 __all__ = ["main"]
 
 SPEED_BATCH_SIZES = (1, 256)
 # Gating defaults per --model. The cnn ones: on digits, targets below 0.5
-# made the threshold policy close every group at inference (the first
-# layer's policy reads one number, the image's mean intensity).
+# made the threshold policy close every group at inference (with policies
+# reading the means over the whole image).
 # Cosine decay steadied the mlp across seeds; on the cnn (seed 0, digits, 50
 # epochs) it gave 0.822 test accuracy against 0.908 with constant rates. The
 # gated cnn learns slowly while its policies still drop groups at random:
@@ -35,10 +37,6 @@ MODEL_DEFAULTS = {
             "variance_weight": 1.0, "example_sparsity_weight": 1.0,
             "lr_schedule": "constant"},
 }
-
-# cnn: the policies read their input's channel means over a 4 x 4 grid (the
-# first layer's policy over a digit's whole 8 x 8 image reads one number).
-DEFAULT_POLICY_GRID = 4
 
 
 class CommandError(Exception):
@@ -115,8 +113,8 @@ def _parser():
     train.add_argument(
         "--policy-grid", type=_positive_int("--policy-grid"), default=None,
         help="cnn: each policy reads the channel means over a g x g grid of cells "
-             f"(default: {DEFAULT_POLICY_GRID}, or the rows of the last gated convolution's "
-             "input if fewer; 1: the means over the whole image)",
+             f"(default: {DEFAULT_POLICY_GRID}, or fewer on a layer whose input has fewer rows; "
+             "1: the means over the whole image)",
     )
     inf = float("inf")
     train.add_argument(
@@ -411,9 +409,7 @@ def train_cnn(args):
     started = time.perf_counter()
     # Each gated convolution but the last is followed by 2x2 max pooling.
     smallest = min(shape[:2]) // 2 ** (len(filters) - 1)
-    if args.policy_grid is None:
-        args.policy_grid = min(DEFAULT_POLICY_GRID, smallest)
-    if args.policy_grid > smallest:
+    if args.policy_grid is not None and args.policy_grid > smallest:
         raise CommandError(
             f"--policy-grid ({args.policy_grid}) must be at most {smallest}, the "
             f"rows of the last gated convolution's input ({shape[0]}x{shape[1]} images)"
@@ -432,8 +428,10 @@ def train_cnn(args):
     _fit(gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
     evaluation = gated.evaluate(x_test, y_test, verbose=0, return_dict=True)
-    layer_names = [layer.name for layer in gated.layers if hasattr(layer, "policy")]
-    layer_densities = {name: float(evaluation[f"{name}_density"]) for name in layer_names}
+    gated_convs = [layer for layer in gated.layers if hasattr(layer, "policy")]
+    layer_densities = {
+        layer.name: float(evaluation[f"{layer.name}_density"]) for layer in gated_convs
+    }
     macs = profile_macs(gated, x=x_test)
 
     print(f"Training the same-width Conv2D CNN (filters {','.join(map(str, filters))})")
@@ -450,6 +448,7 @@ def train_cnn(args):
         "dense_test_accuracy": _accuracy(dense, x_test, y_test),
         "density": float(evaluation["density"]),
         "layer_densities": layer_densities,
+        "policy_grids": {layer.name: layer.policy_grid for layer in gated_convs},
         "dense_macs": macs.dense_macs,
         "conditional_macs": macs.conditional_macs,
         "ideal_speedup": macs.ideal_speedup,

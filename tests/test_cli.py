@@ -58,6 +58,7 @@ def test_train_cnn_writes_results_and_model(tmp_path):
                 "tuned_speedup_batch256"):
         assert key in results
     assert sorted(results["layer_densities"]) == ["gated_conv_1", "gated_conv_2"]
+    assert results["policy_grids"] == {"gated_conv_1": 2, "gated_conv_2": 2}
     # digits are 8x8x1: 3x3 convs of 8 filters at 8x8, then 8 -> 8 at 4x4, the head
     assert results["dense_macs"] == 64 * 9 * 1 * 8 + 16 * 9 * 8 * 8 + 8 * 10
     assert sorted(os.listdir(out)) == ["model.keras", "results.json"]

@@ -5,7 +5,20 @@ import keras
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 
-__all__ = ["build_dense_cnn", "build_gated_cnn"]
+__all__ = ["DEFAULT_POLICY_GRID", "build_dense_cnn", "build_gated_cnn", "default_policy_grid"]
+
+# Over a grey digit's whole image, a first layer's policy reads one number,
+# the mean intensity, and never left probability 0.5 in training.
+DEFAULT_POLICY_GRID = 4
+
+
+def default_policy_grid(rows, cols):
+    """Cells a side of the CNN builders' policy grids: 4, fewer on smaller inputs.
+
+    >>> default_policy_grid(28, 28), default_policy_grid(2, 4)
+    (4, 2)
+    """
+    return min(DEFAULT_POLICY_GRID, rows, cols)
 
 
 def _check_filters(filters, blocks):
@@ -19,7 +32,13 @@ def _check_filters(filters, blocks):
 
 
 def build_gated_cnn(
-    input_shape, num_classes, filters=(32, 64), blocks=8, activation="relu", **gate_kwargs
+    input_shape,
+    num_classes,
+    filters=(32, 64),
+    blocks=8,
+    activation="relu",
+    policy_grid=None,
+    **gate_kwargs,
 ):
     """`input -> [GatedConv2D(f, 3, blocks) -> MaxPooling2D] ... -> GAP -> Dense` logits.
 
@@ -34,6 +53,9 @@ def build_gated_cnn(
         filters: filters of each gated convolution.
         blocks: groups per gated convolution (dividing every `filters`).
         activation: of every gated convolution.
+        policy_grid: cells a side of the grid over which every policy reads
+            its input's channel means (1: the whole image). None (default):
+            `default_policy_grid` of each gated layer's input rows and columns.
         **gate_kwargs: passed to every `GatedConv2D` (target_density, ...).
 
     Returns:
@@ -51,12 +73,14 @@ def build_gated_cnn(
     inputs = keras.Input(tuple(input_shape), name="inputs")
     hidden = inputs
     for index, width in enumerate(filters):
+        rows, cols = hidden.shape[1:3]
         hidden = GatedConv2D(
             width,
             3,
             blocks,
             padding="same",
             activation=activation,
+            policy_grid=default_policy_grid(rows, cols) if policy_grid is None else policy_grid,
             seed=None if seed is None else seed + index,
             name=f"gated_conv_{index + 1}",
             **gate_kwargs,

@@ -3,6 +3,7 @@
 import keras
 
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
+from keras_condcomp.models.cnn import default_policy_grid
 from keras_condcomp.profiling.profiler import profile_macs
 from keras_condcomp.tuning._gated_hypermodel import GatedHyperModel
 
@@ -26,6 +27,10 @@ class GatedCNNHyperModel(GatedHyperModel):
       layer;
     - the gating hyperparameters of `GatedMLPHyperModel`: `target_density`,
       `sparsity_weight`, `variance_weight`, `policy_learning_rate`.
+
+    Each policy reads its input's channel means over a grid of cells
+    (`policy_grid`, from `keras_condcomp.models.default_policy_grid`: 4 x 4,
+    fewer on smaller inputs), as in `build_gated_cnn`.
 
     Compiled, scored and fitted as `GatedMLPHyperModel` (Adam for network and
     policies, a `ComputeAwareScore` added to `fit`'s callbacks).
@@ -60,7 +65,7 @@ class GatedCNNHyperModel(GatedHyperModel):
         inputs = keras.Input(self.input_shape)
         hidden = self._convolutions(
             inputs, max(CONV_LAYERS),
-            lambda index: keras.layers.Conv2D(max(FILTERS), 3, padding="same"),
+            lambda index, grid: keras.layers.Conv2D(max(FILTERS), 3, padding="same"),
         )
         widest = keras.Model(inputs, keras.layers.Dense(self.num_classes)(hidden))
         return profile_macs(widest).dense_macs
@@ -76,9 +81,10 @@ class GatedCNNHyperModel(GatedHyperModel):
         conv_layers, filters, blocks = architecture
         return self._convolutions(
             inputs, conv_layers,
-            lambda index: GatedConv2D(
+            lambda index, grid: GatedConv2D(
                 filters, 3, blocks, padding="same", activation="relu",
-                name=f"gated_conv_{index + 1}", seed=self.layer_seed(index), **gate_kwargs,
+                policy_grid=grid, name=f"gated_conv_{index + 1}",
+                seed=self.layer_seed(index), **gate_kwargs,
             ),
         )
 
@@ -86,7 +92,7 @@ class GatedCNNHyperModel(GatedHyperModel):
         hidden = inputs
         height, width = self.input_shape[:2]
         for index in range(count):
-            hidden = convolution(index)(hidden)
+            hidden = convolution(index, default_policy_grid(height, width))(hidden)
             if min(height, width) >= 2:
                 hidden = keras.layers.MaxPooling2D(2, name=f"pool_{index + 1}")(hidden)
                 height, width = height // 2, width // 2

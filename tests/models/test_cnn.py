@@ -1,0 +1,32 @@
+import pytest
+
+from keras_condcomp.models import build_dense_cnn, build_gated_cnn, default_policy_grid
+
+
+def _policy_grids(model):
+    return [layer.policy_grid for layer in model.layers if hasattr(layer, "policy")]
+
+
+def test_default_policy_grid_shrinks_with_the_feature_map():
+    # 8x8 digits: gated layers see 8x8, 4x4 and 2x2 inputs.
+    model = build_gated_cnn((8, 8, 1), 10, filters=(8, 8, 8), blocks=4)
+    assert _policy_grids(model) == [4, 4, 2]
+    assert default_policy_grid(3, 28) == 3
+
+
+def test_given_policy_grid_reaches_every_layer():
+    model = build_gated_cnn((8, 8, 1), 10, filters=(8, 8), blocks=4, policy_grid=1)
+    assert _policy_grids(model) == [1, 1]
+
+
+def test_policy_grid_larger_than_an_input_is_refused():
+    with pytest.raises(ValueError, match="policy_grid=4"):
+        build_gated_cnn((8, 8, 1), 10, filters=(8, 8, 8), blocks=4, policy_grid=4)
+
+
+@pytest.mark.parametrize("filters", [(), (8, 6), (8, True), (0,)])
+def test_filters_not_divisible_by_blocks_are_refused(filters):
+    with pytest.raises(ValueError, match="filters"):
+        build_gated_cnn((8, 8, 1), 10, filters=filters, blocks=4)
+    if filters and all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters):
+        build_dense_cnn((8, 8, 1), 10, filters=filters)
