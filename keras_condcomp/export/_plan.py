@@ -138,6 +138,13 @@ def block_budgets(model, budget=None, representative_data=None, batch_size=1):
       most `blocks`;
     - else every block (nothing dropped, nothing skipped; a warning).
 
+    A default budget above the layer's `export_skip_limit` (a class
+    attribute: the fraction of its blocks up to which the skipping graph was
+    measured faster than the masked dense one; 0.4 for `GatedDense`, 0.2 for
+    `GatedConv2D`) becomes every block: the layer is then exported as its
+    masked dense product with constant weights (nothing dropped, nothing
+    skipped). A `budget` given explicitly is used as given.
+
     Layers whose budget counts the groups active in some example of the
     batch (class attribute `static_budget_scope = "batch"`: GatedConv2D)
     default to every group when `batch_size` is not 1 (None: dynamic), so
@@ -160,10 +167,10 @@ def block_budgets(model, budget=None, representative_data=None, batch_size=1):
     >>> import keras
     >>> from keras_condcomp.layers import GatedDense
     >>> inputs = keras.Input((8,))
-    >>> layer = GatedDense(16, blocks=8, target_density=0.25, name="g")
+    >>> layer = GatedDense(16, blocks=8, target_density=0.125, name="g")
     >>> model = keras.Model(inputs, layer(inputs))
-    >>> block_budgets(model)
-    {'g': 4}
+    >>> block_budgets(model)  # ceil(2 * 0.125 * 8)
+    {'g': 2}
     """
     layers = gated_layers(model)
     names = {layer.name for layer in layers}
@@ -189,15 +196,13 @@ def block_budgets(model, budget=None, representative_data=None, batch_size=1):
             result[layer.name] = _check_budget(layer, value, "budget")
             continue
         if getattr(type(layer), "static_budget_scope", "example") == "batch" and batch_size != 1:
-            result[layer.name] = layer.blocks
+            value = layer.blocks
         elif representative_data is not None:
             if counts is None:
                 counts = active_block_counts(model, representative_data)
-            result[layer.name] = max(1, int(counts[layer.name].max()))
+            value = max(1, int(counts[layer.name].max()))
         elif layer.target_density is not None:
-            result[layer.name] = min(
-                layer.blocks, max(1, math.ceil(2 * layer.target_density * layer.blocks))
-            )
+            value = min(layer.blocks, max(1, math.ceil(2 * layer.target_density * layer.blocks)))
         else:
             warnings.warn(
                 f"Gated layer {layer.name!r} has no target_density and no "
@@ -205,7 +210,10 @@ def block_budgets(model, budget=None, representative_data=None, batch_size=1):
                 f"{layer.blocks} blocks. Pass `budget` or `representative_data`.",
                 stacklevel=3,
             )
-            result[layer.name] = layer.blocks
+            value = layer.blocks
+        if value > getattr(type(layer), "export_skip_limit", 1.0) * layer.blocks:
+            value = layer.blocks
+        result[layer.name] = value
     return result
 
 

@@ -12,12 +12,18 @@ whose `blocks` groups of filters are gated per example:
    placement matrix that puts the chosen groups in place (0 for the others),
    with the group axis in front.
 
+A budget of every group (`budget == blocks`) is the masked convolution
+itself (`masked_block_conv2d`: the constant kernel, which the XNNPACK
+delegate takes), with no top-k or gather.
+
 Exact when the batch has at most `budget` groups active in some example; a
 batch with more loses the active groups of highest index. LiteRT exports use
 batch 1, where that is the example's own number of active groups.
 """
 
 import tensorflow as tf
+
+from keras_condcomp.ops.block_sparse_conv2d import masked_block_conv2d
 
 __all__ = ["static_budget_conv2d"]
 
@@ -76,6 +82,11 @@ def static_budget_conv2d(
     if isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget <= blocks:
         raise ValueError(
             f"`budget` must be an int in [1, blocks={blocks}]. Received: budget={budget!r}"
+        )
+    if budget == blocks:
+        return masked_block_conv2d(
+            inputs, kernel, bias, tf.cast(scores > 0, dtype), activation, strides, padding,
+            dilation_rate,
         )
     activation = activation or _identity
     size = filters // blocks

@@ -26,6 +26,12 @@ absolute value, which finds every non-zero block) and gathers only the
 `(output block, input block)` weight tiles it multiplies. That is exact: the
 blocks it leaves out are 0.
 
+A budget of every block (`budget == blocks`) skips nothing: the layer is then
+the masked dense product itself (`masked_block_dense`: one product with the
+constant kernel, which the XNNPACK delegate takes), with no top-k or gather.
+`keras_condcomp.export.block_budgets` gives that budget to the layers whose
+skipping would not pay.
+
 The result equals the threshold policy's `masked_block_dense` whenever no
 example has more than `budget` active blocks. An example with more loses the
 active blocks of smallest score (with a 0/1 mask: of highest index), dropped
@@ -37,6 +43,8 @@ import contextlib
 import threading
 
 import tensorflow as tf
+
+from keras_condcomp.ops.masked_reference import masked_block_dense
 
 __all__ = ["static_budget_dense", "static_budget_plan", "static_budget_settings"]
 
@@ -161,6 +169,8 @@ def static_budget_dense(
         _check_positive("input_budget", input_budget, input_blocks, "input_blocks")
         if input_budget == input_blocks:
             input_blocks = input_budget = None
+    if budget == blocks:
+        return masked_block_dense(inputs, kernel, bias, tf.cast(scores > 0, dtype), activation)
     activation = activation or _identity
     block_size = units // blocks
 

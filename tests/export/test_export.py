@@ -60,10 +60,11 @@ def exported(tmp_path_factory):
         model = _stack(seed, input_dim, layers, head, dense_first)
         x = np.random.default_rng(seed + 10).normal(size=(17, input_dim)).astype("float32")
         onnx_path, litert_path = folder / f"{name}.onnx", folder / f"{name}.tflite"
-        budgets = export_onnx(model, onnx_path, representative_data=x)
-        assert export_litert(
-            model, litert_path, batch_size=batch, representative_data=x
-        ) == budgets
+        # Given explicitly, the most active blocks of an example are used even
+        # above a layer's export_skip_limit: the skipping graphs are tested.
+        most = {name: max(1, int(c.max())) for name, c in active_block_counts(model, x).items()}
+        budgets = export_onnx(model, onnx_path, budget=most)
+        assert export_litert(model, litert_path, batch_size=batch, budget=most) == budgets
         found[name] = (model, x, onnx_path, litert_path, budgets)
     return found
 
@@ -93,10 +94,14 @@ def test_litert_equals_keras_and_uses_builtin_ops_only(exported, name):
     assert {"TopK", "Gather"} <= onnx_ops and not {"If", "Loop"} & onnx_ops, onnx_ops
 
 
-def test_budgets_are_the_most_active_blocks_and_vary(exported):
+def test_default_budgets_are_the_most_active_blocks_or_every_block(exported):
     model, x, _, _, budgets = exported["two_gated"]
     counts = active_block_counts(model, x)
     assert budgets == {name: max(1, int(c.max())) for name, c in counts.items()}
+    defaults = block_budgets(model, representative_data=x)
+    for layer in model.layers[1:3]:
+        most = budgets[layer.name]
+        assert defaults[layer.name] == (most if most <= 0.4 * layer.blocks else layer.blocks)
     densities = [c.mean() / layer.blocks for c, layer in zip(counts.values(), model.layers[1:3])]
     assert all(0 < d < 1 for d in densities), densities
     # Under its budget, the first layer leaves input blocks of the second at
@@ -163,12 +168,18 @@ def test_int8_litert_is_smaller_and_close(tmp_path):
 
 def test_block_budgets_defaults_and_checks():
     inputs = keras.Input((8,))
-    first = GatedDense(16, blocks=8, target_density=0.25, name="first")
+    # ceil(2 * target_density * blocks): 2 of 8, 4 of 8, 1 of 16.
+    first = GatedDense(16, blocks=8, target_density=0.125, name="first")
+    wide = GatedDense(16, blocks=8, target_density=0.25, name="wide")
+    third = GatedDense(16, blocks=16, target_density=0.03, name="third")
     second = GatedDense(16, blocks=4, name="second")
-    model = keras.Model(inputs, second(first(inputs)))
+    model = keras.Model(inputs, second(third(wide(first(inputs)))))
     with pytest.warns(UserWarning, match="computing all 4 blocks"):
-        assert block_budgets(model) == {"first": 4, "second": 4}
-    assert block_budgets(model, {"first": 2, "second": 1}) == {"first": 2, "second": 1}
+        budgets = block_budgets(model)
+    # 4 of 8 is above GatedDense.export_skip_limit (0.4): every block.
+    assert budgets == {"first": 2, "wide": 8, "third": 1, "second": 4}
+    given = {"first": 3, "wide": 4, "third": 16, "second": 1}
+    assert block_budgets(model, given) == given
     with pytest.raises(ValueError, match="budget=9"):
         block_budgets(model, 9)
     with pytest.raises(ValueError, match="not gated layers"):
@@ -296,9 +307,10 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
     x = rng.normal(size=(7, 8, 8, 3)).astype("float32")
     reference = model.predict(x, verbose=0)
     litert_path, onnx_path = tmp_path / "cnn.tflite", tmp_path / "cnn.onnx"
-    budgets = export_litert(model, litert_path, representative_data=x)
     counts = active_block_counts(model, x)
-    assert budgets == {name: max(1, int(c.max())) for name, c in counts.items()}
+    most = {name: max(1, int(c.max())) for name, c in counts.items()}
+    budgets = export_litert(model, litert_path, budget=most)
+    assert budgets == most
     assert any(budgets[layer.name] < layer.blocks for layer in gated), budgets
     ops = litert_op_names(litert_path)
     assert "CONV_2D" in ops and "GATHER" in ops and not [o for o in ops if o.startswith("CUSTOM")]
@@ -310,3 +322,31 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
         np.testing.assert_allclose(
             onnx_predict(onnx_path, x, batch_size=batch_size), reference, atol=ATOL
         )
+
+
+def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
+    """Every block: one product with constant weights and the mask; no top-k, no gather."""
+    from keras_condcomp.layers import GatedConv2D
+
+    keras.utils.set_random_seed(11)
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((6, 6, 2))
+    # ceil(2 * target_density * blocks): 1 of 8 (kept) and 2 of 8 (above 0.2).
+    narrow = GatedConv2D(16, 3, blocks=8, padding="same", target_density=0.0625, name="narrow")
+    wide = GatedConv2D(16, 3, blocks=8, padding="same", target_density=0.125, name="wide")
+    hidden = keras.layers.GlobalAveragePooling2D()(wide(inputs))
+    gated_dense = GatedDense(12, blocks=4, activation="relu", target_density=0.5, name="gated_dense")
+    model = keras.Model(inputs, keras.layers.Dense(2)(gated_dense(hidden)))
+    for layer in (wide, gated_dense):
+        layer.policy.bias.assign(rng.normal(0.0, 1.0, layer.blocks).astype("float32"))
+    narrow_model = keras.Model(inputs, narrow(inputs))
+    assert block_budgets(narrow_model) == {"narrow": 1}
+    assert block_budgets(model) == {"wide": 8, "gated_dense": 4}
+    x = rng.normal(size=(5, 6, 6, 2)).astype("float32")
+    mask = keras.ops.convert_to_numpy(wide.block_mask(x))
+    assert 0 < mask.mean() < 1, mask
+    path = tmp_path / "model.tflite"
+    assert export_litert(model, path) == {"wide": 8, "gated_dense": 4}
+    ops = litert_op_names(path)
+    assert not {"TOPK_V2", "GATHER"} & set(ops) and "CONV_2D" in ops, ops
+    np.testing.assert_allclose(litert_predict(path, x), model.predict(x, verbose=0), atol=ATOL)
