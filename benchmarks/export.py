@@ -28,9 +28,13 @@ weights on every feature) and layer 1 copies it into one unit of each
 block, which the second policy reads through a random permutation of the
 blocks. Every example has `floor(24 d)` or `ceil(24 d)` active blocks per
 layer (mean `24 d`); the measured densities (threshold masks of the real
-layers) are recorded. The export budgets are measured on the benchmark
-inputs (the largest number of active blocks of an example: nothing dropped),
-so exported outputs equal Keras `predict`; that is checked.
+layers) are recorded. The export budgets are the exporters' defaults
+measured on the benchmark inputs (the largest number of active blocks of an
+example: nothing dropped; every block for a layer where that is above its
+`export_skip_limit`), so exported outputs equal Keras `predict`; that is
+checked. Where a default is every block, the skipping graph is also timed
+with the largest numbers of active blocks as explicit budgets (rows
+"forced_skip"), to show what the limit avoids.
 
 The CNN stack of `benchmarks/gated_conv2d.py` (32x32x3; 3x3 convolutions of
 64, 128, 128 filters in 8 groups; pooling; a 10-unit head) is timed the same
@@ -196,7 +200,9 @@ def run(densities, repeats, workdir, shape="mlp"):
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
-    from keras_condcomp.export import active_block_counts, export_litert, export_onnx
+    from keras_condcomp.export import (
+        active_block_counts, block_budgets, export_litert, export_onnx,
+    )
     from keras_condcomp.models.policy_gradient_model import gated_layers
     from keras_condcomp.speed import median_latencies
 
@@ -212,16 +218,26 @@ def run(densities, repeats, workdir, shape="mlp"):
         counts = active_block_counts(gated, x)
         measured = {name: float(c.mean() / blocks[name]) for name, c in counts.items()}
         reference = gated.predict(x, verbose=0)
-        files, calls, errors = {}, {}, {}
+        # The default budgets, and where a layer's default is every block
+        # (above its export_skip_limit), the skipping graph forced with the
+        # most active blocks of an input as explicit budgets.
+        most = {name: max(1, int(c.max())) for name, c in counts.items()}
+        variants = {"default": None}
+        if block_budgets(gated, representative_data=x, batch_size=1) != most:
+            variants["forced_skip"] = most
         # A GatedConv2D budget counts the groups of a batch: its ONNX export
         # uses batch 1. The MLP's is timed both with the default dynamic batch
         # ("onnx") and with a static batch of 1 ("onnx_batch1").
         onnx_batches = {"onnx": None, "onnx_batch1": 1} if shape == "mlp" else {"onnx": 1}
-        for kind, model in (("gated", gated), ("dense", dense)):
+        files, calls, errors, budgets = {}, {}, {}, {}
+        exports = [("dense", dense, None)] + [
+            (f"gated_{variant}", gated, budget) for variant, budget in variants.items()
+        ]
+        for kind, model, budget in exports:
             for runtime, batch_size in onnx_batches.items():
                 path = os.path.join(workdir, f"{kind}_{runtime}.onnx")
-                budgets = export_onnx(
-                    model, path, representative_data=x, batch_size=batch_size
+                used = export_onnx(
+                    model, path, representative_data=x, batch_size=batch_size, budget=budget
                 )
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = 1
@@ -233,7 +249,7 @@ def run(densities, repeats, workdir, shape="mlp"):
                 )
                 files[f"{runtime}_{kind}"] = os.path.getsize(path)
             litert_path = os.path.join(workdir, f"{kind}.tflite")
-            export_litert(model, litert_path, representative_data=x)
+            used = export_litert(model, litert_path, representative_data=x, budget=budget)
             interpreter = Interpreter(model_path=litert_path, num_threads=1)
             interpreter.allocate_tensors()
             detail = interpreter.get_input_details()[0]["index"]
@@ -246,44 +262,48 @@ def run(densities, repeats, workdir, shape="mlp"):
 
             calls[f"litert_{kind}"] = litert_call
             files[f"litert_{kind}"] = os.path.getsize(litert_path)
-            if kind == "gated":
-                gated_budgets = budgets
+            if kind != "dense":
+                budgets[kind] = used
                 for runtime in (*onnx_batches, "litert"):
-                    errors[runtime] = float(max(
-                        np.abs(calls[f"{runtime}_gated"](x[i:i + 1]) - reference[i:i + 1]).max()
+                    errors[f"{runtime}_{kind}"] = float(max(
+                        np.abs(calls[f"{runtime}_{kind}"](x[i:i + 1]) - reference[i:i + 1]).max()
                         for i in range(len(x))
                     ))
         batches = [x[i:i + 1] for i in range(16)]
-        ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(gated_budgets)
-        for runtime in (*onnx_batches, "litert"):
-            pair = {"dense": calls[f"{runtime}_dense"], "gated": calls[f"{runtime}_gated"]}
-            for cache, options in CACHE_REGIMES.items():
-                timed = median_latencies(pair, batches, repeats=repeats, warmup=20, **options)
-                rows.append({
-                    "shape": shape, "runtime": runtime, "cache": cache, "density": density,
-                    "measured_densities": measured, "budgets": gated_budgets,
-                    "computed_density": {k: v / blocks[k] for k, v in gated_budgets.items()},
-                    "gated_ms": timed["gated"] * 1e3, "dense_ms": timed["dense"] * 1e3,
-                    "speedup": timed["dense"] / timed["gated"], "ideal_speedup": ideal,
-                    "gated_bytes": files[f"{runtime}_gated"],
-                    "dense_bytes": files[f"{runtime}_dense"],
-                    "file_ratio": files[f"{runtime}_gated"] / files[f"{runtime}_dense"],
-                    "max_abs_error_vs_keras": errors[runtime], "repeats": repeats,
-                })
-                print(json.dumps({"progress": f"{shape} {runtime} {cache} d={density:.4f}",
-                                  "speedup": rows[-1]["speedup"]}),
-                      file=sys.stderr)
+        for variant in variants:
+            kind = f"gated_{variant}"
+            ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(budgets[kind])
+            for runtime in (*onnx_batches, "litert"):
+                pair = {"dense": calls[f"{runtime}_dense"], "gated": calls[f"{runtime}_{kind}"]}
+                for cache, options in CACHE_REGIMES.items():
+                    timed = median_latencies(pair, batches, repeats=repeats, warmup=20, **options)
+                    rows.append({
+                        "shape": shape, "runtime": runtime, "cache": cache, "density": density,
+                        "budgets_from": variant,
+                        "measured_densities": measured, "budgets": budgets[kind],
+                        "computed_density": {k: v / blocks[k] for k, v in budgets[kind].items()},
+                        "gated_ms": timed["gated"] * 1e3, "dense_ms": timed["dense"] * 1e3,
+                        "speedup": timed["dense"] / timed["gated"], "ideal_speedup": ideal,
+                        "gated_bytes": files[f"{runtime}_{kind}"],
+                        "dense_bytes": files[f"{runtime}_dense"],
+                        "file_ratio": files[f"{runtime}_{kind}"] / files[f"{runtime}_dense"],
+                        "max_abs_error_vs_keras": errors[f"{runtime}_{kind}"], "repeats": repeats,
+                    })
+                    print(json.dumps({
+                        "progress": f"{shape} {variant} {runtime} {cache} d={density:.4f}",
+                        "speedup": rows[-1]["speedup"],
+                    }), file=sys.stderr)
     return rows
 
 
 def _table(rows):
-    lines = [f"{'shape':5} {'runtime':11} {'cache':11} {'density':>8} {'measured':>9} {'budget':>8} {'dense ms':>9} "
+    lines = [f"{'shape':5} {'budgets':11} {'runtime':11} {'cache':11} {'density':>8} {'measured':>9} {'budget':>8} {'dense ms':>9} "
              f"{'gated ms':>9} {'speedup':>8} {'ideal':>7} {'file ratio':>10} {'max err':>9}"]
     for r in rows:
         measured = np.mean(list(r["measured_densities"].values()))
         budget = "/".join(str(v) for v in r["budgets"].values())
         lines.append(
-            f"{r['shape']:5} {r['runtime']:11} {r['cache']:11} {r['density']:>8.4f} {measured:>9.4f} {budget:>8} "
+            f"{r['shape']:5} {r['budgets_from']:11} {r['runtime']:11} {r['cache']:11} {r['density']:>8.4f} {measured:>9.4f} {budget:>8} "
             f"{r['dense_ms']:>9.3f} {r['gated_ms']:>9.3f} {r['speedup']:>7.2f}x "
             f"{r['ideal_speedup']:>6.1f}x {r['file_ratio']:>10.3f} {r['max_abs_error_vs_keras']:>9.1e}"
         )
@@ -308,10 +328,16 @@ def _plot(rows, path):
                 sel = sorted(
                     (r["density"], r["speedup"]) for r in sel_rows
                     if r["runtime"] == runtime and r["cache"] == cache
+                    and r["budgets_from"] == "default"
                 )
                 if sel:
                     ax.plot(*zip(*sel), style, color=color, label=f"{labels[runtime]}, {cache}")
-        ideal = sorted({(r["density"], r["ideal_speedup"]) for r in sel_rows})
+        forced = [(r["density"], r["speedup"]) for r in sel_rows if r["budgets_from"] != "default"]
+        if forced:
+            ax.plot(*zip(*forced), "x", color="grey",
+                    label="skipping forced above the skip limit (all)")
+        ideal = sorted({(r["density"], r["ideal_speedup"]) for r in sel_rows
+                        if r["budgets_from"] == "default"})
         ax.plot(*zip(*ideal), "k--", label="ideal (MACs at the budget)")
         ax.axhline(1.0, color="grey", lw=0.8)
         if shape == "mlp":

@@ -13,8 +13,8 @@ whose `blocks` groups of filters are gated per example:
    with the group axis in front.
 
 A budget of every group (`budget == blocks`) is the masked convolution
-itself (`masked_block_conv2d`: the constant kernel, which the XNNPACK
-delegate takes), with no top-k or gather.
+itself: the constant kernel (which the XNNPACK delegate takes), the mask,
+no top-k, gather or placement.
 
 Exact when the batch has at most `budget` groups active in some example; a
 batch with more loses the active groups of highest index. LiteRT exports use
@@ -22,8 +22,6 @@ batch 1, where that is the example's own number of active groups.
 """
 
 import tensorflow as tf
-
-from keras_condcomp.ops.block_sparse_conv2d import masked_block_conv2d
 
 __all__ = ["static_budget_conv2d"]
 
@@ -83,31 +81,38 @@ def static_budget_conv2d(
         raise ValueError(
             f"`budget` must be an int in [1, blocks={blocks}]. Received: budget={budget!r}"
         )
-    if budget == blocks:
-        return masked_block_conv2d(
-            inputs, kernel, bias, tf.cast(scores > 0, dtype), activation, strides, padding,
-            dilation_rate,
-        )
     activation = activation or _identity
     size = filters // blocks
 
-    _, chosen = tf.math.top_k(tf.reduce_max(scores, axis=0), k=budget)  # (budget,)
-    groups = tf.transpose(tf.reshape(kernel, [rows, cols, channels, blocks, size]), [3, 0, 1, 2, 4])
-    weights = tf.reshape(
-        tf.transpose(tf.gather(groups, chosen), [1, 2, 3, 0, 4]),
-        [rows, cols, channels, budget * size],
-    )
+    if budget == blocks:
+        # Every group: the constant kernel, no top-k, gather or placement.
+        weights, group_bias, group_scores = kernel, bias, scores
+    else:
+        _, chosen = tf.math.top_k(tf.reduce_max(scores, axis=0), k=budget)  # (budget,)
+        groups = tf.transpose(
+            tf.reshape(kernel, [rows, cols, channels, blocks, size]), [3, 0, 1, 2, 4]
+        )
+        weights = tf.reshape(
+            tf.transpose(tf.gather(groups, chosen), [1, 2, 3, 0, 4]),
+            [rows, cols, channels, budget * size],
+        )
+        if bias is not None:
+            bias = tf.reshape(tf.convert_to_tensor(bias, dtype), [blocks, size])
+            group_bias = tf.reshape(tf.gather(bias, chosen), [budget * size])
+        group_scores = tf.gather(scores, chosen, axis=1)  # (batch, budget)
     outputs = tf.nn.conv2d(
         inputs, weights, strides=list(strides), padding=padding.upper(),
         dilations=list(dilation_rate),
     )
     if bias is not None:
-        bias = tf.reshape(tf.convert_to_tensor(bias, dtype), [blocks, size])
-        outputs = outputs + tf.reshape(tf.gather(bias, chosen), [budget * size])
-    # Each example's own mask on the chosen groups.
-    keep = tf.cast(tf.gather(scores, chosen, axis=1) > 0, dtype)  # (batch, budget)
+        outputs = outputs + tf.cast(group_bias, dtype)
+    # Each example's own mask, as a product (XNNPACK takes it; a select with
+    # a broadcast mask runs on LiteRT's slower builtin kernel).
+    keep = tf.cast(group_scores > 0, dtype)
     keep = tf.reshape(tf.repeat(keep, size, axis=1), [-1, 1, 1, budget * size])
     outputs = activation(outputs) * keep
+    if budget == blocks:
+        return outputs
     # Places chosen group k at group chosen[k]: with the groups in front,
     # a product with the 0/1 matrix `one_hot(chosen)^T` (exact; blocks x
     # budget multiply-adds per value, 3x faster in LiteRT than a product

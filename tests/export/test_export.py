@@ -151,6 +151,18 @@ def test_budget_drops_the_active_blocks_of_highest_index():
     )
 
 
+def test_budget_of_every_block_is_the_masked_product():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 12)).astype("float32")
+    mask = (rng.random((6, 4)) < 0.5).astype("float32")
+    expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu)
+    # The input-sparsity hint is not needed when every block is computed.
+    for hint in ({}, {"input_blocks": 4, "input_budget": 2}):
+        got = static_budget_dense(x, kernel, None, mask, tf.nn.relu, budget=4, **hint)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_int8_litert_is_smaller_and_close(tmp_path):
     model = _stack(11, 128, [(128, 4)], 3)  # weights large enough to be quantised
     x = np.random.default_rng(12).normal(size=(16, 128)).astype("float32")
