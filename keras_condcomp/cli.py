@@ -571,8 +571,12 @@ def export(args):
         "format": args.format, "path": os.path.abspath(args.out),
         "bytes": os.path.getsize(args.out), "budgets": budgets, "quantize": args.quantize,
     }
-    print(f"Wrote {args.out} ({report['bytes']:,} bytes); blocks per example: "
-          + (", ".join(f"{name} {value}" for name, value in budgets.items()) or "no gated layers"))
+    blocks = {layer.name: layer.blocks for layer in _gated(model)}
+    print(f"Wrote {args.out} ({report['bytes']:,} bytes); blocks computed per example: "
+          + (", ".join(f"{name} {value} of {blocks[name]}" for name, value in budgets.items())
+             or "no gated layers")
+          + ("" if all(v < blocks[k] for k, v in budgets.items()) else
+             " (a layer computing every block runs its masked dense product)"))
     if dataset is not None:
         keras_logits = model.predict(dataset.x_test, batch_size=256, verbose=0)
         exported = predict(args.out, dataset.x_test)

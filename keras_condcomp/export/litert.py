@@ -94,7 +94,9 @@ def export_litert(
             the mask, top-k and gather chain of the gated layers.
         representative_data: None or `(n, ...)` inputs from which the
             default budgets are measured (the largest number of active
-            blocks of an example: nothing is dropped on that data).
+            blocks of an example: nothing is dropped on that data; every
+            block, the masked dense product, where that is above the
+            layer's `export_skip_limit`).
         budget: None (defaults of `block_budgets`), an int for every gated
             layer or a dict `{layer name: int}`.
 

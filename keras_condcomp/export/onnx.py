@@ -32,7 +32,9 @@ def export_onnx(
             layer or a dict `{layer name: int}`.
         representative_data: None or `(n, ...)` inputs from which the
             default budgets are measured (the largest number of active blocks
-            of an example: nothing is dropped on that data).
+            of an example: nothing is dropped on that data; every block, the
+            masked dense product, where that is above the layer's
+            `export_skip_limit`).
 
     Returns:
         dict: the budget used per gated layer.

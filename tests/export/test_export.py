@@ -284,12 +284,18 @@ def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypa
     printed = capsys.readouterr().out
     assert "test accuracy on digits (scikit-learn, 8x8): keras" in printed, printed
     assert "(change +0.0000)" in printed, printed
+    assert "4 of 4 (a layer computing every block runs its masked dense product)" in printed
     assert float(printed.split("max |logit difference| ")[1].split(";")[0]) <= ATOL
     reference = model.predict(x, verbose=0)
     np.testing.assert_allclose(litert_predict(out, x), reference, atol=ATOL)
+    # Skipping: 3 of the 4 blocks, exact on the examples with at most 3 active.
     onnx_path = tmp_path / "model.onnx"
-    export_onnx(model, onnx_path, budget=4)
-    np.testing.assert_allclose(onnx_predict(onnx_path, x), reference, atol=ATOL)
+    export_onnx(model, onnx_path, budget=3)
+    within = np.all([c <= 3 for c in counts.values()], axis=0)
+    assert within.any()
+    np.testing.assert_allclose(
+        onnx_predict(onnx_path, x)[within], reference[within], atol=ATOL
+    )
 
 
 def test_cli_export_errors_are_one_line(tmp_path, capsys):
