@@ -45,6 +45,7 @@ on a loaded 2-core machine each extra graph op costs far more than its
 arithmetic, so the skipping paths win less than the ideal MACs ratio.
 """
 
+import keras
 import tensorflow as tf
 from keras import ops
 
@@ -123,11 +124,17 @@ def masked_block_conv2d(
     >>> tuple(y.shape), float(np.abs(np.asarray(y)[0, ..., 2:]).max())
     ((2, 3, 3, 4), 0.0)
     """
-    outputs = ops.conv(
-        inputs, kernel, strides=strides, padding=padding,
-        data_format=data_format, dilation_rate=dilation_rate,
-    )
     channel_axis = -1 if data_format == "channels_last" else 1
+    # TensorFlow's CPU Conv2D kernel refuses NCHW (2.21; Keras's own
+    # channels_first Conv2D fails there too): convolve channels-last.
+    transposed = channel_axis == 1 and keras.backend.backend() == "tensorflow"
+    outputs = ops.conv(
+        ops.transpose(inputs, (0, 2, 3, 1)) if transposed else inputs, kernel,
+        strides=strides, padding=padding, dilation_rate=dilation_rate,
+        data_format="channels_last" if transposed else data_format,
+    )
+    if transposed:
+        outputs = ops.transpose(outputs, (0, 3, 1, 2))
     if bias is not None:
         shape = (1, -1, 1, 1) if channel_axis == 1 else (-1,)
         outputs = outputs + ops.reshape(bias, shape)

@@ -24,7 +24,16 @@ def test_equals_conv2d_with_every_group_open(rng, data_format):
     conv = keras.layers.Conv2D(
         8, 3, strides=2, padding="same", activation="tanh", data_format=data_format
     )
-    expected = conv(x)
+    conv.build(shape)
+    # The reference runs channels_last: TensorFlow 2.21's CPU Conv2D kernel
+    # refuses NCHW, which Keras's own channels_first Conv2D hits.
+    reference = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="tanh")
+    reference.build((3, 7, 6, 4))
+    reference.set_weights(conv.get_weights())
+    if data_format == "channels_last":
+        expected = reference(x)
+    else:
+        expected = np.moveaxis(reference(np.moveaxis(x, 1, -1)), -1, 1)
     gated = GatedConv2D.from_conv(conv, blocks=4)
     assert gated.data_format == data_format
     all_open(gated)
