@@ -33,15 +33,32 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   (`masked_block_conv2d`), and the fallback when skipping cannot pay.
 - `"auto"`: picked per call inside the graph by the rule below.
 
-Cost rule of `"auto"` (a rule of thumb, not a fitted model): skip when
-the fraction of active (example, group) pairs is at most `AUTO_MAX_FRACTION`
-(0.5), with `"per_example"` at batch 1 and `"grouped"` at larger batches;
-otherwise `"masked"`. Below that fraction the saved multiply-adds outweigh
-the extra ops (gathers, the scatter, smaller and less efficient
-convolutions). Input-channel sparsity is not counted by the rule (it only
-makes skipping cheaper); computing it would cost a pass over the input
-before the choice. Measured speeds are in `benchmarks/gated_conv2d.py`:
-on a loaded 2-core machine each extra graph op costs far more than its
+Cost rule of `"auto"` (a rule of thumb from `benchmarks/gated_conv2d.py`,
+not a fitted model), from the fraction `f` of active (example, group) pairs:
+
+- `"masked"` when `f >= AUTO_MAX_FRACTION` (0.5): from half the pairs up the
+  dense convolution was as fast as skipping or faster (one thread: 0.87x-0.91x
+  of Conv2D against 0.81x-0.90x for the best skipping path at density 1/2);
+- else `"per_example"` at batch 1 (a single convolution);
+- else, at larger batches, `"grouped"` when the examples run on average at
+  most `AUTO_GROUPED_MAX_GROUPS` (1.5) groups each (`f * blocks <= 1.5`);
+  above, `"per_example"` if one example's dense convolution has at least
+  `AUTO_LOOP_MIN_MACS` (10^6) multiply-adds, else `"masked"`. `"grouped"`
+  gathers an example's input once per active group, `"per_example"` once
+  per example plus a loop step, which costs as much as a small convolution
+  (CIFAR-like stack, 1.8M-19M multiply-adds an example and layer, 8 groups,
+  one thread, batch 32: at density 1/8 grouped 1.43x-1.67x vs per-example
+  1.16x-1.34x of Conv2D, at 1/4 0.85x-1.08x vs 1.02x-1.17x, at 3/8 0.58x vs
+  0.95x; batch 128: 1.29x vs 1.11x at 1/8, 0.69x vs 0.88x at 1/4. The
+  digits CNN, 18K-295K an example and layer, at batch 256 and density 1/2:
+  0.24x of Conv2D when its batches went to the loop).
+
+The batched branch is called as a function, not inlined
+(`_branches.called_branch`), so its graph costs nothing at batch 1.
+
+Input-channel sparsity is not counted by the rule (it only makes skipping
+cheaper); computing it would cost a pass over the input before the choice.
+On a loaded 2-core machine each extra graph op costs far more than its
 arithmetic, so the skipping paths win less than the ideal MACs ratio.
 """
 
@@ -49,7 +66,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_condcomp.ops._branches import called_branch
+
 __all__ = [
+    "AUTO_GROUPED_MAX_GROUPS",
+    "AUTO_LOOP_MIN_MACS",
     "AUTO_MAX_FRACTION",
     "CONV2D_EXECUTION_PATHS",
     "block_sparse_conv2d",
@@ -58,6 +79,8 @@ __all__ = [
 
 CONV2D_EXECUTION_PATHS = ("auto", "per_example", "grouped", "masked")
 AUTO_MAX_FRACTION = 0.5
+AUTO_GROUPED_MAX_GROUPS = 1.5
+AUTO_LOOP_MIN_MACS = 1e6
 
 
 def _pair(value, name):
@@ -231,21 +254,23 @@ def _one_example(problem, inputs, active):
     return tf.reshape(outputs, [1, rows, cols, problem.filters])
 
 
+def _example_loop(problem):
+    """The examples of a batch one after another, each its own convolution."""
+    def one(args):
+        x, active = args
+        return _one_example(problem, x[None], active)[0]
+
+    # The static output shape of one example.
+    spec = tf.TensorSpec(_output_shape(problem)[1:], problem.inputs.dtype)
+    return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
+
+
 def _per_example(problem):
-    def single():
-        return _one_example(problem, problem.inputs, problem.active[0])
-
-    def loop():
-        def one(args):
-            x, active = args
-            return _one_example(problem, x[None], active)[0]
-
-        spec = tf.TensorSpec(single_shape, problem.inputs.dtype)
-        return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
-
-    # The static output shape of one example, for map_fn.
-    single_shape = _output_shape(problem)[1:]
-    return tf.cond(tf.equal(problem.batch, 1), single, loop)
+    return tf.cond(
+        tf.equal(problem.batch, 1),
+        lambda: _one_example(problem, problem.inputs, problem.active[0]),
+        called_branch(lambda: _example_loop(problem)),
+    )
 
 
 def _output_shape(problem):
@@ -317,18 +342,43 @@ def active_fraction(problem):
     return tf.reduce_mean(tf.cast(problem.active, tf.float32))
 
 
+def skipping_pays(problem):
+    """`"auto"` skips: fewer than `AUTO_MAX_FRACTION` of the pairs are active."""
+    return active_fraction(problem) < AUTO_MAX_FRACTION
+
+
+def grouping_pays(problem):
+    """`"auto"` skipping a batch > 1 groups it: few active groups per example."""
+    groups_per_example = active_fraction(problem) * problem.blocks
+    return groups_per_example <= AUTO_GROUPED_MAX_GROUPS
+
+
+def looping_pays(problem):
+    """`"auto"` may loop over a batch: one example's convolution is large (static)."""
+    rows, cols, filters = _output_shape(problem)[1:]
+    if rows is None or cols is None:
+        return True
+    kernel_h, kernel_w = problem.kernel.shape[:2]
+    macs = rows * cols * kernel_h * kernel_w * problem.in_channels * filters
+    return macs >= AUTO_LOOP_MIN_MACS
+
+
 def _auto(problem):
-    # Two nested branches, no switch: every op counts at batch 1.
+    # Nested branches, no switch: every op counts at batch 1, which takes two.
+    def batched():
+        many_groups = _example_loop if looping_pays(problem) else _masked
+        return tf.cond(
+            grouping_pays(problem), lambda: _grouped(problem), lambda: many_groups(problem)
+        )
+
     def skip():
         return tf.cond(
             tf.equal(problem.batch, 1),
             lambda: _one_example(problem, problem.inputs, problem.active[0]),
-            lambda: _grouped(problem),
+            called_branch(batched),
         )
 
-    return tf.cond(
-        active_fraction(problem) <= AUTO_MAX_FRACTION, skip, lambda: _masked(problem)
-    )
+    return tf.cond(skipping_pays(problem), skip, lambda: _masked(problem))
 
 
 _PATHS = {

@@ -1,4 +1,5 @@
 import importlib
+import itertools
 
 import numpy as np
 import pytest
@@ -31,21 +32,24 @@ def block_sparse_input(rng, batch, channels=8, groups=4):
 @pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
 def test_paths_match_masked_reference(rng, path):
     # Every geometry for the skipping paths; "auto" (which traces all three)
-    # and "masked" on two.
+    # and "masked" on two. "auto" also on sparse masks (its grouped branch)
+    # and dense ones (its masked branch).
     geometries = GEOMETRIES if path in ("per_example", "grouped") else GEOMETRIES[1::2]
-    for strides, padding, dilation_rate in geometries:
-        for batch in (1, 7):
-            x = block_sparse_input(rng, batch)
-            kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
-            bias = rng.normal(size=12).astype("float32")
-            mask = (rng.random((batch, 4)) < 0.4).astype("float32")
-            mask[0] = 0  # an example with no active group
-            args = (x, kernel, bias, mask, tf.nn.relu, strides, padding, dilation_rate)
-            expected = masked_block_conv2d(*args)
-            np.testing.assert_allclose(
-                block_sparse_conv2d(*args, path=path), expected, atol=1e-5,
-                err_msg=f"{path} {strides} {padding} {dilation_rate} batch {batch}",
-            )
+    probabilities = (0.15, 0.4, 0.8) if path == "auto" else (0.4,)
+    for (strides, padding, dilation_rate), batch, probability in itertools.product(
+        geometries, (1, 7), probabilities
+    ):
+        x = block_sparse_input(rng, batch)
+        kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
+        bias = rng.normal(size=12).astype("float32")
+        mask = (rng.random((batch, 4)) < probability).astype("float32")
+        mask[0] = 0  # an example with no active group
+        args = (x, kernel, bias, mask, tf.nn.relu, strides, padding, dilation_rate)
+        expected = masked_block_conv2d(*args)
+        np.testing.assert_allclose(
+            block_sparse_conv2d(*args, path=path), expected, atol=1e-5,
+            err_msg=f"{path} {strides} {padding} {dilation_rate} batch {batch} p {probability}",
+        )
 
 
 def test_inlined_in_a_graph_without_bias_and_all_zero_input(rng):
@@ -73,15 +77,58 @@ def test_one_trace_serves_every_batch_size(rng):
     assert traced and all(f.experimental_get_tracing_count() == 1 for f in traced)
 
 
-def test_auto_rule_reads_the_fraction_of_active_pairs(rng):
-    kernel = rng.normal(size=(3, 3, 8, 8)).astype("float32")
-    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], "float32")
-    problem = engine._Problem(
-        tf.ones((2, 4, 4, 8)), tf.constant(kernel), None, tf.constant(mask),
-        lambda t: t, (1, 1), "same", (1, 1),
-    )
-    assert float(engine.active_fraction(problem)) == 0.625
-    assert engine.AUTO_MAX_FRACTION == 0.5
+def test_auto_rule_masks_from_half_the_pairs_and_groups_sparse_batches(rng):
+    kernel = tf.constant(rng.normal(size=(3, 3, 8, 8)).astype("float32"))  # 8 groups of 1
+
+    def rule(mask):
+        mask = np.array(mask, "float32")
+        problem = engine._Problem(
+            tf.ones((len(mask), 4, 4, 8)), kernel, None, tf.constant(mask),
+            lambda t: t, (1, 1), "same", (1, 1),
+        )
+        return (
+            float(engine.active_fraction(problem)),
+            bool(engine.skipping_pays(problem)),
+            bool(engine.grouping_pays(problem)),
+        )
+
+    def row(*groups):
+        return [1 if g in groups else 0 for g in range(8)]
+
+    # 5 of 8 groups, then exactly half: the dense convolution.
+    assert rule([row(0, 1, 2, 3, 4), row(1, 2, 3, 4, 5)])[:2] == (0.625, False)
+    assert rule([row(0, 1, 2, 3), row(4, 5, 6, 7)])[:2] == (0.5, False)
+    # 3 and 2 groups an example: skipped, one example after another.
+    assert rule([row(0, 1, 2), row(3, 4)]) == (0.3125, True, False)
+    # At most 1.5 groups an example on average: grouped.
+    assert rule([row(0, 1), row(5)]) == (0.1875, True, True)
+    assert rule([row(), row(1, 2, 3)]) == (0.1875, True, True)
+    assert (engine.AUTO_MAX_FRACTION, engine.AUTO_GROUPED_MAX_GROUPS) == (0.5, 1.5)
+
+
+def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
+    def problem(input_shape, kernel_shape):
+        return engine._Problem(
+            tf.ones(input_shape), tf.ones(kernel_shape), None, tf.ones((1, 8)),
+            lambda t: t, (1, 1), "same", (1, 1),
+        )
+
+    # 4 * 4 * 3 * 3 * 8 * 8 multiply-adds an example, then 32 * 32 * 3 * 3 * 64 * 128.
+    assert not engine.looping_pays(problem((2, 4, 4, 8), (3, 3, 8, 8)))
+    assert engine.looping_pays(problem((2, 32, 32, 64), (3, 3, 64, 128)))
+    assert engine.AUTO_LOOP_MIN_MACS == 1e6
+    # Both branches of a batch with many groups an example equal the reference.
+    x = block_sparse_input(rng, 7)
+    kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
+    mask = np.zeros((7, 4), "float32")
+    mask[:6, :2] = 1.0  # 12 of 28 pairs, 1.7 groups an example
+    expected = masked_block_conv2d(x, kernel, None, mask, padding="same")
+    for loop_min_macs in (0.0, 1e6):
+        monkeypatch.setattr(engine, "AUTO_LOOP_MIN_MACS", loop_min_macs)
+        monkeypatch.setattr(engine, "_compiled", {})
+        np.testing.assert_allclose(
+            block_sparse_conv2d(x, kernel, None, mask, padding="same"), expected, atol=1e-5
+        )
 
 
 def test_errors_name_the_argument(rng):
