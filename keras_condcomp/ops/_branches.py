@@ -9,7 +9,7 @@ def called_branch(branch):
     TensorFlow inlines the branches of `tf.cond` and `tf.switch_case` into
     the graph, and an untaken branch still costs every one of its ops at run
     time: the batched paths' graphs (a loop over the groups, a `map_fn`)
-    added 0.15-0.4 ms to each gated convolution of `"auto"` at batch 1,
+    added 0.1-0.4 ms to each gated convolution of `"auto"` at batch 1,
     where they never run, beside a 1.5 ms convolution. Called as a function
     that is not inlined, a branch costs one op when it is not taken.
 

@@ -37,8 +37,8 @@ Cost rule of `"auto"` (a rule of thumb from `benchmarks/gated_conv2d.py`,
 not a fitted model), from the fraction `f` of active (example, group) pairs:
 
 - `"masked"` when `f >= AUTO_MAX_FRACTION` (0.5): from half the pairs up the
-  dense convolution was as fast as skipping or faster (one thread: 0.87x-0.91x
-  of Conv2D against 0.81x-0.90x for the best skipping path at density 1/2);
+  dense convolution was as fast as skipping or faster (one thread: 0.85x-0.91x
+  of Conv2D against 0.79x-0.90x for the best skipping path at density 1/2);
 - else `"per_example"` at batch 1 (a single convolution);
 - else, at larger batches, `"grouped"` when the examples run on average at
   most `AUTO_GROUPED_MAX_GROUPS` (1.5) groups each (`f * blocks <= 1.5`);
