@@ -265,12 +265,17 @@ def _example_loop(problem):
     return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
 
 
-def _per_example(problem):
+def _single_or(problem, batched):
+    """One convolution at batch 1, else `batched()` (called, not inlined)."""
     return tf.cond(
         tf.equal(problem.batch, 1),
         lambda: _one_example(problem, problem.inputs, problem.active[0]),
-        called_branch(lambda: _example_loop(problem)),
+        called_branch(batched),
     )
+
+
+def _per_example(problem):
+    return _single_or(problem, lambda: _example_loop(problem))
 
 
 def _output_shape(problem):
@@ -371,14 +376,9 @@ def _auto(problem):
             grouping_pays(problem), lambda: _grouped(problem), lambda: many_groups(problem)
         )
 
-    def skip():
-        return tf.cond(
-            tf.equal(problem.batch, 1),
-            lambda: _one_example(problem, problem.inputs, problem.active[0]),
-            called_branch(batched),
-        )
-
-    return tf.cond(skipping_pays(problem), skip, lambda: _masked(problem))
+    return tf.cond(
+        skipping_pays(problem), lambda: _single_or(problem, batched), lambda: _masked(problem)
+    )
 
 
 _PATHS = {

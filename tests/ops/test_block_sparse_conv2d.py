@@ -98,7 +98,7 @@ def test_auto_rule_masks_from_half_the_pairs_and_groups_sparse_batches(rng):
     # 5 of 8 groups, then exactly half: the dense convolution.
     assert rule([row(0, 1, 2, 3, 4), row(1, 2, 3, 4, 5)])[:2] == (0.625, False)
     assert rule([row(0, 1, 2, 3), row(4, 5, 6, 7)])[:2] == (0.5, False)
-    # 3 and 2 groups an example: skipped, one example after another.
+    # 3 and 2 groups an example: skipped, not grouped.
     assert rule([row(0, 1, 2), row(3, 4)]) == (0.3125, True, False)
     # At most 1.5 groups an example on average: grouped.
     assert rule([row(0, 1), row(5)]) == (0.1875, True, True)
