@@ -20,7 +20,10 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"per_example"`: every (example, active block) pair gathers its own tiles,
   restricted to that example's non-zero inputs; one batched matrix-vector
   product. The best one when the examples of a batch read different sparse
-  inputs (at batch 1 `"grouped"` does the same work with fewer ops).
+  inputs. At batch 1 it runs the leanest graph of all (`_single`): the
+  active blocks' tiles of the example's non-zero inputs, one gather, one
+  product, one scatter; a batch above 1 runs as a called function (see
+  `keras_condcomp.ops._branches.called_branch`), whose ops batch 1 skips.
 - `"grouped"`: examples grouped by output block, dropless: the rows of each
   block's examples are gathered, and one batched matmul computes all
   blocks. When the batch uses few tiles (blocks used by some example x
@@ -34,11 +37,18 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   block's capacity get 0 in that block (dropped), as in capacity-based MoE.
 - `"masked"`: the dense product, then the mask: the reference, and the dense
   fallback when skipping cannot pay.
-- `"auto"`: decided per call inside the graph: `"masked"` when more than
-  half of the (example, block) pairs are active (skipping never paid there in
-  `benchmarks/gated_dense.py`, and the mask alone decides it), else the
-  cheapest of `"per_example"`, `"grouped"` and `"masked"` by the cost model
-  below.
+- `"auto"`: decided per call inside the graph. At batch 1: `_single` or
+  `"masked"`, by the batch-1 case of the cost model below, from the
+  example's active blocks and non-zero inputs (a few scalar ops). Above
+  batch 1 (a called function, skipped at batch 1): `"masked"` when more
+  than half of the (example, block) pairs are active (skipping never paid
+  there in `benchmarks/gated_dense.py`, and the mask alone decides it),
+  else (a called function again, so that dense batches skip its
+  statistics) the cheapest of `"per_example"`, `"grouped"` and `"masked"`
+  by the cost model. On the Bengio MLP, one thread, the batch-1 branch took
+  `"auto"` from 1.3x-1.5x to 1.9x-2.1x over Dense at density 1/16, and the
+  early dense fallback from 0.77x-0.79x to 0.86x-0.88x at density 3/4 and
+  batch 50 (A/B in one process).
 
 Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
 With `B` the batch, `d` the input size, `u` the units, `s` the block size, `P`
@@ -53,9 +63,10 @@ example and `n` the number of blocks active in some example:
 
 with `C` the most examples sharing a block (the grouped product is padded to
 it) and `b` the number of blocks. The grouped path reads in place when
-`n r / copy >= b d / read`. At batch 1 both skipping paths do the same
-arithmetic and `grouped` measured faster (`per_example` builds ragged
-per-example row lists), which `matvec` < `batched` reflects.
+`n r / copy >= b d / read`. At batch 1 (`P = n`, `R = r`, `C = 1`) the
+batch-1 graph costs `n r s (1 / copy + 1 / batched) + overhead`, the
+copied grouped cost; above it `per_example` builds ragged per-example row
+lists, which `matvec` < `batched` reflects.
 
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
@@ -73,10 +84,12 @@ machines.
 """
 
 import contextlib
+import functools
 import threading
 
 import tensorflow as tf
 
+from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops.block_kernel import block_dense
 
 __all__ = [
@@ -184,45 +197,105 @@ def _identity(x):
 
 
 class _Problem:
-    """The shapes and index sets of one call, shared by the paths."""
+    """The shapes and index sets of one call, shared by the paths.
+
+    The statistics are computed when first read, in the graph of the branch
+    that reads them: at batch 1 `"auto"` reads none of them (`_single`).
+    """
 
     def __init__(self, inputs, block_kernel, bias, block_mask, activation):
         self.inputs = inputs
         self.bias = bias
         self.activation = activation
         self.block_kernel = block_kernel
+        self.block_mask = block_mask
         self.blocks, self.input_dim, self.block_size = block_kernel.shape
         self.units = self.blocks * self.block_size
         # Row `j * input_dim + i` is input unit i's slice of output block j.
         self.tiles = tf.reshape(block_kernel, [self.blocks * self.input_dim, self.block_size])
         self.batch = tf.shape(inputs)[0]
         self.active = block_mask > 0
-        # Products with a ones vector: reduce_any over the batch axis measured
-        # 5-9x slower at batch 50-256.
-        nonzero = tf.cast(tf.not_equal(inputs, 0), tf.float32)
-        # The most non-zero inputs of one example, and the number of inputs
-        # non-zero in some example (0 for an empty batch); read by the paths
-        # and the costs.
-        self.most_nonzero = tf.reduce_max(tf.concat([tf.reduce_sum(nonzero, axis=1), [0.0]], 0))
-        self.used_inputs = tf.matmul(tf.ones([1, self.batch]), nonzero)[0] > 0
-        self.used_input_count = tf.reduce_sum(tf.cast(self.used_inputs, tf.float32))
         self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
-        counts = tf.reduce_sum(tf.cast(self.active, tf.int32), axis=0)
-        # Examples per block, blocks used by some example, and the most
-        # examples sharing a block (0 for an empty batch).
-        self.block_counts = counts
-        self.pair_count = tf.reduce_sum(tf.cast(counts, tf.float32))
-        self.used_block_count = tf.reduce_sum(tf.cast(counts > 0, tf.float32))
-        self.capacity = tf.reduce_max(tf.concat([counts, [0]], axis=0))
-        # Input rows a grouped product reads: the used ones if few enough.
-        self.rows_read = tf.where(
+
+    def fresh(self):
+        """A problem of the same call with no statistics computed yet.
+
+        A branch reads its statistics from its own copy: a tensor made in
+        one branch's graph cannot be used in another's.
+        """
+        return _Problem(self.inputs, self.block_kernel, self.bias, self.block_mask,
+                        self.activation)
+
+    def compute_statistics(self):
+        """Computes every statistic here, before the branches that share them."""
+        for name in ("most_nonzero", "used_input_count", "pair_count", "used_block_count",
+                     "capacity", "rows_read", "grouped_in_place"):
+            getattr(self, name)
+
+    @functools.cached_property
+    def first_nonzero(self):
+        """`(input_dim,)` bool: the non-zero inputs of the first example."""
+        return tf.not_equal(self.inputs[0], 0)
+
+    @functools.cached_property
+    def first_rows_sparse(self):
+        """Whether the first example is sparse enough to read only its non-zeros."""
+        count = tf.reduce_sum(tf.cast(self.first_nonzero, tf.float32))
+        return count <= self.sparse_limit, count
+
+    @functools.cached_property
+    def _nonzero(self):
+        return tf.cast(tf.not_equal(self.inputs, 0), tf.float32)
+
+    @functools.cached_property
+    def most_nonzero(self):
+        """The most non-zero inputs of one example (0 for an empty batch)."""
+        return tf.reduce_max(tf.concat([tf.reduce_sum(self._nonzero, axis=1), [0.0]], 0))
+
+    @functools.cached_property
+    def used_inputs(self):
+        """`(input_dim,)` bool: non-zero in some example."""
+        # A product with a ones vector: reduce_any over the batch axis
+        # measured 5-9x slower at batch 50-256.
+        return tf.matmul(tf.ones([1, self.batch]), self._nonzero)[0] > 0
+
+    @functools.cached_property
+    def used_input_count(self):
+        return tf.reduce_sum(tf.cast(self.used_inputs, tf.float32))
+
+    @functools.cached_property
+    def block_counts(self):
+        """Examples per block."""
+        return tf.reduce_sum(tf.cast(self.active, tf.int32), axis=0)
+
+    @functools.cached_property
+    def pair_count(self):
+        return tf.reduce_sum(tf.cast(self.block_counts, tf.float32))
+
+    @functools.cached_property
+    def used_block_count(self):
+        """Blocks used by some example."""
+        return tf.reduce_sum(tf.cast(self.block_counts > 0, tf.float32))
+
+    @functools.cached_property
+    def capacity(self):
+        """The most examples sharing a block (0 for an empty batch)."""
+        return tf.reduce_max(tf.concat([self.block_counts, [0]], axis=0))
+
+    @functools.cached_property
+    def rows_read(self):
+        """Input rows a grouped product reads: the used ones if few enough."""
+        return tf.where(
             self.used_input_count <= self.sparse_limit, self.used_input_count,
             float(self.input_dim),
         )
-        # Whether the grouped path multiplies the kernel in place (every
-        # block, every row) rather than a copy of the tiles it uses: when
-        # copying them would cost more than streaming the whole kernel.
-        self.grouped_in_place = (
+
+    @functools.cached_property
+    def grouped_in_place(self):
+        """Whether the grouped path multiplies the kernel in place (every
+        block, every row) rather than a copy of the tiles it uses: when
+        copying them would cost more than streaming the whole kernel."""
+        return (
             self.used_block_count * self.rows_read / _COSTS["copy"]
             >= self.blocks * self.input_dim / _COSTS["read"]
         )
@@ -281,7 +354,41 @@ def _block_weights(problem, blocks_of, rows, sparse_rows):
     )
 
 
+def _single(problem):
+    """Batch 1: the active blocks' tiles of the non-zero inputs, one product."""
+    x = problem.inputs[0]
+    sparse_rows, _ = problem.first_rows_sparse
+    blocks_of = tf.cast(tf.where(problem.active[0])[:, 0], tf.int32)  # (n,)
+
+    def sparse():
+        rows = tf.cast(tf.where(problem.first_nonzero)[:, 0], tf.int32)
+        return rows, tf.gather(x, rows)
+
+    rows, values = tf.cond(sparse_rows, sparse, lambda: (tf.range(problem.input_dim), x))
+    weights = _block_weights(problem, blocks_of, rows, sparse_rows)  # (n, r, block_size)
+    outputs = tf.matmul(values[None, None, :], weights)[:, 0, :]
+    examples = tf.zeros_like(blocks_of, tf.int64)
+    return problem.finish(outputs, examples, blocks_of)
+
+
+def _single_or(problem, single, batched):
+    """`single(problem)` at batch 1, else `batched(problem)`, called, not inlined.
+
+    Each gets its own copy of the problem (statistics in its own graph); the
+    batched branch's ops cost one op at batch 1 (see `called_branch`).
+    """
+    return tf.cond(
+        tf.equal(problem.batch, 1),
+        lambda: single(problem.fresh()),
+        called_branch(lambda: batched(problem.fresh())),
+    )
+
+
 def _per_example(problem):
+    return _single_or(problem, _single, _per_example_batched)
+
+
+def _per_example_batched(problem):
     rows, values, sparse_rows = _nonzero_rows_per_example(problem)
     pairs = tf.where(problem.active)  # (P, 2): example, block
     examples, blocks_of_pairs = pairs[:, 0], tf.cast(pairs[:, 1], tf.int32)
@@ -398,22 +505,63 @@ def path_costs(problem):
     return tf.stack([per_example, grouped, masked])
 
 
-def choose_path(problem):
-    """The index in `("per_example", "grouped", "masked")` that `"auto"` runs."""
+def mostly_active(problem):
+    """More than `_AUTO_MAX_FRACTION` of the (example, block) pairs are active.
+
+    `"auto"` then runs the dense fallback without evaluating the cost model:
+    skipping never paid there in `benchmarks/gated_dense.py`.
+    """
     fraction = problem.pair_count / tf.cast(tf.maximum(tf.size(problem.active), 1), tf.float32)
-    # The mask alone decides the dense cases, without the cost model's ops.
-    return tf.cond(
-        fraction > _AUTO_MAX_FRACTION,
-        lambda: tf.constant(2),
-        lambda: tf.argmin(path_costs(problem), output_type=tf.int32),
+    return fraction > _AUTO_MAX_FRACTION
+
+
+def cheapest_path(problem):
+    """The index in `("per_example", "grouped", "masked")` of the cheapest cost."""
+    return tf.argmin(path_costs(problem), output_type=tf.int32)
+
+
+def single_skipping_pays(problem):
+    """Whether `"auto"` skips at batch 1 (`_single`): the cost model's batch-1
+    case, from the example's active blocks and non-zero inputs alone."""
+    _, count = problem.first_rows_sparse
+    active = tf.reduce_sum(tf.cast(problem.active[0], tf.float32))
+    rows = tf.where(count <= problem.sparse_limit, count, float(problem.input_dim))
+    c = _COSTS
+    skipping = (
+        active * rows * float(problem.block_size) * (1 / c["copy"] + 1 / c["batched"])
+        + c["overhead"]
     )
+    masked = float(problem.input_dim * problem.units) / c["read"]
+    few = active <= _AUTO_MAX_FRACTION * problem.blocks
+    return tf.logical_and(few, skipping < masked)
 
 
 def _auto(problem):
-    return tf.switch_case(
-        choose_path(problem),
-        [lambda: _per_example(problem), lambda: _grouped(problem), lambda: _masked(problem)],
-    )
+    # Each decision's statistics are computed in the branch that needs them,
+    # and the larger branches are called, not inlined: at batch 1 the
+    # batched decision's ops and paths cost one op, and at high density the
+    # cost model is never evaluated.
+    def single(problem):
+        return tf.cond(
+            single_skipping_pays(problem), lambda: _single(problem), lambda: _masked(problem)
+        )
+
+    def skipping(problem):
+        problem.compute_statistics()
+        return tf.switch_case(
+            cheapest_path(problem),
+            [lambda: _per_example_batched(problem), lambda: _grouped(problem),
+             lambda: _masked(problem)],
+        )
+
+    def batched(problem):
+        return tf.cond(
+            mostly_active(problem),
+            lambda: _masked(problem),
+            called_branch(lambda: skipping(problem.fresh())),
+        )
+
+    return _single_or(problem, single, batched)
 
 
 _PATHS = {

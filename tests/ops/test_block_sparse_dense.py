@@ -14,10 +14,17 @@ from keras_condcomp.ops import (
     set_cost_constants,
     to_block_kernel,
 )
-from keras_condcomp.ops.block_sparse_dense import _Problem, choose_path, path_costs
+from keras_condcomp.ops.block_sparse_dense import (
+    _Problem,
+    cheapest_path,
+    mostly_active,
+    path_costs,
+    single_skipping_pays,
+)
 
 
-# "auto" only switches between these (it is checked on fixed shapes below);
+# "auto" only switches between these ("per_example" at batch 1 is auto's
+# batch-1 graph; auto itself is checked on fixed shapes below);
 # "static_capacity" compiles with XLA for every shape.
 INLINED_PATHS = ("per_example", "grouped", "masked")
 
@@ -77,6 +84,36 @@ def test_compiled_paths_match_masked_reference(path, rng):
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"batch {batch}")
 
 
+@pytest.mark.parametrize("case", ["sparse input", "dense input", "zero input", "no block"])
+def test_auto_at_batch_1_skips_exactly(rng, case):
+    # Constants under which skipping always pays, so the batch-1 graph runs
+    # (on these small shapes the measured ones pick the dense product).
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    x = rng.normal(size=(1, 16)).astype("float32")
+    mask = np.array([[1, 0, 1, 0]], "float32")
+    if case == "sparse input":
+        x[:, 3:] = 0.0
+    elif case == "zero input":
+        x[:] = 0.0
+    elif case == "no block":
+        mask[:] = 0.0
+    expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+    before = cost_constants()
+    try:
+        set_cost_constants(read=1e-6, overhead=1e-6)
+        problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 4), None,
+                           tf.constant(mask), tf.identity)
+        assert bool(single_skipping_pays(problem))
+        inlined = tf.function(lambda x, m: block_sparse_dense(
+            x, to_block_kernel(kernel, 4), bias, m, tf.nn.relu))
+        for got in (inlined(x, mask), block_sparse_dense(
+                x, to_block_kernel(kernel, 4), bias, mask, tf.nn.relu)):
+            np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    finally:
+        set_cost_constants(**before)
+
+
 def test_one_trace_serves_every_batch_size(rng):
     block_kernel = rng.normal(size=(2, 6, 4)).astype("float32")
     for batch in (1, 3, 5, 17):
@@ -120,9 +157,14 @@ def test_static_capacity_drops_examples_beyond_capacity(rng):
 
 
 def _chosen_path(x, kernel, mask):
+    """What `"auto"` runs: its decisions, evaluated eagerly."""
     block_kernel = to_block_kernel(tf.constant(kernel), mask.shape[1])
     problem = _Problem(tf.constant(x), block_kernel, None, tf.constant(mask), tf.identity)
-    return ("per_example", "grouped", "masked")[int(choose_path(problem))]
+    if len(x) == 1:
+        return "single" if bool(single_skipping_pays(problem)) else "masked"
+    if bool(mostly_active(problem)):
+        return "masked"
+    return ("per_example", "grouped", "masked")[int(cheapest_path(problem))]
 
 
 def test_cost_model_choices(rng):
@@ -130,12 +172,17 @@ def test_cost_model_choices(rng):
     sparse = np.zeros((1, 24), "float32")
     sparse[0, 3] = 1.0
     x = rng.random((1, 3072)).astype("float32")
-    # At batch 1 both skipping paths do the same arithmetic; grouped has
-    # fewer ops.
-    assert _chosen_path(x, kernel, sparse) == "grouped"
+    # Batch 1: its own lean graph when few blocks are active.
+    assert _chosen_path(x, kernel, sparse) == "single"
     relu_input = np.maximum(rng.normal(size=(1, 3072)), 0).astype("float32")
-    assert _chosen_path(relu_input, kernel, sparse) == "grouped"
+    assert _chosen_path(relu_input, kernel, sparse) == "single"
     assert _chosen_path(x, kernel, np.ones((1, 24), "float32")) == "masked"
+    nine = np.zeros((1, 24), "float32")
+    nine[0, :9] = 1.0  # below half, but past the measured crossover (7 of 24)
+    assert _chosen_path(x, kernel, nine) == "masked"
+    # The same batch-1 example in a batch of two: the batched decision.
+    assert _chosen_path(np.concatenate([x, x]), kernel, np.concatenate([sparse, sparse])) == (
+        "grouped")
     assert _chosen_path(rng.random((256, 3072)).astype("float32"), kernel,
                         np.ones((256, 24), "float32")) == "masked"
     # Block-sparse inputs (different blocks per example) and outputs at batch
