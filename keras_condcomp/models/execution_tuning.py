@@ -15,7 +15,8 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     """Times every inference path of each gated layer and keeps the fastest.
 
     `execution="auto"` decides per call, inside the graph, which costs some
-    0.1-0.3 ms per layer at batch 1 (guide "How skipping runs fast"). Where
+    ops on every call, and its cost model is an estimate fitted on one
+    machine (guide "How skipping runs fast"). Where
     the batch size and the data are known in advance, this measures instead:
     layer by layer, in order, it sets each path the layer accepts (other than
     `"auto"` and `"static_capacity"`), times the whole model on `x` in

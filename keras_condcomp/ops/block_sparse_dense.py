@@ -43,12 +43,12 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   batch 1 (a called function, skipped at batch 1): `"masked"` when more
   than half of the (example, block) pairs are active (skipping never paid
   there in `benchmarks/gated_dense.py`, and the mask alone decides it),
-  else (a called function again, so that dense batches skip its
-  statistics) the cheapest of `"per_example"`, `"grouped"` and `"masked"`
-  by the cost model. On the Bengio MLP, one thread, the batch-1 branch took
-  `"auto"` from 1.3x-1.5x to 1.9x-2.1x over Dense at density 1/16, and the
-  early dense fallback from 0.77x-0.79x to 0.86x-0.88x at density 3/4 and
-  batch 50 (A/B in one process).
+  else the cheapest of `"per_example"`, `"grouped"` and `"masked"` by the
+  cost model. Against the previous `"auto"` (every statistic computed on
+  every call, one switch over the three paths), Bengio MLP, one thread, A/B
+  in one process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16
+  and batch 1, 1.16x-1.20x -> 1.26x-1.59x at 1/4; batches 50 and 256 the
+  same within the noise.
 
 Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
 With `B` the batch, `d` the input size, `u` the units, `s` the block size, `P`
@@ -538,9 +538,9 @@ def single_skipping_pays(problem):
 
 def _auto(problem):
     # Each decision's statistics are computed in the branch that needs them,
-    # and the larger branches are called, not inlined: at batch 1 the
-    # batched decision's ops and paths cost one op, and at high density the
-    # cost model is never evaluated.
+    # and the batched branch is called, not inlined: at batch 1 its ops cost
+    # one op. (Calling the skipping branch too measured no faster at high
+    # density and 5-8% slower at batch 50, density 1/4.)
     def single(problem):
         return tf.cond(
             single_skipping_pays(problem), lambda: _single(problem), lambda: _masked(problem)
@@ -558,7 +558,7 @@ def _auto(problem):
         return tf.cond(
             mostly_active(problem),
             lambda: _masked(problem),
-            called_branch(lambda: skipping(problem.fresh())),
+            lambda: skipping(problem.fresh()),
         )
 
     return _single_or(problem, single, batched)
