@@ -239,7 +239,8 @@ class _Problem:
 
     @functools.cached_property
     def first_rows_sparse(self):
-        """Whether the first example is sparse enough to read only its non-zeros."""
+        """`(sparse, count)`: the first example's number of non-zero inputs,
+        and whether it is few enough to read only those rows."""
         count = tf.reduce_sum(tf.cast(self.first_nonzero, tf.float32))
         return count <= self.sparse_limit, count
 
