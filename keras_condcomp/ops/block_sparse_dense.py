@@ -239,8 +239,8 @@ class _Problem:
 
     @functools.cached_property
     def first_rows_sparse(self):
-        """`(sparse, count)`: the first example's number of non-zero inputs,
-        and whether it is few enough to read only those rows."""
+        """`(sparse, count)`: whether the first example has few enough
+        non-zero inputs to read only those rows, and their number."""
         count = tf.reduce_sum(tf.cast(self.first_nonzero, tf.float32))
         return count <= self.sparse_limit, count
 
@@ -286,10 +286,7 @@ class _Problem:
     @functools.cached_property
     def rows_read(self):
         """Input rows a grouped product reads: the used ones if few enough."""
-        return tf.where(
-            self.used_input_count <= self.sparse_limit, self.used_input_count,
-            float(self.input_dim),
-        )
+        return _rows_read(self, self.used_input_count)
 
     @functools.cached_property
     def grouped_in_place(self):
@@ -485,24 +482,38 @@ def _masked(problem):
     )
 
 
+def _rows_read(problem, count):
+    """Input rows a product reads for `count` non-zero inputs: those, if few enough."""
+    return tf.where(count <= problem.sparse_limit, count, float(problem.input_dim))
+
+
+def _copied_cost(problem, blocks, rows, capacity):
+    """Copying `blocks` blocks' `rows` tiles, then their batched product."""
+    s, c = float(problem.block_size), _COSTS
+    return blocks * rows * s / c["copy"] + blocks * capacity * rows * s / c["batched"]
+
+
+def _masked_cost(problem, batch):
+    weights = float(problem.input_dim * problem.units)
+    return tf.maximum(batch * weights / _COSTS["gemm"], weights / _COSTS["read"])
+
+
 def path_costs(problem):
     """The cost-model estimates (ns) of `[per_example, grouped, masked]`."""
     f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
-    most = problem.most_nonzero
-    widest = tf.where(most <= problem.sparse_limit, most, float(problem.input_dim))
-    pairs = problem.pair_count
+    widest = _rows_read(problem, problem.most_nonzero)
     s = float(problem.block_size)
     c = _COSTS
-    per_example = pairs * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
+    per_example = (
+        problem.pair_count * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
+    )
     capacity = f32(problem.capacity)
-    used, rows = problem.used_block_count, problem.rows_read
-    copied = used * rows * s / c["copy"] + used * capacity * rows * s / c["batched"]
+    copied = _copied_cost(problem, problem.used_block_count, problem.rows_read, capacity)
     # In place, the product streams the whole kernel like the dense one.
     every = float(problem.blocks * problem.input_dim) * s
     in_place = tf.maximum(every * capacity / c["batched"], every / c["read"])
     grouped = tf.where(problem.grouped_in_place, in_place, copied) + c["overhead"]
-    weights = float(problem.input_dim * problem.units)
-    masked = tf.maximum(f32(problem.batch) * weights / c["gemm"], weights / c["read"])
+    masked = _masked_cost(problem, f32(problem.batch))
     return tf.stack([per_example, grouped, masked])
 
 
@@ -523,18 +534,12 @@ def cheapest_path(problem):
 
 def single_skipping_pays(problem):
     """Whether `"auto"` skips at batch 1 (`_single`): the cost model's batch-1
-    case, from the example's active blocks and non-zero inputs alone."""
+    case (the copied grouped cost, one example), from the example alone."""
     _, count = problem.first_rows_sparse
     active = tf.reduce_sum(tf.cast(problem.active[0], tf.float32))
-    rows = tf.where(count <= problem.sparse_limit, count, float(problem.input_dim))
-    c = _COSTS
-    skipping = (
-        active * rows * float(problem.block_size) * (1 / c["copy"] + 1 / c["batched"])
-        + c["overhead"]
-    )
-    masked = float(problem.input_dim * problem.units) / c["read"]
+    skipping = _copied_cost(problem, active, _rows_read(problem, count), 1.0)
     few = active <= _AUTO_MAX_FRACTION * problem.blocks
-    return tf.logical_and(few, skipping < masked)
+    return tf.logical_and(few, skipping + _COSTS["overhead"] < _masked_cost(problem, 1.0))
 
 
 def _auto(problem):
