@@ -21,7 +21,8 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"per_example"`: each example on its own: its non-zero input channels and
   its active output groups are gathered from the kernel, one convolution
   computes them, and a gather along the channel axis scatters them into the
-  full channel layout (inactive channels read an appended zero channel). At
+  full channel layout (inactive channels read an appended zero channel). The
+  input is not copied when every channel is non-zero (an image). At
   batch 1 this is a single convolution of the sliced kernel; at larger
   batches the examples run one after another in a `tf.map_fn` loop.
 - `"grouped"`: a loop over the `blocks` output groups (a static number):
@@ -34,8 +35,20 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"auto"`: picked per call inside the graph by the rule below.
 
 Cost rule of `"auto"` (a rule of thumb from `benchmarks/gated_conv2d.py`,
-not a fitted model), from the fraction `f` of active (example, group) pairs:
+not a fitted model), from the shapes and the fraction `f` of active
+(example, group) pairs:
 
+- `"masked"` when one output value costs fewer than `AUTO_MIN_OUTPUT_MACS`
+  (256) multiply-adds (`kernel_h * kernel_w * in_channels`, static: no op
+  decides it). Placing the computed groups in the full output costs a pass
+  over it whatever the density, which such a convolution does not earn
+  back (one thread, 8 groups, density 1/4, dense inputs, skipping against
+  the masked convolution: 0.89x-0.95x at batch 1 and 0.47x-0.89x at batch
+  32 for 27-144 multiply-adds, 0.98x-1.14x for 288 at 16x16 and 32x32). In
+  the CIFAR-like stack at density 1/4 (A/B in one process), its first
+  layer (3x3 on RGB: 27) masked instead of skipped took the stack from
+  0.89x-0.93x to 0.97x-1.04x of Conv2D at batch 1, 0.91x-0.97x to
+  1.13x-1.16x at batch 32;
 - `"masked"` when `f >= AUTO_MAX_FRACTION` (0.5): from half the pairs up the
   dense convolution was as fast as skipping or faster (one thread: 0.85x-0.91x
   of Conv2D against 0.79x-0.90x for the best skipping path at density 1/2);
@@ -72,6 +85,7 @@ __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
     "AUTO_LOOP_MIN_MACS",
     "AUTO_MAX_FRACTION",
+    "AUTO_MIN_OUTPUT_MACS",
     "CONV2D_EXECUTION_PATHS",
     "block_sparse_conv2d",
     "masked_block_conv2d",
@@ -81,6 +95,7 @@ CONV2D_EXECUTION_PATHS = ("auto", "per_example", "grouped", "masked")
 AUTO_MAX_FRACTION = 0.5
 AUTO_GROUPED_MAX_GROUPS = 1.5
 AUTO_LOOP_MIN_MACS = 1e6
+AUTO_MIN_OUTPUT_MACS = 256
 
 
 def _pair(value, name):
@@ -228,22 +243,32 @@ def _first_if_none(flags):
 def _one_example(problem, inputs, active):
     """One example `(1, h, w, in)` with its `(blocks,)` active groups."""
     blocks, size = problem.blocks, problem.group_size
+    kernel_h, kernel_w = problem.kernel.shape[:2]
+    kernel = tf.reshape(problem.kernel, [kernel_h, kernel_w, problem.in_channels, blocks, size])
     # Non-zero input channels (channel 0 if none: it is zero, adds nothing).
     used = tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2])
     in_rows = tf.reshape(tf.where(_first_if_none(used)), [-1])
+
+    def used_channels():
+        return tf.gather(inputs, in_rows, axis=3), tf.gather(kernel, in_rows, axis=2)
+
+    # Every channel used (an image, a dense upstream layer): no copy. Rows
+    # before groups: the second gather then copies the fewer rows.
+    inputs, kernel = tf.cond(
+        tf.equal(tf.size(in_rows), problem.in_channels), lambda: (inputs, kernel), used_channels
+    )
     # Active groups (group 0 computed, then discarded, if none is active).
     groups = tf.reshape(tf.where(_first_if_none(active)), [-1])
-    kernel_h, kernel_w = problem.kernel.shape[:2]
-    kernel = tf.reshape(problem.kernel, [kernel_h, kernel_w, problem.in_channels, blocks, size])
-    kernel = tf.gather(tf.gather(kernel, groups, axis=3), in_rows, axis=2)
+    kernel = tf.gather(kernel, groups, axis=3)
     kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(in_rows), tf.size(groups) * size])
-    outputs = problem.conv(tf.gather(inputs, in_rows, axis=3), kernel)
+    outputs = problem.conv(inputs, kernel)
     bias = None
     if problem.bias is not None:
         bias = tf.reshape(tf.gather(tf.reshape(problem.bias, [blocks, size]), groups), [-1])
     outputs = problem.finish(outputs, bias)
     # Group g reads its position among the computed groups, or a zero group
-    # appended after them.
+    # appended after them (a product with the mask would turn an overflow
+    # in a computed group into NaN in the skipped ones).
     rows, cols = outputs.shape[1:3]
     if rows is None or cols is None:
         rows, cols = tf.unstack(tf.shape(outputs)[1:3])
@@ -368,7 +393,16 @@ def looping_pays(problem):
     return macs >= AUTO_LOOP_MIN_MACS
 
 
+def output_macs(problem):
+    """Multiply-adds of one output value (static): `kernel_h * kernel_w * in_channels`."""
+    kernel_h, kernel_w = problem.kernel.shape[:2]
+    return kernel_h * kernel_w * problem.in_channels
+
+
 def _auto(problem):
+    if output_macs(problem) < AUTO_MIN_OUTPUT_MACS:
+        return _masked(problem)
+
     # Nested branches, no switch: every op counts at batch 1, which takes two.
     def batched():
         many_groups = _example_loop if looping_pays(problem) else _masked

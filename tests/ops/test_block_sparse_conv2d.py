@@ -39,8 +39,10 @@ def test_paths_match_masked_reference(rng, path):
     for (strides, padding, dilation_rate), batch, probability in itertools.product(
         geometries, (1, 7), probabilities
     ):
-        x = block_sparse_input(rng, batch)
-        kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
+        # "auto" skips only convolutions of at least AUTO_MIN_OUTPUT_MACS per output.
+        channels = 32 if path == "auto" else 8
+        x = block_sparse_input(rng, batch, channels)
+        kernel = rng.normal(size=(3, 3, channels, 12)).astype("float32")
         bias = rng.normal(size=12).astype("float32")
         mask = (rng.random((batch, 4)) < probability).astype("float32")
         mask[0] = 0  # an example with no active group
@@ -106,6 +108,30 @@ def test_auto_rule_masks_from_half_the_pairs_and_groups_sparse_batches(rng):
     assert (engine.AUTO_MAX_FRACTION, engine.AUTO_GROUPED_MAX_GROUPS) == (0.5, 1.5)
 
 
+def test_auto_masks_convolutions_too_small_to_skip(rng):
+    def graph_ops(in_channels):
+        kernel = tf.constant(rng.normal(size=(3, 3, in_channels, 8)).astype("float32"))
+        run = tf.function(lambda x, mask: block_sparse_conv2d(x, kernel, None, mask))
+        graph = run.get_concrete_function(
+            tf.TensorSpec([None, 6, 6, in_channels]), tf.TensorSpec([None, 4])
+        ).graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        return {node.op for node in nodes}
+
+    # 3 * 3 * 28 = 252 multiply-adds an output value: the masked convolution
+    # only (no index computation); 3 * 3 * 29 = 261: the skipping branches too.
+    assert engine.AUTO_MIN_OUTPUT_MACS == 256
+    assert "Where" not in graph_ops(28)
+    assert "Where" in graph_ops(29)
+    x = block_sparse_input(rng, 3, channels=4, groups=2)
+    kernel = rng.normal(size=(3, 3, 4, 8)).astype("float32")
+    mask = (rng.random((3, 4)) < 0.3).astype("float32")
+    np.testing.assert_allclose(
+        block_sparse_conv2d(x, kernel, None, mask),
+        masked_block_conv2d(x, kernel, None, mask), atol=1e-5,
+    )
+
+
 def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     def problem(input_shape, kernel_shape):
         return engine._Problem(
@@ -118,8 +144,8 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     assert engine.looping_pays(problem((2, 32, 32, 64), (3, 3, 64, 128)))
     assert engine.AUTO_LOOP_MIN_MACS == 1e6
     # Both branches of a batch with many groups an example equal the reference.
-    x = block_sparse_input(rng, 7)
-    kernel = rng.normal(size=(3, 3, 8, 12)).astype("float32")
+    x = block_sparse_input(rng, 7, channels=32)
+    kernel = rng.normal(size=(3, 3, 32, 12)).astype("float32")
     mask = np.zeros((7, 4), "float32")
     mask[:6, :2] = 1.0  # 12 of 28 pairs, 1.7 groups an example
     expected = masked_block_conv2d(x, kernel, None, mask, padding="same")
