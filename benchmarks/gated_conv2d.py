@@ -147,7 +147,9 @@ def _worker(args):
                 functions[path] = fn
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
             # Each against Conv2D alone (see benchmarks/gated_dense.py).
-            timed = paired_latencies(calls, "conv2d", batches, repeats=args.repeats, warmup=3)
+            # Calls at batch 1 are short and noisy: 8x the repeats.
+            repeats = max(args.repeats, args.repeats * 8 // batch)
+            timed = paired_latencies(calls, "conv2d", batches, repeats=repeats, warmup=3)
             for name, (seconds, paired_conv2d) in timed.items():
                 rows.append({
                     "density": density, "layer_densities": layer_densities,
@@ -217,7 +219,8 @@ def main(argv=None):
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
                         help="thread settings to run, each in its own process (0: all cores)")
-    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=40,
+                        help="timed calls per path; more below batch 8 (8x at batch 1)")
     parser.add_argument("--quick", action="store_true",
                         help="density 1/4, batch 1, 1 thread")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
