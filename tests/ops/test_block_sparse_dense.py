@@ -93,7 +93,8 @@ def test_auto_at_batch_1_skips_exactly(rng, case):
     x = rng.normal(size=(1, 16)).astype("float32")
     mask = np.array([[1, 0, 1, 0]], "float32")
     if case == "sparse input":
-        x[:, 3:] = 0.0
+        # 5 non-zero inputs, padded to 6 rows: the padding must add nothing.
+        x[:, 5:] = 0.0
     elif case == "zero input":
         x[:] = 0.0
     elif case == "no block":
@@ -112,6 +113,15 @@ def test_auto_at_batch_1_skips_exactly(rng, case):
             np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     finally:
         set_cost_constants(**before)
+
+
+def test_row_buckets_are_the_smallest_power_of_two_or_three_quarters_of_one():
+    from keras_condcomp.ops.block_sparse_dense import _bucket
+
+    counts = [0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 96, 97, 1025, 2**20 + 1, 3 * 2**20 + 1]
+    buckets = [int(_bucket(tf.constant(count))) for count in counts]
+    assert buckets == [1, 1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 96, 128, 1536, 3 * 2**19,
+                       2**22]
 
 
 def test_one_trace_serves_every_batch_size(rng):
