@@ -47,8 +47,9 @@ not a fitted model), from the shapes and the fraction `f` of active
   32 for 27-144 multiply-adds, 0.98x-1.14x for 288 at 16x16 and 32x32). In
   the CIFAR-like stack at density 1/4 (A/B in one process), its first
   layer (3x3 on RGB: 27) masked instead of skipped took the stack from
-  0.89x-0.93x to 0.97x-1.04x of Conv2D at batch 1, 0.91x-0.97x to
-  1.13x-1.16x at batch 32;
+  0.81x-0.82x to 0.84x-0.85x of Conv2D at batch 1 when each alternates
+  with Conv2D alone (0.89x-0.93x to 0.97x-1.04x when six graphs alternate)
+  and from 0.91x-0.97x to 1.13x-1.16x at batch 32 (six graphs);
 - `"masked"` when `f >= AUTO_MAX_FRACTION` (0.5): from half the pairs up the
   dense convolution was as fast as skipping or faster (one thread: 0.85x-0.91x
   of Conv2D against 0.79x-0.90x for the best skipping path at density 1/2);

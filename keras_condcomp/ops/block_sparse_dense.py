@@ -22,7 +22,7 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   product. The best one when the examples of a batch read different sparse
   inputs. At batch 1 it runs the leanest graph of all (`_single`): the
   active blocks' tiles of the example's non-zero inputs (their number
-  padded with zero rows to the next `2^k` or `3 * 2^(k-1)`, so oneDNN
+  padded with zero rows to the next `2^k` or `3 * 2^k`, so oneDNN
   reuses a few kernels instead of building one per count), one gather, one
   product, one scatter; a batch above 1 runs as a called function (see
   `keras_condcomp.ops._branches.called_branch`), whose ops batch 1 skips.
