@@ -21,10 +21,16 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   restricted to that example's non-zero inputs; one batched matrix-vector
   product. The best one when the examples of a batch read different sparse
   inputs. At batch 1 it runs the leanest graph of all (`_single`): the
-  active blocks' tiles of the example's non-zero inputs (their number
-  padded with zero rows to the next `2^k` or `3 * 2^k`, so oneDNN
-  reuses a few kernels instead of building one per count), one gather, one
-  product, one scatter; a batch above 1 runs as a called function (see
+  active blocks' tiles of the example's non-zero inputs, one gather, one
+  product, one scatter. The tiles of sparse inputs are gathered row by row
+  for one plain matrix product, their number padded with zero rows to the
+  next `2^k` or `3 * 2^k` (oneDNN then reuses a few kernels instead of
+  building one per count); those of a dense input are whole blocks, one
+  contiguous copy each (against the earlier batch-1 graph, a batched
+  product of per-block tiles at every row count: Bengio MLP, one thread,
+  A/B in one process, 2.06x-2.13x -> 2.18x-2.20x over Dense at density
+  1/16, 1.97x-2.19x -> 2.07x-2.22x at 1/8, 1.57x -> 1.71x-1.72x at 1/4).
+  A batch above 1 runs as a called function (see
   `keras_condcomp.ops._branches.called_branch`), whose ops batch 1 skips.
 - `"grouped"`: examples grouped by output block, dropless: the rows of each
   block's examples are gathered, and one batched matmul computes all
@@ -371,9 +377,10 @@ def _padded(rows, values):
     `_bucket` length.
 
     The product then runs on shapes from a few buckets, not on every count
-    of non-zero inputs: oneDNN builds (and caches) a kernel per shape, at
-    0.1-0.4 ms each (measured: 5%-7% faster at batch 1 for the Bengio MLP).
-    A padded row's value is 0, so it adds nothing.
+    of non-zero inputs: oneDNN builds (and caches) a kernel per shape (in a
+    profile over distinct inputs, the Bengio MLP's second-layer product took
+    0.2 ms on average, 0.003 ms with oneDNN off). A padded row's value is
+    0, so it adds nothing.
     """
     padding = [[0, _bucket(tf.size(rows)) - tf.size(rows)]]
     return tf.pad(rows, padding), tf.pad(values, padding)
@@ -385,19 +392,22 @@ def _single(problem):
     sparse_rows, _ = problem.first_rows_sparse
     blocks_of = tf.cast(tf.where(problem.active[0])[:, 0], tf.int32)  # (n,)
 
-    def sparse():
+    def some_rows():
         rows = tf.cast(tf.where(problem.first_nonzero)[:, 0], tf.int32)
-        return _padded(rows, tf.gather(x, rows))
+        rows, values = _padded(rows, tf.gather(x, rows))
+        # (r, n, block_size), gathered row by row so that one plain matrix
+        # product reads it as (r, n * block_size).
+        weights = tf.gather(problem.tiles, rows[:, None] + blocks_of[None, :] * problem.input_dim)
+        columns = tf.size(blocks_of) * problem.block_size
+        outputs = tf.matmul(values[None, :], tf.reshape(weights, [tf.size(rows), columns]))
+        return tf.reshape(outputs, [tf.size(blocks_of), problem.block_size])
 
-    rows, values = tf.cond(sparse_rows, sparse, lambda: (tf.range(problem.input_dim), x))
-    # (r, n, block_size), gathered row-major so that one plain matrix product
-    # reads it as (r, n * block_size): 4%-12% faster over the whole Bengio
-    # MLP than a batched product of (n, r, block_size) tiles (one thread,
-    # densities 1/4 to 1/16; A/B in one process).
-    weights = tf.gather(problem.tiles, rows[:, None] + blocks_of[None, :] * problem.input_dim)
-    columns = tf.size(blocks_of) * problem.block_size
-    outputs = tf.matmul(values[None, :], tf.reshape(weights, [tf.size(rows), columns]))
-    outputs = tf.reshape(outputs, [tf.size(blocks_of), problem.block_size])
+    def every_row():
+        # One contiguous copy per block.
+        weights = tf.gather(problem.block_kernel, blocks_of)  # (n, input_dim, block_size)
+        return tf.matmul(x[None, None, :], weights)[:, 0, :]
+
+    outputs = tf.cond(sparse_rows, some_rows, every_row)
     examples = tf.zeros_like(blocks_of, tf.int64)
     return problem.finish(outputs, examples, blocks_of)
 
