@@ -3,6 +3,10 @@
 import keras
 from keras import ops
 
+from keras_condcomp.layers._compiled_inference import (
+    compiled_inference,
+    compiled_inference_applies,
+)
 from keras_condcomp.layers._gated_layer import GatedLayer, _check_blocks
 from keras_condcomp.ops import forced_execution_path
 from keras_condcomp.ops.block_sparse_conv2d import (
@@ -291,6 +295,8 @@ class GatedConv2D(GatedLayer):
     export_skip_limit = 0.2
 
     def call(self, inputs, training=None):
+        if compiled_inference_applies(self, training):
+            return compiled_inference(self, inputs)
         mask = self._gate(inputs, training)
         budget = None if training else static_budget_settings(self)
         if budget is not None:

@@ -3,6 +3,10 @@
 import keras
 from keras import ops
 
+from keras_condcomp.layers._compiled_inference import (
+    compiled_inference,
+    compiled_inference_applies,
+)
 from keras_condcomp.layers._gated_layer import (  # noqa: F401  (re-exported)
     INFERENCE_MODES,
     GatedLayer,
@@ -223,6 +227,8 @@ class GatedDense(GatedLayer):
     export_skip_limit = 0.4
 
     def call(self, inputs, training=None):
+        if compiled_inference_applies(self, training):
+            return compiled_inference(self, inputs)
         mask = self._gate(inputs, training)
         budget = None if training else static_budget_settings(self)
         if budget is not None:

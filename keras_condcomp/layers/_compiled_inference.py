@@ -1,0 +1,74 @@
+"""An eager inference call of a gated layer run as one compiled graph (private).
+
+Called eagerly (`layer(x)`, `model(x)` outside any `tf.function`), a Keras
+layer runs each op of its `call`, and its policy sub-layer's `__call__`, from
+Python, one by one. For a gated layer that costs more than the skipping saves
+at small batches: Bengio CIFAR-10 MLP (3072 -> 2 x GatedDense(1536, 24) ->
+10), batch 1, density 1/16, one thread, eager `model(x)` in one process:
+4.6-5.7 ms against 2.8-4.4 ms for the same-width Dense model. Run as one
+compiled graph per layer (the policy, the decision and the skipping engine),
+the same call took 2.9-3.6 ms.
+
+The graph reads the layer's weights through `keras.StatelessScope` from
+arguments rather than capturing them, so it also serves calls made inside a
+stateless scope (`layer.stateless_call`), where the values Keras hands a
+layer are not its variables.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_condcomp.layers.decision_recorder import current_recorder
+from keras_condcomp.ops import forced_execution_path
+from keras_condcomp.ops.static_budget_dense import static_budget_settings
+
+
+def compiled_inference_applies(layer, training):
+    """Whether an eager call of `layer` runs as one compiled graph.
+
+    Only deterministic inference on TensorFlow, outside any graph, with no
+    decision recorder listening (`PolicyGradientModel` with
+    `run_eagerly=True`), no export plan, and weights kept in the compute
+    dtype (under mixed precision Keras hands a layer its weights cast, and
+    the float32 policy would read them rounded): everything else goes
+    through `call` as written.
+    """
+    return (
+        not training
+        and layer.inference == "threshold"
+        and layer.compute_dtype == layer.variable_dtype
+        and keras.backend.backend() == "tensorflow"
+        and not tf.inside_function()
+        and current_recorder() is None
+        and static_budget_settings(layer) is None
+    )
+
+
+def compiled_inference(layer, inputs):
+    """`layer.call(inputs, training=False)` as one compiled graph.
+
+    One concrete graph per execution path in effect (the layer's
+    `execution` or a `forced_execution`), input dtype and feature shape, and
+    kind of weight values; any batch size.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    weights = layer.weights
+    values = [w.value for w in weights]
+    key = (
+        forced_execution_path(), layer.execution, inputs.dtype, tuple(inputs.shape[1:]),
+        tuple((isinstance(v, tf.Variable), v.dtype) for v in values),
+    )
+    graphs = layer.__dict__.setdefault("_compiled_inference_graphs", {})
+    if key not in graphs:
+
+        def run(inputs, values):
+            with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                return layer.call(inputs, training=False)
+
+        graphs[key] = tf.function(run).get_concrete_function(
+            tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype),
+            # Variables are passed as themselves (their handle, no read op).
+            [v if isinstance(v, tf.Variable) else tf.TensorSpec(v.shape, v.dtype)
+             for v in values],
+        )
+    return graphs[key](inputs, values)
