@@ -10,15 +10,18 @@ alternating call by call after a warm-up, median of many calls:
 - `masked`: the gated stack computing densely and masking (the reference),
 - `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`,
 - `floor_call`, a graph that only slices its input: the fixed cost of a
-  call, shown as the `call` bound (no graph beats Conv2D by more).
+  call, shown as the `call` bound (no graph beats Conv2D by more),
+- `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
+  layer then runs as one compiled graph), timed against the Conv2D stack
+  called eagerly (its speedup is over that).
 
-Every model runs as one `tf.function` over `model(x, training=False)`. The
-masks are the layers' own threshold policies, each policy bias set so that
-every group is active for the given fraction of the benchmark inputs:
-per-example masks at the given density, computed by the real layers (policy
-cost included). A skipped group upstream gives zero input channels
-downstream (max pooling keeps them zero), so the second and third layers
-also skip input channels.
+Apart from `eager`, every model runs as one `tf.function` over
+`model(x, training=False)`. The masks are the layers' own threshold
+policies, each policy bias set so that every group is active for the given
+fraction of the benchmark inputs: per-example masks at the given density,
+computed by the real layers (policy cost included). A skipped group
+upstream gives zero input channels downstream (max pooling keeps them
+zero), so the second and third layers also skip input channels.
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
@@ -119,7 +122,7 @@ def _worker(args):
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import paired_latencies
+    from keras_condcomp.speed import median_latencies, paired_latencies
 
     import keras
 
@@ -150,6 +153,12 @@ def _worker(args):
             # Calls at batch 1 are short and noisy: 8x the repeats.
             repeats = max(args.repeats, args.repeats * 8 // batch)
             timed = paired_latencies(calls, "conv2d", batches, repeats=repeats, warmup=3)
+            # `model(x)` called eagerly (see benchmarks/gated_dense.py).
+            eager = median_latencies({
+                "conv2d": lambda x: dense(x, training=False).numpy(),
+                "eager": lambda x: gated(x, training=False).numpy(),
+            }, batches, repeats=repeats, warmup=3)
+            timed["eager"] = (eager["eager"], eager["conv2d"])
             for name, (seconds, paired_conv2d) in timed.items():
                 rows.append({
                     "density": density, "layer_densities": layer_densities,
@@ -164,7 +173,7 @@ def _worker(args):
 def _table(rows):
     lines = [f"{'thr':>3} {'batch':>5} {'density':>7} {'conv ms':>8} {'auto':>6} "
              f"{'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10} "
-             f"{'call':>6}"]
+             f"{'call':>6} {'eager':>6}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -176,7 +185,7 @@ def _table(rows):
         lines.append(
             f"{threads!s:>3} {batch:>5} {density:>7.3f} {paths['conv2d']['seconds'] * 1e3:>8.3f} "
             f"{sp('auto'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
-            f"{ideal:>5.1f}x {auto:>10.2f} {sp('floor_call'):>6}"
+            f"{ideal:>5.1f}x {auto:>10.2f} {sp('floor_call'):>6} {sp('eager'):>6}"
         )
     return "\n".join(lines)
 

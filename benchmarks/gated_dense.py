@@ -9,6 +9,9 @@ median of many calls (the `dense` row is the median of its pairs):
 - `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`,
 - `tuned`: the gated stack with each layer's path chosen by
   `keras_condcomp.models.tune_execution` for that batch size,
+- `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
+  layer then runs as one compiled graph), timed against the Dense stack
+  called eagerly (its speedup is over that, not over `dense`),
 - two bounds, as speedups over dense in the `call` and `stream` columns:
   `floor_call`, a graph that only slices its input (the fixed cost of a
   call: no graph beats dense by more), and `floor_stream`, a graph that
@@ -16,8 +19,8 @@ median of many calls (the `dense` row is the median of its pairs):
   weight, as any must when every block is used by some example of the
   batch, beats dense by more).
 
-Every model runs as one `tf.function` over `model(x, training=False)`, so
-graph-call overhead is the same for all. The masks are the layers' own
+Apart from `eager`, every model runs as one `tf.function` over
+`model(x, training=False)`, so graph-call overhead is the same for all. The masks are the layers' own
 threshold policies, with each policy bias set so that every block is active
 for the given fraction of the benchmark inputs: per-example random masks at
 the given density, computed by the real layer (policy cost included).
@@ -120,7 +123,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import paired_latencies
+    from keras_condcomp.speed import median_latencies, paired_latencies
 
     rng = np.random.default_rng(0)
     rows = []
@@ -168,6 +171,13 @@ def _worker(args):
                 # the same batch still in cache (measured: +30% for "auto" at
                 # batch 1, none at batch 50).
                 timed = paired_latencies(calls, "dense", batches, repeats=args.repeats, warmup=3)
+                # `model(x)` called eagerly, as a new user first does (each
+                # gated layer runs as one compiled graph), against Dense eagerly.
+                eager = median_latencies({
+                    "dense": lambda x: dense(x, training=False).numpy(),
+                    "eager": lambda x: gated(x, training=False).numpy(),
+                }, batches, repeats=args.repeats, warmup=3)
+                timed["eager"] = (eager["eager"], eager["dense"])
                 ideal = _ideal_speedup(shape, layer_densities)
                 for name, (seconds, paired_dense) in timed.items():
                     rows.append({
@@ -183,7 +193,7 @@ def _worker(args):
 def _table(rows):
     lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
              f"{'auto':>6} {'tuned':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
-             f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6}"]
+             f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6} {'eager':>6}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["shape"], r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -197,7 +207,7 @@ def _table(rows):
             f"{sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
             f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f} "
-            f"{sp('floor_call'):>6} {sp('floor_stream'):>6}"
+            f"{sp('floor_call'):>6} {sp('floor_stream'):>6} {sp('eager'):>6}"
         )
     return "\n".join(lines)
 
