@@ -20,10 +20,11 @@ median of many calls (the `dense` row is the median of its pairs):
   batch, beats dense by more).
 
 Apart from `eager`, every model runs as one `tf.function` over
-`model(x, training=False)`, so graph-call overhead is the same for all. The masks are the layers' own
-threshold policies, with each policy bias set so that every block is active
-for the given fraction of the benchmark inputs: per-example random masks at
-the given density, computed by the real layer (policy cost included).
+`model(x, training=False)`, so graph-call overhead is the same for all. The
+masks are the layers' own threshold policies, with each policy bias set so
+that every block is active for the given fraction of the benchmark inputs:
+per-example random masks at the given density, computed by the real layer
+(policy cost included).
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to

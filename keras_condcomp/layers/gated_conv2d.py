@@ -51,7 +51,9 @@ class GatedConv2D(GatedLayer):
     block-sparse input channels. At inference only the active groups are
     computed, reading only the non-zero input channels
     (`keras_condcomp.ops.block_sparse_conv2d`); in training the masked
-    convolution is used, since every group gets gradients.
+    convolution is used, since every group gets gradients. Called eagerly at
+    inference (outside any `tf.function`), the layer runs as one compiled
+    graph rather than op by op.
 
     The policy is trained by `keras_condcomp.PolicyGradientModel` (REINFORCE)
     like every gated layer; the layer adds the regularisers `sparsity_weight

@@ -44,6 +44,8 @@ class GatedDense(GatedLayer):
     so a following gated layer reads a block-sparse input. At inference the
     skipped blocks are not computed (`keras_condcomp.ops.block_sparse_dense`);
     in training the masked product is used, since every block gets gradients.
+    Called eagerly at inference (outside any `tf.function`), the layer runs
+    as one compiled graph rather than op by op.
 
     Weights: `block_kernel`, the Dense kernel stored block-major, shape
     `(blocks, input_dim, units // blocks)`, so that skipping reads each

@@ -25,7 +25,7 @@ def op_by_op(layer, x, monkeypatch):
 def random_policy(layer, rng):
     """Policy weights giving roughly half the blocks, differently per example."""
     kernel = layer.policy.kernel
-    layer.policy.kernel.assign(rng.normal(size=kernel.shape).astype("float32"))
+    kernel.assign(rng.normal(size=kernel.shape).astype("float32"))
     layer.policy.bias.assign(np.zeros(layer.blocks, "float32"))
 
 
