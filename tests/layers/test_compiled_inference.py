@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_condcomp.layers.gated_conv2d as gated_conv2d_module
 import keras_condcomp.layers.gated_dense as gated_dense_module
@@ -117,3 +118,24 @@ def test_training_sampling_and_mixed_precision_run_op_by_op(rng, setting):
         first, second = layer(x).numpy(), layer(x).numpy()
         assert not np.array_equal(first != 0, second != 0)
     assert not graphs(layer)
+
+
+def test_loaded_model_eager_call_equals_its_graph_call(rng, tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    hidden = GatedConv2D(32, 3, blocks=4, padding="same", activation="relu")(inputs)
+    hidden = keras.layers.MaxPooling2D()(hidden)
+    hidden = GatedConv2D(32, 3, blocks=4, activation="relu")(hidden)
+    hidden = GatedDense(24, 4, activation="relu")(keras.layers.Flatten()(hidden))
+    model = keras.Model(inputs, keras.layers.Dense(5)(hidden))
+    for layer in model.layers:
+        if hasattr(layer, "policy"):
+            random_policy(layer, rng)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    in_graph = tf.function(lambda x: loaded(x, training=False))
+    for batch in (1, 6):
+        x = rng.normal(size=(batch, 8, 8, 3)).astype("float32")
+        np.testing.assert_allclose(loaded(x).numpy(), in_graph(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-5)
+    assert all(graphs(layer) for layer in loaded.layers if hasattr(layer, "policy"))
