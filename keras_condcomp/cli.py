@@ -224,9 +224,15 @@ def _adam(rate, args, train_size):
     return keras.optimizers.Adam(_learning_rate(rate, args, train_size))
 
 
-def _accuracy(model, x, y):
-    logits = model.predict(x, batch_size=256, verbose=0)
-    return float((logits.argmax(axis=1) == y).mean())
+def _accuracy(model, x, y, batch_size=256):
+    import numpy as np
+
+    # Whole batches only (zero rows appended, their logits dropped): a last
+    # partial batch traces each model's predict function a second time, and
+    # over the job's models TensorFlow then warns of excessive retracing.
+    padding = np.zeros((-len(x) % batch_size, *x.shape[1:]), x.dtype)
+    logits = model.predict(np.concatenate([x, padding]), batch_size=batch_size, verbose=0)
+    return float((logits[: len(x)].argmax(axis=1) == y).mean())
 
 
 def train(args):
