@@ -84,6 +84,24 @@ def test_compiled_paths_match_masked_reference(path, rng):
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"batch {batch}")
 
 
+@pytest.mark.parametrize("path", EXECUTION_PATHS)
+def test_paths_mask_after_an_activation_that_is_not_zero_at_zero(path, rng):
+    # sigmoid(0) = 0.5: a skipped block must still come out exactly 0, and an
+    # active one must see its bias before the activation.
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    for batch in (1, 7):
+        x = rng.normal(size=(batch, 16)).astype("float32")
+        mask = (rng.random((batch, 4)) < 0.5).astype("float32")
+        mask[0] = [1, 0, 1, 0]
+        expected = masked_block_dense(x, kernel, bias, mask, tf.nn.sigmoid).numpy()
+        got = block_sparse_dense(
+            x, to_block_kernel(kernel, 4), bias, mask, tf.nn.sigmoid, path=path
+        ).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"batch {batch}")
+        assert np.all(got[np.repeat(mask, 3, axis=1) == 0] == 0.0)
+
+
 @pytest.mark.parametrize("case", ["sparse input", "dense input", "zero input", "no block"])
 def test_auto_at_batch_1_skips_exactly(rng, case):
     # Constants under which skipping always pays, so the batch-1 graph runs
