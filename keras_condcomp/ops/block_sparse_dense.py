@@ -95,6 +95,7 @@ import contextlib
 import functools
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from keras_condcomp.ops._branches import called_branch
@@ -359,21 +360,21 @@ def _block_weights(problem, blocks_of, rows, sparse_rows):
     )
 
 
-def _bucket(count):
-    """The smallest `2^k` or `3 * 2^k` >= `count` (int32 scalar; 1 for 0)."""
-    count = tf.maximum(count, 1)
-    exponent = tf.math.ceil(tf.math.log(tf.cast(count, tf.float32)) / tf.math.log(2.0))
-    power = tf.bitwise.left_shift(1, tf.cast(exponent, tf.int32))
-    # float32 rounding can put the exponent one off.
-    power = tf.where(power < count, power * 2, power)
-    power = tf.where(power // 2 >= count, power // 2, power)
-    three_quarters = power // 4 * 3
-    return tf.where(three_quarters >= count, three_quarters, power)
+@functools.lru_cache(maxsize=None)
+def _row_buckets(limit):
+    """`table[count]`: the smallest `2^k` or `3 * 2^k` >= `count` (1 for 0),
+    for every count up to `limit`, as a constant a graph reads with one gather
+    (computing it took some twenty scalar ops a layer, each costing
+    microseconds at batch 1)."""
+    sizes = sorted({1 << k for k in range(limit.bit_length() + 1)}
+                   | {3 << k for k in range(limit.bit_length())})
+    counts = np.maximum(np.arange(limit + 1), 1)
+    return np.asarray(sizes, np.int32)[np.searchsorted(sizes, counts)]
 
 
-def _padded(rows, values):
-    """`rows` and their `values`, padded with row 0 and value 0 to a
-    `_bucket` length.
+def _padded(rows, values, limit):
+    """`rows` and their `values` (at most `limit`), padded with row 0 and
+    value 0 to a `_row_buckets` length.
 
     The product then runs on shapes from a few buckets, not on every count
     of non-zero inputs: oneDNN builds (and caches) a kernel per shape (in a
@@ -381,7 +382,8 @@ def _padded(rows, values):
     0.2 ms on average, 0.003 ms with oneDNN off). A padded row's value is
     0, so it adds nothing.
     """
-    padding = [[0, _bucket(tf.size(rows)) - tf.size(rows)]]
+    count = tf.size(rows)
+    padding = [[0, tf.gather(_row_buckets(limit), count) - count]]
     return tf.pad(rows, padding), tf.pad(values, padding)
 
 
@@ -393,7 +395,7 @@ def _single(problem):
 
     def some_rows():
         rows = tf.cast(tf.where(problem.first_nonzero)[:, 0], tf.int32)
-        rows, values = _padded(rows, tf.gather(x, rows))
+        rows, values = _padded(rows, tf.gather(x, rows), problem.input_dim)
         # (r, n, block_size), gathered row by row so that one plain matrix
         # product reads it as (r, n * block_size).
         weights = tf.gather(problem.tiles, rows[:, None] + blocks_of[None, :] * problem.input_dim)

@@ -134,12 +134,15 @@ def test_auto_at_batch_1_skips_exactly(rng, case):
 
 
 def test_row_buckets_are_the_smallest_power_of_two_or_three_quarters_of_one():
-    from keras_condcomp.ops.block_sparse_dense import _bucket
+    from keras_condcomp.ops.block_sparse_dense import _row_buckets
 
-    counts = [0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 96, 97, 1025, 2**20 + 1, 3 * 2**20 + 1]
-    buckets = [int(_bucket(tf.constant(count))) for count in counts]
-    assert buckets == [1, 1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 96, 128, 1536, 3 * 2**19,
-                       2**22]
+    table = _row_buckets(3073)
+    counts = [0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 96, 97, 1025, 3073]
+    assert [int(table[count]) for count in counts] == [
+        1, 1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 96, 128, 1536, 4096]
+    sizes = np.array(sorted({2**k for k in range(13)} | {3 * 2**k for k in range(12)}))
+    for count, bucket in enumerate(table):
+        assert bucket == sizes[sizes >= max(count, 1)].min()
 
 
 def test_one_trace_serves_every_batch_size(rng):
