@@ -409,8 +409,14 @@ def _single(problem):
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
-    examples = tf.zeros_like(blocks_of, tf.int64)
-    return problem.finish(outputs, examples, blocks_of)
+    # `problem.finish` for one example: the blocks alone index the scatter.
+    if problem.bias is not None:
+        bias = tf.reshape(problem.bias, [problem.blocks, problem.block_size])
+        outputs = outputs + tf.gather(bias, blocks_of)
+    outputs = tf.scatter_nd(
+        blocks_of[:, None], problem.activation(outputs), [problem.blocks, problem.block_size]
+    )
+    return tf.reshape(outputs, [1, problem.units])
 
 
 def _single_or(problem, single, batched):
