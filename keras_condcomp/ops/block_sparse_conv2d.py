@@ -363,9 +363,15 @@ def _grouped(problem):
 
 def _masked(problem):
     outputs = problem.finish(problem.conv(problem.inputs, problem.kernel), problem.bias)
-    active = tf.repeat(problem.active, problem.group_size, axis=-1)
-    # A select, not a product (see masked_block_conv2d).
-    return tf.where(active[:, None, None, :], outputs, tf.constant(0, outputs.dtype))
+    active = tf.cast(tf.repeat(problem.active, problem.group_size, axis=-1), outputs.dtype)
+    # `multiply_no_nan` is 0 wherever the mask is 0, as a select, even where
+    # an overflow made the output infinite (a product would give NaN); the
+    # select's broadcast ran 1.7x-2.7x slower. Over `(batch, positions,
+    # filters)`: a product fed straight by a convolution with a constant mask
+    # crashes TensorFlow 2.21's graph optimiser (`MulConvPushDown`).
+    shape = tf.shape(outputs)
+    outputs = tf.reshape(outputs, [shape[0], -1, problem.filters])
+    return tf.reshape(tf.math.multiply_no_nan(outputs, active[:, None, :]), shape)
 
 
 def active_fraction(problem):

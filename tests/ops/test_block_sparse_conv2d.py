@@ -69,6 +69,19 @@ def test_inlined_in_a_graph_without_bias_and_all_zero_input(rng):
         np.testing.assert_allclose(run(x, path), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
+def test_an_overflow_stays_out_of_skipped_groups(rng, path):
+    # Every output overflows to inf: skipped groups must still be exactly 0
+    # (a product with the mask would make them NaN).
+    x = np.full((2, 5, 5, 4), 1e30, "float32")
+    kernel = np.full((3, 3, 4, 6), 1e30, "float32")
+    mask = np.array([[1, 0, 1], [0, 1, 0]], "float32")
+    got = np.asarray(block_sparse_conv2d(x, kernel, None, mask, path=path))
+    skipped = np.repeat(mask, 2, axis=1)[:, None, None, :] == 0
+    assert np.all(np.broadcast_to(skipped, got.shape) == (got == 0))
+    assert np.all(np.isinf(got[np.broadcast_to(~skipped, got.shape)]))
+
+
 def test_one_trace_serves_every_batch_size(rng):
     kernel = rng.normal(size=(3, 3, 8, 8)).astype("float32")
     for batch in (1, 3, 6):
