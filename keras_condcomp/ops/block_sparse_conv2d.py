@@ -370,7 +370,7 @@ def _masked(problem):
     # filters)`: a product fed straight by a convolution with a constant mask
     # crashes TensorFlow 2.21's graph optimiser (`MulConvPushDown`).
     shape = tf.shape(outputs)
-    outputs = tf.reshape(outputs, [shape[0], -1, problem.filters])
+    outputs = tf.reshape(outputs, [shape[0], shape[1] * shape[2], problem.filters])
     return tf.reshape(tf.math.multiply_no_nan(outputs, active[:, None, :]), shape)
 
 
