@@ -307,15 +307,22 @@ class _Problem:
         )
 
     def finish(self, outputs, examples, blocks_of_pairs):
-        """Bias and activation of `(pairs, block_size)` outputs, scattered back."""
+        """Bias and activation of `(pairs, block_size)` outputs, scattered back.
+
+        `examples` None: one example, whose blocks alone index the scatter
+        (no example column, no shape stack: fewer ops at batch 1).
+        """
         if self.bias is not None:
             bias = tf.reshape(self.bias, [self.blocks, self.block_size])
             outputs = outputs + tf.gather(bias, blocks_of_pairs)
         outputs = self.activation(outputs)
-        indices = tf.stack([examples, tf.cast(blocks_of_pairs, tf.int64)], axis=1)
-        shape = tf.stack([tf.cast(self.batch, tf.int64), self.blocks, self.block_size])
-        outputs = tf.scatter_nd(indices, outputs, shape)
-        return tf.reshape(outputs, [self.batch, self.units])
+        if examples is None:
+            indices, shape, batch = blocks_of_pairs[:, None], [self.blocks, self.block_size], 1
+        else:
+            indices = tf.stack([examples, tf.cast(blocks_of_pairs, tf.int64)], axis=1)
+            shape = tf.stack([tf.cast(self.batch, tf.int64), self.blocks, self.block_size])
+            batch = self.batch
+        return tf.reshape(tf.scatter_nd(indices, outputs, shape), [batch, self.units])
 
 
 def _nonzero_rows_per_example(problem):
@@ -409,14 +416,7 @@ def _single(problem):
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
-    # `problem.finish` for one example: the blocks alone index the scatter.
-    if problem.bias is not None:
-        bias = tf.reshape(problem.bias, [problem.blocks, problem.block_size])
-        outputs = outputs + tf.gather(bias, blocks_of)
-    outputs = tf.scatter_nd(
-        blocks_of[:, None], problem.activation(outputs), [problem.blocks, problem.block_size]
-    )
-    return tf.reshape(outputs, [1, problem.units])
+    return problem.finish(outputs, None, blocks_of)
 
 
 def _single_or(problem, single, batched):
@@ -531,9 +531,10 @@ def _masked(problem):
 
     Bias, activation and mask are applied to the `(blocks, batch,
     block_size)` product before its one transpose, so the mask needs no
-    expanding to units (`block_dense`, which trains, applies them after:
-    Bengio MLP at batch 50, one layer, one thread, 0.94x-0.95x -> 0.97x-0.98x
-    of Dense).
+    expanding to units: Bengio MLP at batch 50, one layer, one thread,
+    0.94x-0.95x -> 0.97x-0.98x of Dense against `block_dense`. That one
+    trains and applies them over the units, as Keras does for any
+    activation; the engine's activations are element-wise.
     """
     outputs = tf.matmul(problem.inputs[None], problem.block_kernel)  # (blocks, batch, s)
     if problem.bias is not None:
