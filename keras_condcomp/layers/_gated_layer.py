@@ -12,6 +12,7 @@ reads) and, in `call`, asks `_gate(inputs, training)` for the mask to apply.
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_condcomp import regularizers
@@ -97,6 +98,46 @@ def validate_gating_arguments(
             f"`execution` must be one of {execution_paths}. "
             f"Received: execution={execution!r}"
         )
+
+
+def elementwise_activation(activation):
+    """`keras.activations.get(activation)`, refused unless it acts element-wise.
+
+    Inference computes the active blocks apart (one activation call per
+    block, or over the block layout) while training applies it over all the
+    units: only an activation of each value alone gives the same outputs.
+    Probed on a few values, arranged as `(2, 6)` and as `(12, 1)`:
+    `"softmax"`, `"log_softmax"`, `"sparsemax"` and `"glu"` fail it.
+    """
+    resolved = keras.activations.get(activation)
+    probe = np.linspace(-3.0, 3.0, 12, dtype="float32")
+
+    def apply(shape):
+        with warnings.catch_warnings():
+            # Keras warns about a softmax over an axis of size 1: the probe's point.
+            warnings.simplefilter("ignore")
+            return ops.convert_to_numpy(resolved(ops.convert_to_tensor(probe.reshape(shape))))
+
+    try:
+        whole = apply((2, 6))
+    except Exception:
+        # Not computable here (e.g. a layer made while a graph is traced):
+        # left unchecked, as Keras leaves it.
+        return resolved
+    try:
+        elementwise = whole.shape == (2, 6) and np.allclose(
+            whole.reshape(12, 1), apply((12, 1)), rtol=1e-5, atol=1e-6, equal_nan=True
+        )
+    except Exception:  # e.g. "glu" cannot split an axis of size 1
+        elementwise = False
+    if not elementwise:
+        raise ValueError(
+            "`activation` must act on each value alone (element-wise, like "
+            "'relu' or 'sigmoid'): a gated layer computes its active blocks "
+            "apart at inference. Apply an activation such as softmax in a "
+            f"following layer instead. Received: activation={activation!r}"
+        )
+    return resolved
 
 
 def _check_blocks(blocks):

@@ -7,7 +7,11 @@ from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
 )
-from keras_condcomp.layers._gated_layer import GatedLayer, _check_blocks
+from keras_condcomp.layers._gated_layer import (
+    GatedLayer,
+    _check_blocks,
+    elementwise_activation,
+)
 from keras_condcomp.ops import forced_execution_path
 from keras_condcomp.ops.block_sparse_conv2d import (
     CONV2D_EXECUTION_PATHS,
@@ -71,7 +75,8 @@ class GatedConv2D(GatedLayer):
             `activation`, `use_bias`, `kernel_initializer`,
             `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
             `activity_regularizer`, `kernel_constraint` and `bias_constraint`.
-            Grouped convolutions (`groups`) are not supported.
+            Grouped convolutions (`groups`) are not supported; the
+            activation must be element-wise (`"softmax"` is refused).
         target_density: the target fraction of active groups tau in (0, 1],
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
@@ -209,7 +214,7 @@ class GatedConv2D(GatedLayer):
         self.padding = padding
         self.data_format = data_format
         self.dilation_rate = dilation_rate
-        self.activation = keras.activations.get(activation)
+        self.activation = elementwise_activation(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

@@ -12,6 +12,7 @@ from keras_condcomp.layers._gated_layer import (  # noqa: F401  (re-exported)
     GatedLayer,
     _check_blocks,
     _GateSchedule,
+    elementwise_activation,
     validate_gating_arguments,
 )
 from keras_condcomp.ops import (
@@ -68,7 +69,9 @@ class GatedDense(GatedLayer):
         activation: as in `keras.layers.Dense`, and so are `use_bias`,
             `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
             `bias_regularizer`, `activity_regularizer`, `kernel_constraint`
-            and `bias_constraint`.
+            and `bias_constraint`. The activation must be element-wise
+            (`"softmax"` is refused): inference computes each active block
+            apart.
         target_density: the target fraction of active blocks tau in (0, 1],
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
@@ -165,7 +168,7 @@ class GatedDense(GatedLayer):
             **kwargs,
         )
         self.units = units
-        self.activation = keras.activations.get(activation)
+        self.activation = elementwise_activation(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

@@ -211,6 +211,8 @@ def test_training_lowers_density_toward_target(rng):
         ({"filters": 8, "kernel_size": 3, "blocks": 2, "policy_grid": 0}, "policy_grid=0"),
         ({"filters": 8, "kernel_size": 3, "blocks": 2, "policy_grid": True},
          "policy_grid=True"),
+        ({"filters": 8, "kernel_size": 3, "blocks": 2, "activation": "softmax"},
+         "element-wise.*activation='softmax'"),
     ],
 )
 def test_bad_arguments_name_argument_and_value(kwargs, message):

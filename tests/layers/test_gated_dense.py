@@ -110,6 +110,7 @@ def test_shapes_and_dtypes(rng, policy):
         ({"units": 8, "blocks": 2, "variance_weight": "x"}, "variance_weight='x'"),
         ({"units": 8, "blocks": 2, "inference": "mean"}, "inference='mean'"),
         ({"units": 8, "blocks": 2, "execution": "fast"}, "execution='fast'"),
+        ({"units": 8, "blocks": 2, "activation": "softmax"}, "activation='softmax'"),
     ],
 )
 def test_bad_arguments_name_argument_and_value(kwargs, message):
@@ -124,6 +125,25 @@ def test_bad_input_shape_is_refused(rng):
         layer(rng.normal(size=(2, 5)).astype("float32"))
     with pytest.raises(ValueError, match="ndim=2"):
         GatedDense(8, 2)(rng.normal(size=(2, 3, 4)).astype("float32"))
+
+
+@pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax", "glu"])
+def test_activations_not_element_wise_are_refused(activation):
+    # Inference activates each active block apart: softmax over a block is
+    # not softmax over the units, as training computed it.
+    with pytest.raises(ValueError, match=f"element-wise.*activation='{activation}'"):
+        GatedDense(8, 2, activation=activation)
+    with pytest.raises(ValueError, match="activation=<function"):
+        GatedDense(8, 2, activation=lambda x: keras.ops.softmax(x, axis=-1))
+    with pytest.raises(ValueError, match="element-wise"):
+        GatedDense.from_dense(keras.layers.Dense(8, activation=activation), blocks=2)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "sigmoid", "selu", "hard_silu"])
+def test_element_wise_activations_are_kept(activation):
+    layer = GatedDense(8, 2, activation=activation)
+    assert layer.activation is keras.activations.get(activation)
+    assert GatedDense.from_config(layer.get_config()).activation is layer.activation
 
 
 def test_from_dense_refuses_other_layers():
