@@ -288,7 +288,18 @@ def _example_loop(problem):
 
     # The static output shape of one example.
     spec = tf.TensorSpec(_output_shape(problem)[1:], problem.inputs.dtype)
-    return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
+
+    def loop():
+        return tf.map_fn(one, (problem.inputs, problem.active), fn_output_signature=spec)
+
+    if spec.shape.is_fully_defined():
+        return loop()
+    # map_fn cannot stack no results of an unknown shape.
+    return tf.cond(
+        problem.batch > 0,
+        loop,
+        lambda: tf.zeros([0, *_output_spatial(problem), problem.filters], spec.dtype),
+    )
 
 
 def _single_or(problem, batched):
@@ -316,6 +327,23 @@ def _output_shape(problem):
     return [None, *spatial, problem.filters]
 
 
+def _output_spatial(problem):
+    """`[out_h, out_w]`: Python ints where the input's size is static, else
+    scalar tensors (computed from the input: on an empty batch TensorFlow
+    2.21's convolution returns its input, whose shape is not the output's)."""
+    dynamic = None
+    spatial = []
+    for axis, k, s, d in zip(
+        (1, 2), problem.kernel.shape[:2], problem.strides, problem.dilations
+    ):
+        size = problem.inputs.shape[axis]
+        if size is None:
+            dynamic = tf.shape(problem.inputs) if dynamic is None else dynamic
+            size = dynamic[axis]
+        spatial.append(_output_size(size, k, s, d, problem.padding))
+    return spatial
+
+
 def _output_size(size, kernel, stride, dilation, padding):
     # Python ints or scalar tensors alike.
     if size is None:
@@ -326,15 +354,8 @@ def _output_size(size, kernel, stride, dilation, padding):
 
 
 def _grouped(problem):
-    # Output shape of one group for the whole batch (dynamic where needed).
-    dynamic = tf.shape(problem.inputs)
-    spatial = [
-        _output_size(dynamic[axis], k, s, d, problem.padding)
-        for axis, k, s, d in zip(
-            (1, 2), problem.kernel.shape[:2], problem.strides, problem.dilations
-        )
-    ]
-    shape = tf.stack([problem.batch, *spatial, problem.group_size])
+    # Output shape of one group for the whole batch.
+    shape = tf.stack([problem.batch, *_output_spatial(problem), problem.group_size])
     outputs = []
     for g in range(problem.blocks):
         columns = slice(g * problem.group_size, (g + 1) * problem.group_size)
@@ -369,9 +390,11 @@ def _masked(problem):
     # select's broadcast ran 1.7x-2.7x slower. Over `(batch, positions,
     # filters)`: a product fed straight by a convolution with a constant mask
     # crashes TensorFlow 2.21's graph optimiser (`MulConvPushDown`).
-    shape = tf.shape(outputs)
-    outputs = tf.reshape(outputs, [shape[0], shape[1] * shape[2], problem.filters])
-    return tf.reshape(tf.math.multiply_no_nan(outputs, active[:, None, :]), shape)
+    # The output's shape from the input's: see `_output_spatial`.
+    rows, cols = _output_spatial(problem)
+    outputs = tf.reshape(outputs, [problem.batch, rows * cols, problem.filters])
+    outputs = tf.math.multiply_no_nan(outputs, active[:, None, :])
+    return tf.reshape(outputs, [problem.batch, rows, cols, problem.filters])
 
 
 def active_fraction(problem):

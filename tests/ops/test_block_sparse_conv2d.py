@@ -82,6 +82,24 @@ def test_an_overflow_stays_out_of_skipped_groups(rng, path):
     assert np.all(np.isinf(got[np.broadcast_to(~skipped, got.shape)]))
 
 
+@pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
+def test_an_empty_batch_has_the_output_shape(rng, path):
+    # TensorFlow 2.21's conv2d returns its input for an empty batch: the
+    # paths take the output's shape from the input's, not from it.
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype("float32")
+    x = np.zeros((0, 7, 9, 4), "float32")
+    mask = np.zeros((0, 3), "float32")
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None, 4]), tf.TensorSpec([None, 3])]
+    )
+    def dynamic(x, mask):
+        return block_sparse_conv2d(x, kernel, None, mask, path=path, strides=2)
+
+    assert block_sparse_conv2d(x, kernel, None, mask, path=path, strides=2).shape == (0, 3, 4, 6)
+    assert dynamic(x, mask).shape == (0, 3, 4, 6)
+
+
 def test_one_trace_serves_every_batch_size(rng):
     kernel = rng.normal(size=(3, 3, 8, 8)).astype("float32")
     for batch in (1, 3, 6):
