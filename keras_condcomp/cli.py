@@ -242,7 +242,6 @@ def train(args):
     from keras_condcomp import data
     from keras_condcomp.models import build_dense_mlp, build_gated_mlp, equal_macs_width
     from keras_condcomp.profiling import profile_macs
-    from keras_condcomp.speed import measure_models_speed
 
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -321,6 +320,20 @@ def train(args):
         "config": {key: value for key, value in vars(args).items() if key != "command"},
     }
 
+    out = _measure_and_write(gated, dense, dataset.x_test, results, args,
+                             against="same-width keras.layers.Dense MLP")
+    _print_table(results, args)
+    print(f"Wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'model.keras')}")
+    return results
+
+
+def _measure_and_write(gated, dense, x_test, results, args, against):
+    """Times `gated` against `dense` in a fresh process (one thread), adds the
+    speedups to `results`, and writes `model.keras` and `results.json` to
+    `args.out` (from a staging folder beside it: nothing half-written).
+    Returns the output folder."""
+    from keras_condcomp.speed import measure_models_speed
+
     out = os.path.abspath(args.out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -332,7 +345,7 @@ def train(args):
         dense.save(dense_path)
         print("Measuring inference speed side by side (1 thread) ...")
         speed = measure_models_speed(
-            gated_path, dense_path, dataset.x_test, SPEED_BATCH_SIZES,
+            gated_path, dense_path, x_test, SPEED_BATCH_SIZES,
             threads=1, repeats=args.speed_repeats,
         )
         os.remove(dense_path)
@@ -341,7 +354,7 @@ def train(args):
             results[f"tuned_speedup_batch{batch_size}"] = speed[str(batch_size)]["tuned_speedup"]
         results["speed"] = {
             "threads": 1, "repeats": args.speed_repeats,
-            "against": "same-width keras.layers.Dense MLP, median latency", **speed,
+            "against": f"{against}, median latency", **speed,
         }
         with open(os.path.join(staging, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
@@ -350,9 +363,7 @@ def train(args):
             os.replace(os.path.join(staging, name), os.path.join(out, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _print_table(results, args)
-    print(f"Wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'model.keras')}")
-    return results
+    return out
 
 
 def _image_shape(dataset):
@@ -390,7 +401,6 @@ def train_cnn(args):
     from keras_condcomp import data
     from keras_condcomp.models.cnn import build_dense_cnn, build_gated_cnn
     from keras_condcomp.profiling import profile_macs
-    from keras_condcomp.speed import measure_models_speed
 
     filters = _parse_filters(args.filters, args.blocks)
     try:
@@ -461,35 +471,8 @@ def train_cnn(args):
         "train_seconds": {"gated": gated_seconds, "dense": dense_seconds},
         "config": {key: value for key, value in vars(args).items() if key != "command"},
     }
-    out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".keras-condcomp-", dir=parent)
-    try:
-        gated_path = os.path.join(staging, "model.keras")
-        dense_path = os.path.join(staging, "dense.keras")
-        gated.save(gated_path)
-        dense.save(dense_path)
-        print("Measuring inference speed side by side (1 thread) ...")
-        speed = measure_models_speed(
-            gated_path, dense_path, x_test, SPEED_BATCH_SIZES,
-            threads=1, repeats=args.speed_repeats,
-        )
-        os.remove(dense_path)
-        for batch_size in SPEED_BATCH_SIZES:
-            results[f"speedup_batch{batch_size}"] = speed[str(batch_size)]["speedup"]
-            results[f"tuned_speedup_batch{batch_size}"] = speed[str(batch_size)]["tuned_speedup"]
-        results["speed"] = {
-            "threads": 1, "repeats": args.speed_repeats,
-            "against": "same-width keras.layers.Conv2D CNN, median latency", **speed,
-        }
-        with open(os.path.join(staging, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
-        os.makedirs(out, exist_ok=True)
-        for name in ("model.keras", "results.json"):
-            os.replace(os.path.join(staging, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    out = _measure_and_write(gated, dense, x_test, results, args,
+                             against="same-width keras.layers.Conv2D CNN")
     print()
     print(f"{'model':<44} {'test acc':>9} {'MACs/example':>13}")
     print(f"{f'gated CNN ({args.blocks} groups per layer)':<44} "
