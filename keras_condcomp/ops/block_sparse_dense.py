@@ -19,8 +19,9 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 
 - `"per_example"`: every (example, active block) pair gathers its own tiles,
   restricted to that example's non-zero inputs; one batched matrix-vector
-  product. The best one when the examples of a batch read different sparse
-  inputs. At batch 1 it runs the leanest graph of all (`_single`): the
+  product (above batch 1, ahead of `"grouped"` only when each example uses
+  about one block in and out; forced only). At batch 1 it runs the leanest
+  graph of all (`_single`), `"auto"`'s skipping path there: the
   active blocks' tiles of the example's non-zero inputs, one gather, one
   product, one scatter. The tiles of sparse inputs are gathered row by row
   for one plain matrix product, their number padded with zero rows to the
@@ -50,45 +51,47 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   example's active blocks and non-zero inputs (a few scalar ops). Above
   batch 1: `"masked"` when more than half of the (example, block) pairs are
   active (skipping never paid there in `benchmarks/gated_dense.py`, and the
-  mask alone decides it), else the cheapest of `"per_example"`, `"grouped"`
-  and `"masked"` by the cost model, in a called function (the other cases
-  skip its ops). Against the previous `"auto"` (every statistic computed on
-  every call, one switch over the three paths), Bengio MLP, one thread, A/B
-  in one process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16
-  and batch 1, 1.16x-1.20x -> 1.26x-1.59x at 1/4; batches 50 and 256 the
-  same within the noise.
+  mask alone decides it), else `"grouped"` or `"masked"`, the cheaper by
+  the cost model, in a called function (the other cases skip its ops).
+  Against the previous `"auto"` (every statistic computed on every call,
+  one switch over the three paths), Bengio MLP, one thread, A/B in one
+  process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16 and batch
+  1, 1.16x-1.20x -> 1.26x-1.59x at 1/4; batches 50 and 256 the same within
+  the noise. `"per_example"` above batch 1 is never `"auto"`'s choice: it
+  was the cost model's third option until forced paths, side by side,
+  showed it slower than `"grouped"` in every setting tried on the Bengio
+  MLP (batches 4 to 256, densities 1/16 to 1/4), and ahead by about 5% only
+  with exactly one active block in and out per example; leaving it out
+  made `"auto"` 8%-15% faster at batches 4 and 50 (Bengio MLP, density
+  1/16, A/B in one process: 1.36x -> 1.48x-1.54x over Dense at batch 50,
+  1.14x-1.45x -> 1.26x-1.66x at batch 4) and needs fewer statistics.
 
 Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
-With `B` the batch, `d` the input size, `u` the units, `s` the block size, `P`
-the number of active (example, block) pairs, `R` the largest number of
-non-zero inputs of an example, `r` the number of inputs non-zero in some
-example and `n` the number of blocks active in some example:
+With `B` the batch, `d` the input size, `u` the units, `s` the block size,
+`b` the number of blocks, `r` the number of inputs non-zero in some example,
+`n` the number of blocks active in some example and `C` the most examples
+sharing a block (the grouped product is padded to it):
 
-    masked      = max(B d u / gemm, d u / read)
-    per_example = P R s (1 / copy + 1 / matvec) + overhead
-    grouped     = n r s / copy + n C r s / batched + overhead        (copied)
-                = max(b C d s / batched, b d s / read) + overhead   (in place)
+    masked  = max(B d u / gemm, d u / read)
+    grouped = n r s / copy + n C r s / batched + overhead        (copied)
+            = max(b C d s / batched, b d s / read) + overhead   (in place)
 
-with `C` the most examples sharing a block (the grouped product is padded to
-it) and `b` the number of blocks. The grouped path reads in place when
-`n r / copy >= b d / read`. At batch 1 (`P = n`, `R = r`, `C = 1`) the
-batch-1 graph costs `n r s (1 / copy + 1 / batched) + overhead`, the
-copied grouped cost; above it `per_example` builds ragged per-example row
-lists, which `matvec` < `batched` reflects.
+The grouped path reads in place when `n r / copy >= b d / read`. At batch 1
+(`C = 1`, `n` and `r` the example's own) the batch-1 graph costs the copied
+grouped cost, `n r s (1 / copy + 1 / batched) + overhead`.
 
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
-the weights per ns `tf.gather` copies, `matvec` and `batched` the
-multiply-adds per ns of batches of small products, and `overhead` the fixed
-cost of a skipping path's extra graph ops, which keeps small layers (e.g.
-784 -> 256 at batch 1) on the dense path. Only their ratios matter. The
-defaults were measured with one thread on a shared 2-core 2.5 GHz AVX-512
-Xeon (`copy` and `overhead` refitted for the block-major layout from where
-skipping and the dense product cross over at batch 1: about 5 of 16 blocks
-for 2048 -> 2048, 7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024;
-`batched` from where grouped and the dense product compare at batch 50 and
-256, densities 1/8 to 1/2); `set_cost_constants` changes them for other
-machines.
+the weights per ns `tf.gather` copies, `batched` the multiply-adds per ns of
+a batch of small products, and `overhead` the fixed cost of a skipping
+path's extra graph ops, which keeps small layers (e.g. 784 -> 256 at batch
+1) on the dense path. Only their ratios matter. The defaults were measured
+with one thread on a shared 2-core 2.5 GHz AVX-512 Xeon (`copy` and
+`overhead` refitted for the block-major layout from where skipping and the
+dense product cross over at batch 1: about 5 of 16 blocks for 2048 -> 2048,
+7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024; `batched` from where
+grouped and the dense product compare at batch 50 and 256, densities 1/8 to
+1/2); `set_cost_constants` changes them for other machines.
 """
 
 import contextlib
@@ -115,7 +118,6 @@ _COSTS = {
     "gemm": 17.0,
     "read": 1.0,
     "copy": 0.4,
-    "matvec": 2.0,
     "batched": 12.0,
     "overhead": 2.5e5,
 }
@@ -236,8 +238,8 @@ class _Problem:
 
     def compute_statistics(self):
         """Computes every statistic here, before the branches that share them."""
-        for name in ("most_nonzero", "used_input_count", "pair_count", "used_block_count",
-                     "capacity", "rows_read", "grouped_in_place"):
+        for name in ("used_input_count", "used_block_count", "capacity", "rows_read",
+                     "grouped_in_place"):
             getattr(self, name)
 
     @functools.cached_property
@@ -276,10 +278,6 @@ class _Problem:
     def block_counts(self):
         """Examples per block."""
         return tf.reduce_sum(tf.cast(self.active, tf.int32), axis=0)
-
-    @functools.cached_property
-    def pair_count(self):
-        return tf.reduce_sum(tf.cast(self.block_counts, tf.float32))
 
     @functools.cached_property
     def used_block_count(self):
@@ -560,23 +558,21 @@ def _masked_cost(problem, batch):
     return tf.maximum(batch * weights / _COSTS["gemm"], weights / _COSTS["read"])
 
 
-def path_costs(problem):
-    """The cost-model estimates (ns) of `[per_example, grouped, masked]`."""
-    f32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731
-    widest = _rows_read(problem, problem.most_nonzero)
+def grouped_cost(problem):
+    """The cost-model estimate (ns) of `"grouped"` for this call."""
     s = float(problem.block_size)
-    c = _COSTS
-    per_example = (
-        problem.pair_count * widest * s * (1 / c["copy"] + 1 / c["matvec"]) + c["overhead"]
-    )
-    capacity = f32(problem.capacity)
+    capacity = tf.cast(problem.capacity, tf.float32)
     copied = _copied_cost(problem, problem.used_block_count, problem.rows_read, capacity)
     # In place, the product streams the whole kernel like the dense one.
     every = float(problem.blocks * problem.input_dim) * s
-    in_place = tf.maximum(every * capacity / c["batched"], every / c["read"])
-    grouped = tf.where(problem.grouped_in_place, in_place, copied) + c["overhead"]
-    masked = _masked_cost(problem, f32(problem.batch))
-    return tf.stack([per_example, grouped, masked])
+    in_place = tf.maximum(every * capacity / _COSTS["batched"], every / _COSTS["read"])
+    return tf.where(problem.grouped_in_place, in_place, copied) + _COSTS["overhead"]
+
+
+def grouping_pays(problem):
+    """Whether `"auto"` above batch 1 (fewer than half the pairs active)
+    runs `"grouped"` rather than `"masked"`: the cheaper by the cost model."""
+    return grouped_cost(problem) < _masked_cost(problem, tf.cast(problem.batch, tf.float32))
 
 
 def mostly_active(problem):
@@ -587,11 +583,6 @@ def mostly_active(problem):
     empty batch.)
     """
     return tf.reduce_mean(tf.cast(problem.active, tf.float32)) > _AUTO_MAX_FRACTION
-
-
-def cheapest_path(problem):
-    """The index in `("per_example", "grouped", "masked")` of the cheapest cost."""
-    return tf.argmin(path_costs(problem), output_type=tf.int32)
 
 
 def single_skipping_pays(problem):
@@ -606,14 +597,14 @@ def single_skipping_pays(problem):
 
 def _auto(problem):
     # Each decision's statistics are computed in the branch that needs them.
-    # The batched skipping paths, the largest graph, are called, not inlined:
-    # a branch not taken then costs one op, and the dense fallback (inlined)
-    # pays no call. (Against a called batched branch that inlined the
-    # skipping paths: Bengio MLP, one thread, A/B in one process, 0.82x-0.85x
-    # -> 0.88x-0.89x of Dense at density 3/4 and batch 50, 0.94x -> 0.96x at
-    # batch 256; the skipping rows and batch 1 the same within the noise.
-    # A single switch over the three, its index computed first, was 2-4%
-    # slower at batch 1.)
+    # The batched skipping decision and path, the largest graph, are called,
+    # not inlined: a branch not taken then costs one op, and the dense
+    # fallback (inlined) pays no call. (Against a called batched branch that
+    # inlined the skipping paths: Bengio MLP, one thread, A/B in one process,
+    # 0.82x-0.85x -> 0.88x-0.89x of Dense at density 3/4 and batch 50, 0.94x
+    # -> 0.96x at batch 256; the skipping rows and batch 1 the same within
+    # the noise. A single switch over the cases, its index computed first,
+    # was 2-4% slower at batch 1.)
     def single(problem):
         return tf.cond(
             single_skipping_pays(problem), lambda: _single(problem), lambda: _masked(problem)
@@ -621,10 +612,8 @@ def _auto(problem):
 
     def skipping(problem):
         problem.compute_statistics()
-        return tf.switch_case(
-            cheapest_path(problem),
-            [lambda: _per_example_batched(problem), lambda: _grouped(problem),
-             lambda: _masked(problem)],
+        return tf.cond(
+            grouping_pays(problem), lambda: _grouped(problem), lambda: _masked(problem)
         )
 
     def batched(problem):

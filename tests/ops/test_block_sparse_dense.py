@@ -15,10 +15,11 @@ from keras_condcomp.ops import (
     to_block_kernel,
 )
 from keras_condcomp.ops.block_sparse_dense import (
+    _masked_cost,
     _Problem,
-    cheapest_path,
+    grouped_cost,
+    grouping_pays,
     mostly_active,
-    path_costs,
     single_skipping_pays,
 )
 
@@ -195,7 +196,7 @@ def _chosen_path(x, kernel, mask):
         return "single" if bool(single_skipping_pays(problem)) else "masked"
     if bool(mostly_active(problem)):
         return "masked"
-    return ("per_example", "grouped", "masked")[int(cheapest_path(problem))]
+    return "grouped" if bool(grouping_pays(problem)) else "masked"
 
 
 def test_cost_model_choices(rng):
@@ -217,17 +218,20 @@ def test_cost_model_choices(rng):
     assert _chosen_path(rng.random((256, 3072)).astype("float32"), kernel,
                         np.ones((256, 24), "float32")) == "masked"
     # Block-sparse inputs (different blocks per example) and outputs at batch
-    # 50: each example's own tiles.
+    # 50: grouped, never per_example above batch 1.
     h = np.zeros((50, 24, 64), "float32")
     h[np.arange(50), rng.integers(0, 24, 50)] = rng.random((50, 64))
     h = h.reshape(50, 1536)
     mask = np.zeros((50, 24), "float32")
     mask[np.arange(50), rng.integers(0, 24, 50)] = 1.0
-    assert _chosen_path(h, kernel[:1536], mask) == "per_example"
-    # A tiny layer: the fixed cost of skipping outweighs the dense product.
+    assert _chosen_path(h, kernel[:1536], mask) == "grouped"
+    # A tiny layer: the fixed cost of skipping outweighs the dense product,
+    # at batch 1 and above.
     small = rng.normal(size=(64, 32)).astype("float32")
     assert _chosen_path(rng.random((1, 64)).astype("float32"), small,
                         np.eye(1, 4, dtype="float32")) == "masked"
+    assert _chosen_path(rng.random((8, 64)).astype("float32"), small,
+                        np.eye(8, 4, dtype="float32")) == "masked"
 
 
 @pytest.mark.parametrize("used_blocks, in_place", [(3, True), (1, False)])
@@ -260,7 +264,8 @@ def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rn
         set_cost_constants(gemm=1e-3, read=1e-3, overhead=1.0)  # a very slow dense product
         problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 24), None,
                            tf.constant(mask), tf.identity)
-        assert int(np.argmin(path_costs(problem))) != 2  # the cost model alone would skip
+        # The cost model alone would skip.
+        assert float(grouped_cost(problem)) < float(_masked_cost(problem, 50.0))
         assert _chosen_path(x, kernel, mask) == "masked"
         mask[:, 12] = 0.0  # exactly half: the cost model decides
         assert _chosen_path(x, kernel, mask) != "masked"
