@@ -20,6 +20,7 @@ from keras_condcomp.ops.block_sparse_dense import (
     grouped_cost,
     grouping_pays,
     mostly_active,
+    single_skipping_can_pay,
     single_skipping_pays,
 )
 
@@ -232,6 +233,35 @@ def test_cost_model_choices(rng):
                         np.eye(1, 4, dtype="float32")) == "masked"
     assert _chosen_path(rng.random((8, 64)).astype("float32"), small,
                         np.eye(8, 4, dtype="float32")) == "masked"
+
+
+def test_auto_drops_the_batch_1_decision_where_skipping_cannot_pay(rng):
+    # 784 -> 256: the batch-1 graph's fixed cost exceeds the dense product's,
+    # so "auto" runs the dense fallback at batch 1 without deciding (no row
+    # padding, which only the batch-1 skipping graph does); 1024 -> 1024 keeps
+    # the decision. Exact either way.
+    def traced_ops(input_dim, units):
+        kernel = rng.normal(size=(input_dim, units)).astype("float32")
+        block_kernel = to_block_kernel(tf.constant(kernel), 16)
+        spec = [tf.TensorSpec([None, input_dim]), tf.TensorSpec([None, 16])]
+        run = tf.function(
+            lambda x, m: block_sparse_dense(x, block_kernel, None, m, tf.nn.relu),
+            input_signature=spec,
+        )
+        x = rng.random((1, input_dim)).astype("float32")
+        mask = np.eye(1, 16, dtype="float32")
+        np.testing.assert_allclose(
+            run(x, mask), masked_block_dense(x, kernel, None, mask, tf.nn.relu), atol=1e-4
+        )
+        graph = run.get_concrete_function().graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        problem = _Problem(tf.constant(x), block_kernel, None, tf.constant(mask), tf.identity)
+        return {node.op for node in nodes}, single_skipping_can_pay(problem)
+
+    small_ops, small_can_pay = traced_ops(784, 256)
+    large_ops, large_can_pay = traced_ops(1024, 1024)
+    assert not small_can_pay and large_can_pay
+    assert "Pad" not in small_ops and "Pad" in large_ops
 
 
 @pytest.mark.parametrize("used_blocks, in_place", [(3, True), (1, False)])
