@@ -46,15 +46,15 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   block's capacity get 0 in that block (dropped), as in capacity-based MoE.
 - `"masked"`: the dense product, then the mask: the reference, and the dense
   fallback when skipping cannot pay.
-- `"auto"`: decided per call inside the graph. At batch 1: `_single` or
-  `"masked"`, by the batch-1 case of the cost model below, from the
-  example's active blocks and non-zero inputs (a few scalar ops); `"masked"`
-  with no decision when the layer is too small for skipping ever to pay
-  (`single_skipping_can_pay`). Above
-  batch 1: `"masked"` when more than half of the (example, block) pairs are
-  active (skipping never paid there in `benchmarks/gated_dense.py`, and the
-  mask alone decides it), else `"grouped"` or `"masked"`, the cheaper by
-  the cost model, in a called function (the other cases skip its ops).
+- `"auto"`: decided per call inside the graph. First, `"masked"` when more
+  than half of the (example, block) pairs are active (skipping never paid
+  there in `benchmarks/gated_dense.py`, and the mask alone decides it).
+  Else, at batch 1: `_single` or `"masked"`, by the batch-1 case of the
+  cost model below, from the example's active blocks and non-zero inputs
+  (a few scalar ops); `"masked"` with no decision when the layer is too
+  small for skipping ever to pay (`single_skipping_can_pay`). Above batch
+  1: `"grouped"` or `"masked"`, the cheaper by the cost model, in a called
+  function (the other cases skip its ops).
   Against the previous `"auto"` (every statistic computed on every call,
   one switch over the three paths), Bengio MLP, one thread, A/B in one
   process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16 and batch
@@ -610,14 +610,16 @@ def single_skipping_pays(problem):
 
 def _auto(problem):
     # Each decision's statistics are computed in the branch that needs them.
-    # The batched skipping decision and path, the largest graph, are called,
-    # not inlined: a branch not taken then costs one op, and the dense
-    # fallback (inlined) pays no call. (Against a called batched branch that
-    # inlined the skipping paths: Bengio MLP, one thread, A/B in one process,
-    # 0.82x-0.85x -> 0.88x-0.89x of Dense at density 3/4 and batch 50, 0.94x
-    # -> 0.96x at batch 256; the skipping rows and batch 1 the same within
-    # the noise. A single switch over the cases, its index computed first,
-    # was 2-4% slower at batch 1.)
+    # More than half the pairs active: the dense fallback, whatever the
+    # batch, after one cond. The batched skipping decision and path, the
+    # largest graph, are called, not inlined: a branch not taken then costs
+    # one op. (Bengio MLP, one thread, A/B in one process: the batched
+    # branch called rather than inlining the skipping paths took density
+    # 3/4 and batch 50 from 0.82x-0.85x to 0.88x-0.89x of Dense and batch
+    # 256 from 0.94x to 0.96x; the mostly-active test moved before the
+    # batch-1 test then gave +1% at 3/4 and batch 50, +6% at 3/4 and batch
+    # 1, and the same within 1% at 1/16 and 1/4. A single switch over the
+    # cases, its index computed first, was 2-4% slower at batch 1.)
     def single(problem):
         if not single_skipping_can_pay(problem):
             return _masked(problem)
@@ -631,17 +633,17 @@ def _auto(problem):
             grouping_pays(problem), lambda: _grouped(problem), lambda: _masked(problem)
         )
 
-    def batched(problem):
+    def sparse(problem):
         return tf.cond(
-            mostly_active(problem),
-            lambda: _masked(problem),
+            tf.equal(problem.batch, 1),
+            lambda: single(problem.fresh()),
             called_branch(lambda: skipping(problem.fresh())),
         )
 
     return tf.cond(
-        tf.equal(problem.batch, 1),
-        lambda: single(problem.fresh()),
-        lambda: batched(problem.fresh()),
+        mostly_active(problem),
+        lambda: _masked(problem.fresh()),
+        lambda: sparse(problem.fresh()),
     )
 
 

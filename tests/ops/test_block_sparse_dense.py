@@ -193,10 +193,10 @@ def _chosen_path(x, kernel, mask):
     """What `"auto"` runs: its decisions, evaluated eagerly."""
     block_kernel = to_block_kernel(tf.constant(kernel), mask.shape[1])
     problem = _Problem(tf.constant(x), block_kernel, None, tf.constant(mask), tf.identity)
-    if len(x) == 1:
-        return "single" if bool(single_skipping_pays(problem)) else "masked"
     if bool(mostly_active(problem)):
         return "masked"
+    if len(x) == 1:
+        return "single" if bool(single_skipping_pays(problem)) else "masked"
     return "grouped" if bool(grouping_pays(problem)) else "masked"
 
 
