@@ -555,9 +555,10 @@ def _copied_cost(problem, blocks, rows, capacity):
     return blocks * rows * s / c["copy"] + blocks * capacity * rows * s / c["batched"]
 
 
-def _masked_cost(problem, batch, static=False):
+def _masked_cost(problem, batch):
+    """The dense product's estimate: a Python float for a Python `batch`."""
     weights = float(problem.input_dim * problem.units)
-    maximum = max if static else tf.maximum
+    maximum = max if isinstance(batch, (int, float)) else tf.maximum
     return maximum(batch * weights / _COSTS["gemm"], weights / _COSTS["read"])
 
 
@@ -595,17 +596,18 @@ def single_skipping_can_pay(problem):
     say), `"auto"` at batch 1 runs the dense fallback with no decision ops
     (784 -> 256 in 16 blocks at batch 1, one thread, A/B in one process:
     0.75x -> 0.86x-0.87x of Dense; forced `"masked"` 0.89x-0.90x)."""
-    return _COSTS["overhead"] < _masked_cost(problem, 1.0, static=True)
+    return _COSTS["overhead"] < _masked_cost(problem, 1)
 
 
 def single_skipping_pays(problem):
     """Whether `"auto"` skips at batch 1 (`_single`): the cost model's batch-1
-    case (the copied grouped cost, one example), from the example alone."""
+    case (the copied grouped cost, one example), from the example alone.
+    `"auto"` asks it only when at most half the blocks are active
+    (`mostly_active` comes first)."""
     _, count = problem.first_rows_sparse
     active = tf.reduce_sum(tf.cast(problem.active[0], tf.float32))
     skipping = _copied_cost(problem, active, _rows_read(problem, count), 1.0)
-    few = active <= _AUTO_MAX_FRACTION * problem.blocks
-    return tf.logical_and(few, skipping + _COSTS["overhead"] < _masked_cost(problem, 1.0))
+    return skipping + _COSTS["overhead"] < _masked_cost(problem, 1)
 
 
 def _auto(problem):
