@@ -384,17 +384,23 @@ def _grouped(problem):
 
 def _masked(problem):
     outputs = problem.finish(problem.conv(problem.inputs, problem.kernel), problem.bias)
-    active = tf.cast(tf.repeat(problem.active, problem.group_size, axis=-1), outputs.dtype)
     # `multiply_no_nan` is 0 wherever the mask is 0, as a select, even where
     # an overflow made the output infinite (a product would give NaN); the
     # select's broadcast ran 1.7x-2.7x slower. Over `(batch, positions,
     # filters)`: a product fed straight by a convolution with a constant mask
-    # crashes TensorFlow 2.21's graph optimiser (`MulConvPushDown`).
+    # crashes TensorFlow 2.21's graph optimiser (`MulConvPushDown`), and a
+    # mask broadcast over positions only is faster than over positions and
+    # groups. Shapes with -1 for the batch are constants: no shape ops.
     # The output's shape from the input's: see `_output_spatial`.
     rows, cols = _output_spatial(problem)
-    outputs = tf.reshape(outputs, [problem.batch, rows * cols, problem.filters])
-    outputs = tf.math.multiply_no_nan(outputs, active[:, None, :])
-    return tf.reshape(outputs, [problem.batch, rows, cols, problem.filters])
+    active = tf.reshape(tf.cast(problem.active, outputs.dtype), [-1, problem.blocks, 1])
+    active = tf.reshape(tf.tile(active, [1, 1, problem.group_size]), [-1, 1, problem.filters])
+    static = isinstance(rows, int) and isinstance(cols, int) and rows * cols > 0
+    # (-1 cannot stand for the batch when there are no positions.)
+    batch = -1 if static else problem.batch
+    outputs = tf.reshape(outputs, [batch, rows * cols, problem.filters])
+    outputs = tf.math.multiply_no_nan(outputs, active)
+    return tf.reshape(outputs, [batch, rows, cols, problem.filters])
 
 
 def active_fraction(problem):
