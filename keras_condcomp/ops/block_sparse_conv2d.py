@@ -242,13 +242,21 @@ def _first_if_none(flags):
 
 
 def _one_example(problem, inputs, active):
-    """One example `(1, h, w, in)` with its `(blocks,)` active groups."""
+    """One example `(1, h, w, in)` with its `(blocks,)` active groups.
+
+    At batch 1 this is the whole layer, so every op counts: shapes are
+    constants wherever the input's spatial size is static.
+    """
     blocks, size = problem.blocks, problem.group_size
     kernel_h, kernel_w = problem.kernel.shape[:2]
     kernel = tf.reshape(problem.kernel, [kernel_h, kernel_w, problem.in_channels, blocks, size])
-    # Non-zero input channels (channel 0 if none: it is zero, adds nothing).
-    used = tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2])
-    in_rows = tf.reshape(tf.where(_first_if_none(used)), [-1])
+    # Non-zero input channels, and channel 0 always (a convolution needs one
+    # channel; a zero one adds nothing): one op, where `_first_if_none` is five.
+    used = tf.logical_or(
+        tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2]),
+        tf.constant([c == 0 for c in range(problem.in_channels)]),
+    )
+    in_rows = tf.reshape(tf.where(used), [-1])
 
     def used_channels():
         return tf.gather(inputs, in_rows, axis=3), tf.gather(kernel, in_rows, axis=2)
@@ -261,7 +269,7 @@ def _one_example(problem, inputs, active):
     # Active groups (group 0 computed, then discarded, if none is active).
     groups = tf.reshape(tf.where(_first_if_none(active)), [-1])
     kernel = tf.gather(kernel, groups, axis=3)
-    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(in_rows), tf.size(groups) * size])
+    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(in_rows), -1])
     outputs = problem.conv(inputs, kernel)
     bias = None
     if problem.bias is not None:
@@ -273,8 +281,11 @@ def _one_example(problem, inputs, active):
     rows, cols = outputs.shape[1:3]
     if rows is None or cols is None:
         rows, cols = tf.unstack(tf.shape(outputs)[1:3])
-    outputs = tf.reshape(outputs, [1, rows, cols, tf.size(groups), size])
-    outputs = tf.concat([outputs, tf.zeros_like(outputs[:, :, :, :1])], axis=3)
+        zero_group = tf.zeros(tf.stack([1, rows, cols, 1, size]), outputs.dtype)
+    else:
+        zero_group = tf.zeros([1, rows, cols, 1, size], outputs.dtype)  # a constant
+    outputs = tf.reshape(outputs, [1, rows, cols, -1, size])
+    outputs = tf.concat([outputs, zero_group], axis=3)
     position = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.size(groups))
     outputs = tf.gather(outputs, position, axis=3)
     return tf.reshape(outputs, [1, rows, cols, problem.filters])
