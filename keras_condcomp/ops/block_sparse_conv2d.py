@@ -283,7 +283,7 @@ def _one_example(problem, inputs, active):
         rows, cols = tf.unstack(tf.shape(outputs)[1:3])
         zero_group = tf.zeros(tf.stack([1, rows, cols, 1, size]), outputs.dtype)
     else:
-        zero_group = tf.zeros([1, rows, cols, 1, size], outputs.dtype)  # a constant
+        zero_group = tf.zeros([1, rows, cols, 1, size], outputs.dtype)  # no shape ops
     outputs = tf.reshape(outputs, [1, rows, cols, -1, size])
     outputs = tf.concat([outputs, zero_group], axis=3)
     position = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.size(groups))
