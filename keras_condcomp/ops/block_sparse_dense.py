@@ -132,6 +132,13 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # more than this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
 
+# At batch 1 with a dense input, up to `_IN_PLACE_BLOCKS` active blocks are
+# multiplied in place, one product each (up to `_INLINED_IN_PLACE_BLOCKS` in
+# branches inlined into the graph, more in one called branch); more blocks
+# are copied by one gather for one product.
+_INLINED_IN_PLACE_BLOCKS = 3
+_IN_PLACE_BLOCKS = 8
+
 
 def cost_constants():
     """The constants of the `"auto"` cost model, as a dict (a copy)."""
@@ -415,10 +422,36 @@ def _single(problem):
         outputs = tf.matmul(values[None, :], tf.reshape(weights, [tf.size(rows), columns]))
         return tf.reshape(outputs, [tf.size(blocks_of), problem.block_size])
 
-    def every_row():
+    def copied():
         # One contiguous copy per block.
         weights = tf.gather(problem.block_kernel, blocks_of)  # (n, input_dim, block_size)
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
+
+    def in_place(count):
+        # Indexing the block axis gives a view of the kernel's buffer
+        # (TensorFlow slices whole leading-axis rows without copying): each
+        # product reads its block's weights where they are.
+        return lambda: tf.concat(
+            [tf.matmul(x[None, :], problem.block_kernel[blocks_of[k]]) for k in range(count)], 0
+        )
+
+    def every_row():
+        count = tf.size(blocks_of)
+
+        def more():
+            return tf.switch_case(
+                count - _INLINED_IN_PLACE_BLOCKS - 1,
+                [in_place(c) for c in range(_INLINED_IN_PLACE_BLOCKS + 1, _IN_PLACE_BLOCKS + 1)],
+            )
+
+        branches = [copied] + [in_place(c) for c in range(1, _INLINED_IN_PLACE_BLOCKS + 1)]
+        # 0 (copied) for no block or too many; `len(branches)`: `more`.
+        branch = tf.where(
+            count <= _INLINED_IN_PLACE_BLOCKS,
+            count,
+            tf.where(count <= _IN_PLACE_BLOCKS, len(branches), 0),
+        )
+        return tf.switch_case(branch, branches + [called_branch(more)])
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
     return problem.finish(outputs, None, blocks_of)

@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -133,6 +135,27 @@ def test_auto_at_batch_1_skips_exactly(rng, case):
             np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     finally:
         set_cost_constants(**before)
+
+
+def test_batch_1_dense_input_is_exact_for_every_active_block_count(rng):
+    # A dense input at batch 1 multiplies 1 to 3 active blocks in inlined
+    # branches, 4 to 8 in a called one, reading the kernel in place; more
+    # blocks, or none, are gathered first. Every count, one trace.
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+    blocks = 12
+    assert (engine._INLINED_IN_PLACE_BLOCKS, engine._IN_PLACE_BLOCKS) == (3, 8)
+    kernel = rng.normal(size=(10, blocks * 3)).astype("float32")
+    bias = rng.normal(size=blocks * 3).astype("float32")
+    x = rng.normal(size=(1, 10)).astype("float32")
+    run = tf.function(lambda x, m: block_sparse_dense(
+        x, to_block_kernel(kernel, blocks), bias, m, tf.nn.relu, path="per_example"))
+    for count in range(blocks + 1):
+        mask = np.zeros((1, blocks), "float32")
+        mask[0, rng.choice(blocks, count, replace=False)] = 1.0
+        expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+        np.testing.assert_allclose(run(x, mask).numpy(), expected, atol=1e-5,
+                                   err_msg=f"{count} active blocks")
+    assert run.experimental_get_tracing_count() == 1
 
 
 def test_row_buckets_are_the_smallest_power_of_two_or_three_quarters_of_one():
