@@ -642,10 +642,14 @@ def single_skipping_pays(problem):
     case (the copied grouped cost, one example), from the example alone.
     `"auto"` asks it only when at most half the blocks are active
     (`mostly_active` comes first)."""
-    _, count = problem.first_rows_sparse
+    sparse, count = problem.first_rows_sparse
     active = tf.reduce_sum(tf.cast(problem.active[0], tf.float32))
-    skipping = _copied_cost(problem, active, _rows_read(problem, count), 1.0)
-    return skipping + _COSTS["overhead"] < _masked_cost(problem, 1)
+    rows = tf.where(sparse, count, float(problem.input_dim))
+    # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
+    # 1)`, solved for `active * rows` with Python floats: two ops, not ten.
+    s = float(problem.block_size)
+    per_row = s / _COSTS["copy"] + s / _COSTS["batched"]
+    return active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
 
 
 def _auto(problem):
