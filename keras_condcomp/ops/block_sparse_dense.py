@@ -428,12 +428,20 @@ def _single(problem):
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
 
     def in_place(count):
-        # Indexing the block axis gives a view of the kernel's buffer
-        # (TensorFlow slices whole leading-axis rows without copying): each
-        # product reads its block's weights where they are.
-        return lambda: tf.concat(
-            [tf.matmul(x[None, :], problem.block_kernel[blocks_of[k]]) for k in range(count)], 0
-        )
+        # A slice of whole blocks along the block axis is a view of the
+        # kernel's buffer (TensorFlow slices leading-axis rows without
+        # copying): each product reads its block's weights where they are.
+        # The slice bounds of all blocks are made at once: two ops a block.
+        def run():
+            begins = tf.reshape(blocks_of, [count, 1])
+            ends = tf.unstack(begins + 1, num=count)
+            products = [
+                tf.matmul(x[None, :], tf.strided_slice(
+                    problem.block_kernel, begin, end, shrink_axis_mask=1))
+                for begin, end in zip(tf.unstack(begins, num=count), ends)
+            ]
+            return tf.concat(products, 0) if count > 1 else products[0]
+        return run
 
     def every_row():
         count = tf.size(blocks_of)
