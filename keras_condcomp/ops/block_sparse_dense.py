@@ -402,7 +402,7 @@ def _padded(rows, values, limit):
     0, so it adds nothing.
     """
     count = tf.size(rows)
-    padding = [[0, tf.gather(_row_buckets(limit), count) - count]]
+    padding = tf.reshape(tf.stack([0, tf.gather(_row_buckets(limit), count) - count]), [1, 2])
     return tf.pad(rows, padding), tf.pad(values, padding)
 
 
@@ -418,9 +418,8 @@ def _single(problem):
         # (r, n, block_size), gathered row by row so that one plain matrix
         # product reads it as (r, n * block_size).
         weights = tf.gather(problem.tiles, rows[:, None] + blocks_of[None, :] * problem.input_dim)
-        columns = tf.size(blocks_of) * problem.block_size
-        outputs = tf.matmul(values[None, :], tf.reshape(weights, [tf.size(rows), columns]))
-        return tf.reshape(outputs, [tf.size(blocks_of), problem.block_size])
+        outputs = tf.matmul(values[None, :], tf.reshape(weights, [tf.size(rows), -1]))
+        return tf.reshape(outputs, [-1, problem.block_size])
 
     def copied():
         # One contiguous copy per block.
