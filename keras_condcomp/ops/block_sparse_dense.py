@@ -522,10 +522,12 @@ def _grouped(problem):
     starts = tf.cumsum(counts, exclusive=True)
     position = tf.range(tf.size(examples)) - tf.gather(starts, blocks_of_pairs)
     slots = tf.stack([tf.gather(slot_block, blocks_of_pairs), position], axis=1)
-    # Example index per (kept block, slot); empty slots read an appended zero row.
+    # Example index per (kept block, slot). Empty slots read example 0: their
+    # products are never gathered back (each row of a product depends on
+    # its own input row alone), so the input needs no appended zero row,
+    # which copied it whole. An empty batch has no slots.
     slot_examples = tf.tensor_scatter_nd_update(
-        tf.fill(tf.stack([tf.size(kept_blocks), problem.capacity]),
-                tf.cast(problem.batch, tf.int64)),
+        tf.zeros(tf.stack([tf.size(kept_blocks), problem.capacity]), tf.int64),
         slots,
         examples,
     )
@@ -534,8 +536,7 @@ def _grouped(problem):
         lambda: (tf.range(problem.input_dim), problem.inputs, tf.constant(False)),
         lambda: _used_input_rows(problem),
     )
-    padded = tf.concat([inputs, tf.zeros_like(inputs[:1])], axis=0)
-    grouped_inputs = tf.gather(padded, slot_examples)  # (n, C, r)
+    grouped_inputs = tf.gather(inputs, slot_examples)  # (n, C, r)
     weights = tf.cond(  # (n, r, block_size)
         in_place,
         lambda: problem.block_kernel,
