@@ -256,10 +256,21 @@ class _Problem:
                      "grouped_in_place"):
             getattr(self, name)
 
+    # The first example's input and mask (batch 1): gathers, not `[0]`, so
+    # that a graph traced for a static empty batch still builds (the batch-1
+    # branch is then never run).
+    @functools.cached_property
+    def first_input(self):
+        return tf.gather(self.inputs, 0)
+
+    @functools.cached_property
+    def first_active(self):
+        return tf.gather(self.active, 0)
+
     @functools.cached_property
     def first_nonzero(self):
         """`(input_dim,)` bool: the non-zero inputs of the first example."""
-        return tf.not_equal(self.inputs[0], 0)
+        return tf.not_equal(self.first_input, 0)
 
     @functools.cached_property
     def first_rows_sparse(self):
@@ -408,9 +419,9 @@ def _padded(rows, values, limit):
 
 def _single(problem):
     """Batch 1: the active blocks' tiles of the non-zero inputs, one product."""
-    x = problem.inputs[0]
+    x = problem.first_input
     sparse_rows, _ = problem.first_rows_sparse
-    blocks_of = tf.cast(tf.where(problem.active[0])[:, 0], tf.int32)  # (n,)
+    blocks_of = tf.cast(tf.where(problem.first_active)[:, 0], tf.int32)  # (n,)
 
     def some_rows():
         rows = tf.cast(tf.where(problem.first_nonzero)[:, 0], tf.int32)
@@ -651,7 +662,7 @@ def single_skipping_pays(problem):
     `"auto"` asks it only when at most half the blocks are active
     (`mostly_active` comes first)."""
     sparse, count = problem.first_rows_sparse
-    active = tf.reduce_sum(tf.cast(problem.active[0], tf.float32))
+    active = tf.reduce_sum(tf.cast(problem.first_active, tf.float32))
     rows = tf.where(sparse, count, float(problem.input_dim))
     # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
     # 1)`, solved for `active * rows` with Python floats: two ops, not ten.

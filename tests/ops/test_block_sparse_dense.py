@@ -170,6 +170,21 @@ def test_row_buckets_are_the_smallest_power_of_two_or_three_quarters_of_one():
         assert bucket == sizes[sizes >= max(count, 1)].min()
 
 
+@pytest.mark.parametrize("path", EXECUTION_PATHS)
+def test_an_empty_batch_has_the_output_shape(rng, path):
+    # Traced for a static empty batch too: the batch-1 branch, never run
+    # there, must still build.
+    kernel = to_block_kernel(rng.normal(size=(6, 8)).astype("float32"), 4)
+    x, mask = np.zeros((0, 6), "float32"), np.zeros((0, 4), "float32")
+    static = tf.function(lambda x, m: block_sparse_dense(x, kernel, None, m, path=path))
+    dynamic = tf.function(
+        lambda x, m: block_sparse_dense(x, kernel, None, m, path=path),
+        input_signature=[tf.TensorSpec([None, 6]), tf.TensorSpec([None, 4])],
+    )
+    for run in (static, dynamic):
+        assert run(x, mask).shape == (0, 8)
+
+
 def test_one_trace_serves_every_batch_size(rng):
     block_kernel = rng.normal(size=(2, 6, 4)).astype("float32")
     for batch in (1, 3, 5, 17):
