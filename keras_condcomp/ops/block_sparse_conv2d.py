@@ -317,7 +317,8 @@ def _single_or(problem, batched):
     """One convolution at batch 1, else `batched()` (called, not inlined)."""
     return tf.cond(
         tf.equal(problem.batch, 1),
-        lambda: _one_example(problem, problem.inputs, problem.active[0]),
+        # A gather, not `[0]`: a graph traced for a static empty batch builds.
+        lambda: _one_example(problem, problem.inputs, tf.gather(problem.active, 0)),
         called_branch(batched),
     )
 

@@ -96,8 +96,13 @@ def test_an_empty_batch_has_the_output_shape(rng, path):
     def dynamic(x, mask):
         return block_sparse_conv2d(x, kernel, None, mask, path=path, strides=2)
 
+    @tf.function
+    def static(x, mask):
+        return block_sparse_conv2d(x, kernel, None, mask, path=path, strides=2)
+
     assert block_sparse_conv2d(x, kernel, None, mask, path=path, strides=2).shape == (0, 3, 4, 6)
     assert dynamic(x, mask).shape == (0, 3, 4, 6)
+    assert static(x, mask).shape == (0, 3, 4, 6)
 
 
 def test_one_trace_serves_every_batch_size(rng):
