@@ -26,11 +26,13 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   product, one scatter. The tiles of sparse inputs are gathered row by row
   for one plain matrix product, their number padded with zero rows to the
   next `2^k` or `3 * 2^k` (oneDNN then reuses a few kernels instead of
-  building one per count); those of a dense input are whole blocks, one
-  contiguous copy each (against the earlier batch-1 graph, a batched
-  product of per-block tiles at every row count: Bengio MLP, one thread,
-  A/B in one process, 2.06x-2.13x -> 2.18x-2.20x over Dense at density
-  1/16, 1.97x-2.19x -> 2.07x-2.22x at 1/8, 1.57x -> 1.71x-1.72x at 1/4).
+  building one per count); those of a dense input are whole blocks, read
+  in place for up to `_IN_PLACE_BLOCKS` (8) active blocks (a slice of the
+  block axis is a view of the kernel: one product per block, no copy;
+  Bengio MLP, one thread, A/B in one process: 1.67x-1.78x -> 1.93x-1.99x
+  over Dense at density 1/16, +14-25% at 1/4), one contiguous copy each
+  beyond that. The batch-1 case of the cost model below still counts the
+  copy (it decides between skipping and the dense product, conservatively).
   A batch above 1 runs as a called function (see
   `keras_condcomp.ops._branches.called_branch`), whose ops batch 1 skips.
 - `"grouped"`: examples grouped by output block, dropless: the rows of each
