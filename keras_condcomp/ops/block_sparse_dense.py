@@ -392,6 +392,47 @@ def _block_weights(problem, blocks_of, rows, sparse_rows):
     )
 
 
+def _in_place_or(problem, blocks_of, product, copied):
+    """`product(k, weights)` for each block `blocks_of[k]`, concatenated on
+    axis 0, each reading the block's `(input_dim, block_size)` weights in
+    place; `copied()` when there are none or more than `_IN_PLACE_BLOCKS`.
+
+    A slice of whole blocks along `block_kernel`'s first axis is a view of
+    its buffer (TensorFlow slices leading-axis rows without copying), where
+    a gather copies them. Up to `_INLINED_IN_PLACE_BLOCKS` blocks run in
+    branches inlined into the graph, more in one called branch (an untaken
+    inlined branch still costs its ops). The slice bounds of all blocks are
+    made at once: two ops a block.
+    """
+    count = tf.size(blocks_of)
+
+    def in_place(n):
+        def run():
+            begins = tf.reshape(blocks_of, [n, 1])
+            ends = tf.unstack(begins + 1, num=n)
+            products = [
+                product(k, tf.strided_slice(problem.block_kernel, begin, end, shrink_axis_mask=1))
+                for k, (begin, end) in enumerate(zip(tf.unstack(begins, num=n), ends))
+            ]
+            return tf.concat(products, 0) if n > 1 else products[0]
+        return run
+
+    def more():
+        return tf.switch_case(
+            count - _INLINED_IN_PLACE_BLOCKS - 1,
+            [in_place(n) for n in range(_INLINED_IN_PLACE_BLOCKS + 1, _IN_PLACE_BLOCKS + 1)],
+        )
+
+    branches = [copied] + [in_place(n) for n in range(1, _INLINED_IN_PLACE_BLOCKS + 1)]
+    # 0 (copied) for no block or too many; `len(branches)`: `more`.
+    branch = tf.where(
+        count <= _INLINED_IN_PLACE_BLOCKS,
+        count,
+        tf.where(count <= _IN_PLACE_BLOCKS, len(branches), 0),
+    )
+    return tf.switch_case(branch, branches + [called_branch(more)])
+
+
 @functools.lru_cache(maxsize=None)
 def _row_buckets(limit):
     """`table[count]`: the smallest `2^k` or `3 * 2^k` >= `count` (1 for 0),
@@ -439,39 +480,10 @@ def _single(problem):
         weights = tf.gather(problem.block_kernel, blocks_of)  # (n, input_dim, block_size)
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
 
-    def in_place(count):
-        # A slice of whole blocks along the block axis is a view of the
-        # kernel's buffer (TensorFlow slices leading-axis rows without
-        # copying): each product reads its block's weights where they are.
-        # The slice bounds of all blocks are made at once: two ops a block.
-        def run():
-            begins = tf.reshape(blocks_of, [count, 1])
-            ends = tf.unstack(begins + 1, num=count)
-            products = [
-                tf.matmul(x[None, :], tf.strided_slice(
-                    problem.block_kernel, begin, end, shrink_axis_mask=1))
-                for begin, end in zip(tf.unstack(begins, num=count), ends)
-            ]
-            return tf.concat(products, 0) if count > 1 else products[0]
-        return run
-
     def every_row():
-        count = tf.size(blocks_of)
-
-        def more():
-            return tf.switch_case(
-                count - _INLINED_IN_PLACE_BLOCKS - 1,
-                [in_place(c) for c in range(_INLINED_IN_PLACE_BLOCKS + 1, _IN_PLACE_BLOCKS + 1)],
-            )
-
-        branches = [copied] + [in_place(c) for c in range(1, _INLINED_IN_PLACE_BLOCKS + 1)]
-        # 0 (copied) for no block or too many; `len(branches)`: `more`.
-        branch = tf.where(
-            count <= _INLINED_IN_PLACE_BLOCKS,
-            count,
-            tf.where(count <= _IN_PLACE_BLOCKS, len(branches), 0),
+        return _in_place_or(
+            problem, blocks_of, lambda k, weights: tf.matmul(x[None, :], weights), copied
         )
-        return tf.switch_case(branch, branches + [called_branch(more)])
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
     return problem.finish(outputs, None, blocks_of)
@@ -550,12 +562,25 @@ def _grouped(problem):
         lambda: _used_input_rows(problem),
     )
     grouped_inputs = tf.gather(inputs, slot_examples)  # (n, C, r)
-    weights = tf.cond(  # (n, r, block_size)
+
+    def copied():
+        weights = _block_weights(problem, kept_blocks, rows, sparse_rows)  # (n, r, s)
+        return tf.matmul(grouped_inputs, weights)
+
+    def whole_blocks():
+        # Few blocks with every row: each block's examples times its
+        # weights read in place, no copy of the tiles.
+        return _in_place_or(
+            problem, kept_blocks,
+            lambda k, weights: tf.matmul(grouped_inputs[k:k + 1], weights), copied,
+        )
+
+    products = tf.cond(  # (n, C, block_size)
         in_place,
-        lambda: problem.block_kernel,
-        lambda: _block_weights(problem, kept_blocks, rows, sparse_rows),
+        lambda: tf.matmul(grouped_inputs, problem.block_kernel),
+        lambda: tf.cond(sparse_rows, copied, whole_blocks),
     )
-    outputs = tf.gather_nd(tf.matmul(grouped_inputs, weights), slots)
+    outputs = tf.gather_nd(products, slots)
     return problem.finish(outputs, examples, blocks_of_pairs)
 
 

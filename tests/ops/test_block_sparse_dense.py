@@ -158,6 +158,36 @@ def test_batch_1_dense_input_is_exact_for_every_active_block_count(rng):
     assert run.experimental_get_tracing_count() == 1
 
 
+def test_grouped_whole_blocks_are_exact_for_every_used_block_count(rng):
+    # Copying a few used blocks priced cheaper than streaming the kernel,
+    # so the grouped path multiplies each used block's examples: 1 to 3
+    # blocks in inlined branches, 4 to 8 in a called one, reading the
+    # kernel in place; more blocks, or none, are gathered first.
+    blocks, batch = 12, 3
+    kernel = rng.normal(size=(10, blocks * 3)).astype("float32")
+    bias = rng.normal(size=blocks * 3).astype("float32")
+    x = rng.normal(size=(batch, 10)).astype("float32")
+    before = cost_constants()
+    try:
+        set_cost_constants(copy=1e6)
+        run = tf.function(lambda x, m: block_sparse_dense(
+            x, to_block_kernel(kernel, blocks), bias, m, tf.nn.relu, path="grouped"))
+        for count in range(blocks + 1):
+            used = rng.choice(blocks, count, replace=False)
+            mask = np.zeros((batch, blocks), "float32")
+            mask[0, used] = 1.0  # example 0 uses them all, the others some
+            mask[1:, used] = rng.random((batch - 1, count)) < 0.5
+            problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), blocks),
+                               None, tf.constant(mask), tf.identity)
+            assert not bool(problem.grouped_in_place)
+            expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+            np.testing.assert_allclose(run(x, mask).numpy(), expected, atol=1e-5,
+                                       err_msg=f"{count} used blocks")
+        assert run.experimental_get_tracing_count() == 1
+    finally:
+        set_cost_constants(**before)
+
+
 def test_row_buckets_are_the_smallest_power_of_two_or_three_quarters_of_one():
     from keras_condcomp.ops.block_sparse_dense import _row_buckets
 
