@@ -41,6 +41,10 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   inputs non-zero in some example), they are copied first; when it uses
   most, copying them would cost more than streaming the whole kernel, so the
   product reads `block_kernel` in place (an unused block multiplies padding).
+  Few used blocks (up to 8) with every input row are not copied either: each
+  block's examples multiply its weights in place, one product a block
+  (Bengio MLP, one thread, A/B in one process, density 1/16: +16-25% at
+  batches 2 and 4).
 - `"static_capacity"`: the grouped path with static shapes (every block, a
   fixed number of example slots per block), which compiles under
   `jit_compile=True`. Exact when `capacity` >= the largest number of examples
