@@ -138,10 +138,11 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # more than this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
 
-# At batch 1 with a dense input, up to `_IN_PLACE_BLOCKS` active blocks are
+# With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
+# example's active ones at batch 1, the batch's used ones in `"grouped"`) are
 # multiplied in place, one product each (up to `_INLINED_IN_PLACE_BLOCKS` in
 # branches inlined into the graph, more in one called branch); more blocks
-# are copied by one gather for one product.
+# are copied by one gather for one product (`_in_place_or`).
 _INLINED_IN_PLACE_BLOCKS = 3
 _IN_PLACE_BLOCKS = 8
 
@@ -381,18 +382,22 @@ def _nonzero_rows_per_example(problem):
     return rows, values, sparse_enough
 
 
+def _row_tiles(problem, blocks_of, rows):
+    """`(len(blocks_of), R, block_size)`: rows `rows` of the given blocks,
+    copied. `rows` is `(R,)` shared by every block, or `(len(blocks_of), R)`."""
+    rows = rows if rows.shape.rank == 2 else rows[None, :]
+    return tf.gather(problem.tiles, rows + blocks_of[:, None] * problem.input_dim)
+
+
 def _block_weights(problem, blocks_of, rows, sparse_rows):
     """`(len(blocks_of), R, block_size)`: rows `rows` of the given blocks.
 
-    `rows` is `(R,)` shared by every block, or `(len(blocks_of), R)`. With
-    every row (`sparse_rows` False) each block is one contiguous copy.
+    With every row (`sparse_rows` False) each block is one contiguous copy.
     """
-    def some_rows():
-        rows_ = rows if rows.shape.rank == 2 else rows[None, :]
-        return tf.gather(problem.tiles, rows_ + blocks_of[:, None] * problem.input_dim)
-
     return tf.cond(
-        sparse_rows, some_rows, lambda: tf.gather(problem.block_kernel, blocks_of)
+        sparse_rows,
+        lambda: _row_tiles(problem, blocks_of, rows),
+        lambda: tf.gather(problem.block_kernel, blocks_of),
     )
 
 
@@ -485,9 +490,8 @@ def _single(problem):
         return tf.matmul(x[None, None, :], weights)[:, 0, :]
 
     def every_row():
-        return _in_place_or(
-            problem, blocks_of, lambda k, weights: tf.matmul(x[None, :], weights), copied
-        )
+        row = x[None, :]
+        return _in_place_or(problem, blocks_of, lambda k, weights: tf.matmul(row, weights), copied)
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
     return problem.finish(outputs, None, blocks_of)
@@ -567,22 +571,22 @@ def _grouped(problem):
     )
     grouped_inputs = tf.gather(inputs, slot_examples)  # (n, C, r)
 
-    def copied():
-        weights = _block_weights(problem, kept_blocks, rows, sparse_rows)  # (n, r, s)
-        return tf.matmul(grouped_inputs, weights)
+    def some_rows():
+        return tf.matmul(grouped_inputs, _row_tiles(problem, kept_blocks, rows))
 
     def whole_blocks():
-        # Few blocks with every row: each block's examples times its
-        # weights read in place, no copy of the tiles.
+        # Each used block's examples times its weights read in place when
+        # the blocks are few, else one contiguous copy per block.
         return _in_place_or(
             problem, kept_blocks,
-            lambda k, weights: tf.matmul(grouped_inputs[k:k + 1], weights), copied,
+            lambda k, weights: tf.matmul(grouped_inputs[k:k + 1], weights),
+            lambda: tf.matmul(grouped_inputs, tf.gather(problem.block_kernel, kept_blocks)),
         )
 
     products = tf.cond(  # (n, C, block_size)
         in_place,
         lambda: tf.matmul(grouped_inputs, problem.block_kernel),
-        lambda: tf.cond(sparse_rows, copied, whole_blocks),
+        lambda: tf.cond(sparse_rows, some_rows, whole_blocks),
     )
     outputs = tf.gather_nd(products, slots)
     return problem.finish(outputs, examples, blocks_of_pairs)
@@ -697,8 +701,7 @@ def single_skipping_pays(problem):
     rows = tf.where(sparse, count, float(problem.input_dim))
     # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
     # 1)`, solved for `active * rows` with Python floats: two ops, not ten.
-    s = float(problem.block_size)
-    per_row = s / _COSTS["copy"] + s / _COSTS["batched"]
+    per_row = _copied_cost(problem, 1.0, 1.0, 1.0)  # a Python float
     return active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
 
 
