@@ -57,8 +57,12 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   there in `benchmarks/gated_dense.py`, and the mask alone decides it).
   Else, at batch 1: `_single` or `"masked"`, by the batch-1 case of the
   cost model below, from the example's active blocks and non-zero inputs
-  (a few scalar ops); `"masked"` with no decision when the layer is too
-  small for skipping ever to pay (`single_skipping_can_pay`). Above batch
+  (a few scalar ops, made on the first example whatever the batch, so that
+  batch 1 and this decision are one branch: Bengio MLP, one thread, A/B in
+  one process, +1-4% at density 1/16 and batch 1, +6% at 1/4, +3% on
+  1024 -> 1024, the same at 3/4 and at batches 4 and 50); `"masked"` with
+  no decision when the layer is too small for skipping ever to pay
+  (`single_skipping_can_pay`). Above batch
   1: `"grouped"` or `"masked"`, the cheaper by the cost model, in a called
   function (the other cases skip its ops).
   Against the previous `"auto"` (every statistic computed on every call,
@@ -244,6 +248,12 @@ class _Problem:
         self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
         self._call = dict(self.__dict__)
 
+    def share_first_example(self):
+        """Makes the first example's statistics the call's own: branches
+        read them from here, not made again (`fresh`)."""
+        for name in ("first_input", "first_active", "first_nonzero", "first_rows_sparse"):
+            self._call[name] = getattr(self, name)
+
     def fresh(self):
         """A problem of the same call with no statistics computed yet.
 
@@ -263,16 +273,17 @@ class _Problem:
                      "grouped_in_place"):
             getattr(self, name)
 
-    # The first example's input and mask (batch 1): gathers, not `[0]`, so
-    # that a graph traced for a static empty batch still builds (the batch-1
-    # branch is then never run).
+    # The first example's input and mask (batch 1): slices of at most one
+    # row, flattened, so that they can be made whatever the batch, even an
+    # empty one (then of size 0), and "auto" decides for batch 1 before
+    # branching on the batch size.
     @functools.cached_property
     def first_input(self):
-        return tf.gather(self.inputs, 0)
+        return _first_row(self.inputs)
 
     @functools.cached_property
     def first_active(self):
-        return tf.gather(self.active, 0)
+        return _first_row(self.active)
 
     @functools.cached_property
     def first_nonzero(self):
@@ -355,6 +366,18 @@ class _Problem:
         return tf.reshape(tf.scatter_nd(indices, outputs, shape), [batch, self.units])
 
 
+def _first_row(tensor):
+    """Row 0 of a `(batch, n)` tensor, of size 0 for an empty batch.
+
+    For a batch known to be empty when traced, zeros of the row's shape: the
+    batch-1 graph is then traced (with static shapes that must agree) but
+    never run.
+    """
+    if tensor.shape[0] == 0:
+        return tf.zeros(tensor.shape[1:], tensor.dtype)
+    return tf.reshape(tensor[:1], [-1])
+
+
 def _nonzero_rows_per_example(problem):
     """`(batch, R)` input-unit indices and values of each example's non-zeros.
 
@@ -433,12 +456,13 @@ def _in_place_or(problem, blocks_of, product, copied):
         )
 
     branches = [copied] + [in_place(n) for n in range(1, _INLINED_IN_PLACE_BLOCKS + 1)]
-    # 0 (copied) for no block or too many; `len(branches)`: `more`.
-    branch = tf.where(
-        count <= _INLINED_IN_PLACE_BLOCKS,
-        count,
-        tf.where(count <= _IN_PLACE_BLOCKS, len(branches), 0),
-    )
+    # The branch of each count: 0 (copied) for no block or too many,
+    # `len(branches)` (`more`) for the called ones; one gather, not four ops.
+    branch_of_count = [
+        n if n <= _INLINED_IN_PLACE_BLOCKS else len(branches)
+        for n in range(_IN_PLACE_BLOCKS + 1)
+    ] + [0]
+    branch = tf.gather(branch_of_count, tf.minimum(count, _IN_PLACE_BLOCKS + 1))
     return tf.switch_case(branch, branches + [called_branch(more)])
 
 
@@ -702,28 +726,21 @@ def single_skipping_pays(problem):
     # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
     # 1)`, solved for `active * rows` with Python floats: two ops, not ten.
     per_row = _copied_cost(problem, 1.0, 1.0, 1.0)  # a Python float
-    return active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
+    pays = active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
+    # Not `mostly_active` at batch 1 (`active / blocks` its fraction).
+    return tf.logical_and(pays, active <= _AUTO_MAX_FRACTION * problem.blocks)
 
 
 def _auto(problem):
-    # Each decision's statistics are computed in the branch that needs them.
     # More than half the pairs active: the dense fallback, whatever the
-    # batch, after one cond. The batched skipping decision and path, the
-    # largest graph, are called, not inlined: a branch not taken then costs
-    # one op. (Bengio MLP, one thread, A/B in one process: the batched
-    # branch called rather than inlining the skipping paths took density
-    # 3/4 and batch 50 from 0.82x-0.85x to 0.88x-0.89x of Dense and batch
-    # 256 from 0.94x to 0.96x; the mostly-active test moved before the
-    # batch-1 test then gave +1% at 3/4 and batch 50, +6% at 3/4 and batch
-    # 1, and the same within 1% at 1/16 and 1/4. A single switch over the
-    # cases, its index computed first, was 2-4% slower at batch 1.)
-    def single(problem):
-        if not single_skipping_can_pay(problem):
-            return _masked(problem)
-        return tf.cond(
-            single_skipping_pays(problem), lambda: _single(problem), lambda: _masked(problem)
-        )
-
+    # batch, after one cond. Else batch 1 first: whether `_single` pays is
+    # decided from the first example (a few scalar ops, made whatever the
+    # batch), so that the skipping case takes one more branch, not two. The
+    # batched skipping decision and path, the largest graph, are called, not
+    # inlined: a branch not taken then costs one op. (Bengio MLP, one
+    # thread, A/B in one process: the batched branch called rather than
+    # inlining the skipping paths took density 3/4 and batch 50 from
+    # 0.82x-0.85x to 0.88x-0.89x of Dense and batch 256 from 0.94x to 0.96x.)
     def skipping(problem):
         problem.compute_statistics()
         return tf.cond(
@@ -731,10 +748,21 @@ def _auto(problem):
         )
 
     def sparse(problem):
+        is_single = tf.equal(problem.batch, 1)
+
+        def batched_or_masked():
+            return tf.cond(
+                is_single, lambda: _masked(problem.fresh()),
+                called_branch(lambda: skipping(problem.fresh())),
+            )
+
+        if not single_skipping_can_pay(problem):
+            return batched_or_masked()
+        problem.share_first_example()
         return tf.cond(
-            tf.equal(problem.batch, 1),
-            lambda: single(problem.fresh()),
-            called_branch(lambda: skipping(problem.fresh())),
+            tf.logical_and(is_single, single_skipping_pays(problem)),
+            lambda: _single(problem.fresh()),
+            batched_or_masked,
         )
 
     return tf.cond(
