@@ -59,12 +59,14 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   cost model below, from the example's active blocks and non-zero inputs
   (a few scalar ops, made on the first example whatever the batch, so that
   batch 1 and this decision are one branch: Bengio MLP, one thread, A/B in
-  one process, +1-4% at density 1/16 and batch 1, +6% at 1/4, +3% on
-  1024 -> 1024, the same at 3/4 and at batches 4 and 50); `"masked"` with
+  one process, at batch 1 +1-4% at density 1/16, +0-6% at 1/4, +3-4% at
+  3/4, +3-5% on 1024 -> 1024; the same at batches 4 and 50); `"masked"` with
   no decision when the layer is too small for skipping ever to pay
   (`single_skipping_can_pay`). Above batch
   1: `"grouped"` or `"masked"`, the cheaper by the cost model, in a called
-  function (the other cases skip its ops).
+  function (the other cases skip its ops). Everything after the first
+  test runs as a called function too, so that the dense fallback does not
+  pay for the skipping graph's ops (see `_auto`).
   Against the previous `"auto"` (every statistic computed on every call,
   one switch over the three paths), Bengio MLP, one thread, A/B in one
   process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16 and batch
@@ -735,12 +737,15 @@ def _auto(problem):
     # More than half the pairs active: the dense fallback, whatever the
     # batch, after one cond. Else batch 1 first: whether `_single` pays is
     # decided from the first example (a few scalar ops, made whatever the
-    # batch), so that the skipping case takes one more branch, not two. The
-    # batched skipping decision and path, the largest graph, are called, not
-    # inlined: a branch not taken then costs one op. (Bengio MLP, one
-    # thread, A/B in one process: the batched branch called rather than
-    # inlining the skipping paths took density 3/4 and batch 50 from
-    # 0.82x-0.85x to 0.88x-0.89x of Dense and batch 256 from 0.94x to 0.96x.)
+    # batch), so that the skipping case takes one more branch, not two.
+    # Every skipping graph is called, not inlined: an inlined branch not
+    # taken still costs each of its ops, a called one one op. (Bengio MLP,
+    # one thread, A/B in one process: the batched branch called took density
+    # 3/4 and batch 50 from 0.82x-0.85x to 0.88x-0.89x of Dense and batch
+    # 256 from 0.94x to 0.96x; then the whole skipping side called, +5% at
+    # 3/4 and batch 1, +2% at 1/4, +0-6% at 1/16 and batch 50, -1-2% at
+    # 1/16 and batch 1 and -2-3.5% at 1/32, where the call costs more than
+    # the untaken dense fallback's ops.)
     def skipping(problem):
         problem.compute_statistics()
         return tf.cond(
@@ -768,7 +773,7 @@ def _auto(problem):
     return tf.cond(
         mostly_active(problem),
         lambda: _masked(problem.fresh()),
-        lambda: sparse(problem.fresh()),
+        called_branch(lambda: sparse(problem.fresh())),
     )
 
 
