@@ -728,9 +728,7 @@ def single_skipping_pays(problem):
     # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
     # 1)`, solved for `active * rows` with Python floats: two ops, not ten.
     per_row = _copied_cost(problem, 1.0, 1.0, 1.0)  # a Python float
-    pays = active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
-    # Not `mostly_active` at batch 1 (`active / blocks` its fraction).
-    return tf.logical_and(pays, active <= _AUTO_MAX_FRACTION * problem.blocks)
+    return active * rows < (_masked_cost(problem, 1) - _COSTS["overhead"]) / per_row
 
 
 def _auto(problem):

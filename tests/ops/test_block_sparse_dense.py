@@ -371,24 +371,6 @@ def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rn
         set_cost_constants(**before)
 
 
-
-def test_batch_1_skipping_never_pays_above_half_the_blocks(rng):
-    # "auto" decides batch 1 with `single_skipping_pays` alone once the
-    # batch's pairs are at most half active; the example's own fraction
-    # keeps it on the dense fallback above half, whatever the costs.
-    kernel = to_block_kernel(tf.constant(rng.normal(size=(64, 24)).astype("float32")), 24)
-    x = tf.constant(rng.random((1, 64)).astype("float32"))
-    before = cost_constants()
-    try:
-        set_cost_constants(gemm=1e-3, read=1e-3, overhead=1.0)  # a very slow dense product
-        for active, pays in ((13, False), (12, True)):
-            mask = np.zeros((1, 24), "float32")
-            mask[0, :active] = 1.0
-            problem = _Problem(x, kernel, None, tf.constant(mask), tf.identity)
-            assert bool(single_skipping_pays(problem)) is pays, active
-    finally:
-        set_cost_constants(**before)
-
 def test_cost_constants_are_validated():
     before = cost_constants()
     with pytest.raises(ValueError, match="copy=-1"):
