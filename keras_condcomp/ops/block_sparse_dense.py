@@ -251,10 +251,11 @@ class _Problem:
         self._call = dict(self.__dict__)
 
     def share_first_example(self):
-        """Makes the first example's statistics the call's own: branches
-        read them from here, not made again (`fresh`)."""
-        for name in ("first_input", "first_active", "first_nonzero", "first_rows_sparse"):
-            self._call[name] = getattr(self, name)
+        """Makes the first example's statistics part of the call for this
+        problem's branches: their `fresh` copies read them from here, not
+        made again. (A new dict: problems of other graphs keep theirs.)"""
+        names = ("first_input", "first_active", "first_nonzero", "first_rows_sparse")
+        self._call = {**self._call, **{name: getattr(self, name) for name in names}}
 
     def fresh(self):
         """A problem of the same call with no statistics computed yet.
