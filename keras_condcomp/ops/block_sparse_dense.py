@@ -290,7 +290,8 @@ class _Problem:
 
     @functools.cached_property
     def first_nonzero(self):
-        """`(input_dim,)` bool: the non-zero inputs of the first example."""
+        """`(input_dim,)` bool: the non-zero inputs of the first example
+        (size 0 for an empty batch)."""
         return tf.not_equal(self.first_input, 0)
 
     @functools.cached_property
@@ -666,9 +667,12 @@ def _masked(problem):
     return tf.reshape(outputs, [problem.batch, problem.units])
 
 
-def _rows_read(problem, count):
-    """Input rows a product reads for `count` non-zero inputs: those, if few enough."""
-    return tf.where(count <= problem.sparse_limit, count, float(problem.input_dim))
+def _rows_read(problem, count, sparse=None):
+    """Input rows a product reads for `count` non-zero inputs: those, if few
+    enough (`sparse`, when the caller has already compared them)."""
+    if sparse is None:
+        sparse = count <= problem.sparse_limit
+    return tf.where(sparse, count, float(problem.input_dim))
 
 
 def _copied_cost(problem, blocks, rows, capacity):
@@ -728,7 +732,7 @@ def single_skipping_pays(problem):
     (`mostly_active` comes first)."""
     sparse, count = problem.first_rows_sparse
     active = tf.reduce_sum(tf.cast(problem.first_active, tf.float32))
-    rows = tf.where(sparse, count, float(problem.input_dim))
+    rows = _rows_read(problem, count, sparse)
     # `_copied_cost(problem, active, rows, 1) + overhead < _masked_cost(problem,
     # 1)`, solved for `active * rows` with Python floats: two ops, not ten.
     per_row = _copied_cost(problem, 1.0, 1.0, 1.0)  # a Python float
