@@ -246,7 +246,6 @@ class _Problem:
         # Row `j * input_dim + i` is input unit i's slice of output block j.
         self.tiles = tf.reshape(block_kernel, [self.blocks * self.input_dim, self.block_size])
         self.batch = tf.shape(inputs)[0]
-        self.active = block_mask > 0
         self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
         self._call = dict(self.__dict__)
 
@@ -262,8 +261,8 @@ class _Problem:
 
         A branch reads its statistics from its own copy: a tensor made in
         one branch's graph cannot be used in another's. The call's own
-        tensors (`tiles`, `batch`, `active`) are shared, not made again in
-        every branch: four ops a branch level at batch 1.
+        tensors (`tiles`, `batch`) are shared, not made again in every
+        branch: three ops a branch level at batch 1.
         """
         problem = object.__new__(_Problem)
         problem.__dict__.update(self._call)
@@ -275,6 +274,14 @@ class _Problem:
         for name in ("used_input_count", "used_block_count", "capacity", "rows_read",
                      "grouped_in_place"):
             getattr(self, name)
+
+    @functools.cached_property
+    def active(self):
+        """`(batch, blocks)` bool. Made by the branches that read it: the
+        dense fallback and the mostly-active test read `block_mask` itself
+        (Bengio MLP, density 3/4, one thread, A/B in one process, with the
+        two changes there: +3% at batch 1, +3-5% at batch 50)."""
+        return self.block_mask > 0
 
     # The first example's input and mask (batch 1): slices of at most one
     # row, flattened, so that they can be made whatever the batch, even an
@@ -649,22 +656,27 @@ def _static_capacity(problem, capacity=None):
 def _masked(problem):
     """The dense product and the mask, in the block-major layout.
 
-    Bias and activation are applied to the `(blocks, batch, block_size)`
-    product, the mask after its one transpose, broadcast over each block's
-    units, so the mask needs no expanding to units: Bengio MLP at batch 50,
-    one layer, one thread, 0.94x-0.95x -> 0.97x-0.98x of Dense against
-    `block_dense`. That one trains and applies them over the units, as Keras
-    does for any activation; the engine's activations are element-wise. (The
-    mask applied after the transpose rather than before needs no transpose of
-    its own: Bengio MLP, density 3/4, A/B in one process, +2% at batch 1,
-    +0-2% at batch 50.)
+    The `(blocks, batch, block_size)` product is transposed once, then bias,
+    activation and mask are applied to `(batch, blocks, block_size)`: the
+    bias as a `(blocks, block_size)` row, the 0/1 mask itself (as the
+    reference multiplies by it: no compare, no cast) broadcast over each
+    block's units, so it needs no expanding to units. The engine's
+    activations are element-wise, so their order with the transpose does
+    not matter (`block_dense`, which trains, applies them over the units, as
+    Keras does for any activation). Measured, Bengio MLP, one thread:
+    - bias and activation in block-major, the mask over units, against
+      `block_dense`: 0.94x-0.95x -> 0.97x-0.98x of Dense at batch 50;
+    - the mask after the transpose: +2% at batch 1, +0-2% at batch 50
+      (density 3/4, A/B in one process);
+    - then bias and activation after it too, and `-1` for the batch in the
+      final reshape (no shape tensor passed into the branch): +2-3% at
+      batch 1, +1-6% at batch 50 (density 3/4, A/B in one process).
     """
-    outputs = tf.matmul(problem.inputs[None], problem.block_kernel)  # (blocks, batch, s)
+    outputs = tf.transpose(tf.matmul(problem.inputs[None], problem.block_kernel), [1, 0, 2])
     if problem.bias is not None:
-        outputs = outputs + tf.reshape(problem.bias, [problem.blocks, 1, problem.block_size])
-    outputs = tf.transpose(problem.activation(outputs), [1, 0, 2])
-    outputs = outputs * tf.cast(problem.active, outputs.dtype)[:, :, None]
-    return tf.reshape(outputs, [problem.batch, problem.units])
+        outputs = outputs + tf.reshape(problem.bias, [problem.blocks, problem.block_size])
+    outputs = problem.activation(outputs) * problem.block_mask[:, :, None]
+    return tf.reshape(outputs, [-1, problem.units])
 
 
 def _rows_read(problem, count, sparse=None):
@@ -712,7 +724,8 @@ def mostly_active(problem):
     skipping never paid there in `benchmarks/gated_dense.py`. (False for an
     empty batch.)
     """
-    return tf.reduce_mean(tf.cast(problem.active, tf.float32)) > _AUTO_MAX_FRACTION
+    # The mean of the 0/1 mask (a no-op cast in float32): no compare.
+    return tf.reduce_mean(tf.cast(problem.block_mask, tf.float32)) > _AUTO_MAX_FRACTION
 
 
 def single_skipping_can_pay(problem):
