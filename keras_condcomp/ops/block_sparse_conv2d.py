@@ -208,7 +208,14 @@ class _Problem:
         self.blocks = block_mask.shape[-1]
         self.group_size = self.filters // self.blocks
         self.batch = tf.shape(inputs)[0]
-        self.active = block_mask > 0
+        self.block_mask = block_mask
+
+    @property
+    def active(self):
+        """`(batch, blocks)` bool, made in the graph of the branch that reads
+        it: the dense fallback and the skipping test read the 0/1
+        `block_mask` itself."""
+        return self.block_mask > 0
 
     def conv(self, inputs, kernel):
         return tf.nn.conv2d(
@@ -369,9 +376,10 @@ def _grouped(problem):
     # Output shape of one group for the whole batch.
     shape = tf.stack([problem.batch, *_output_spatial(problem), problem.group_size])
     outputs = []
+    active = problem.active
     for g in range(problem.blocks):
         columns = slice(g * problem.group_size, (g + 1) * problem.group_size)
-        examples = tf.cast(tf.where(problem.active[:, g]), tf.int32)  # (n, 1)
+        examples = tf.cast(tf.where(active[:, g]), tf.int32)  # (n, 1)
 
         def compute(examples=examples, columns=columns):
             inputs = tf.gather_nd(problem.inputs, examples)
@@ -405,7 +413,7 @@ def _masked(problem):
     # groups. Shapes with -1 for the batch are constants: no shape ops.
     # The output's shape from the input's: see `_output_spatial`.
     rows, cols = _output_spatial(problem)
-    active = tf.reshape(tf.cast(problem.active, outputs.dtype), [-1, problem.blocks, 1])
+    active = tf.reshape(problem.block_mask, [-1, problem.blocks, 1])
     active = tf.reshape(tf.tile(active, [1, 1, problem.group_size]), [-1, 1, problem.filters])
     static = isinstance(rows, int) and isinstance(cols, int) and rows * cols > 0
     # (-1 cannot stand for the batch when there are no positions.)
@@ -417,7 +425,8 @@ def _masked(problem):
 
 def active_fraction(problem):
     """The cost rule's input: the fraction of (example, group) pairs active."""
-    return tf.reduce_mean(tf.cast(problem.active, tf.float32))
+    # The mean of the 0/1 mask (a no-op cast in float32): no compare.
+    return tf.reduce_mean(tf.cast(problem.block_mask, tf.float32))
 
 
 def skipping_pays(problem):
