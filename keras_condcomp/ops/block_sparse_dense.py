@@ -269,6 +269,13 @@ class _Problem:
         problem._call = self._call
         return problem
 
+    def remade(self):
+        """A problem of the same call whose own tensors (`tiles`, `batch`) are
+        made again, in the graph of the branch that calls this: the graph
+        outside then makes none of them when only the dense fallback reads
+        the call (TensorFlow prunes ops nothing reads)."""
+        return _Problem(self.inputs, self.block_kernel, self.bias, self.block_mask, self.activation)
+
     def compute_statistics(self):
         """Computes every statistic here, before the branches that share them."""
         for name in ("used_input_count", "used_block_count", "capacity", "rows_read",
@@ -796,7 +803,7 @@ def _auto(problem):
     return tf.cond(
         mostly_active(problem),
         lambda: _masked(problem.fresh()),
-        called_branch(lambda: sparse(problem.fresh())),
+        called_branch(lambda: sparse(problem.remade())),
     )
 
 
