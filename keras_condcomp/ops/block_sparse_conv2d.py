@@ -523,7 +523,9 @@ def block_sparse_conv2d(
         kernel: `(kernel_h, kernel_w, in_channels, filters)`, `filters`
             divisible by the mask's blocks.
         bias: `(filters,)` or None.
-        block_mask: `(batch, blocks)`, 1 for an active group, 0 for a skipped one.
+        block_mask: `(batch, blocks)`, 1 for an active group, 0 for a skipped one
+            (no other values: the dense fallback multiplies by the mask, the
+            skipping paths only test it against 0).
         activation: an element-wise callable with `activation(0)` finite,
             applied to active groups, or None.
         strides, padding, dilation_rate: as in `keras.layers.Conv2D`.

@@ -286,8 +286,8 @@ class _Problem:
     def active(self):
         """`(batch, blocks)` bool. Made by the branches that read it: the
         dense fallback and the mostly-active test read `block_mask` itself
-        (Bengio MLP, density 3/4, one thread, A/B in one process, with the
-        two changes there: +3% at batch 1, +3-5% at batch 50)."""
+        (Bengio MLP, one thread, A/B in one process: +1-2% at densities 3/4
+        and 1/16, batches 1 and 50)."""
         return self.block_mask > 0
 
     # The first example's input and mask (batch 1): slices of at most one
@@ -854,7 +854,9 @@ def block_sparse_dense(
         block_kernel: `(blocks, input_dim, block_size)`, the block-major
             kernel (`to_block_kernel(kernel, blocks)` of a Dense kernel).
         bias: `(blocks * block_size,)` or None.
-        block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one.
+        block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one
+            (no other values: the dense fallback multiplies by the mask, the
+            skipping paths only test it against 0).
         activation: an element-wise callable applied to active blocks, or None.
         path: one of `EXECUTION_PATHS` (see the module docs).
         capacity: `"static_capacity"` only: example slots per block (default:
