@@ -352,6 +352,27 @@ def test_grouped_reads_the_kernel_in_place_when_copying_would_cost_more(
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("first_dense", [True, False])
+def test_used_inputs_are_the_union_whether_or_not_the_first_example_is_dense(rng, first_dense):
+    # Example 0 dense (every row read anyway) or sparse; the rest use rows
+    # 0-2 only: the union is counted exactly when it can matter.
+    x = np.zeros((6, 16), "float32")
+    x[1:, :3] = rng.normal(size=(5, 3))
+    x[0, :16 if first_dense else 2] = rng.normal(size=16 if first_dense else 2)
+    kernel = rng.normal(size=(16, 8)).astype("float32")
+    mask = (rng.random((6, 4)) < 0.5).astype("float32")
+    mask[0, 0] = 1.0
+    problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), 4), None,
+                       tf.constant(mask), tf.nn.relu)
+    assert float(problem.used_input_count) == (16.0 if first_dense else 3.0)
+    assert bool(tf.reduce_all(problem.used_inputs)) is first_dense
+    expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu).numpy()
+    for path in ("grouped", "auto"):
+        got = block_sparse_dense(x, to_block_kernel(kernel, 4), None, mask, tf.nn.relu,
+                                 path=path).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)
+
+
 def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rng):
     kernel = rng.normal(size=(3072, 1536)).astype("float32")
     x = rng.random((50, 3072)).astype("float32")
