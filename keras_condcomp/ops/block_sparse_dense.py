@@ -55,18 +55,13 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"auto"`: decided per call inside the graph. First, `"masked"` when more
   than half of the (example, block) pairs are active (skipping never paid
   there in `benchmarks/gated_dense.py`, and the mask alone decides it).
-  Else, at batch 1: `_single` or `"masked"`, by the batch-1 case of the
-  cost model below, from the example's active blocks and non-zero inputs
-  (a few scalar ops, made on the first example whatever the batch, so that
-  batch 1 and this decision are one branch: Bengio MLP, one thread, A/B in
-  one process, at batch 1 +1-4% at density 1/16, +0-6% at 1/4, +3-4% at
-  3/4, +3-5% on 1024 -> 1024; the same at batches 4 and 50); `"masked"` with
-  no decision when the layer is too small for skipping ever to pay
-  (`single_skipping_can_pay`). Above batch
-  1: `"grouped"` or `"masked"`, the cheaper by the cost model, in a called
-  function (the other cases skip its ops). Everything after the first
-  test runs as a called function too, so that the dense fallback does not
-  pay for the skipping graph's ops (see `_auto`).
+  Else one called function by batch size (the dense fallback and the
+  other batch case do not pay for its ops, see `_auto`). At batch 1:
+  `_single` or `"masked"`, by the batch-1 case of the cost model below,
+  from the example's active blocks and non-zero inputs; `"masked"` with no
+  decision when the layer is too small for skipping ever to pay
+  (`single_skipping_can_pay`). Above batch 1: `"grouped"` or `"masked"`,
+  the cheaper by the cost model.
   Against the previous `"auto"` (every statistic computed on every call,
   one switch over the three paths), Bengio MLP, one thread, A/B in one
   process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16 and batch
@@ -785,21 +780,24 @@ def single_skipping_pays(problem):
 
 def _auto(problem):
     # More than half the pairs active: the dense fallback, whatever the
-    # batch, after one cond. Else batch 1 first: whether `_single` pays is
-    # decided from the first example (a few scalar ops, made whatever the
-    # batch), so that the skipping case takes one more branch, not two.
-    # Every skipping graph is called, not inlined: an inlined branch not
-    # taken still costs each of its ops, a called one one op. (Bengio MLP,
-    # one thread, A/B in one process: the batched branch called took density
-    # 3/4 and batch 50 from 0.82x-0.85x to 0.88x-0.89x of Dense and batch
-    # 256 from 0.94x to 0.96x; then the whole skipping side called, +5% at
-    # 3/4 and batch 1, +2% at 1/4, +0-6% at 1/16 and batch 50, -1-2% at
-    # 1/16 and batch 1 and -2-3.5% at 1/32, where the call costs more than
-    # the untaken dense fallback's ops; on the digits demo's 2048-wide MLP
-    # at density 1/4 and batch 1, -2-3%. A layer with no batch-1 skipping
-    # graph takes one branch and no call at batch 1: 784 -> 256 +7%. The
-    # called side makes its own tiles view and batch size (`remade`), so
-    # the fallback's graph makes neither: 3/4 +1-2%, 1/16 +1-6%.)
+    # batch, after one cond. Else one called function by batch size: batch 1
+    # decides between `_single` and the dense fallback from the example
+    # alone, larger batches between `"grouped"` and the dense fallback.
+    # Skipping graphs are called, not inlined: an inlined branch not taken
+    # still costs each of its ops, a called one one op; and one call deep,
+    # as each call costs tens of microseconds. (Bengio MLP, one thread, A/B
+    # in one process: the batched branch called took density 3/4 and batch
+    # 50 from 0.82x-0.85x to 0.88x-0.89x of Dense and batch 256 from 0.94x
+    # to 0.96x; then the whole skipping side called, +5% at 3/4 and batch 1,
+    # +2% at 1/4, +0-6% at 1/16 and batch 50, -1-2% at 1/16 and batch 1 and
+    # -2-3.5% at 1/32, where the call costs more than the untaken dense
+    # fallback's ops. A layer with no batch-1 skipping graph takes one branch
+    # and no call at batch 1: 784 -> 256 +7%. The called side makes its own
+    # tiles view and batch size (`remade`), so the fallback's graph makes
+    # neither: 3/4 +1-2%, 1/16 +1-6%. One call by batch size, where the
+    # batches above 1 made a second call inside the first: +7-12% at 1/16
+    # and batches 4, 50 and 256, +6-11% at 1/4 and batches 4 and 50, +0-4%
+    # at batch 1; 1024 -> 1024 at 1/16 +5-7% at batches 1 and 50.)
     def skipping(problem):
         problem.compute_statistics()
         return tf.cond(
@@ -812,13 +810,12 @@ def _auto(problem):
             called_branch(lambda: skipping(problem.fresh())),
         )
 
-    def sparse(problem):
-        is_single = tf.equal(problem.batch, 1)
+    def single_or_masked(problem):
         problem.share_first_example()
         return tf.cond(
-            tf.logical_and(is_single, single_skipping_pays(problem)),
+            single_skipping_pays(problem),
             lambda: _single(problem.fresh()),
-            lambda: batched_or_masked(problem, is_single),
+            lambda: _masked(problem.fresh()),
         )
 
     if not single_skipping_can_pay(problem):
@@ -829,7 +826,11 @@ def _auto(problem):
     return tf.cond(
         mostly_active(problem),
         lambda: _masked(problem.fresh()),
-        called_branch(lambda: sparse(problem.remade())),
+        lambda: tf.cond(
+            tf.equal(problem.batch, 1),
+            called_branch(lambda: single_or_masked(problem.remade())),
+            called_branch(lambda: skipping(problem.remade())),
+        ),
     )
 
 
