@@ -17,10 +17,14 @@ tile are consecutive in memory.
 
 Paths (TensorFlow graphs; one trace serves every batch size):
 
-- `"per_example"`: every (example, active block) pair gathers its own tiles,
-  restricted to that example's non-zero inputs; one batched matrix-vector
-  product (above batch 1, ahead of `"grouped"` only when each example uses
-  about one block in and out; forced only). At batch 1 it runs the leanest
+- `"per_example"`: every (example, active block) pair reads its own
+  weights, restricted to that example's non-zero inputs. Above batch 1 the
+  inputs are taken by chunks of `chunk` rows (the block size, or the
+  largest divisor of the input size below it), as a gated layer upstream
+  zeros whole blocks: one `(chunk, block_size)` tile, contiguous in the
+  block-major layout and copied whole, per (example, active block, chunk
+  with a non-zero input), one batched matrix-vector product, and a scatter
+  that sums each pair's tiles. At batch 1 it runs the leanest
   graph of all (`_single`), `"auto"`'s skipping path there: the
   active blocks' tiles of the example's non-zero inputs, one gather, one
   product, one scatter. The tiles of sparse inputs are gathered row by row
@@ -60,20 +64,16 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   `_single` or `"masked"`, by the batch-1 case of the cost model below,
   from the example's active blocks and non-zero inputs; `"masked"` with no
   decision when the layer is too small for skipping ever to pay
-  (`single_skipping_can_pay`). Above batch 1: `"grouped"` or `"masked"`,
-  the cheaper by the cost model.
-  Against the previous `"auto"` (every statistic computed on every call,
-  one switch over the three paths), Bengio MLP, one thread, A/B in one
-  process: 1.48x-1.58x -> 2.11x-2.14x over Dense at density 1/16 and batch
-  1, 1.16x-1.20x -> 1.26x-1.59x at 1/4; batches 50 and 256 the same within
-  the noise. `"per_example"` above batch 1 is never `"auto"`'s choice: it
-  was the cost model's third option until forced paths, side by side,
-  showed it slower than `"grouped"` in every setting tried on the Bengio
-  MLP (batches 4 to 256, densities 1/16 to 1/4), and ahead by about 5% only
-  with exactly one active block in and out per example; leaving it out
-  made `"auto"` 8%-15% faster at batches 4 and 50 (Bengio MLP, density
-  1/16, A/B in one process: 1.36x -> 1.48x-1.54x over Dense at batch 50,
-  1.14x-1.45x -> 1.26x-1.66x at batch 4) and needs fewer statistics.
+  (`single_skipping_can_pay`). Above batch 1: `"grouped"`, `"per_example"`
+  or `"masked"`, the cheapest by the cost model. `"per_example"` wins there
+  when the input is block-sparse, as behind another gated layer: the
+  Bengio MLP's second layer at density 1/16, one thread, alone, forced
+  paths side by side: 0.55 ms against `"grouped"`'s 0.59 ms at batch 4,
+  0.77 against 1.09 at 16, 1.25 against 1.47 at 50; at 128 and 256
+  `"grouped"` (2.1 and 3.2 ms against 2.7 and 4.8), and at density 1/4
+  from batch 8 on. (It was a third option before, when it gathered rows
+  of single inputs through a ragged tensor: slower than `"grouped"` in
+  every setting tried, and dropped before.)
 
 Cost model of `"auto"`: estimated nanoseconds, from the shapes of the call.
 With `B` the batch, `d` the input size, `u` the units, `s` the block size,
@@ -81,10 +81,13 @@ With `B` the batch, `d` the input size, `u` the units, `s` the block size,
 `n` the number of blocks active in some example and `C` the most examples
 sharing a block (the grouped product is padded to it):
 
-    masked  = max(B d u / gemm, d u / read)
-    grouped = n r s / copy + n C r s / batched + overhead        (copied)
-            = max(b C d s / batched, b d s / read) + overhead   (in place)
+    masked      = max(B d u / gemm, d u / read)
+    grouped     = n r s / copy + n C r s / batched + overhead        (copied)
+                = max(b C d s / batched, b d s / read) + overhead   (in place)
+    per_example = T c s / copy + T c s / batched + overhead
 
+with `T` the tiles `"per_example"` reads (example, active block, chunk with
+a non-zero input) and `c` the chunk size.
 The grouped path reads in place when `n r / copy >= b d / read`. At batch 1
 (`C = 1`, `n` and `r` the example's own) the batch-1 graph costs the copied
 grouped cost, `n r s (1 / copy + 1 / batched) + overhead`.
@@ -242,6 +245,9 @@ class _Problem:
         self.tiles = tf.reshape(block_kernel, [self.blocks * self.input_dim, self.block_size])
         self.batch = tf.shape(inputs)[0]
         self.sparse_limit = _INPUT_SPARSITY_THRESHOLD * self.input_dim
+        # `"per_example"` above batch 1 reads inputs by chunks of this many rows.
+        self.chunk = _chunk_size(self.input_dim, self.block_size)
+        self.chunks = self.input_dim // self.chunk
         self._call = dict(self.__dict__)
 
     def share_first_example(self):
@@ -274,7 +280,7 @@ class _Problem:
     def compute_statistics(self):
         """Computes every statistic here, before the branches that share them."""
         for name in ("used_input_count", "used_block_count", "capacity", "rows_read",
-                     "grouped_in_place"):
+                     "grouped_in_place", "tile_count"):
             getattr(self, name)
 
     @functools.cached_property
@@ -311,43 +317,54 @@ class _Problem:
         return count <= self.sparse_limit, count
 
     @functools.cached_property
-    def _nonzero(self):
-        return _nonzero_flags(self.inputs)
-
-    @functools.cached_property
-    def most_nonzero(self):
-        """The most non-zero inputs of one example (0 for an empty batch)."""
-        return tf.reduce_max(tf.concat([tf.reduce_sum(self._nonzero, axis=1), [0.0]], 0))
-
-    @functools.cached_property
-    def _used_inputs_and_count(self):
+    def _input_scan(self):
+        """`(used_inputs, used_input_count, tile_count)`, scanned only when
+        the first example alone is sparse enough for its rows to be read
+        apart. When it is not, the batch is not either: every input is
+        counted as used, and every (example, block, chunk) as a tile."""
         first_sparse, _ = self.first_rows_sparse
 
         def scanned():
+            # (`_nonzero_flags` is made here: a tensor cached in this
+            # branch's graph could not be used in another's.)
+            flags = _nonzero_flags(self.inputs)
             # A product with a ones vector: reduce_any over the batch axis
             # measured 5-9x slower at batch 50-256.
-            # (`_nonzero` is not read: a tensor cached in this branch's graph
-            # could not be used in another's.)
-            used = tf.matmul(tf.ones([1, self.batch]), _nonzero_flags(self.inputs))[0] > 0
-            return used, tf.reduce_sum(tf.cast(used, tf.float32))
+            used = tf.matmul(tf.ones([1, self.batch]), flags)[0] > 0
+            # (`any` over the input's chunks: a third of the time of a `max`
+            # over `flags`' at batch 256.)
+            chunks = tf.reduce_sum(tf.cast(_nonzero_chunks(self.inputs, self.chunk), tf.float32), 1)
+            tiles = tf.reduce_sum(chunks * tf.reduce_sum(self._float_mask, axis=1))
+            return used, tf.reduce_sum(tf.cast(used, tf.float32)), tiles
 
         def every():
-            return tf.ones([self.input_dim], tf.bool), float(self.input_dim)
+            tiles = tf.reduce_sum(self._float_mask) * float(self.chunks)
+            return tf.ones([self.input_dim], tf.bool), float(self.input_dim), tiles
 
-        # The first example alone too dense for its rows to be read apart:
-        # so is the batch, whose every row is then read; no scan.
         return tf.cond(first_sparse, scanned, every)
+
+    @property
+    def _float_mask(self):
+        """`block_mask` as float32 (a no-op cast in float32)."""
+        return tf.cast(self.block_mask, tf.float32)
 
     @property
     def used_inputs(self):
         """`(input_dim,)` bool: non-zero in some example (every input when
         the first example alone has too many to read only those)."""
-        return self._used_inputs_and_count[0]
+        return self._input_scan[0]
 
     @property
     def used_input_count(self):
         """The number of `used_inputs`."""
-        return self._used_inputs_and_count[1]
+        return self._input_scan[1]
+
+    @property
+    def tile_count(self):
+        """The `(chunk, block_size)` weight tiles `"per_example"` reads above
+        batch 1: one per (example, active block, input chunk non-zero in the
+        example)."""
+        return self._input_scan[2]
 
     @functools.cached_property
     def block_counts(self):
@@ -403,6 +420,20 @@ def _nonzero_flags(inputs):
     return tf.cast(tf.not_equal(inputs, 0), tf.float32)
 
 
+def _nonzero_chunks(inputs, chunk):
+    """`(batch, input_dim // chunk)` bool: the chunks of `chunk` inputs with a
+    non-zero input."""
+    chunks = inputs.shape[1] // chunk
+    return tf.reduce_any(tf.not_equal(tf.reshape(inputs, [-1, chunks, chunk]), 0), axis=2)
+
+
+def _chunk_size(input_dim, block_size):
+    """The largest divisor of `input_dim` up to `block_size`: the rows of an
+    input chunk, so that a weight tile is about square, and a chunk is one
+    upstream gated layer's block when the two layers' block sizes agree."""
+    return max(size for size in range(1, block_size + 1) if input_dim % size == 0)
+
+
 def _first_row(tensor):
     """Row 0 of a `(batch, n)` tensor, of size 0 for an empty batch.
 
@@ -415,50 +446,11 @@ def _first_row(tensor):
     return tf.reshape(tensor[:1], [-1])
 
 
-def _nonzero_rows_per_example(problem):
-    """`(batch, R)` input-unit indices and values of each example's non-zeros.
-
-    Padded with index 0 and value 0 (which contributes nothing). Falls back to
-    every input unit when some example is dense enough; also returns whether
-    it did not (the rows are a subset).
-    """
-    def sparse():
-        where = tf.where(tf.not_equal(problem.inputs, 0))
-        ragged_rows = tf.RaggedTensor.from_value_rowids(
-            tf.cast(where[:, 1], tf.int32), where[:, 0], nrows=tf.cast(problem.batch, tf.int64)
-        )
-        ragged_values = tf.RaggedTensor.from_value_rowids(
-            tf.gather_nd(problem.inputs, where), where[:, 0],
-            nrows=tf.cast(problem.batch, tf.int64),
-        )
-        return ragged_rows.to_tensor(0), ragged_values.to_tensor(0)
-
-    def dense():
-        rows = tf.tile(tf.range(problem.input_dim)[None, :], [problem.batch, 1])
-        return rows, problem.inputs
-
-    sparse_enough = problem.most_nonzero <= problem.sparse_limit
-    rows, values = tf.cond(sparse_enough, sparse, dense)
-    return rows, values, sparse_enough
-
-
 def _row_tiles(problem, blocks_of, rows):
     """`(len(blocks_of), R, block_size)`: rows `rows` of the given blocks,
     copied. `rows` is `(R,)` shared by every block, or `(len(blocks_of), R)`."""
     rows = rows if rows.shape.rank == 2 else rows[None, :]
     return tf.gather(problem.tiles, rows + blocks_of[:, None] * problem.input_dim)
-
-
-def _block_weights(problem, blocks_of, rows, sparse_rows):
-    """`(len(blocks_of), R, block_size)`: rows `rows` of the given blocks.
-
-    With every row (`sparse_rows` False) each block is one contiguous copy.
-    """
-    return tf.cond(
-        sparse_rows,
-        lambda: _row_tiles(problem, blocks_of, rows),
-        lambda: tf.gather(problem.block_kernel, blocks_of),
-    )
 
 
 def _in_place_or(problem, blocks_of, product, copied):
@@ -576,15 +568,24 @@ def _per_example(problem):
 
 
 def _per_example_batched(problem):
-    rows, values, sparse_rows = _nonzero_rows_per_example(problem)
-    pairs = tf.where(problem.active)  # (P, 2): example, block
-    examples, blocks_of_pairs = pairs[:, 0], tf.cast(pairs[:, 1], tf.int32)
-    weights = _block_weights(  # (P, R, block_size)
-        problem, blocks_of_pairs, tf.gather(rows, examples), sparse_rows
+    """Each (example, active block) pair times the weight tiles of its
+    example's non-zero input chunks: one `(chunk, block_size)` tile, copied,
+    per (example, block, chunk) triple, one batched product, and the
+    triples of a pair summed by the scatter."""
+    inputs = tf.reshape(problem.inputs, [-1, problem.chunks, problem.chunk])
+    nonzero_chunks = _nonzero_chunks(problem.inputs, problem.chunk)
+    triples = tf.where(  # (T, 3): example, block, chunk
+        tf.logical_and(problem.active[:, :, None], nonzero_chunks[:, None, :])
     )
-    pair_values = tf.gather(values, examples)[:, None, :]  # (P, 1, R)
-    outputs = tf.matmul(pair_values, weights)[:, 0, :]
-    return problem.finish(outputs, examples, blocks_of_pairs)
+    values = tf.gather_nd(inputs, tf.gather(triples, [0, 2], axis=1))  # (T, chunk)
+    # Tile `j * chunks + c` is rows `c * chunk ...` of block j: contiguous.
+    tiles = tf.reshape(
+        problem.block_kernel, [problem.blocks * problem.chunks, problem.chunk, problem.block_size]
+    )
+    weights = tf.gather(tiles, triples[:, 1] * problem.chunks + triples[:, 2])
+    products = tf.matmul(values[:, None, :], weights)[:, 0, :]  # (T, block_size)
+    shape = tf.stack([tf.cast(problem.batch, tf.int64), problem.blocks, problem.block_size])
+    return _finish_blocks(problem, tf.scatter_nd(triples[:, :2], products, shape))
 
 
 def _used_input_rows(problem):
@@ -699,6 +700,11 @@ def _masked(problem):
       batch 1, +1-6% at batch 50 (density 3/4, A/B in one process).
     """
     outputs = tf.transpose(tf.matmul(problem.inputs[None], problem.block_kernel), [1, 0, 2])
+    return _finish_blocks(problem, outputs)
+
+
+def _finish_blocks(problem, outputs):
+    """Bias, activation and mask of `(batch, blocks, block_size)` products."""
     if problem.bias is not None:
         outputs = outputs + tf.reshape(problem.bias, [problem.blocks, problem.block_size])
     outputs = problem.activation(outputs) * problem.block_mask[:, :, None]
@@ -737,10 +743,28 @@ def grouped_cost(problem):
     return tf.where(problem.grouped_in_place, in_place, copied) + _COSTS["overhead"]
 
 
-def grouping_pays(problem):
-    """Whether `"auto"` above batch 1 (fewer than half the pairs active)
-    runs `"grouped"` rather than `"masked"`: the cheaper by the cost model."""
-    return grouped_cost(problem) < _masked_cost(problem, tf.cast(problem.batch, tf.float32))
+def per_example_cost(problem):
+    """The cost-model estimate (ns) of `"per_example"` above batch 1: the
+    copied cost of its tiles, one example each. With a dense input (every
+    chunk read) never below `"grouped"`'s copied cost, which reads each
+    used block once for all its examples."""
+    tiles = _copied_cost(problem, problem.tile_count, float(problem.chunk), 1.0)
+    return tiles + _COSTS["overhead"]
+
+
+BATCHED_CHOICES = ("masked", "grouped", "per_example")
+
+
+def batched_choice(problem):
+    """`"auto"`'s path above batch 1 (fewer than half the pairs active), as
+    an index into `BATCHED_CHOICES`: the cheapest by the cost model (the
+    dense fallback on a tie)."""
+    costs = tf.stack([
+        _masked_cost(problem, tf.cast(problem.batch, tf.float32)),
+        grouped_cost(problem),
+        per_example_cost(problem),
+    ])
+    return tf.argmin(costs, output_type=tf.int32)
 
 
 def mostly_active(problem):
@@ -751,7 +775,7 @@ def mostly_active(problem):
     empty batch.)
     """
     # The mean of the 0/1 mask (a no-op cast in float32): no compare.
-    return tf.reduce_mean(tf.cast(problem.block_mask, tf.float32)) > _AUTO_MAX_FRACTION
+    return tf.reduce_mean(problem._float_mask) > _AUTO_MAX_FRACTION
 
 
 def single_skipping_can_pay(problem):
@@ -800,8 +824,10 @@ def _auto(problem):
     # at batch 1; 1024 -> 1024 at 1/16 +5-7% at batches 1 and 50.)
     def skipping(problem):
         problem.compute_statistics()
-        return tf.cond(
-            grouping_pays(problem), lambda: _grouped(problem), lambda: _masked(problem)
+        paths = {"masked": _masked, "grouped": _grouped, "per_example": _per_example_batched}
+        return tf.switch_case(
+            batched_choice(problem),
+            [functools.partial(paths[name], problem) for name in BATCHED_CHOICES],
         )
 
     def batched_or_masked(problem, masked):

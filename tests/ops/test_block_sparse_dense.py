@@ -17,10 +17,11 @@ from keras_condcomp.ops import (
     to_block_kernel,
 )
 from keras_condcomp.ops.block_sparse_dense import (
+    BATCHED_CHOICES,
     _masked_cost,
     _Problem,
+    batched_choice,
     grouped_cost,
-    grouping_pays,
     mostly_active,
     single_skipping_can_pay,
     single_skipping_pays,
@@ -265,7 +266,7 @@ def _chosen_path(x, kernel, mask):
         return "masked"
     if len(x) == 1:
         return "single" if bool(single_skipping_pays(problem)) else "masked"
-    return "grouped" if bool(grouping_pays(problem)) else "masked"
+    return BATCHED_CHOICES[int(batched_choice(problem))]
 
 
 def test_cost_model_choices(rng):
@@ -286,14 +287,25 @@ def test_cost_model_choices(rng):
         "grouped")
     assert _chosen_path(rng.random((256, 3072)).astype("float32"), kernel,
                         np.ones((256, 24), "float32")) == "masked"
-    # Block-sparse inputs (different blocks per example) and outputs at batch
-    # 50: grouped, never per_example above batch 1.
+    # Block-sparse inputs (one block per example, as behind another gated
+    # layer) and outputs: per_example reads a tile per pair, grouped would
+    # read most of the kernel; a dense input has every chunk non-zero.
     h = np.zeros((50, 24, 64), "float32")
     h[np.arange(50), rng.integers(0, 24, 50)] = rng.random((50, 64))
     h = h.reshape(50, 1536)
     mask = np.zeros((50, 24), "float32")
     mask[np.arange(50), rng.integers(0, 24, 50)] = 1.0
-    assert _chosen_path(h, kernel[:1536], mask) == "grouped"
+    assert _chosen_path(h, kernel[:1536], mask) == "per_example"
+    assert _chosen_path(rng.random((50, 1536)).astype("float32"), kernel[:1536], mask) == (
+        "grouped")
+    # Many tiles per example in a large batch: copying a tile per pair and
+    # chunk would copy the kernel several times over; grouped reads it once.
+    h = np.zeros((256, 24, 64), "float32")
+    mask = np.zeros((256, 24), "float32")
+    for example in range(256):
+        h[example, rng.choice(24, 4, replace=False)] = rng.random((4, 64))
+        mask[example, rng.choice(24, 2, replace=False)] = 1.0
+    assert _chosen_path(h.reshape(256, 1536), kernel[:1536], mask) == "grouped"
     # A tiny layer: the fixed cost of skipping outweighs the dense product,
     # at batch 1 and above.
     small = rng.normal(size=(64, 32)).astype("float32")
@@ -371,6 +383,44 @@ def test_used_inputs_are_the_union_whether_or_not_the_first_example_is_dense(rng
         got = block_sparse_dense(x, to_block_kernel(kernel, 4), None, mask, tf.nn.relu,
                                  path=path).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.parametrize("input_dim, block_size, chunk", [(48, 8, 8), (36, 8, 6), (7, 4, 1)])
+def test_per_example_reads_the_tiles_of_each_examples_non_zero_chunks(
+    rng, input_dim, block_size, chunk
+):
+    # Above batch 1 inputs are read by chunks (the block size, or the largest
+    # divisor of the input size below it): whole chunks zero, as behind a
+    # gated layer, zeros inside non-zero chunks, an all-zero example, and
+    # all-on and all-off rows of the mask.
+    blocks, batch = 4, 9
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    nonzero_chunks = rng.random((batch, input_dim // chunk)) < 0.4
+    x[~np.repeat(nonzero_chunks, chunk, axis=1)] = 0.0
+    x[0], nonzero_chunks[0] = 0.0, False
+    x[1, ::2] = 0.0
+    nonzero_chunks = nonzero_chunks.reshape(batch, -1, 1) & (
+        x.reshape(batch, -1, chunk) != 0).any(axis=2, keepdims=True)
+    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
+    bias = rng.normal(size=blocks * block_size).astype("float32")
+    mask = (rng.random((batch, blocks)) < 0.3).astype("float32")
+    mask[2], mask[3] = 1.0, 0.0
+    problem = _Problem(tf.constant(x), to_block_kernel(tf.constant(kernel), blocks), None,
+                       tf.constant(mask), tf.nn.relu)
+    assert problem.chunk == chunk
+    tiles = float(np.sum(nonzero_chunks.sum(axis=(1, 2)) * mask.sum(axis=1)))
+    assert float(problem.tile_count) == tiles
+    expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+    before = cost_constants()
+    try:
+        set_cost_constants(copy=1e6, batched=1e6, overhead=1e-6)  # copies cost next to nothing
+        assert _chosen_path(x, kernel, mask) == "per_example"
+        for path in ("per_example", "auto"):
+            got = block_sparse_dense(x, to_block_kernel(kernel, blocks), bias, mask, tf.nn.relu,
+                                     path=path).numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)
+    finally:
+        set_cost_constants(**before)
 
 
 def test_auto_runs_the_dense_fallback_above_half_the_pairs_whatever_the_costs(rng):
