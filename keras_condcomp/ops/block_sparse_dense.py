@@ -64,8 +64,11 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   `_single` or `"masked"`, by the batch-1 case of the cost model below,
   from the example's active blocks and non-zero inputs; `"masked"` with no
   decision when the layer is too small for skipping ever to pay
-  (`single_skipping_can_pay`). Above batch 1: `"grouped"`, `"per_example"`
-  or `"masked"`, the cheapest by the cost model. `"per_example"` wins there
+  (`single_skipping_can_pay`). Above batch 1: `"masked"` with no
+  statistic when the batch is too small for a batched path's fixed cost
+  to pay (`batched_skipping_can_pay`, from the batch size alone: 784 -> 256
+  below batch 77), else `"grouped"`, `"per_example"` or `"masked"`, the
+  cheapest by the cost model. `"per_example"` wins there
   when the input is block-sparse, as behind another gated layer: the
   Bengio MLP's second layer at density 1/16, one thread, alone, forced
   paths side by side: 0.55 ms against `"grouped"`'s 0.59 ms at batch 4,
@@ -82,9 +85,10 @@ With `B` the batch, `d` the input size, `u` the units, `s` the block size,
 sharing a block (the grouped product is padded to it):
 
     masked      = max(B d u / gemm, d u / read)
-    grouped     = n r s / copy + n C r s / batched + overhead        (copied)
-                = max(b C d s / batched, b d s / read) + overhead   (in place)
-    per_example = T c s / copy + T c s / batched + overhead
+    grouped     = n r s / copy + n C r s / batched + batched_overhead  (copied)
+                = max(b C d s / batched, b d s / read) + batched_overhead
+                                                                 (in place)
+    per_example = T c s / copy + T c s / batched + batched_overhead
 
 with `T` the tiles `"per_example"` reads (example, active block, chunk with
 a non-zero input) and `c` the chunk size.
@@ -95,15 +99,20 @@ grouped cost, `n r s (1 / copy + 1 / batched) + overhead`.
 `gemm` is the multiply-adds per ns of a dense matmul, `read` the weights per
 ns it streams at batch 1 (a matrix-vector product is memory-bound), `copy`
 the weights per ns `tf.gather` copies, `batched` the multiply-adds per ns of
-a batch of small products, and `overhead` the fixed cost of a skipping
-path's extra graph ops, which keeps small layers (e.g. 784 -> 256 at batch
-1) on the dense path. Only their ratios matter. The defaults were measured
+a batch of small products, `overhead` the fixed cost of the batch-1
+skipping graph's extra ops, which keeps small layers (e.g. 784 -> 256 at
+batch 1) on the dense path, and `batched_overhead` that of a batched
+skipping path (the call, its statistics and some forty ops), which keeps
+them there at small batches. Only their ratios matter. The defaults were measured
 with one thread on a shared 2-core 2.5 GHz AVX-512 Xeon (`copy` and
 `overhead` refitted for the block-major layout from where skipping and the
 dense product cross over at batch 1: about 5 of 16 blocks for 2048 -> 2048,
 7 of 24 for 3072 -> 1536, 3-4 of 16 for 1024 -> 1024; `batched` from where
 grouped and the dense product compare at batch 50 and 256, densities 1/8 to
-1/2); `set_cost_constants` changes them for other machines.
+1/2; `batched_overhead` from the batched paths' fixed cost against the
+dense product's, fitted on 784 -> 256 and the Bengio MLP's second layer at
+batch 50: about 0.26 ms more than the dense product's own, here about
+0.9 million units); `set_cost_constants` changes them for other machines.
 """
 
 import contextlib
@@ -132,6 +141,7 @@ _COSTS = {
     "copy": 0.4,
     "batched": 12.0,
     "overhead": 2.5e5,
+    "batched_overhead": 9e5,
 }
 
 # Above this fraction of non-zero inputs, reading every input row is cheaper
@@ -740,7 +750,7 @@ def grouped_cost(problem):
     # In place, the product streams the whole kernel like the dense one.
     every = float(problem.blocks * problem.input_dim) * s
     in_place = tf.maximum(every * capacity / _COSTS["batched"], every / _COSTS["read"])
-    return tf.where(problem.grouped_in_place, in_place, copied) + _COSTS["overhead"]
+    return tf.where(problem.grouped_in_place, in_place, copied) + _COSTS["batched_overhead"]
 
 
 def per_example_cost(problem):
@@ -749,7 +759,7 @@ def per_example_cost(problem):
     chunk read) never below `"grouped"`'s copied cost, which reads each
     used block once for all its examples."""
     tiles = _copied_cost(problem, problem.tile_count, float(problem.chunk), 1.0)
-    return tiles + _COSTS["overhead"]
+    return tiles + _COSTS["batched_overhead"]
 
 
 BATCHED_CHOICES = ("masked", "grouped", "per_example")
@@ -788,6 +798,18 @@ def single_skipping_can_pay(problem):
     return _COSTS["overhead"] < _masked_cost(problem, 1)
 
 
+def batched_skipping_can_pay(problem):
+    """Whether a skipping path above batch 1 can cost less than the dense
+    product at this batch size: its fixed cost `batched_overhead` alone must
+    be below the dense product's. Two scalar ops on the batch size, before
+    any statistic: a small layer at a small batch (784 -> 256 below batch 77)
+    runs the dense fallback without them. `True` itself when the dense
+    product's cost exceeds it at any batch size (no ops)."""
+    if _masked_cost(problem, 1) > _COSTS["batched_overhead"]:
+        return True
+    return _masked_cost(problem, tf.cast(problem.batch, tf.float32)) > _COSTS["batched_overhead"]
+
+
 def single_skipping_pays(problem):
     """Whether `"auto"` skips at batch 1 (`_single`): the cost model's batch-1
     case (the copied grouped cost, one example), from the example alone.
@@ -806,7 +828,9 @@ def _auto(problem):
     # More than half the pairs active: the dense fallback, whatever the
     # batch, after one cond. Else one called function by batch size: batch 1
     # decides between `_single` and the dense fallback from the example
-    # alone, larger batches between `"grouped"` and the dense fallback.
+    # alone, larger batches between the batched paths and the dense
+    # fallback from their statistics (when the batch size alone does not
+    # rule the batched paths out: then the dense fallback, no call).
     # Skipping graphs are called, not inlined: an inlined branch not taken
     # still costs each of its ops, a called one one op; and one call deep,
     # as each call costs tens of microseconds. (Bengio MLP, one thread, A/B
@@ -830,12 +854,6 @@ def _auto(problem):
             [functools.partial(paths[name], problem) for name in BATCHED_CHOICES],
         )
 
-    def batched_or_masked(problem, masked):
-        return tf.cond(
-            masked, lambda: _masked(problem.fresh()),
-            called_branch(lambda: skipping(problem.fresh())),
-        )
-
     def single_or_masked(problem):
         problem.share_first_example()
         return tf.cond(
@@ -844,20 +862,29 @@ def _auto(problem):
             lambda: _masked(problem.fresh()),
         )
 
+    def masked():
+        return _masked(problem.fresh())
+
+    batched = called_branch(lambda: skipping(problem.remade()))
+    is_single = tf.equal(problem.batch, 1)
     if not single_skipping_can_pay(problem):
         # No batch-1 skipping graph: one branch, no call, at batch 1.
-        return batched_or_masked(
-            problem, tf.logical_or(tf.equal(problem.batch, 1), mostly_active(problem))
+        dense = tf.logical_or(is_single, mostly_active(problem))
+        return tf.cond(
+            tf.logical_or(dense, tf.logical_not(batched_skipping_can_pay(problem))),
+            masked, batched,
         )
-    return tf.cond(
-        mostly_active(problem),
-        lambda: _masked(problem.fresh()),
-        lambda: tf.cond(
-            tf.equal(problem.batch, 1),
-            called_branch(lambda: single_or_masked(problem.remade())),
-            called_branch(lambda: skipping(problem.remade())),
-        ),
-    )
+
+    def sparse():
+        single = called_branch(lambda: single_or_masked(problem.remade()))
+        can_pay = batched_skipping_can_pay(problem)
+        if can_pay is True:
+            return tf.cond(is_single, single, batched)
+        # The dense fallback, batch 1's call, the larger batches' call.
+        branch = tf.where(is_single, 1, tf.where(can_pay, 2, 0))
+        return tf.switch_case(branch, [masked, single, batched])
+
+    return tf.cond(mostly_active(problem), masked, sparse)
 
 
 _PATHS = {

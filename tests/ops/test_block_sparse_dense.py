@@ -21,6 +21,7 @@ from keras_condcomp.ops.block_sparse_dense import (
     _masked_cost,
     _Problem,
     batched_choice,
+    batched_skipping_can_pay,
     grouped_cost,
     mostly_active,
     single_skipping_can_pay,
@@ -266,6 +267,8 @@ def _chosen_path(x, kernel, mask):
         return "masked"
     if len(x) == 1:
         return "single" if bool(single_skipping_pays(problem)) else "masked"
+    if not bool(batched_skipping_can_pay(problem)):
+        return "masked"
     return BATCHED_CHOICES[int(batched_choice(problem))]
 
 
@@ -313,6 +316,28 @@ def test_cost_model_choices(rng):
                         np.eye(1, 4, dtype="float32")) == "masked"
     assert _chosen_path(rng.random((8, 64)).astype("float32"), small,
                         np.eye(8, 4, dtype="float32")) == "masked"
+
+
+def test_small_layers_at_small_batches_run_the_dense_fallback_before_any_statistic(rng):
+    # 784 -> 256: the batched paths' fixed cost exceeds the dense product's
+    # below batch 77, decided from the batch size alone; 3072 -> 1536 can
+    # pay at any batch size (a Python True: no ops).
+    def problem(input_dim, units, batch):
+        x = tf.constant(rng.random((batch, input_dim)).astype("float32"))
+        block_kernel = to_block_kernel(tf.constant(rng.normal(size=(input_dim, units))), 16)
+        mask = tf.constant(np.eye(batch, 16, dtype="float32"))
+        return _Problem(x, tf.cast(block_kernel, tf.float32), None, mask, tf.identity)
+
+    assert not bool(batched_skipping_can_pay(problem(784, 256, 76)))
+    assert bool(batched_skipping_can_pay(problem(784, 256, 77)))
+    assert batched_skipping_can_pay(problem(3072, 1536, 2)) is True
+    kernel = rng.normal(size=(784, 256)).astype("float32")
+    x = rng.random((50, 784)).astype("float32")
+    mask = np.eye(50, 16, dtype="float32")
+    assert _chosen_path(x, kernel, mask) == "masked"
+    expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu).numpy()
+    got = block_sparse_dense(x, to_block_kernel(kernel, 16), None, mask, tf.nn.relu)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
 
 
 def test_auto_drops_the_batch_1_decision_where_skipping_cannot_pay(rng):
@@ -413,7 +438,8 @@ def test_per_example_reads_the_tiles_of_each_examples_non_zero_chunks(
     expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
     before = cost_constants()
     try:
-        set_cost_constants(copy=1e6, batched=1e6, overhead=1e-6)  # copies cost next to nothing
+        # Copies and the fixed cost next to nothing.
+        set_cost_constants(copy=1e6, batched=1e6, overhead=1e-6, batched_overhead=1e-6)
         assert _chosen_path(x, kernel, mask) == "per_example"
         for path in ("per_example", "auto"):
             got = block_sparse_dense(x, to_block_kernel(kernel, blocks), bias, mask, tf.nn.relu,
