@@ -341,8 +341,8 @@ class _Problem:
             # A product with a ones vector: reduce_any over the batch axis
             # measured 5-9x slower at batch 50-256.
             used = tf.matmul(tf.ones([1, self.batch]), flags)[0] > 0
-            # (`any` over the input's chunks: a third of the time of a `max`
-            # over `flags`' at batch 256.)
+            # (`reduce_any` over the input's chunks: a third of the time of
+            # `reduce_max` over `flags`' chunks at batch 256.)
             chunks = tf.reduce_sum(tf.cast(_nonzero_chunks(self.inputs, self.chunk), tf.float32), 1)
             tiles = tf.reduce_sum(chunks * tf.reduce_sum(self._float_mask, axis=1))
             return used, tf.reduce_sum(tf.cast(used, tf.float32)), tiles
