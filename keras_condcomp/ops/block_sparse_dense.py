@@ -73,8 +73,9 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   Bengio MLP's second layer at density 1/16, one thread, alone, forced
   paths side by side: 0.55 ms against `"grouped"`'s 0.59 ms at batch 4,
   0.77 against 1.09 at 16, 1.25 against 1.47 at 50; at 128 and 256
-  `"grouped"` (2.1 and 3.2 ms against 2.7 and 4.8), and at density 1/4
-  from batch 8 on. (It was a third option before, when it gathered rows
+  `"grouped"` wins (2.1 and 3.2 ms against 2.7 and 4.8), and at density
+  1/4 from batch 8 on `"grouped"` or `"masked"`. (It was a third option
+  before, when it gathered rows
   of single inputs through a ragged tensor: slower than `"grouped"` in
   every setting tried, and dropped before.)
 
