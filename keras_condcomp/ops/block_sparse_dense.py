@@ -336,11 +336,9 @@ class _Problem:
         first_sparse, _ = self.first_rows_sparse
 
         def scanned():
-            # (`_nonzero_flags` is made here: a tensor cached in this
-            # branch's graph could not be used in another's.)
-            flags = _nonzero_flags(self.inputs)
-            # A product with a ones vector: reduce_any over the batch axis
-            # measured 5-9x slower at batch 50-256.
+            # A product of the 0/1 flags with a ones vector: reduce_any over
+            # the batch axis measured 5-9x slower at batch 50-256.
+            flags = tf.cast(tf.not_equal(self.inputs, 0), tf.float32)
             used = tf.matmul(tf.ones([1, self.batch]), flags)[0] > 0
             # (`reduce_any` over the input's chunks: a third of the time of
             # `reduce_max` over `flags`' chunks at batch 256.)
@@ -424,11 +422,6 @@ class _Problem:
             shape = tf.stack([tf.cast(self.batch, tf.int64), self.blocks, self.block_size])
             batch = self.batch
         return tf.reshape(tf.scatter_nd(indices, outputs, shape), [batch, self.units])
-
-
-def _nonzero_flags(inputs):
-    """`inputs != 0` as 0/1 floats."""
-    return tf.cast(tf.not_equal(inputs, 0), tf.float32)
 
 
 def _nonzero_chunks(inputs, chunk):
@@ -584,6 +577,8 @@ def _per_example_batched(problem):
     per (example, block, chunk) triple, one batched product, and the
     triples of a pair summed by the scatter."""
     inputs = tf.reshape(problem.inputs, [-1, problem.chunks, problem.chunk])
+    # Made again here: `"auto"`'s tile count made them inside a `tf.cond`
+    # branch, whose tensors this graph cannot read.
     nonzero_chunks = _nonzero_chunks(problem.inputs, problem.chunk)
     triples = tf.where(  # (T, 3): example, block, chunk
         tf.logical_and(problem.active[:, :, None], nonzero_chunks[:, None, :])
@@ -757,8 +752,8 @@ def grouped_cost(problem):
 def per_example_cost(problem):
     """The cost-model estimate (ns) of `"per_example"` above batch 1: the
     copied cost of its tiles, one example each. With a dense input (every
-    chunk read) never below `"grouped"`'s copied cost, which reads each
-    used block once for all its examples."""
+    chunk read) it copies each used block once per example using it, where
+    `"grouped"`'s copied cost counts it once for all of them."""
     tiles = _copied_cost(problem, problem.tile_count, float(problem.chunk), 1.0)
     return tiles + _COSTS["batched_overhead"]
 
