@@ -11,6 +11,11 @@ engine (`block_sparse_dense`), both sparsities are used:
   convolution outputs exact zeros, and pooling and ReLU keep zero channels
   zero, so this recovers the upstream mask from the input itself, whatever
   the layers in between; it is exact, since an all-zero channel adds nothing.
+  Channels are read by chunks of up to `_CHANNEL_CHUNK` (8) consecutive ones
+  (the largest divisor of `in_channels` up to 8), which upstream groups of
+  a multiple of the chunk zero whole: copying single channels out of a
+  channels-last tensor is one copy per position and channel (one thread, 32
+  of 128 channels at 32x32: 113 us one by one, 16 us by chunks of 8).
 
 Inputs are channels-last `(batch, height, width, channels)`; the kernel has
 the `(kernel_h, kernel_w, in_channels, filters)` layout of
@@ -97,6 +102,7 @@ AUTO_MAX_FRACTION = 0.5
 AUTO_GROUPED_MAX_GROUPS = 1.5
 AUTO_LOOP_MIN_MACS = 1e6
 AUTO_MIN_OUTPUT_MACS = 256
+_CHANNEL_CHUNK = 8
 
 
 def _pair(value, name):
@@ -209,6 +215,11 @@ class _Problem:
         self.group_size = self.filters // self.blocks
         self.batch = tf.shape(inputs)[0]
         self.block_mask = block_mask
+        # Input channels are read by chunks of this many: copying one
+        # channel per position is slow (one thread, 32 of 128 channels of a
+        # 32x32 input: 113 us one by one, 16 us by chunks of 8).
+        self.chunk = _channel_chunk(self.in_channels)
+        self.chunks = self.in_channels // self.chunk
 
     @property
     def active(self):
@@ -223,19 +234,43 @@ class _Problem:
             dilations=self.dilations,
         )
 
-    def channel_used(self, inputs):
-        """`(in_channels,)` bool: channel non-zero somewhere in `inputs`.
+    def chunk_used(self, inputs):
+        """`(chunks,)` bool: chunk of input channels non-zero somewhere in `inputs`.
 
-        At least one channel is marked (channel 0, all zero if nothing is
-        used), since a convolution needs one input channel.
+        Each channel's largest magnitude, compared with 0 (`NaN` counts as
+        used): a quarter of the time of `reduce_any(inputs != 0)` over a
+        32x32x128 input (one thread, 22 us against 87 us).
         """
-        return _first_if_none(tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2]))
+        magnitudes = tf.reduce_max(tf.abs(inputs), axis=[0, 1, 2])
+        magnitudes = tf.reduce_max(tf.reshape(magnitudes, [self.chunks, self.chunk]), axis=1)
+        return tf.not_equal(magnitudes, 0)
+
+    def used_channels(self, inputs, kernel, used_chunks):
+        """`inputs` and `kernel` `(kh, kw, in_channels, ...)` restricted to
+        the chunks `used_chunks` (int indices) of input channels."""
+        spatial = [size if size is not None else -1 for size in inputs.shape[1:3]]
+        if -1 in spatial:
+            spatial = tf.unstack(tf.shape(inputs)[1:3])
+        chunked = tf.reshape(inputs, [-1, *spatial, self.chunks, self.chunk])
+        channels = tf.size(used_chunks) * self.chunk
+        inputs = tf.reshape(tf.gather(chunked, used_chunks, axis=3), [-1, *spatial, channels])
+        window, columns = kernel.shape[:2], kernel.shape[3:]
+        chunked = tf.reshape(kernel, [*window, self.chunks, self.chunk, *columns])
+        kernel = tf.gather(chunked, used_chunks, axis=2)
+        return inputs, tf.reshape(kernel, [*window, channels, *columns])
 
     def finish(self, outputs, bias):
         if bias is not None:
             # bias_add, which TensorFlow fuses with the convolution (and ReLU).
             outputs = tf.nn.bias_add(outputs, bias)
         return self.activation(outputs)
+
+
+def _channel_chunk(in_channels):
+    """Input channels read together: the largest divisor of `in_channels`
+    up to `_CHANNEL_CHUNK`. A skipped group upstream zeros whole groups of
+    channels, which chunks no larger than the groups do not split."""
+    return max(c for c in range(1, min(_CHANNEL_CHUNK, in_channels) + 1) if in_channels % c == 0)
 
 
 def _first_if_none(flags):
@@ -257,26 +292,25 @@ def _one_example(problem, inputs, active):
     blocks, size = problem.blocks, problem.group_size
     kernel_h, kernel_w = problem.kernel.shape[:2]
     kernel = tf.reshape(problem.kernel, [kernel_h, kernel_w, problem.in_channels, blocks, size])
-    # Non-zero input channels, and channel 0 always (a convolution needs one
-    # channel; a zero one adds nothing): one op, where `_first_if_none` is five.
+    # Chunks of non-zero input channels, and chunk 0 always (a convolution
+    # needs one channel; a zero one adds nothing): one op, where
+    # `_first_if_none` is five.
     used = tf.logical_or(
-        tf.reduce_any(tf.not_equal(inputs, 0), axis=[0, 1, 2]),
-        tf.constant([c == 0 for c in range(problem.in_channels)]),
+        problem.chunk_used(inputs), tf.constant([c == 0 for c in range(problem.chunks)])
     )
-    in_rows = tf.reshape(tf.where(used), [-1])
-
-    def used_channels():
-        return tf.gather(inputs, in_rows, axis=3), tf.gather(kernel, in_rows, axis=2)
+    used_chunks = tf.reshape(tf.where(used), [-1])
 
     # Every channel used (an image, a dense upstream layer): no copy. Rows
     # before groups: the second gather then copies the fewer rows.
     inputs, kernel = tf.cond(
-        tf.equal(tf.size(in_rows), problem.in_channels), lambda: (inputs, kernel), used_channels
+        tf.equal(tf.size(used_chunks), problem.chunks),
+        lambda: (inputs, kernel),
+        lambda: problem.used_channels(inputs, kernel, used_chunks),
     )
     # Active groups (group 0 computed, then discarded, if none is active).
     groups = tf.reshape(tf.where(_first_if_none(active)), [-1])
     kernel = tf.gather(kernel, groups, axis=3)
-    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(in_rows), -1])
+    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.size(used_chunks) * problem.chunk, -1])
     outputs = problem.conv(inputs, kernel)
     bias = None
     if problem.bias is not None:
@@ -383,10 +417,9 @@ def _grouped(problem):
 
         def compute(examples=examples, columns=columns):
             inputs = tf.gather_nd(problem.inputs, examples)
-            in_rows = tf.where(problem.channel_used(inputs))[:, 0]
+            used_chunks = tf.where(_first_if_none(problem.chunk_used(inputs)))[:, 0]
             group = problem.conv(
-                tf.gather(inputs, in_rows, axis=3),
-                tf.gather(problem.kernel[:, :, :, columns], in_rows, axis=2),
+                *problem.used_channels(inputs, problem.kernel[:, :, :, columns], used_chunks)
             )
             bias = None if problem.bias is None else problem.bias[columns]
             return tf.scatter_nd(examples, problem.finish(group, bias), shape)

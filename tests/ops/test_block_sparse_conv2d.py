@@ -70,6 +70,58 @@ def test_inlined_in_a_graph_without_bias_and_all_zero_input(rng):
 
 
 @pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
+def test_input_channels_are_read_by_chunks(rng, path):
+    # Chunks of 8 (16 and 32 channels), 6 (12, 36), 5 (20), 7 (a prime: one
+    # chunk). Whole zero chunks, a chunk with one non-zero channel, a zero
+    # channel inside a used chunk, an all-zero example; the spatial size
+    # static and unknown.
+    for channels, chunk in ((16, 8), (12, 6), (36, 6), (20, 5), (7, 7), (32, 8)):
+        assert engine._channel_chunk(channels) == chunk
+        chunks = channels // chunk
+        x = rng.normal(size=(5, 6, 7, channels)).astype("float32")
+        zero_chunks = rng.random((5, chunks)) < 0.5
+        x *= np.repeat(~zero_chunks, chunk, axis=1)[:, None, None, :]
+        x[1, :, :, :chunk] = 0
+        x[1, :, :, chunk - 1] = rng.normal(size=(6, 7))
+        x[2, :, :, 1] = 0
+        x[3] = 0
+        kernel = rng.normal(size=(3, 3, channels, 8)).astype("float32")
+        bias = rng.normal(size=8).astype("float32")
+        mask = (rng.random((5, 4)) < 0.4).astype("float32")
+        mask[:, 1] = 1
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None, None, channels]), tf.TensorSpec([None, 4])]
+        )
+        def dynamic(x, mask):
+            return block_sparse_conv2d(x, kernel, bias, mask, path=path, padding="same")
+
+        for batch in (1, 5):
+            args = (x[:batch], kernel, bias, mask[:batch])
+            expected = masked_block_conv2d(*args, padding="same")
+            np.testing.assert_allclose(
+                block_sparse_conv2d(*args, path=path, padding="same"), expected, atol=1e-5,
+                err_msg=f"{path} channels {channels} batch {batch}",
+            )
+            np.testing.assert_allclose(dynamic(x[:batch], mask[:batch]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
+def test_a_nan_in_an_otherwise_zero_channel_reaches_the_active_groups(rng, path):
+    # The chunk scan compares each channel's largest magnitude with 0: NaN
+    # must count as non-zero, as it does in the reference.
+    x = np.zeros((1, 5, 5, 32), "float32")
+    x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
+    x[0, 2, 3, 20] = np.nan
+    kernel = rng.normal(size=(3, 3, 32, 8)).astype("float32")
+    mask = np.array([[1, 0, 0, 1]], "float32")
+    expected = np.asarray(masked_block_conv2d(x, kernel, None, mask, padding="same"))
+    got = np.asarray(block_sparse_conv2d(x, kernel, None, mask, path=path, padding="same"))
+    assert np.isnan(expected).any()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
 def test_an_overflow_stays_out_of_skipped_groups(rng, path):
     # Every output overflows to inf: skipped groups must still be exactly 0
     # (a product with the mask would make them NaN).
