@@ -2,7 +2,8 @@
 
 The stack (CIFAR-like): 32x32x3 input, three 3x3 "same" convolutions with
 ReLU of 64, 128 and 128 filters in 8 groups, 2x2 max pooling after the first
-two, global average pooling and a 10-unit dense head. For each density and
+two (`--stack full-resolution`: none, 32x32 feature maps throughout, 4x the
+work a call), global average pooling and a 10-unit dense head. For each density and
 batch size, one process times each of these against `conv2d` alone, the two
 alternating call by call after a warm-up, median of many calls:
 
@@ -28,10 +29,12 @@ Threads are pinned before TensorFlow starts, in a fresh process per setting:
 1; `--threads 0` leaves TensorFlow's defaults (all cores).
 
 Writes `benchmarks/results/gated_conv2d.json` and `gated_conv2d.png`
-(speedup over Conv2D vs density, with the ideal line) and prints a table.
+(speedup over Conv2D vs density, with the ideal line; `_quick` and
+`_full_resolution` in the names for those runs) and prints a table.
 
     python benchmarks/gated_conv2d.py            # full run (minutes)
     python benchmarks/gated_conv2d.py --quick    # density 1/4, batch 1, 1 thread
+    python benchmarks/gated_conv2d.py --stack full-resolution --quick
 """
 
 import argparse
@@ -44,13 +47,17 @@ import numpy as np
 
 INPUT_SHAPE = (32, 32, 3)
 LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
+# Layers followed by 2x2 max pooling, per stack: "cifar" (the default)
+# pools after the first two; "full-resolution" keeps 32x32 feature maps
+# throughout (4x the work a call; global pooling still ends both).
+STACKS = {"cifar": (0, 1), "full-resolution": ()}
 HEAD = 10
 DENSITIES = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
 BATCH_SIZES = (1, 32)
 PATHS = ("auto", "per_example", "grouped")
 
 
-def _build(seed=0):
+def _build(seed=0, stack="cifar"):
     import keras
 
     from keras_condcomp.layers import GatedConv2D
@@ -60,7 +67,7 @@ def _build(seed=0):
     for i, (filters, blocks) in enumerate(LAYERS):
         gated = GatedConv2D(filters, 3, blocks, padding="same", activation="relu", seed=seed)(gated)
         dense = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(dense)
-        if i < len(LAYERS) - 1:
+        if i in STACKS[stack]:
             gated = keras.layers.MaxPooling2D()(gated)
             dense = keras.layers.MaxPooling2D()(dense)
     gated = keras.layers.Dense(HEAD)(keras.layers.GlobalAveragePooling2D()(gated))
@@ -95,7 +102,7 @@ def _calibrate(gated_model, x, density):
     return per_example.mean(axis=0).tolist(), per_example
 
 
-def _ideal_speedup(per_example):
+def _ideal_speedup(per_example, stack="cifar"):
     """Dense MACs / conditional MACs (policies and input sparsity included)."""
     size = INPUT_SHAPE[0]
     channels = INPUT_SHAPE[2]
@@ -108,7 +115,7 @@ def _ideal_speedup(per_example):
         conditional += channels * blocks + in_density * per_example[:, i] * macs
         in_density = per_example[:, i]
         channels = filters
-        if i < len(LAYERS) - 1:
+        if i in STACKS[stack]:
             size //= 2
     dense += channels * HEAD
     conditional += channels * HEAD
@@ -128,13 +135,13 @@ def _worker(args):
 
     keras.utils.set_random_seed(0)  # the same kernels in every process
     rng = np.random.default_rng(0)
-    gated, dense = _build()
+    gated, dense = _build(stack=args.stack)
     data = rng.random((256, *INPUT_SHAPE)).astype("float32")
     spec = tf.TensorSpec([None, *INPUT_SHAPE], "float32")
     rows = []
     for density in args.densities:
         layer_densities, per_example = _calibrate(gated, data, density)
-        ideal = _ideal_speedup(per_example)
+        ideal = _ideal_speedup(per_example, args.stack)
         for batch in args.batch_sizes:
             batches = [data[i * batch % 256:][:batch] for i in range(8)]
             batches = [b for b in batches if len(b) == batch]
@@ -190,7 +197,7 @@ def _table(rows):
     return "\n".join(lines)
 
 
-def _plot(rows, path):
+def _plot(rows, path, stack="cifar"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +220,8 @@ def _plot(rows, path):
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
-        ax.set_title(f"3 gated 3x3 convs (64-128-128, 8 groups), batch {batch}", fontsize=8)
+        ax.set_title(f"3 gated 3x3 convs (64-128-128, 8 groups, {stack}), batch {batch}",
+                     fontsize=8)
         ax.set_xlabel("density (every gated layer)")
         ax.set_ylabel("speedup over Conv2D stack")
         ax.legend(fontsize=6)
@@ -230,6 +238,9 @@ def main(argv=None):
                         help="thread settings to run, each in its own process (0: all cores)")
     parser.add_argument("--repeats", type=int, default=40,
                         help="timed calls per path; more below batch 8 (8x at batch 1)")
+    parser.add_argument("--stack", choices=sorted(STACKS), default="cifar",
+                        help="cifar: max pooling after the first two convolutions; "
+                             "full-resolution: none (32x32 feature maps throughout)")
     parser.add_argument("--quick", action="store_true",
                         help="density 1/4, batch 1, 1 thread")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -247,18 +258,20 @@ def main(argv=None):
     for threads in args.threads:
         command = [sys.executable, __file__, "--worker", "--threads", str(threads),
                    "--repeats", str(args.repeats), "--densities", *map(str, args.densities),
-                   "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths]
+                   "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths,
+                   "--stack", args.stack]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode:
             sys.exit(f"benchmark worker failed (threads={threads})")
         rows += json.loads(done.stdout.strip().splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)
-    name = "gated_conv2d_quick" if args.quick else "gated_conv2d"
+    name = "gated_conv2d" + ("" if args.stack == "cifar" else "_" + args.stack.replace("-", "_"))
+    name += "_quick" if args.quick else ""
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows},
-                  f, indent=1)
-    _plot(rows, os.path.join(args.out, f"{name}.png"))
+        json.dump({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+                   "stack": args.stack, "rows": rows}, f, indent=1)
+    _plot(rows, os.path.join(args.out, f"{name}.png"), args.stack)
     print(_table(rows))
 
 

@@ -58,6 +58,15 @@ not a fitted model), from the shapes and the fraction `f` of active
 - `"masked"` when `f >= AUTO_MAX_FRACTION` (0.5): from half the pairs up the
   dense convolution was as fast as skipping or faster (one thread: 0.85x-0.91x
   of Conv2D against 0.79x-0.90x for the best skipping path at density 1/2);
+  for a convolution of at least `AUTO_LARGE_CONV_MACS` (5 * 10^7)
+  multiply-adds an example, when `f >= AUTO_LARGE_MAX_FRACTION` (0.9)
+  instead: there the convolution saved outweighs the gathers and the
+  placement even at density 3/4 (the CIFAR-like stack at 32x32 throughout,
+  7.5 * 10^7 and 1.5 * 10^8 an example in its second and third layers, one
+  thread, forced `per_example` against `"masked"`: 1.45x against 0.93x of
+  Conv2D at density 1/2 and batch 1, 1.15x against 0.92x at 3/4; the
+  pooled stack's layers, 0.9 * 10^7 to 1.9 * 10^7, lose from density 1/2
+  up: 0.82x against 0.87x, 0.77x against 0.88x);
 - else `"per_example"` at batch 1 (a single convolution);
 - else, at larger batches, `"grouped"` when the examples run on average at
   most `AUTO_GROUPED_MAX_GROUPS` (1.5) groups each (`f * blocks <= 1.5`);
@@ -89,6 +98,8 @@ from keras_condcomp.ops._branches import called_branch
 
 __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
+    "AUTO_LARGE_CONV_MACS",
+    "AUTO_LARGE_MAX_FRACTION",
     "AUTO_LOOP_MIN_MACS",
     "AUTO_MAX_FRACTION",
     "AUTO_MIN_OUTPUT_MACS",
@@ -99,6 +110,8 @@ __all__ = [
 
 CONV2D_EXECUTION_PATHS = ("auto", "per_example", "grouped", "masked")
 AUTO_MAX_FRACTION = 0.5
+AUTO_LARGE_MAX_FRACTION = 0.9
+AUTO_LARGE_CONV_MACS = 5e7
 AUTO_GROUPED_MAX_GROUPS = 1.5
 AUTO_LOOP_MIN_MACS = 1e6
 AUTO_MIN_OUTPUT_MACS = 256
@@ -461,9 +474,19 @@ def active_fraction(problem):
     return tf.reduce_mean(tf.cast(problem.block_mask, tf.float32))
 
 
+def max_fraction(problem):
+    """The fraction of active pairs from which `"auto"` runs the dense
+    convolution (static): `AUTO_LARGE_MAX_FRACTION` for a convolution of at
+    least `AUTO_LARGE_CONV_MACS` multiply-adds an example, else
+    `AUTO_MAX_FRACTION`."""
+    macs = example_macs(problem)
+    large = macs is not None and macs >= AUTO_LARGE_CONV_MACS
+    return AUTO_LARGE_MAX_FRACTION if large else AUTO_MAX_FRACTION
+
+
 def skipping_pays(problem):
-    """`"auto"` skips: fewer than `AUTO_MAX_FRACTION` of the pairs are active."""
-    return active_fraction(problem) < AUTO_MAX_FRACTION
+    """`"auto"` skips: fewer than `max_fraction(problem)` of the pairs are active."""
+    return active_fraction(problem) < max_fraction(problem)
 
 
 def grouping_pays(problem):
@@ -474,12 +497,17 @@ def grouping_pays(problem):
 
 def looping_pays(problem):
     """`"auto"` may loop over a batch: one example's convolution is large (static)."""
+    macs = example_macs(problem)
+    return macs is None or macs >= AUTO_LOOP_MIN_MACS
+
+
+def example_macs(problem):
+    """Multiply-adds of one example's dense convolution (static), or None
+    when the spatial size is unknown."""
     rows, cols, filters = _output_shape(problem)[1:]
     if rows is None or cols is None:
-        return True
-    kernel_h, kernel_w = problem.kernel.shape[:2]
-    macs = rows * cols * kernel_h * kernel_w * problem.in_channels * filters
-    return macs >= AUTO_LOOP_MIN_MACS
+        return None
+    return rows * cols * output_macs(problem) * filters
 
 
 def output_macs(problem):

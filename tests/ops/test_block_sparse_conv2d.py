@@ -196,6 +196,51 @@ def test_auto_rule_masks_from_half_the_pairs_and_groups_sparse_batches(rng):
     assert (engine.AUTO_MAX_FRACTION, engine.AUTO_GROUPED_MAX_GROUPS) == (0.5, 1.5)
 
 
+def test_auto_skips_large_convolutions_up_to_a_higher_fraction(rng, monkeypatch):
+    def problem(inputs, kernel_shape, mask):
+        inputs = tf.ones(inputs) if isinstance(inputs, tuple) else inputs
+        return engine._Problem(
+            inputs, tf.ones(kernel_shape), None, tf.constant(mask, tf.float32),
+            lambda t: t, (1, 1), "same", (1, 1),
+        )
+
+    three_quarters = [[1, 1, 1, 0, 1, 1, 1, 0]]
+    # 32 * 32 * 3 * 3 * 64 * 128 = 7.5e7 multiply-adds an example: skipped at
+    # 3/4 of the groups, not at 15/16; 16 * 16 * 3 * 3 * 64 * 128 = 1.9e7 and an
+    # unknown spatial size: the dense convolution from half the groups.
+    large = problem((1, 32, 32, 64), (3, 3, 64, 128), three_quarters)
+    assert engine.example_macs(large) == 32 * 32 * 9 * 64 * 128
+    assert engine.max_fraction(large) == engine.AUTO_LARGE_MAX_FRACTION == 0.9
+    assert bool(engine.skipping_pays(large))
+    assert not bool(engine.skipping_pays(
+        problem((2, 32, 32, 64), (3, 3, 64, 128), [[1] * 8, [1] * 7 + [0]])
+    ))
+    small = problem((1, 16, 16, 64), (3, 3, 64, 128), three_quarters)
+    assert engine.max_fraction(small) == engine.AUTO_MAX_FRACTION
+    assert not bool(engine.skipping_pays(small))
+    assert engine.AUTO_LARGE_CONV_MACS == 5e7
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 64])])
+    def unknown_size(x):
+        return tf.constant(engine.max_fraction(problem(x, (3, 3, 64, 128), three_quarters)))
+
+    assert float(unknown_size(tf.ones((1, 32, 32, 64)))) == engine.AUTO_MAX_FRACTION
+    # Skipping at 3/4 of the groups equals the reference (the rule lowered to
+    # reach these small shapes), at batch 1 and in the example loop.
+    monkeypatch.setattr(engine, "AUTO_LARGE_CONV_MACS", 0)
+    monkeypatch.setattr(engine, "AUTO_LOOP_MIN_MACS", 0)
+    monkeypatch.setattr(engine, "_compiled", {})
+    for batch in (1, 7):
+        x = block_sparse_input(rng, batch, channels=32)
+        kernel = rng.normal(size=(3, 3, 32, 12)).astype("float32")
+        mask = np.ones((batch, 4), "float32")
+        mask[:, 1] = 0
+        np.testing.assert_allclose(
+            block_sparse_conv2d(x, kernel, None, mask, padding="same"),
+            masked_block_conv2d(x, kernel, None, mask, padding="same"), atol=1e-5,
+        )
+
+
 def test_auto_masks_convolutions_too_small_to_skip(rng):
     def graph_ops(in_channels):
         kernel = tf.constant(rng.normal(size=(3, 3, in_channels, 8)).astype("float32"))
