@@ -3,9 +3,10 @@
 The stack (CIFAR-like): 32x32x3 input, three 3x3 "same" convolutions with
 ReLU of 64, 128 and 128 filters in 8 groups, 2x2 max pooling after the first
 two (`--stack full-resolution`: none, 32x32 feature maps throughout, 4x the
-work a call), global average pooling and a 10-unit dense head. For each density and
-batch size, one process times each of these against `conv2d` alone, the two
-alternating call by call after a warm-up, median of many calls:
+work a call), global average pooling and a 10-unit dense head. For each
+density and batch size, one process times each of these against `conv2d`
+alone, the two alternating call by call after a warm-up, median of many
+calls:
 
 - `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
