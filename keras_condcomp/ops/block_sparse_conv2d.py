@@ -12,10 +12,11 @@ engine (`block_sparse_dense`), both sparsities are used:
   zero, so this recovers the upstream mask from the input itself, whatever
   the layers in between; it is exact, since an all-zero channel adds nothing.
   Channels are read by chunks of up to `_CHANNEL_CHUNK` (8) consecutive ones
-  (the largest divisor of `in_channels` up to 8), which upstream groups of
-  a multiple of the chunk zero whole: copying single channels out of a
-  channels-last tensor is one copy per position and channel (one thread, 32
-  of 128 channels at 32x32: 113 us one by one, 16 us by chunks of 8).
+  (the largest divisor of `in_channels` up to 8); a skipped upstream group
+  whose size is a multiple of the chunk zeros whole chunks. Copying single
+  channels out of a channels-last tensor is one copy per position and
+  channel (one thread, 32 of 128 channels at 32x32: 113 us one by one, 16
+  us by chunks of 8).
 
 Inputs are channels-last `(batch, height, width, channels)`; the kernel has
 the `(kernel_h, kernel_w, in_channels, filters)` layout of
