@@ -108,8 +108,8 @@ def test_input_channels_are_read_by_chunks(rng, path):
 
 @pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
 def test_a_nan_in_an_otherwise_zero_channel_reaches_the_active_groups(rng, path):
-    # The chunk scan compares each channel's largest magnitude with 0: NaN
-    # must count as non-zero, as it does in the reference.
+    # The chunk scan compares each channel's Euclidean norm with 0: NaN must
+    # count as non-zero, as it does in the reference.
     x = np.zeros((1, 5, 5, 32), "float32")
     x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
     x[0, 2, 3, 20] = np.nan
@@ -118,6 +118,27 @@ def test_a_nan_in_an_otherwise_zero_channel_reaches_the_active_groups(rng, path)
     expected = np.asarray(masked_block_conv2d(x, kernel, None, mask, padding="same"))
     got = np.asarray(block_sparse_conv2d(x, kernel, None, mask, path=path, padding="same"))
     assert np.isnan(expected).any()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
+def test_tiny_channels_are_read_down_to_the_scans_underflow(rng, path):
+    # The chunk scan compares each channel's Euclidean norm with 0. Values of
+    # 1e-18 (squares 1e-36) must be read: times weights of 1e15 they add
+    # about 1e-3 to the active groups. Values of 1e-20 (squares underflow)
+    # count as zero: they could add at most 9 * 1e-20 here.
+    x = np.zeros((1, 5, 5, 32), "float32")
+    x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
+    x[0, :, :, 20] = 1e-18
+    x[0, :, :, 28] = 1e-20
+    kernel = rng.normal(size=(3, 3, 32, 8)).astype("float32")
+    kernel[:, :, 20, :] = 1e15
+    mask = np.array([[1, 0, 0, 1]], "float32")
+    args = (x, kernel, None, mask)
+    expected = np.asarray(masked_block_conv2d(*args, padding="same"))
+    without = np.asarray(masked_block_conv2d(x * (np.arange(32) != 20), *args[1:], padding="same"))
+    assert np.abs(expected - without).max() > 1e-4  # the tiny channel matters
+    got = np.asarray(block_sparse_conv2d(*args, path=path, padding="same"))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
