@@ -84,7 +84,20 @@ not a fitted model), from the shapes and the fraction `f` of active
   1.16x-1.34x of Conv2D, at 1/4 0.85x-1.08x vs 1.02x-1.17x, at 3/8 0.58x vs
   0.95x; batch 128: 1.29x vs 1.11x at 1/8, 0.69x vs 0.88x at 1/4. The
   digits CNN, 18K-295K an example and layer, at batch 256 and density 1/2:
-  0.24x of Conv2D when its batches went to the loop).
+  0.24x of Conv2D when its batches went to the loop). A convolution of at
+  least `AUTO_LARGE_CONV_MACS` multiply-adds an example is grouped only
+  while, on average, at most `AUTO_LARGE_GROUPED_MAX_EXAMPLES` (4) examples
+  share a group (`f * batch <= 4`): a group's convolution reads every input
+  channel used by one of its examples, which behind another gated layer
+  grows with their number far beyond each example's own, and for such a
+  convolution that outweighs the loop's steps (the CIFAR-like stack at
+  32x32 throughout, batch 32, one thread, first layer masked, forced paths
+  in the other two: looped 32.4-32.5 ms, the third layer grouped 44.8-45.6
+  ms at density 1/4, 6-8 examples a group; looped 27.4-30.5 ms, grouped
+  30.9-35.5 ms at 3/16, 5-6; grouped 23.7-25.7 against looped 25.5-27.2
+  ms at 1/8, 4; 17.7-17.8 against 24.7-24.8 ms at 1/16, 2. `"auto"` with
+  this rule against the one before, in one process: +23-27% at density 1/4
+  and batch 32, within +-3% at 1/16-3/16 and at batches 4 and 8).
 
 The batched branch is called as a function, not inlined
 (`_branches.called_branch`), so its graph costs nothing at batch 1.
@@ -104,6 +117,7 @@ from keras_condcomp.ops._branches import called_branch
 __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
     "AUTO_LARGE_CONV_MACS",
+    "AUTO_LARGE_GROUPED_MAX_EXAMPLES",
     "AUTO_LARGE_MAX_FRACTION",
     "AUTO_LOOP_MIN_MACS",
     "AUTO_MAX_FRACTION",
@@ -118,6 +132,7 @@ AUTO_MAX_FRACTION = 0.5
 AUTO_LARGE_MAX_FRACTION = 0.9
 AUTO_LARGE_CONV_MACS = 5e7
 AUTO_GROUPED_MAX_GROUPS = 1.5
+AUTO_LARGE_GROUPED_MAX_EXAMPLES = 4.0
 AUTO_LOOP_MIN_MACS = 1e6
 AUTO_MIN_OUTPUT_MACS = 256
 _CHANNEL_CHUNK = 8
@@ -483,14 +498,18 @@ def active_fraction(problem):
     return tf.reduce_mean(tf.cast(problem.block_mask, tf.float32))
 
 
+def is_large(problem):
+    """One example's convolution has at least `AUTO_LARGE_CONV_MACS`
+    multiply-adds (static; False when the spatial size is unknown)."""
+    macs = example_macs(problem)
+    return macs is not None and macs >= AUTO_LARGE_CONV_MACS
+
+
 def max_fraction(problem):
     """The fraction of active pairs from which `"auto"` runs the dense
-    convolution (static): `AUTO_LARGE_MAX_FRACTION` for a convolution of at
-    least `AUTO_LARGE_CONV_MACS` multiply-adds an example, else
-    `AUTO_MAX_FRACTION`."""
-    macs = example_macs(problem)
-    large = macs is not None and macs >= AUTO_LARGE_CONV_MACS
-    return AUTO_LARGE_MAX_FRACTION if large else AUTO_MAX_FRACTION
+    convolution (static): `AUTO_LARGE_MAX_FRACTION` for a large convolution
+    (`is_large`), else `AUTO_MAX_FRACTION`."""
+    return AUTO_LARGE_MAX_FRACTION if is_large(problem) else AUTO_MAX_FRACTION
 
 
 def skipping_pays(problem):
@@ -499,9 +518,14 @@ def skipping_pays(problem):
 
 
 def grouping_pays(problem):
-    """`"auto"` skipping a batch > 1 groups it: few active groups per example."""
-    groups_per_example = active_fraction(problem) * problem.blocks
-    return groups_per_example <= AUTO_GROUPED_MAX_GROUPS
+    """`"auto"` skipping a batch > 1 groups it: few active groups an example
+    and, for a large convolution (`is_large`), few examples a group."""
+    fraction = active_fraction(problem)
+    few_groups = fraction * problem.blocks <= AUTO_GROUPED_MAX_GROUPS
+    if not is_large(problem):
+        return few_groups
+    examples_per_group = fraction * tf.cast(problem.batch, tf.float32)
+    return tf.logical_and(few_groups, examples_per_group <= AUTO_LARGE_GROUPED_MAX_EXAMPLES)
 
 
 def looping_pays(problem):

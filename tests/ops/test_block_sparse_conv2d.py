@@ -262,6 +262,29 @@ def test_auto_skips_large_convolutions_up_to_a_higher_fraction(rng, monkeypatch)
         )
 
 
+def test_auto_groups_large_convolutions_only_for_few_examples_a_group():
+    def grouping_pays(batch, spatial, groups_per_example):
+        # 8 groups; every example runs the same number of them.
+        mask = np.zeros((batch, 8), "float32")
+        mask[:, :groups_per_example] = 1
+        problem = engine._Problem(
+            tf.ones((batch, spatial, spatial, 64)), tf.ones((3, 3, 64, 128)), None,
+            tf.constant(mask), lambda t: t, (1, 1), "same", (1, 1),
+        )
+        return bool(engine.grouping_pays(problem))
+
+    assert engine.AUTO_LARGE_GROUPED_MAX_EXAMPLES == 4
+    # 32x32: 7.5e7 multiply-adds an example, a large convolution. One group
+    # an example: 4 examples a group at batch 32 are grouped, 8 at 64 are not.
+    assert grouping_pays(32, 32, 1)
+    assert not grouping_pays(64, 32, 1)
+    # 16x16 (1.9e7): the number of examples a group does not count.
+    assert grouping_pays(64, 16, 1)
+    # Two groups an example are never grouped.
+    assert not grouping_pays(4, 32, 2)
+    assert not grouping_pays(4, 16, 2)
+
+
 def test_auto_masks_convolutions_too_small_to_skip(rng):
     def graph_ops(in_channels):
         kernel = tf.constant(rng.normal(size=(3, 3, in_channels, 8)).astype("float32"))
