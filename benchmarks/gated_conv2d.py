@@ -25,6 +25,12 @@ computed by the real layers (policy cost included). A skipped group
 upstream gives zero input channels downstream (max pooling keeps them
 zero), so the second and third layers also skip input channels.
 
+Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
+do (eight batches in turn); `--tensor-inputs` feeds TensorFlow tensors
+instead, as a `tf.data` pipeline would, which saves each call the
+conversion (the same for every model, so a larger share of the faster
+ones' time; `_tensor_inputs` in the result names).
+
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
 1; `--threads 0` leaves TensorFlow's defaults (all cores).
@@ -146,6 +152,8 @@ def _worker(args):
         for batch in args.batch_sizes:
             batches = [data[i * batch % 256:][:batch] for i in range(8)]
             batches = [b for b in batches if len(b) == batch]
+            if args.tensor_inputs:
+                batches = [tf.constant(b) for b in batches]
             functions = {
                 "conv2d": tf.function(lambda x: dense(x, training=False), input_signature=[spec]),
                 # Bound: the fixed cost of a call (no graph beats Conv2D by more).
@@ -244,6 +252,9 @@ def main(argv=None):
                              "full-resolution: none (32x32 feature maps throughout)")
     parser.add_argument("--quick", action="store_true",
                         help="density 1/4, batch 1, 1 thread")
+    parser.add_argument("--tensor-inputs", action="store_true",
+                        help="feed TensorFlow tensors (as from a tf.data pipeline) instead "
+                             "of numpy arrays: each call then skips the conversion")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -261,6 +272,7 @@ def main(argv=None):
                    "--repeats", str(args.repeats), "--densities", *map(str, args.densities),
                    "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths,
                    "--stack", args.stack]
+        command += ["--tensor-inputs"] if args.tensor_inputs else []
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode:
@@ -269,9 +281,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     name = "gated_conv2d" + ("" if args.stack == "cifar" else "_" + args.stack.replace("-", "_"))
     name += "_quick" if args.quick else ""
+    name += "_tensor_inputs" if args.tensor_inputs else ""
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                   "stack": args.stack, "rows": rows}, f, indent=1)
+                   "stack": args.stack, "tensor_inputs": args.tensor_inputs, "rows": rows},
+                  f, indent=1)
     _plot(rows, os.path.join(args.out, f"{name}.png"), args.stack)
     print(_table(rows))
 

@@ -26,6 +26,12 @@ that every block is active for the given fraction of the benchmark inputs:
 per-example random masks at the given density, computed by the real layer
 (policy cost included).
 
+Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
+do (eight batches in turn); `--tensor-inputs` feeds TensorFlow tensors
+instead, as a `tf.data` pipeline would, which saves each call the
+conversion (the same for every model, so a larger share of the faster
+ones' time; `_tensor_inputs` in the result names).
+
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
 1; `--threads 0` leaves TensorFlow's defaults (all cores).
@@ -138,6 +144,8 @@ def _worker(args):
             for batch in args.batch_sizes:
                 batches = [data[i * batch % 512:][:batch] for i in range(8)]
                 batches = [b for b in batches if len(b) == batch]
+                if args.tensor_inputs:
+                    batches = [tf.constant(b) for b in batches]
                 spec = tf.TensorSpec([None, input_dim], "float32")
                 functions = {"dense": tf.function(lambda x: dense(x, training=False), input_signature=[spec])}
                 # Bounds: the fixed cost of a call, and of streaming every kernel once.
@@ -255,6 +263,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true",
                         help="Bengio shape only, densities 1/16 and 3/4, batch 1 and 50, 1 thread")
+    parser.add_argument("--tensor-inputs", action="store_true",
+                        help="feed TensorFlow tensors (as from a tf.data pipeline) instead "
+                             "of numpy arrays: each call then skips the conversion")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -273,6 +284,7 @@ def main(argv=None):
                    "--repeats", str(args.repeats), "--shapes", *args.shapes,
                    "--densities", *map(str, args.densities),
                    "--batch-sizes", *map(str, args.batch_sizes), "--paths", *args.paths]
+        command += ["--tensor-inputs"] if args.tensor_inputs else []
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode:
@@ -280,8 +292,10 @@ def main(argv=None):
         rows += json.loads(done.stdout.strip().splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)
     name = "gated_dense_quick" if args.quick else "gated_dense"
+    name += "_tensor_inputs" if args.tensor_inputs else ""
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
+        json.dump({"cpu_count": os.cpu_count(), "tensor_inputs": args.tensor_inputs,
+                   "rows": rows}, f, indent=1)
     _plot(rows, os.path.join(args.out, f"{name}.png"))
     print(_table(rows))
     print("weight memory gated/dense: " + ", ".join(
