@@ -269,12 +269,12 @@ class _Problem:
         """`(chunks,)` bool: chunk of input channels non-zero somewhere in `inputs`.
 
         Each channel's Euclidean norm, compared with 0: one pass over the
-        input, where its largest magnitude took two (`abs`, then `max`) and
-        `reduce_any(inputs != 0)` four times as long. `NaN` and infinities
-        count as used. A channel whose values are all below about 1e-19 in
-        magnitude counts as zero (their squares underflow): it could add at
-        most 1e-19 times the window's size times the kernel's largest
-        weight to an output.
+        input, where its largest magnitude took two (`abs`, then `max`), and
+        `reduce_any(inputs != 0)` four times as long as those. `NaN` and
+        infinities count as used. A channel whose values are all below
+        about 1e-19 in magnitude counts as zero (their squares underflow):
+        it could add at most 1e-19 times the window's size times the
+        kernel's largest weight to an output.
         """
         magnitudes = tf.math.reduce_euclidean_norm(inputs, axis=[0, 1, 2])
         magnitudes = tf.reduce_max(tf.reshape(magnitudes, [self.chunks, self.chunk]), axis=1)

@@ -126,7 +126,7 @@ def test_tiny_channels_are_read_down_to_the_scans_underflow(rng, path):
     # The chunk scan compares each channel's Euclidean norm with 0. Values of
     # 1e-18 (squares 1e-36) must be read: times weights of 1e15 they add
     # about 1e-3 to the active groups. Values of 1e-20 (squares underflow)
-    # count as zero: they could add at most 9 * 1e-20 here.
+    # count as zero: they could add at most 9 * 1e-20 times a weight here.
     x = np.zeros((1, 5, 5, 32), "float32")
     x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
     x[0, :, :, 20] = 1e-18
