@@ -113,6 +113,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_condcomp.ops._branches import called_branch
+from keras_condcomp.ops._chunks import largest_divisor
 
 __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
@@ -306,7 +307,7 @@ def _channel_chunk(in_channels):
     up to `_CHANNEL_CHUNK`. A skipped group upstream zeros whole chunks when
     its size is a multiple of the chunk (else a chunk it shares with an
     active group is read whole: more work, the same result)."""
-    return max(c for c in range(1, min(_CHANNEL_CHUNK, in_channels) + 1) if in_channels % c == 0)
+    return largest_divisor(in_channels, _CHANNEL_CHUNK)
 
 
 def _first_if_none(flags):

@@ -124,6 +124,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_condcomp.ops._branches import called_branch
+from keras_condcomp.ops._chunks import largest_divisor
 
 __all__ = [
     "block_sparse_dense",
@@ -435,7 +436,7 @@ def _chunk_size(input_dim, block_size):
     """The largest divisor of `input_dim` up to `block_size`: the rows of an
     input chunk, so that a weight tile is about square, and a chunk is one
     upstream gated layer's block when the two layers' block sizes agree."""
-    return max(size for size in range(1, block_size + 1) if input_dim % size == 0)
+    return largest_divisor(input_dim, block_size)
 
 
 def _first_row(tensor):
