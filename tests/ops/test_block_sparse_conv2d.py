@@ -1,5 +1,6 @@
 import importlib
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -316,11 +317,19 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
             lambda t: t, (1, 1), "same", (1, 1),
         )
 
-    # 4 * 4 * 3 * 3 * 8 * 8 multiply-adds an example, then 32 * 32 * 3 * 3 * 64 * 128.
-    assert not engine.looping_pays(problem((2, 4, 4, 8), (3, 3, 8, 8)))
-    assert engine.looping_pays(problem((2, 32, 32, 64), (3, 3, 64, 128)))
+    tiny = problem((2, 4, 4, 8), (3, 3, 8, 8))  # 9.2e3 multiply-adds an example
+    pooled = problem((2, 16, 16, 64), (3, 3, 64, 128))  # 1.9e7
+    full = problem((2, 32, 32, 64), (3, 3, 64, 128))  # 7.5e7
     assert engine.AUTO_LOOP_MIN_MACS == 1e6
-    # Both branches of a batch with many groups an example equal the reference.
+    assert engine.AUTO_LARGE_CONV_MACS == 5e7
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
+    assert [engine.looping_pays(p) for p in (tiny, pooled, full)] == [False, True, True]
+    # On several threads only a large convolution is looped over.
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: 2)
+    assert [engine.looping_pays(p) for p in (tiny, pooled, full)] == [False, False, True]
+    # Both branches of a batch with many groups an example equal the reference
+    # (one thread: the loop for a minimum of 0 multiply-adds).
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
     x = block_sparse_input(rng, 7, channels=32)
     kernel = rng.normal(size=(3, 3, 32, 12)).astype("float32")
     mask = np.zeros((7, 4), "float32")
@@ -332,6 +341,15 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
         np.testing.assert_allclose(
             block_sparse_conv2d(x, kernel, None, mask, padding="same"), expected, atol=1e-5
         )
+
+
+def test_intra_op_threads_reads_tensorflows_setting(monkeypatch):
+    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 3)
+    assert engine.intra_op_threads() == 3
+    # 0, TensorFlow's default: every CPU the process may run on.
+    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 0)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert engine.intra_op_threads() == available
 
 
 def test_errors_name_the_argument(rng):
