@@ -119,14 +119,13 @@ On a loaded 2-core machine each extra graph op costs far more than its
 arithmetic, so the skipping paths win less than the ideal MACs ratio.
 """
 
-import os
-
 import keras
 import tensorflow as tf
 from keras import ops
 
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
+from keras_condcomp.ops._threads import intra_op_threads
 
 __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
@@ -553,18 +552,6 @@ def looping_pays(problem):
     if intra_op_threads() > 1:
         return is_large(problem)
     return macs >= AUTO_LOOP_MIN_MACS
-
-
-def intra_op_threads():
-    """The threads one TensorFlow op may use: `tf.config.threading`'s
-    intra-op setting, or when left at 0 (the default) the CPUs this process
-    may run on, as TensorFlow then uses."""
-    configured = tf.config.threading.get_intra_op_parallelism_threads()
-    if configured:
-        return configured
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def example_macs(problem):

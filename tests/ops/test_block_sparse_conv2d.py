@@ -1,6 +1,5 @@
 import importlib
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -341,15 +340,6 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
         np.testing.assert_allclose(
             block_sparse_conv2d(x, kernel, None, mask, padding="same"), expected, atol=1e-5
         )
-
-
-def test_intra_op_threads_reads_tensorflows_setting(monkeypatch):
-    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 3)
-    assert engine.intra_op_threads() == 3
-    # 0, TensorFlow's default: every CPU the process may run on.
-    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 0)
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert engine.intra_op_threads() == available
 
 
 def test_errors_name_the_argument(rng):

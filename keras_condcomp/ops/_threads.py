@@ -1,0 +1,23 @@
+"""The thread count the execution engines' rules read when a graph is traced."""
+
+import os
+
+import tensorflow as tf
+
+
+def intra_op_threads():
+    """The threads one TensorFlow op may use: `tf.config.threading`'s
+    intra-op setting, or when left at 0 (the default) the CPUs this process
+    may run on, as TensorFlow then uses.
+
+    Example:
+
+    >>> intra_op_threads() >= 1
+    True
+    """
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    if configured:
+        return configured
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
