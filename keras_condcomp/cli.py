@@ -72,6 +72,16 @@ def _number(name, low, high, low_open=True, high_open=False):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is None: the option's help
+    then says what happens when it is not given."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-condcomp", description="Conditional computation for Keras 3."
@@ -79,9 +89,9 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
-        help="train a gated MLP with REINFORCE next to dense baselines",
+        help="train a gated MLP or CNN with REINFORCE next to dense baselines",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument(
         "--dataset", default="digits",
@@ -93,19 +103,22 @@ def _parser():
         help=f"default: {MODEL_DEFAULTS['mlp']['epochs']} for mlp, "
              f"{MODEL_DEFAULTS['cnn']['epochs']} for cnn (every model of the job)",
     )
-    train.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    train.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32,
+                       help="examples per training step")
     train.add_argument(
         "--model", choices=("mlp", "cnn"), default="mlp",
         help="'mlp': GatedDense layers (--units, --layers); 'cnn': GatedConv2D "
              "layers (--filters) on the images, against a same-width Conv2D CNN",
     )
-    train.add_argument("--units", type=_positive_int("--units"), default=2048)
+    train.add_argument("--units", type=_positive_int("--units"), default=2048,
+                       help="mlp: units of each gated layer")
     train.add_argument(
         "--blocks", type=_positive_int("--blocks"), default=None,
         help=f"blocks per gated layer (default: {MODEL_DEFAULTS['mlp']['blocks']} for mlp, "
              f"{MODEL_DEFAULTS['cnn']['blocks']} for cnn)",
     )
-    train.add_argument("--layers", type=_positive_int("--layers"), default=2)
+    train.add_argument("--layers", type=_positive_int("--layers"), default=2,
+                       help="mlp: gated layers")
     train.add_argument(
         "--filters", default="32,64",
         help="cnn: comma-separated filters of the gated 3x3 convolutions",
@@ -140,12 +153,13 @@ def _parser():
              f"{MODEL_DEFAULTS['cnn']['example_sparsity_weight']} for cnn)",
     )
     train.add_argument(
-        "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3
+        "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3,
+        help="Adam's learning rate of the networks (where the cosine decay starts)",
     )
     train.add_argument(
         "--policy-learning-rate",
         type=_number("--policy-learning-rate", 0, inf, True, True),
-        default=1e-2,
+        default=1e-2, help="Adam's learning rate of the policies (where the cosine decay starts)",
     )
     train.add_argument(
         "--lr-schedule", choices=("cosine", "constant"), default=None,
@@ -153,13 +167,15 @@ def _parser():
              f"over the run, or constant (default: {MODEL_DEFAULTS['mlp']['lr_schedule']} "
              f"for mlp, {MODEL_DEFAULTS['cnn']['lr_schedule']} for cnn)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the weights, the validation split and the sampled masks")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument(
         "--speed-repeats", type=_positive_int("--speed-repeats"), default=200,
         help="timed calls per model and batch size",
     )
-    train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1)
+    train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                       help="as in model.fit")
     _add_export_parser(commands)
     return parser
 
@@ -169,7 +185,7 @@ def _add_export_parser(commands):
         "export",
         help="export a .keras model to ONNX or LiteRT, keeping the skipping",
         description=EXPORT_DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     export.add_argument("model", help="the .keras file (e.g. model.keras of `train`)")
     export.add_argument("--format", choices=("onnx", "litert"), required=True)
@@ -181,7 +197,7 @@ def _add_export_parser(commands):
     export.add_argument("--opset", type=_positive_int("--opset"), default=None,
                         help="ONNX opset; when not given, tf2onnx's")
     export.add_argument("--quantize", choices=("int8", "float16"), default=None,
-                        help="LiteRT weights stored as int8 or float16")
+                        help="LiteRT weights stored as int8 or float16; when not given, float32")
     export.add_argument(
         "--budget", type=_positive_int("--budget"), default=None,
         help="blocks computed per example by every gated layer; when not given, the "

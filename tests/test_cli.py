@@ -114,3 +114,17 @@ def test_console_command_reports_bad_input_in_one_line(tmp_path):
     assert "--units (30) must be divisible by --blocks (4)" in last
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_help_shows_real_defaults_only(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    # An option without a default says in its help what happens instead.
+    assert "(default: None)" not in help_text
+    if command == "train":
+        assert "examples per training step (default: 32)" in help_text
+    else:
+        assert "when not given, float32" in help_text
