@@ -11,6 +11,8 @@ calls:
 - `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
 - `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`,
+- `tuned`: each layer's path chosen by timing for the batch size
+  (`keras_condcomp.models.tune_execution`),
 - `floor_call`, a graph that only slices its input: the fixed cost of a
   call, shown as the `call` bound (no graph beats Conv2D by more),
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
@@ -135,6 +137,7 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import median_latencies, paired_latencies
 
@@ -164,6 +167,16 @@ def _worker(args):
                 with forced_execution(path):
                     fn.get_concrete_function()
                 functions[path] = fn
+            # Each layer's path chosen by timing for this batch size; the
+            # graphs above keep the paths they were traced with.
+            tune_execution(gated, data[: max(32, batch)], batch_size=batch, repeats=10)
+            functions["tuned"] = tf.function(
+                lambda x: gated(x, training=False), input_signature=[spec]
+            )
+            functions["tuned"].get_concrete_function()
+            for layer in gated.layers:
+                if hasattr(layer, "execution"):
+                    layer.execution = "auto"
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
             # Each against Conv2D alone (see benchmarks/gated_dense.py).
             # Calls at batch 1 are short and noisy: 8x the repeats.
@@ -188,7 +201,7 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'thr':>3} {'batch':>5} {'density':>7} {'conv ms':>8} {'auto':>6} "
-             f"{'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10} "
+             f"{'tuned':>6} {'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10} "
              f"{'call':>6} {'eager':>6}"]
     keyed = {}
     for r in rows:
@@ -200,7 +213,7 @@ def _table(rows):
         auto = paths["auto"]["speedup"] / ideal if "auto" in paths else float("nan")
         lines.append(
             f"{threads!s:>3} {batch:>5} {density:>7.3f} {paths['conv2d']['seconds'] * 1e3:>8.3f} "
-            f"{sp('auto'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
+            f"{sp('auto'):>6} {sp('tuned'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
             f"{ideal:>5.1f}x {auto:>10.2f} {sp('floor_call'):>6} {sp('eager'):>6}"
         )
     return "\n".join(lines)
