@@ -28,10 +28,11 @@ upstream gives zero input channels downstream (max pooling keeps them
 zero), so the second and third layers also skip input channels.
 
 Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
-do (eight batches in turn); `--tensor-inputs` feeds TensorFlow tensors
-instead, as a `tf.data` pipeline would, which saves each call the
-conversion (the same for every model, so a larger share of the faster
-ones' time; `_tensor_inputs` in the result names).
+do (consecutive batches of the calibrated examples in turn; the JSON records
+their densities, `timed_layer_densities`); `--tensor-inputs` feeds
+TensorFlow tensors instead, as a `tf.data` pipeline would, which saves each
+call the conversion (the same for every model, so a larger share of the
+faster ones' time; `_tensor_inputs` in the result names).
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
@@ -139,7 +140,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies, paired_latencies
+    from keras_condcomp.speed import median_latencies, paired_latencies, timed_batches
 
     import keras
 
@@ -153,8 +154,13 @@ def _worker(args):
         layer_densities, per_example = _calibrate(gated, data, density)
         ideal = _ideal_speedup(per_example, args.stack)
         for batch in args.batch_sizes:
-            batches = [data[i * batch % 256:][:batch] for i in range(8)]
-            batches = [b for b in batches if len(b) == batch]
+            # Calls at batch 1 are short and noisy: 8x the repeats.
+            repeats = max(args.repeats, args.repeats * 8 // batch)
+            # The examples timed, and their densities. (Eight batches, as
+            # before, gave batch 1 eight examples, whose masks at density
+            # 1/4 were 0.30, 0.42 and 0.34 dense in the three layers.)
+            batches = timed_batches(data, batch, repeats)
+            timed_densities = per_example[:len(batches) * batch].mean(axis=0).tolist()
             if args.tensor_inputs:
                 batches = [tf.constant(b) for b in batches]
             functions = {
@@ -179,8 +185,6 @@ def _worker(args):
                     layer.execution = "auto"
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
             # Each against Conv2D alone (see benchmarks/gated_dense.py).
-            # Calls at batch 1 are short and noisy: 8x the repeats.
-            repeats = max(args.repeats, args.repeats * 8 // batch)
             timed = paired_latencies(calls, "conv2d", batches, repeats=repeats, warmup=3)
             # `model(x)` called eagerly (see benchmarks/gated_dense.py).
             eager = median_latencies({
@@ -191,6 +195,7 @@ def _worker(args):
             for name, (seconds, paired_conv2d) in timed.items():
                 rows.append({
                     "density": density, "layer_densities": layer_densities,
+                    "timed_layer_densities": timed_densities,
                     "batch": batch, "threads": args.threads or "all", "path": name,
                     "seconds": seconds, "speedup": paired_conv2d / seconds,
                     "ideal_speedup": ideal,

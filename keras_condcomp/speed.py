@@ -15,7 +15,10 @@ import time
 
 import numpy as np
 
-__all__ = ["evict_caches", "median_latencies", "measure_models_speed", "paired_latencies"]
+__all__ = [
+    "evict_caches", "median_latencies", "measure_models_speed", "paired_latencies",
+    "timed_batches",
+]
 
 
 def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, before_call=None):
@@ -84,6 +87,28 @@ def evict_caches(size_bytes=64 * 2**20):
     np.add(buffer, 1.0, out=buffer)
 
 
+def timed_batches(x, batch_size, repeats):
+    """Consecutive batches of `x` for `repeats` timed calls cycling through them.
+
+    One batch per call, up to all of `x`: the timings then cover as many
+    examples as the calls reach. (A few batches reused time a few examples'
+    masks: in `benchmarks/gated_conv2d.py`, eight examples at batch 1 had
+    masks of 0.30-0.42 density where the calibrated density was 1/4.) When
+    `x` has fewer than `batch_size` examples, one batch of them repeated.
+
+    Example:
+
+    >>> [b.tolist() for b in timed_batches(np.arange(5), 2, repeats=10)]
+    [[0, 1], [2, 3]]
+    >>> [b.tolist() for b in timed_batches(np.arange(5), 1, repeats=2)]
+    [[0], [1]]
+    """
+    count = min(len(x) // batch_size, repeats)
+    if count == 0:
+        return [np.resize(x, (batch_size, *np.shape(x)[1:]))]
+    return [x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
 def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **options):
     """Median seconds of each function timed against `reference` alone.
 
@@ -138,11 +163,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
     gated_call, dense_call = _compiled_inference(gated), _compiled_inference(dense)
     results = {}
     for batch_size in batch_sizes:
-        count = max(1, min(16, len(x) // batch_size))
-        batches = [x[i * batch_size : (i + 1) * batch_size] for i in range(count)]
-        batches = [b for b in batches if len(b) == batch_size] or [
-            np.resize(x, (batch_size, *x.shape[1:]))
-        ]
+        batches = timed_batches(x, batch_size, repeats)
         # A copy whose paths are chosen by timing for this batch size.
         tuned = keras.models.load_model(gated_path, compile=False)
         report = tune_execution(
