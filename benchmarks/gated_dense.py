@@ -27,10 +27,11 @@ per-example random masks at the given density, computed by the real layer
 (policy cost included).
 
 Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
-do (eight batches in turn); `--tensor-inputs` feeds TensorFlow tensors
-instead, as a `tf.data` pipeline would, which saves each call the
-conversion (the same for every model, so a larger share of the faster
-ones' time; `_tensor_inputs` in the result names).
+do (consecutive batches of the calibrated examples in turn; the JSON records
+their densities, `timed_layer_densities`); `--tensor-inputs` feeds
+TensorFlow tensors instead, as a `tf.data` pipeline would, which saves each
+call the conversion (the same for every model, so a larger share of the
+faster ones' time; `_tensor_inputs` in the result names).
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
@@ -86,21 +87,23 @@ def _build(shape, seed=0):
 
 
 def _calibrate(gated_model, x, density):
-    """Sets each policy bias so every block is open for `density` of `x`."""
-    import keras
+    """Sets each policy bias so every block is open for `density` of `x`.
 
+    Returns the `(examples, gated layers)` fractions of active blocks of
+    each example of `x`.
+    """
     from keras_condcomp.layers import GatedDense
 
     h = x
-    densities = []
+    per_example = []
     for layer in gated_model.layers[1:]:
         if isinstance(layer, GatedDense):
             logits = np.asarray(h @ layer.policy.kernel.numpy())
             threshold = np.quantile(logits, 1 - density, axis=0)
             layer.policy.bias.assign(-threshold)
-            densities.append(float(np.mean(layer.block_mask(h))))
+            per_example.append(np.asarray(layer.block_mask(h)).mean(axis=1))
         h = np.asarray(layer(h, training=False))
-    return densities
+    return np.stack(per_example, axis=1)
 
 
 def _ideal_speedup(shape, densities):
@@ -130,7 +133,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies, paired_latencies
+    from keras_condcomp.speed import median_latencies, paired_latencies, timed_batches
 
     rng = np.random.default_rng(0)
     rows = []
@@ -140,10 +143,16 @@ def _worker(args):
         data = rng.random((512, input_dim)).astype("float32")
         memory = _weight_bytes(gated) / _weight_bytes(dense)
         for density in args.densities:
-            layer_densities = _calibrate(gated, data, density)
+            per_example = _calibrate(gated, data, density)
+            layer_densities = per_example.mean(axis=0).tolist()
             for batch in args.batch_sizes:
-                batches = [data[i * batch % 512:][:batch] for i in range(8)]
-                batches = [b for b in batches if len(b) == batch]
+                # Calls at batch 1 are short and noisy: 8x the repeats.
+                repeats = max(args.repeats, args.repeats * 8 // batch)
+                # The examples timed, and their densities. (Eight batches,
+                # as before, gave batch 1 eight examples, whose masks were
+                # denser than the calibrated ones: 0.073 and 0.083 at 1/16.)
+                batches = timed_batches(data, batch, repeats)
+                timed_densities = per_example[:len(batches) * batch].mean(axis=0).tolist()
                 if args.tensor_inputs:
                     batches = [tf.constant(b) for b in batches]
                 spec = tf.TensorSpec([None, input_dim], "float32")
@@ -179,18 +188,19 @@ def _worker(args):
                 # alternation would find the tiles the previous path read for
                 # the same batch still in cache (measured: +30% for "auto" at
                 # batch 1, none at batch 50).
-                timed = paired_latencies(calls, "dense", batches, repeats=args.repeats, warmup=3)
+                timed = paired_latencies(calls, "dense", batches, repeats=repeats, warmup=3)
                 # `model(x)` called eagerly, as a new user first does (each
                 # gated layer runs as one compiled graph), against Dense eagerly.
                 eager = median_latencies({
                     "dense": lambda x: dense(x, training=False).numpy(),
                     "eager": lambda x: gated(x, training=False).numpy(),
-                }, batches, repeats=args.repeats, warmup=3)
+                }, batches, repeats=repeats, warmup=3)
                 timed["eager"] = (eager["eager"], eager["dense"])
                 ideal = _ideal_speedup(shape, layer_densities)
                 for name, (seconds, paired_dense) in timed.items():
                     rows.append({
                         "shape": shape, "density": density, "layer_densities": layer_densities,
+                        "timed_layer_densities": timed_densities,
                         "batch": batch, "threads": args.threads or "all", "path": name,
                         "seconds": seconds, "speedup": paired_dense / seconds,
                         "ideal_speedup": ideal, "weight_memory_ratio": memory,
