@@ -102,6 +102,8 @@ def timed_batches(x, batch_size, repeats):
     [[0, 1], [2, 3]]
     >>> [b.tolist() for b in timed_batches(np.arange(5), 1, repeats=2)]
     [[0], [1]]
+    >>> [b.tolist() for b in timed_batches(np.arange(3), 4, repeats=10)]
+    [[0, 1, 2, 0]]
     """
     count = min(len(x) // batch_size, repeats)
     if count == 0:
