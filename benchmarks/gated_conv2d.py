@@ -138,9 +138,10 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies, paired_latencies, timed_batches
+    from keras_condcomp.speed import (
+        median_latencies, paired_latencies, timed_batches, tuned_inference,
+    )
 
     import keras
 
@@ -173,17 +174,9 @@ def _worker(args):
                 with forced_execution(path):
                     fn.get_concrete_function()
                 functions[path] = fn
-            # Each layer's path chosen by timing for this batch size; the
-            # graphs above keep the paths they were traced with.
-            tune_execution(gated, data[: max(32, batch)], batch_size=batch, repeats=10)
-            functions["tuned"] = tf.function(
-                lambda x: gated(x, training=False), input_signature=[spec]
-            )
-            functions["tuned"].get_concrete_function()
-            for layer in gated.layers:
-                if hasattr(layer, "execution"):
-                    layer.execution = "auto"
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+            # Each layer's path chosen by timing for this batch size.
+            calls["tuned"], _ = tuned_inference(gated, data[: max(32, batch)], batch, repeats=10)
             # Each against Conv2D alone (see benchmarks/gated_dense.py).
             timed = paired_latencies(calls, "conv2d", batches, repeats=repeats, warmup=3)
             # `model(x)` called eagerly (see benchmarks/gated_dense.py).

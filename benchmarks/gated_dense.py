@@ -131,9 +131,10 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_condcomp.models import tune_execution
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.speed import median_latencies, paired_latencies, timed_batches
+    from keras_condcomp.speed import (
+        median_latencies, paired_latencies, timed_batches, tuned_inference,
+    )
 
     rng = np.random.default_rng(0)
     rows = []
@@ -173,17 +174,11 @@ def _worker(args):
                     with forced_execution(path):
                         fn.get_concrete_function()
                     functions[path] = fn
-                # Each layer's path chosen by timing for this batch size; the
-                # graphs above keep the paths they were traced with.
-                tune_execution(gated, data[: max(64, batch)], batch_size=batch, repeats=20)
-                functions["tuned"] = tf.function(
-                    lambda x: gated(x, training=False), input_signature=[spec]
-                )
-                functions["tuned"].get_concrete_function()
-                for layer in gated.layers:
-                    if hasattr(layer, "execution"):
-                        layer.execution = "auto"
                 calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+                # Each layer's path chosen by timing for this batch size.
+                calls["tuned"], _ = tuned_inference(
+                    gated, data[: max(64, batch)], batch, repeats=20
+                )
                 # Each against Dense alone: paths of one model timed in one
                 # alternation would find the tiles the previous path read for
                 # the same batch still in cache (measured: +30% for "auto" at

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = [
     "evict_caches", "median_latencies", "measure_models_speed", "paired_latencies",
-    "timed_batches",
+    "timed_batches", "tuned_inference",
 ]
 
 
@@ -141,6 +141,7 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **optio
 
 
 def _compiled_inference(model):
+    """`model`'s inference as one graph, traced now: a numpy batch -> numpy."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], "float32")
@@ -149,15 +150,37 @@ def _compiled_inference(model):
     def run(x):
         return model(x, training=False)
 
+    run.get_concrete_function()
     return lambda x: run(x).numpy()
+
+
+def tuned_inference(model, x, batch_size, repeats):
+    """`model`'s inference with each gated layer's path chosen by timing.
+
+    Runs `keras_condcomp.models.tune_execution(model, x, batch_size,
+    repeats)`, traces the model's inference as one graph with those paths,
+    then gives each layer back the path it had: the graph keeps the tuned
+    ones, the model is left as it was.
+
+    Returns:
+        `(call, report)`: a callable from a numpy batch to numpy outputs,
+        and `tune_execution`'s report.
+    """
+    from keras_condcomp.models import tune_execution
+    from keras_condcomp.models.policy_gradient_model import gated_layers
+
+    before = {layer.name: layer.execution for layer in gated_layers(model)}
+    report = tune_execution(model, x, batch_size=batch_size, repeats=repeats)
+    call = _compiled_inference(model)
+    for layer in gated_layers(model):
+        layer.execution = before[layer.name]
+    return call, report
 
 
 def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
     import keras
 
     import keras_condcomp  # noqa: F401  (registers the layers)
-
-    from keras_condcomp.models import tune_execution
 
     gated = keras.models.load_model(gated_path, compile=False)
     dense = keras.models.load_model(dense_path, compile=False)
@@ -166,12 +189,11 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
     results = {}
     for batch_size in batch_sizes:
         batches = timed_batches(x, batch_size, repeats)
-        # A copy whose paths are chosen by timing for this batch size.
-        tuned = keras.models.load_model(gated_path, compile=False)
-        report = tune_execution(
-            tuned, np.concatenate(batches), batch_size=batch_size, repeats=max(3, repeats // 4)
+        # Paths chosen by timing for this batch size.
+        tuned_call, report = tuned_inference(
+            gated, np.concatenate(batches), batch_size, repeats=max(3, repeats // 4)
         )
-        functions = {"gated": gated_call, "tuned": _compiled_inference(tuned), "dense": dense_call}
+        functions = {"gated": gated_call, "tuned": tuned_call, "dense": dense_call}
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
             "gated_seconds": medians["gated"],
