@@ -21,11 +21,17 @@ calls:
 
 Apart from `eager`, every model runs as one `tf.function` over
 `model(x, training=False)`. The masks are the layers' own threshold
-policies, each policy bias set so that every group is active for the given
-fraction of the benchmark inputs: per-example masks at the given density,
-computed by the real layers (policy cost included). A skipped group
-upstream gives zero input channels downstream (max pooling keeps them
-zero), so the second and third layers also skip input channels.
+policies (policy cost included), with weights and inputs built so that
+every example has exactly `density * 8` active groups in every gated
+layer, a run of consecutive groups starting at a random group (see
+`_controlled_masks`; the convolutions' costs do not depend on the values
+they multiply). A skipped group upstream gives zero input channels
+downstream (max pooling keeps them zero), so the second and third layers
+also skip input channels. (Policy biases set so that each group was open
+for a fraction `density` of random images, as before, gave the right mean
+but not per example: at 1/4, 33, 73 and 81 of 256 examples had no active
+group in the three layers, and such an example costs a layer almost
+nothing.)
 
 Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
 do (consecutive batches of the calibrated examples in turn; the JSON records
@@ -83,33 +89,131 @@ def _build(seed=0, stack="cifar"):
     gated = keras.layers.Dense(HEAD)(keras.layers.GlobalAveragePooling2D()(gated))
     dense = keras.layers.Dense(HEAD)(keras.layers.GlobalAveragePooling2D()(dense))
     gated_model, dense_model = keras.Model(inputs, gated), keras.Model(inputs, dense)
+    _copy_weights(gated_model, dense_model)
+    return gated_model, dense_model
+
+
+def _copy_weights(gated_model, dense_model):
     for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
         if d.weights:
             d.kernel.assign(g.kernel)
             d.bias.assign(g.bias)
-    return gated_model, dense_model
 
 
-def _calibrate(gated_model, x, density):
-    """Sets each policy bias so every group is open for `density` of `x`.
+# How `_controlled_masks` steers every layer's mask (see there).
+CODES = 8  # arcs an input can ask of the second and third layers: one per start
+CARRIER_STEPS = np.arange(CODES) / CODES  # thresholds of the carrier channels
 
-    Returns the per-layer mean densities and the `(examples, layers)` masks'
-    per-example densities.
-    """
+
+def _gated_convs(gated_model):
     from keras_condcomp.layers import GatedConv2D
 
-    h = x
-    per_example = []
+    return [layer for layer in gated_model.layers if isinstance(layer, GatedConv2D)]
+
+
+def _set_carriers(layers, count):
+    """Kernels of the first two gated layers that carry each input's code.
+
+    Every input is constant in its last channel, `u = (code + 1/2) / 8`.
+    Channel `c` of every group of the first layer is `relu(u - c / 8)` (its
+    kernel reads the centre of the last input channel), and so are channels
+    `c` and `8 + c` of every group of the second layer (reading channel 0,
+    `u`, of each of the first layer's groups: the sum over its `count`
+    active groups, divided by `count`). These eight values determine the
+    code whatever groups are active and, positive, keep every input channel
+    of an active group in use downstream.
+    """
+    first, second = layers[:2]
+    for layer, size in ((first, 8), (second, 16)):
+        if layer.filters // layer.blocks != size:
+            raise ValueError(f"the carriers need {size} filters a group in {layer.name}")
+    kernel = np.zeros(first.kernel.shape, "float32")
+    for c in range(CODES):
+        kernel[1, 1, -1, np.arange(first.blocks) * 8 + c] = 1.0
+    first.kernel.assign(kernel)
+    first.bias.assign(-np.tile(CARRIER_STEPS, first.blocks).astype("float32"))
+    kernel = np.zeros(second.kernel.shape, "float32")
+    for column in range(second.filters):
+        kernel[1, 1, np.arange(first.blocks) * 8, column] = 1.0 / count
+    second.kernel.assign(kernel)
+    second.bias.assign(-np.tile(CARRIER_STEPS, 2 * second.blocks).astype("float32"))
+
+
+def _arc_targets(starts, count, blocks):
+    """`(len(starts), blocks)`: +1 on `count` consecutive groups from each start, else -1."""
+    offsets = (np.arange(blocks)[None, :] - np.asarray(starts)[:, None]) % blocks
+    return np.where(offsets < count, 1.0, -1.0)
+
+
+def _controlled_masks(gated_model, dense_model, n, density, seed=0):
+    """Inputs and weights giving every example `density * blocks` active
+    groups in every gated layer; returns `(inputs, per-example densities
+    (n, layers))`, the densities measured by the layers. The Conv2D stack
+    gets the same kernels.
+
+    - First layer: the input's first two channels have means `1/2 + r cos t`
+      and `1/2 + r sin t` (plus noise of mean 0); the policy of group `j`
+      reads `cos(t - 2 pi j / 8)`, open above `cos(pi k / 8)`: the `k`
+      groups around angle `t`, from a random start.
+    - Second and third layers: their policies read the carrier channels of
+      `_set_carriers` (the input's code, through the `k` active groups of
+      the layer before), and open `k` groups from start `code` (second)
+      and `(3 code + 1) mod 8` (third), solved exactly from the eight
+      carrier values of each code.
+    """
+    layers = _gated_convs(gated_model)
+    blocks = layers[0].blocks
+    count = density * blocks
+    if abs(count - round(count)) > 1e-6 or any(layer.blocks != blocks for layer in layers):
+        raise ValueError(
+            f"--densities must be multiples of 1/{blocks} here (whole groups "
+            f"in every example). Received: {density}"
+        )
+    count = int(round(count))
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *INPUT_SHAPE)).astype("float32") * 0.4
+    x -= x.mean(axis=(1, 2), keepdims=True)  # noise of mean 0 in every channel
+    starts = rng.integers(0, blocks, n)
+    angle = 2 * np.pi * (starts + (count - 1) / 2) / blocks
+    radius = 0.25
+    x[..., 0] += 0.5 + radius * np.cos(angle)[:, None, None]
+    x[..., 1] += 0.5 + radius * np.sin(angle)[:, None, None]
+    codes = rng.integers(0, CODES, n)
+    x[..., -1] = ((codes + 0.5) / CODES)[:, None, None]
+    # First layer: logit_j = 4 (cos(t - a_j) - cos(pi k / 8)); every group at k = 8.
+    group_angles = 2 * np.pi * np.arange(blocks) / blocks
+    scale = 4.0 / radius
+    kernel = np.zeros(layers[0].policy.kernel.shape, "float32")
+    kernel[0], kernel[1] = scale * np.cos(group_angles), scale * np.sin(group_angles)
+    threshold = np.cos(np.pi * count / blocks) if count < blocks else -2.0
+    bias = -scale * 0.5 * (np.cos(group_angles) + np.sin(group_angles)) - 4.0 * threshold
+    layers[0].policy.kernel.assign(kernel)
+    layers[0].policy.bias.assign(bias.astype("float32"))
+    _set_carriers(layers, count)
+    _copy_weights(gated_model, dense_model)
+    # The carriers' values for each code: (codes, 8), invertible.
+    values = np.maximum(0.0, (np.arange(CODES)[:, None] + 0.5) / CODES - CARRIER_STEPS[None, :])
+    for layer, size, start_of in (
+        (layers[1], 8, lambda code: code), (layers[2], 16, lambda code: (3 * code + 1) % CODES)
+    ):
+        # logits (codes, blocks) = count * values @ weights: one weight per carrier.
+        targets = _arc_targets(start_of(np.arange(CODES)), count, blocks)
+        weights = np.linalg.solve(values, targets) / count
+        kernel = np.zeros(layer.policy.kernel.shape, "float32")
+        for group in range(blocks):
+            kernel[group * size: group * size + CODES] = weights
+        layer.policy.kernel.assign(kernel)
+        layer.policy.bias.assign(np.zeros(blocks, "float32"))
+    # Measured by the layers themselves.
+    h, per_example = x, []
     for layer in gated_model.layers[1:]:
-        if isinstance(layer, GatedConv2D):
-            pooled = h.mean(axis=(1, 2))
-            logits = pooled @ layer.policy.kernel.numpy()
-            threshold = np.quantile(logits, 1 - density, axis=0)
-            layer.policy.bias.assign(-threshold)
+        if layer in layers:
             per_example.append(np.asarray(layer.block_mask(h)).mean(axis=1))
         h = np.asarray(layer(h, training=False))
     per_example = np.stack(per_example, axis=1)
-    return per_example.mean(axis=0).tolist(), per_example
+    if not np.allclose(per_example, count / blocks):
+        raise AssertionError(f"masks not controlled: {per_example.mean(axis=0)}")
+    return x, per_example
 
 
 def _ideal_speedup(per_example, stack="cifar"):
@@ -146,13 +250,12 @@ def _worker(args):
     import keras
 
     keras.utils.set_random_seed(0)  # the same kernels in every process
-    rng = np.random.default_rng(0)
     gated, dense = _build(stack=args.stack)
-    data = rng.random((256, *INPUT_SHAPE)).astype("float32")
     spec = tf.TensorSpec([None, *INPUT_SHAPE], "float32")
     rows = []
     for density in args.densities:
-        layer_densities, per_example = _calibrate(gated, data, density)
+        data, per_example = _controlled_masks(gated, dense, 256, density)
+        layer_densities = per_example.mean(axis=0).tolist()
         ideal = _ideal_speedup(per_example, args.stack)
         for batch in args.batch_sizes:
             # Calls at batch 1 are short and noisy: 8x the repeats.
@@ -274,6 +377,10 @@ def main(argv=None):
     bad = [v for v in args.densities if not 0 < v <= 1]
     if bad:
         parser.error(f"--densities must be in (0, 1], got {bad}")
+    groups = LAYERS[0][1]
+    bad = [v for v in args.densities if abs(v * groups - round(v * groups)) > 1e-6]
+    if bad:
+        parser.error(f"--densities must be multiples of 1/{groups} (whole groups), got {bad}")
     if args.worker:
         args.threads = args.threads[0]
         return _worker(args)
