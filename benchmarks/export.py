@@ -21,7 +21,8 @@ alternating after a warm-up (median of many calls), in three cache regimes:
   weights from memory, like a model larger than the caches (the dense MLP
   on a phone) or one called now and then.
 
-Masks: random per example, of a controlled size. Each input carries, in its
+Masks: random per example, of a controlled size (`controlled_masks.py`,
+shared with `gated_dense.py`). Each input carries, in its
 first 24 features, a random 0/1 selection of blocks (the others are uniform
 noise); the first policy reads it (logit `10 s_j - 5`, plus small random
 weights on every feature) and layer 1 copies it into one unit of each
@@ -52,13 +53,13 @@ Writes `benchmarks/results/export.json` and `export.png` and prints a table.
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 
 import numpy as np
 
+from controlled_masks import selection_inputs, steer_policies
 from keras_condcomp.speed import evict_caches
 
 INPUT_DIM, UNITS, BLOCKS, CLASSES = 3072, 1536, 24, 10
@@ -86,7 +87,6 @@ def _models(seed=0):
     import keras
 
     from keras_condcomp.layers import GatedDense
-    from keras_condcomp.ops import to_block_kernel
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((INPUT_DIM,), name="inputs")
@@ -98,25 +98,8 @@ def _models(seed=0):
     dense = keras.layers.Dense(CLASSES, name="logits")(dense)
     gated_model = keras.Model(inputs, gated, name="gated_mlp")
     dense_model = keras.Model(inputs, dense, name="dense_mlp")
-    rng = np.random.default_rng(seed)
     g1, g2, head = gated_model.layers[1:]
-    # Policy 1 reads the selection in features 0..23.
-    z1 = rng.normal(0, 1e-3, (INPUT_DIM, BLOCKS)).astype("float32")
-    z1[np.arange(BLOCKS), np.arange(BLOCKS)] = 10.0
-    g1.policy.kernel.assign(z1)
-    g1.policy.bias.assign(np.full(BLOCKS, -5.0, "float32"))
-    # Layer 1 copies the selection into the first unit of each block ...
-    k1 = g1.kernel.numpy()
-    block = UNITS // BLOCKS
-    k1[:BLOCKS] = 0.0
-    k1[np.arange(BLOCKS), np.arange(BLOCKS) * block] = 50.0
-    g1.block_kernel.assign(to_block_kernel(k1, BLOCKS))
-    # ... which policy 2 reads through a random permutation of the blocks.
-    permutation = rng.permutation(BLOCKS)
-    z2 = rng.normal(0, 1e-3, (UNITS, BLOCKS)).astype("float32")
-    z2[np.arange(BLOCKS) * block, permutation] = 1.0
-    g2.policy.kernel.assign(z2)
-    g2.policy.bias.assign(np.full(BLOCKS, -25.0, "float32"))
+    steer_policies([g1, g2], np.random.default_rng(seed))
     for source, target in zip((g1, g2, head), dense_model.layers[1:]):
         target.kernel.assign(source.kernel)
         target.bias.assign(source.bias)
@@ -173,17 +156,7 @@ def _cnn_ideal_speedup(budgets):
 
 def _inputs(density, n, seed=1):
     """`n` inputs whose selections have floor/ceil(24 density) blocks, mean 24 density."""
-    rng = np.random.default_rng(seed)
-    mean = BLOCKS * density
-    low = math.floor(mean)
-    counts = np.full(n, low)
-    counts[: int(round((mean - low) * n))] += 1
-    rng.shuffle(counts)
-    x = rng.random((n, INPUT_DIM)).astype("float32")
-    x[:, :BLOCKS] = 0.0
-    for i, count in enumerate(counts):
-        x[i, rng.choice(BLOCKS, size=count, replace=False)] = 1.0
-    return x
+    return selection_inputs(n, INPUT_DIM, BLOCKS, density, np.random.default_rng(seed))
 
 
 def _ideal_speedup(budgets):

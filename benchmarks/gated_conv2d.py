@@ -34,7 +34,7 @@ group in the three layers, and such an example costs a layer almost
 nothing.)
 
 Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
-do (consecutive batches of the calibrated examples in turn; the JSON records
+do (consecutive batches of the benchmark's examples in turn; the JSON records
 their densities, `timed_layer_densities`); `--tensor-inputs` feeds
 TensorFlow tensors instead, as a `tf.data` pipeline would, which saves each
 call the conversion (the same for every model, so a larger share of the

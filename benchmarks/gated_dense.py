@@ -21,13 +21,17 @@ median of many calls (the `dense` row is the median of its pairs):
 
 Apart from `eager`, every model runs as one `tf.function` over
 `model(x, training=False)`, so graph-call overhead is the same for all. The
-masks are the layers' own threshold policies, with each policy bias set so
-that every block is active for the given fraction of the benchmark inputs:
-per-example random masks at the given density, computed by the real layer
-(policy cost included).
+masks are the layers' own threshold policies (policy cost included), random
+per example and of a controlled size: the inputs and policy weights are
+built so that every example has `floor(blocks d)` or `ceil(blocks d)`
+active blocks in every gated layer (`controlled_masks.py`, as in
+`export.py`). (Policy biases set so that each block was open for a fraction
+`d` of random inputs, as before, gave the right mean but not per example:
+on the Bengio MLP at 1/16, 59 and 107 of 256 examples had no active block
+in the two layers, others up to 6 and 9.)
 
 Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
-do (consecutive batches of the calibrated examples in turn; the JSON records
+do (consecutive batches of the benchmark's examples in turn; the JSON records
 their densities, `timed_layer_densities`); `--tensor-inputs` feeds
 TensorFlow tensors instead, as a `tf.data` pipeline would, which saves each
 call the conversion (the same for every model, so a larger share of the
@@ -51,6 +55,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from controlled_masks import selection_inputs, steer_policies
 
 SHAPES = {
     # name: (input_dim, [(units, blocks), ...], head units or None)
@@ -80,27 +86,24 @@ def _build(shape, seed=0):
         gated = keras.layers.Dense(head)(gated)
         dense = keras.layers.Dense(head)(dense)
     gated_model, dense_model = keras.Model(inputs, gated), keras.Model(inputs, dense)
+    steer_policies(
+        [layer for layer in gated_model.layers if isinstance(layer, GatedDense)],
+        np.random.default_rng(seed),
+    )
     for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
         d.kernel.assign(g.kernel)
         d.bias.assign(g.bias)
     return gated_model, dense_model
 
 
-def _calibrate(gated_model, x, density):
-    """Sets each policy bias so every block is open for `density` of `x`.
-
-    Returns the `(examples, gated layers)` fractions of active blocks of
-    each example of `x`.
-    """
+def _densities(gated_model, x):
+    """`(examples, gated layers)`: the fraction of active blocks of each example of `x`."""
     from keras_condcomp.layers import GatedDense
 
     h = x
     per_example = []
     for layer in gated_model.layers[1:]:
         if isinstance(layer, GatedDense):
-            logits = np.asarray(h @ layer.policy.kernel.numpy())
-            threshold = np.quantile(logits, 1 - density, axis=0)
-            layer.policy.bias.assign(-threshold)
             per_example.append(np.asarray(layer.block_mask(h)).mean(axis=1))
         h = np.asarray(layer(h, training=False))
     return np.stack(per_example, axis=1)
@@ -140,18 +143,18 @@ def _worker(args):
     rows = []
     for shape in args.shapes:
         gated, dense = _build(shape)
-        input_dim = SHAPES[shape][0]
-        data = rng.random((512, input_dim)).astype("float32")
+        input_dim, layers, _ = SHAPES[shape]
         memory = _weight_bytes(gated) / _weight_bytes(dense)
         for density in args.densities:
-            per_example = _calibrate(gated, data, density)
+            data = selection_inputs(512, input_dim, layers[0][1], density, rng)
+            per_example = _densities(gated, data)
             layer_densities = per_example.mean(axis=0).tolist()
             for batch in args.batch_sizes:
                 # Calls at batch 1 are short and noisy: 8x the repeats.
                 repeats = max(args.repeats, args.repeats * 8 // batch)
                 # The examples timed, and their densities. (Eight batches,
                 # as before, gave batch 1 eight examples, whose masks were
-                # denser than the calibrated ones: 0.073 and 0.083 at 1/16.)
+                # denser than the rest: 0.073 and 0.083 at 1/16.)
                 batches = timed_batches(data, batch, repeats)
                 timed_densities = per_example[:len(batches) * batch].mean(axis=0).tolist()
                 if args.tensor_inputs:

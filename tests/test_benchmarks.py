@@ -1,21 +1,54 @@
-"""The masks the convolution benchmark times are the densities it reports."""
+"""The masks the benchmarks time are the densities they report."""
 
 import importlib.util
 import os
 
+import keras
 import numpy as np
 import pytest
+
+from keras_condcomp.layers import GatedDense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def conv_benchmark():
-    path = os.path.join(ROOT, "benchmarks", "gated_conv2d.py")
-    spec = importlib.util.spec_from_file_location("gated_conv2d_benchmark", path)
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def conv_benchmark():
+    return _load("gated_conv2d")
+
+
+@pytest.mark.parametrize("density", [1 / 8, 3 / 16, 3 / 4])
+def test_dense_stacks_get_the_selected_number_of_blocks_in_every_layer(density):
+    controlled = _load("controlled_masks")
+    inputs = keras.Input((40,))
+    hidden = GatedDense(64, blocks=8, activation="relu", seed=1)(inputs)
+    hidden = GatedDense(64, blocks=8, activation="relu", seed=2)(hidden)
+    hidden = GatedDense(32, blocks=8, activation="relu", seed=3)(hidden)
+    model = keras.Model(inputs, hidden)
+    layers = model.layers[1:]
+    rng = np.random.default_rng(0)
+    controlled.steer_policies(layers, rng)
+    x = controlled.selection_inputs(64, 40, 8, density, rng)
+    selected = x[:, :8].sum(axis=1)
+    assert set(selected) <= {np.floor(8 * density), np.ceil(8 * density)}
+    assert selected.mean() == pytest.approx(8 * density, abs=1 / 64)
+    h = x
+    for layer in layers:
+        mask = np.asarray(layer.block_mask(h))
+        np.testing.assert_array_equal(mask.sum(axis=1), selected)
+        # At random places: the masks differ between examples, every block used.
+        assert len({tuple(row) for row in mask}) > 4
+        assert mask.any(axis=0).all()
+        h = np.asarray(layer(h, training=False))
 
 
 @pytest.mark.parametrize("stack", ["cifar", "full-resolution"])
