@@ -39,9 +39,9 @@ with the largest numbers of active blocks as explicit budgets (rows
 
 The CNN stack of `benchmarks/gated_conv2d.py` (32x32x3; 3x3 convolutions of
 64, 128, 128 filters in 8 groups; pooling; a 10-unit head) is timed the same
-way at densities 1/8 to 1/2, each policy bias set so that every group is open
-for that fraction of random inputs (random per-example masks; the budgets,
-the most active groups of an input, are then above the mean). Its ONNX
+way at densities 1/8 to 1/2, with that benchmark's masks: every example has
+exactly `8 d` active groups in every layer, at random places (so the
+budgets, the most active groups of an input, equal the mean). Its ONNX
 export uses a static batch of 1 (a GatedConv2D budget counts the groups of a
 batch).
 
@@ -59,6 +59,7 @@ import tempfile
 
 import numpy as np
 
+import gated_conv2d
 from controlled_masks import selection_inputs, steer_policies
 from keras_condcomp.speed import evict_caches
 
@@ -67,8 +68,7 @@ DENSITIES = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 # The CNN stack of benchmarks/gated_conv2d.py: 32x32x3, 3x3 "same" convolutions
 # of (filters, groups), 2x2 max pooling after the first two, global average
 # pooling, a 10-unit head.
-CNN_INPUT = (32, 32, 3)
-CNN_LAYERS = [(64, 8), (128, 8), (128, 8)]
+CNN_INPUT, CNN_LAYERS = gated_conv2d.INPUT_SHAPE, gated_conv2d.LAYERS
 CNN_DENSITIES = (1 / 8, 1 / 4, 1 / 2)
 # How each exported gated model and its dense export share the CPU caches
 # (options of `keras_condcomp.speed.median_latencies`).
@@ -109,36 +109,8 @@ def _models(seed=0):
 def _cnn_models(seed=0):
     import keras
 
-    from keras_condcomp.layers import GatedConv2D
-
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(CNN_INPUT, name="inputs")
-    gated, dense = inputs, inputs
-    for i, (filters, groups) in enumerate(CNN_LAYERS):
-        gated = GatedConv2D(filters, 3, groups, padding="same", activation="relu")(gated)
-        dense = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(dense)
-        if i < len(CNN_LAYERS) - 1:
-            gated = keras.layers.MaxPooling2D()(gated)
-            dense = keras.layers.MaxPooling2D()(dense)
-    gated = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(gated))
-    dense = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(dense))
-    gated_model = keras.Model(inputs, gated, name="gated_cnn")
-    dense_model = keras.Model(inputs, dense, name="dense_cnn")
-    for g, d in zip(gated_model.layers[1:], dense_model.layers[1:]):
-        if d.weights:
-            d.kernel.assign(g.kernel)
-            d.bias.assign(g.bias)
-    return gated_model, dense_model
-
-
-def _cnn_calibrate(gated_model, x, density):
-    """Sets each policy bias so every group is open for `density` of `x` (random per example)."""
-    h = x
-    for layer in gated_model.layers[1:]:
-        if hasattr(layer, "policy"):
-            logits = h.mean(axis=(1, 2)) @ layer.policy.kernel.numpy()
-            layer.policy.bias.assign(-np.quantile(logits, 1 - density, axis=0))
-        h = np.asarray(layer(h, training=False))
+    return gated_conv2d._build(seed)
 
 
 def _cnn_ideal_speedup(budgets):
@@ -186,8 +158,7 @@ def run(densities, repeats, workdir, shape="mlp"):
         if shape == "mlp":
             x = _inputs(density, 64)
         else:
-            x = np.random.default_rng(1).random((64,) + CNN_INPUT).astype("float32")
-            _cnn_calibrate(gated, x, density)
+            x, _ = gated_conv2d._controlled_masks(gated, dense, 64, density, seed=1)
         counts = active_block_counts(gated, x)
         measured = {name: float(c.mean() / blocks[name]) for name, c in counts.items()}
         reference = gated.predict(x, verbose=0)
@@ -196,7 +167,10 @@ def run(densities, repeats, workdir, shape="mlp"):
         # most active blocks of an input as explicit budgets.
         most = {name: max(1, int(c.max())) for name, c in counts.items()}
         variants = {"default": None}
-        if block_budgets(gated, representative_data=x, batch_size=1) != most:
+        if any(
+            block_budgets(gated, representative_data=x, batch_size=1, export_format=f) != most
+            for f in ("litert", "onnx")
+        ):
             variants["forced_skip"] = most
         # A GatedConv2D budget counts the groups of a batch: its ONNX export
         # uses batch 1. The MLP's is timed both with the default dynamic batch
@@ -209,7 +183,7 @@ def run(densities, repeats, workdir, shape="mlp"):
         for kind, model, budget in exports:
             for runtime, batch_size in onnx_batches.items():
                 path = os.path.join(workdir, f"{kind}_{runtime}.onnx")
-                used = export_onnx(
+                budgets[f"{runtime}_{kind}"] = export_onnx(
                     model, path, representative_data=x, batch_size=batch_size, budget=budget
                 )
                 options = ort.SessionOptions()
@@ -222,7 +196,9 @@ def run(densities, repeats, workdir, shape="mlp"):
                 )
                 files[f"{runtime}_{kind}"] = os.path.getsize(path)
             litert_path = os.path.join(workdir, f"{kind}.tflite")
-            used = export_litert(model, litert_path, representative_data=x, budget=budget)
+            budgets[f"litert_{kind}"] = export_litert(
+                model, litert_path, representative_data=x, budget=budget
+            )
             interpreter = Interpreter(model_path=litert_path, num_threads=1)
             interpreter.allocate_tensors()
             detail = interpreter.get_input_details()[0]["index"]
@@ -236,7 +212,6 @@ def run(densities, repeats, workdir, shape="mlp"):
             calls[f"litert_{kind}"] = litert_call
             files[f"litert_{kind}"] = os.path.getsize(litert_path)
             if kind != "dense":
-                budgets[kind] = used
                 for runtime in (*onnx_batches, "litert"):
                     errors[f"{runtime}_{kind}"] = float(max(
                         np.abs(calls[f"{runtime}_{kind}"](x[i:i + 1]) - reference[i:i + 1]).max()
@@ -245,16 +220,17 @@ def run(densities, repeats, workdir, shape="mlp"):
         batches = [x[i:i + 1] for i in range(16)]
         for variant in variants:
             kind = f"gated_{variant}"
-            ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(budgets[kind])
             for runtime in (*onnx_batches, "litert"):
+                used = budgets[f"{runtime}_{kind}"]
+                ideal = (_ideal_speedup if shape == "mlp" else _cnn_ideal_speedup)(used)
                 pair = {"dense": calls[f"{runtime}_dense"], "gated": calls[f"{runtime}_{kind}"]}
                 for cache, options in CACHE_REGIMES.items():
                     timed = median_latencies(pair, batches, repeats=repeats, warmup=20, **options)
                     rows.append({
                         "shape": shape, "runtime": runtime, "cache": cache, "density": density,
                         "budgets_from": variant,
-                        "measured_densities": measured, "budgets": budgets[kind],
-                        "computed_density": {k: v / blocks[k] for k, v in budgets[kind].items()},
+                        "measured_densities": measured, "budgets": used,
+                        "computed_density": {k: v / blocks[k] for k, v in used.items()},
                         "gated_ms": timed["gated"] * 1e3, "dense_ms": timed["dense"] * 1e3,
                         "speedup": timed["dense"] / timed["gated"], "ideal_speedup": ideal,
                         "gated_bytes": files[f"{runtime}_{kind}"],
@@ -336,6 +312,11 @@ def main(argv=None):
     bad = [v for v in args.densities if not 1 / BLOCKS <= v <= 1]
     if bad:
         parser.error(f"--densities must be in [1/{BLOCKS}, 1], got {bad}")
+    groups = CNN_LAYERS[0][1]
+    bad = [v for v in args.cnn_densities
+           if not 0 < v <= 1 or abs(v * groups - round(v * groups)) > 1e-6]
+    if bad:
+        parser.error(f"--cnn-densities must be multiples of 1/{groups} in (0, 1], got {bad}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(args.densities, args.repeats, workdir)

@@ -134,7 +134,7 @@ def export_litert(
     if importlib.util.find_spec("ai_edge_litert") is None:
         raise ImportError("export_litert needs the `ai-edge-litert` package: pip install ai-edge-litert")
     layers = _plan.check_model(model)
-    budgets = _plan.block_budgets(model, budget, representative_data, batch_size)
+    budgets = _plan.block_budgets(model, budget, representative_data, batch_size, "litert")
     signature = _plan.input_signature(model, batch_size)
     import tensorflow as tf
 

@@ -73,7 +73,7 @@ def export_onnx(
                 f"export_onnx needs the `{module}` package: pip install tf2onnx onnx"
             )
     layers = _plan.check_model(model)
-    budgets = _plan.block_budgets(model, budget, representative_data, batch_size)
+    budgets = _plan.block_budgets(model, budget, representative_data, batch_size, "onnx")
     signature = _plan.input_signature(model, batch_size)
     import onnx
 

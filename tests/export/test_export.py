@@ -359,6 +359,11 @@ def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
         layer.policy.bias.assign(rng.normal(0.0, 1.0, layer.blocks).astype("float32"))
     narrow_model = keras.Model(inputs, narrow(inputs))
     assert block_budgets(narrow_model) == {"narrow": 1}
+    # Skipping convolution groups never paid in onnxruntime: every group there.
+    assert block_budgets(narrow_model, export_format="onnx") == {"narrow": 8}
+    assert export_onnx(narrow_model, tmp_path / "narrow.onnx", batch_size=1) == {"narrow": 8}
+    with pytest.raises(ValueError, match="export_format='tflite'"):
+        block_budgets(narrow_model, export_format="tflite")
     assert block_budgets(model) == {"wide": 8, "gated_dense": 4}
     x = rng.normal(size=(5, 6, 6, 2)).astype("float32")
     mask = keras.ops.convert_to_numpy(wide.block_mask(x))
