@@ -212,7 +212,10 @@ def _controlled_masks(gated_model, dense_model, n, density, seed=0):
         h = np.asarray(layer(h, training=False))
     per_example = np.stack(per_example, axis=1)
     if not np.allclose(per_example, count / blocks):
-        raise AssertionError(f"masks not controlled: {per_example.mean(axis=0)}")
+        raise RuntimeError(
+            f"the masks are not {count} of {blocks} groups in every example: mean "
+            f"densities {per_example.mean(axis=0)} (the stack is not the one built here)"
+        )
     return x, per_example
 
 

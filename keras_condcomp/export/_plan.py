@@ -131,10 +131,10 @@ def skip_limit(layer, export_format):
     """The layer's `export_skip_limit` for `export_format` (1.0 if it has none).
 
     The class attribute is a fraction of the blocks, or a dict of fractions
-    by export format.
+    by export format (a format it leaves out: 1.0).
     """
     limit = getattr(type(layer), "export_skip_limit", 1.0)
-    return limit[export_format] if isinstance(limit, dict) else limit
+    return limit.get(export_format, 1.0) if isinstance(limit, dict) else limit
 
 
 def block_budgets(
@@ -157,7 +157,7 @@ def block_budgets(
     attribute: the fraction of its blocks up to which the skipping graph was
     measured faster than the masked dense one, in each export format; 0.4
     for `GatedDense`; for `GatedConv2D` 0.2 in LiteRT and 0 in ONNX, where
-    skipping groups never paid) becomes every block: the layer is then
+    skipping groups did not pay) becomes every block: the layer is then
     exported as its masked dense product with constant weights (nothing
     dropped, nothing skipped). A `budget` given explicitly is used as given.
 
