@@ -58,7 +58,10 @@ def steer_policies(layers, rng):
     indicators = np.arange(first.blocks)
     for layer, following in zip(layers, layers[1:]):
         if following.blocks != layer.blocks:
-            raise ValueError(f"{following.name} needs {layer.blocks} blocks, as {layer.name}")
+            raise ValueError(
+                f"{following.name} needs {layer.blocks} blocks, as {layer.name}. "
+                f"Received: blocks={following.blocks}"
+            )
         kernel = layer.kernel.numpy()
         size = layer.units // layer.blocks
         carriers = np.arange(layer.blocks) * size

@@ -312,11 +312,10 @@ def main(argv=None):
     bad = [v for v in args.densities if not 1 / BLOCKS <= v <= 1]
     if bad:
         parser.error(f"--densities must be in [1/{BLOCKS}, 1], got {bad}")
-    groups = CNN_LAYERS[0][1]
-    bad = [v for v in args.cnn_densities
-           if not 0 < v <= 1 or abs(v * groups - round(v * groups)) > 1e-6]
+    bad = gated_conv2d._not_whole_groups(args.cnn_densities)
     if bad:
-        parser.error(f"--cnn-densities must be multiples of 1/{groups} in (0, 1], got {bad}")
+        parser.error(f"--cnn-densities must be multiples of 1/{CNN_LAYERS[0][1]} in (0, 1], "
+                     f"got {bad}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(args.densities, args.repeats, workdir)

@@ -105,6 +105,11 @@ CODES = 8  # arcs an input can ask of the second and third layers: one per start
 CARRIER_STEPS = np.arange(CODES) / CODES  # thresholds of the carrier channels
 
 
+def _not_whole_groups(densities, groups=LAYERS[0][1]):
+    """The densities that are not a whole number of groups of `groups`."""
+    return [d for d in densities if not 0 < d <= 1 or abs(d * groups - round(d * groups)) > 1e-6]
+
+
 def _gated_convs(gated_model):
     from keras_condcomp.layers import GatedConv2D
 
@@ -126,7 +131,10 @@ def _set_carriers(layers, count):
     first, second = layers[:2]
     for layer, size in ((first, 8), (second, 16)):
         if layer.filters // layer.blocks != size:
-            raise ValueError(f"the carriers need {size} filters a group in {layer.name}")
+            raise ValueError(
+                f"the carriers need {size} filters a group in {layer.name}. "
+                f"Received: {layer.filters // layer.blocks}"
+            )
     kernel = np.zeros(first.kernel.shape, "float32")
     for c in range(CODES):
         kernel[1, 1, -1, np.arange(first.blocks) * 8 + c] = 1.0
@@ -163,13 +171,17 @@ def _controlled_masks(gated_model, dense_model, n, density, seed=0):
     """
     layers = _gated_convs(gated_model)
     blocks = layers[0].blocks
-    count = density * blocks
-    if abs(count - round(count)) > 1e-6 or any(layer.blocks != blocks for layer in layers):
+    if any(layer.blocks != blocks for layer in layers):
         raise ValueError(
-            f"--densities must be multiples of 1/{blocks} here (whole groups "
-            f"in every example). Received: {density}"
+            f"every gated layer needs {blocks} groups, as {layers[0].name}. "
+            f"Received: {[layer.blocks for layer in layers]}"
         )
-    count = int(round(count))
+    if _not_whole_groups([density], blocks):
+        raise ValueError(
+            f"--densities must be multiples of 1/{blocks} in (0, 1] here (whole "
+            f"groups in every example). Received: {density}"
+        )
+    count = int(round(density * blocks))
     rng = np.random.default_rng(seed)
     x = rng.random((n, *INPUT_SHAPE)).astype("float32") * 0.4
     x -= x.mean(axis=(1, 2), keepdims=True)  # noise of mean 0 in every channel
@@ -377,13 +389,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.densities, args.batch_sizes, args.threads = [1 / 4], [1], [1]
-    bad = [v for v in args.densities if not 0 < v <= 1]
+    bad = _not_whole_groups(args.densities)
     if bad:
-        parser.error(f"--densities must be in (0, 1], got {bad}")
-    groups = LAYERS[0][1]
-    bad = [v for v in args.densities if abs(v * groups - round(v * groups)) > 1e-6]
-    if bad:
-        parser.error(f"--densities must be multiples of 1/{groups} (whole groups), got {bad}")
+        parser.error(f"--densities must be multiples of 1/{LAYERS[0][1]} in (0, 1] "
+                     f"(whole groups), got {bad}")
     if args.worker:
         args.threads = args.threads[0]
         return _worker(args)
