@@ -44,8 +44,13 @@ Threads are pinned before TensorFlow starts, in a fresh process per setting:
 Writes `benchmarks/results/gated_dense.json` and `gated_dense.png` (speedup
 over dense vs density, with the ideal line) and prints a table.
 
-    python benchmarks/gated_dense.py            # full run (minutes)
+    python benchmarks/gated_dense.py            # full run (hours on 2 cores)
     python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
+
+A full run can be made in parts (`--shapes`, `--threads`, `--out`), whose
+result files `--combine` then merges into `gated_dense.json` and its plot:
+
+    python benchmarks/gated_dense.py --combine part1.json part2.json
 """
 
 import argparse
@@ -275,8 +280,18 @@ def main(argv=None):
                         help="feed TensorFlow tensors (as from a tf.data pipeline) instead "
                              "of numpy arrays: each call then skips the conversion")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
+                        help="merge these result files (runs of separate settings) into "
+                             "gated_dense.json and its plot in --out, without timing anything")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.combine:
+        try:
+            result = _combined(args.combine)
+        except ValueError as error:
+            parser.error(str(error))
+        _write(args.out, "gated_dense", result)
+        return
     if args.quick:
         args.shapes, args.densities, args.batch_sizes, args.threads = (
             ["bengio_cifar10_mlp"], [1 / 16, 3 / 4], [1, 50], [1])
@@ -298,16 +313,66 @@ def main(argv=None):
         if done.returncode:
             sys.exit(f"benchmark worker failed (threads={threads})")
         rows += json.loads(done.stdout.strip().splitlines()[-1])
-    os.makedirs(args.out, exist_ok=True)
     name = "gated_dense_quick" if args.quick else "gated_dense"
     name += "_tensor_inputs" if args.tensor_inputs else ""
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "tensor_inputs": args.tensor_inputs,
-                   "rows": rows}, f, indent=1)
-    _plot(rows, os.path.join(args.out, f"{name}.png"))
+    _write(args.out, name, {"cpu_count": os.cpu_count(), "tensor_inputs": args.tensor_inputs,
+                            "rows": rows})
+
+
+def _write(out, name, result):
+    """Writes `name`.json and its plot to `out` and prints the table."""
+    rows = result["rows"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    _plot(rows, os.path.join(out, f"{name}.png"))
     print(_table(rows))
+    shapes = sorted({r["shape"] for r in rows})
     print("weight memory gated/dense: " + ", ".join(
-        f"{s} {next(r['weight_memory_ratio'] for r in rows if r['shape'] == s):.3f}x" for s in args.shapes))
+        f"{s} {next(r['weight_memory_ratio'] for r in rows if r['shape'] == s):.3f}x" for s in shapes))
+
+
+def _combined(paths):
+    """The rows of several result files as one result, each setting once.
+
+    Raises ValueError naming the file that is unreadable, is not a result of
+    this benchmark, was made on a machine with another number of cores or
+    with the other kind of input, or times a setting (shape, threads, batch,
+    density, path) that another file times.
+    """
+    rows, seen, kinds, cores = [], {}, set(), set()
+    for path in paths:
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read --combine file {path!r}: {error}") from None
+        if not (
+            isinstance(result, dict) and isinstance(result.get("rows"), list)
+            and all(isinstance(row, dict) and "path" in row for row in result["rows"])
+        ):
+            raise ValueError(
+                f"--combine file {path!r} is not a gated_dense result (a 'rows' list of timings)"
+            )
+        kinds.add(bool(result.get("tensor_inputs", False)))
+        cores.add(result.get("cpu_count"))
+        if len(kinds) > 1 or len(cores) > 1:
+            raise ValueError(
+                f"--combine file {path!r} differs from the ones before in its kind of input "
+                f"or cpu_count (tensor_inputs={result.get('tensor_inputs', False)}, "
+                f"cpu_count={result.get('cpu_count')})"
+            )
+        for row in result["rows"]:
+            key = tuple(str(row.get(k)) for k in ("shape", "threads", "batch", "density", "path"))
+            if key in seen:
+                raise ValueError(
+                    f"--combine files {seen[key]!r} and {path!r} both time shape={key[0]}, "
+                    f"threads={key[1]}, batch={key[2]}, density={key[3]}, path={key[4]}"
+                )
+            seen[key] = path
+            rows.append(row)
+    return {"cpu_count": cores.pop(), "tensor_inputs": kinds.pop(),
+            "combined_from": [os.path.basename(p) for p in paths], "rows": rows}
 
 
 if __name__ == "__main__":

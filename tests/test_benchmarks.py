@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import keras
 import numpy as np
@@ -13,8 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
+    # The scripts import their shared helpers as a script does, from their folder.
+    folder = os.path.join(ROOT, "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(
-        f"benchmark_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
+        f"benchmark_{name}", os.path.join(folder, f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -78,3 +83,41 @@ def test_densities_must_be_whole_groups(conv_benchmark):
     gated, dense = conv_benchmark._build()
     with pytest.raises(ValueError, match="--densities must be multiples of 1/8.*0.3"):
         conv_benchmark._controlled_masks(gated, dense, 4, 0.3)
+
+
+def _write_result(path, rows, **fields):
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"cpu_count": 2, "tensor_inputs": False, "rows": rows, **fields}, f)
+    return str(path)
+
+
+def test_dense_results_combine_into_one_file(tmp_path):
+    bench = _load("gated_dense")
+
+    def row(threads, path, speedup):
+        return {"shape": "layer_1024", "threads": threads, "batch": 1, "density": 0.25,
+                "path": path, "seconds": 1e-3, "speedup": speedup, "ideal_speedup": 4.0,
+                "weight_memory_ratio": 1.02}
+
+    one = _write_result(tmp_path / "one.json", [row(1, "dense", 1.0), row(1, "auto", 1.5)])
+    every = _write_result(tmp_path / "all.json", [row("all", "dense", 1.0), row("all", "auto", 1.2)])
+    combined = bench._combined([one, every])
+    assert combined["combined_from"] == ["one.json", "all.json"]
+    assert [(r["threads"], r["path"], r["speedup"]) for r in combined["rows"]] == [
+        (1, "dense", 1.0), (1, "auto", 1.5), ("all", "dense", 1.0), ("all", "auto", 1.2)]
+    assert combined["cpu_count"] == 2
+
+    again = _write_result(tmp_path / "again.json", [row(1, "auto", 1.4)])
+    with pytest.raises(ValueError, match="one.json.*again.json.*threads=1.*path=auto"):
+        bench._combined([one, again])
+    other_machine = _write_result(tmp_path / "other.json", [], cpu_count=64)
+    with pytest.raises(ValueError, match="other.json.*cpu_count=64"):
+        bench._combined([one, other_machine])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read --combine file .*broken.json"):
+        bench._combined([one, str(broken)])
+    with pytest.raises(ValueError, match="not_a_result.json.*not a gated_dense result"):
+        bench._combined([_write_result(tmp_path / "not_a_result.json", [1, 2])])
