@@ -1,18 +1,38 @@
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 to /dev/null. TensorFlow's C++ start-up lines
+    (oneDNN, CUDA stubs) ignore TF_CPP_MIN_LOG_LEVEL; pytest would print
+    them after its summary, which must be the suite's last line."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _quiet_stderr():
+    import keras
+    import tensorflow as tf
+
+    # Two logical CPUs, so MirroredStrategy can be tested on a CPU-only
+    # machine. This must happen before TensorFlow initialises its devices.
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-# Two logical CPUs, so MirroredStrategy can be tested on a CPU-only machine.
-# This must happen before TensorFlow initialises its devices.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
 
 SHARED_MNIST = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "mnist-t10k-split"
