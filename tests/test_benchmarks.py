@@ -1,6 +1,7 @@
 """The masks the benchmarks time are the densities they report."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -86,8 +87,6 @@ def test_densities_must_be_whole_groups(conv_benchmark):
 
 
 def _write_result(path, rows, **fields):
-    import json
-
     with open(path, "w") as f:
         json.dump({"cpu_count": 2, "tensor_inputs": False, "rows": rows, **fields}, f)
     return str(path)

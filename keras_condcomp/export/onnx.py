@@ -14,12 +14,15 @@ def export_onnx(
     """Writes `model` to an ONNX file whose gated layers skip their inactive blocks.
 
     Each gated layer gates with its threshold policy and computes a fixed
-    budget of blocks per example (`keras_condcomp.export.block_budgets`): a
-    `TopK` of its mask, a `Gather` of only those blocks' weight tiles, a
-    batched `MatMul`, a `ScatterND` back; a gated layer fed by another reads
-    only that layer's non-zero input blocks. Inactive blocks' weights are
-    never read; every weight is stored once. Ordinary Keras layers export as
-    Keras exports them.
+    budget of blocks (`keras_condcomp.export.block_budgets`): a `TopK` of its
+    mask, a `Gather` of only those blocks' weight tiles, their product, and
+    a product with a 0/1 placement matrix that puts them back; a
+    `GatedDense` fed by another reads only that layer's non-zero input
+    blocks. Inactive blocks' weights are never read; every weight is stored
+    once. A budget of every block exports the masked dense product instead
+    (the default for `GatedConv2D`, whose skipping graph ran slower than
+    computing every group in onnxruntime; an explicit `budget` still
+    skips). Ordinary Keras layers export as Keras exports them.
 
     Args:
         model: a built functional or Sequential Keras model (TensorFlow

@@ -340,6 +340,12 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
         np.testing.assert_allclose(
             onnx_predict(onnx_path, x, batch_size=batch_size), reference, atol=ATOL
         )
+    # An explicit budget skips in ONNX too: batch 1, each example its own groups.
+    skipping_path = tmp_path / "cnn_skipping.onnx"
+    assert export_onnx(model, skipping_path, batch_size=1, budget=most) == most
+    op_types = {node.op_type for node in onnx.load(skipping_path).graph.node}
+    assert {"TopK", "Gather", "Conv"} <= op_types, op_types
+    np.testing.assert_allclose(onnx_predict(skipping_path, x), reference, atol=ATOL)
 
 
 def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
