@@ -76,7 +76,8 @@ not a fitted model), from the shapes and the fraction `f` of active
 - else, at larger batches, `"grouped"` when the examples run on average at
   most `AUTO_GROUPED_MAX_GROUPS` (1.5) groups each (`f * blocks <= 1.5`);
   above, `"per_example"` if one example's dense convolution has at least
-  `AUTO_LOOP_MIN_MACS` (10^6) multiply-adds, else `"masked"`. `"grouped"`
+  `AUTO_LOOP_MIN_MACS` (10^6) multiply-adds and one output value at least
+  `AUTO_LOOP_MIN_OUTPUT_MACS` (512), else `"masked"`. `"grouped"`
   gathers an example's input once per active group, `"per_example"` once
   per example plus a loop step, which costs as much as a small convolution
   (CIFAR-like stack, 1.8M-19M multiply-adds an example and layer, 8 groups,
@@ -84,7 +85,18 @@ not a fitted model), from the shapes and the fraction `f` of active
   1.16x-1.34x of Conv2D, at 1/4 0.85x-1.08x vs 1.02x-1.17x, at 3/8 0.58x vs
   0.95x; batch 128: 1.29x vs 1.11x at 1/8, 0.69x vs 0.88x at 1/4. The
   digits CNN, 18K-295K an example and layer, at batch 256 and density 1/2:
-  0.24x of Conv2D when its batches went to the loop). A convolution of at
+  0.24x of Conv2D when its batches went to the loop). A looped example's
+  convolution of few input channels runs far below the batch's speed: the
+  MNIST CNN of `keras-condcomp train --model cnn` (14x14 inputs of 32
+  channels, 64 filters: 288 multiply-adds an output value, 3.6M an
+  example), one thread, the first layer masked, random masks, `"auto"`
+  looping in its second layer against the masked convolution there: 0.54x
+  against 0.73x of Conv2D at density 1/4 and batch 32, 0.50x against 0.78x
+  at 3/8, 0.49x against 0.77x at 0.47, 0.46x against 0.63x at 0.47 and
+  batch 256; with 40 and 48 channels in (360 and 432 an output value,
+  5.6M and 8.1M an example) 0.59x against 0.71x and 0.63x against 0.78x at
+  1/4 and batch 32; with 64 (576, 14.5M) the loop won, 1.03x against
+  0.82x, as on the CIFAR-like stack (576 and 1152). A convolution of at
   least `AUTO_LARGE_CONV_MACS` multiply-adds an example is grouped only
   while, on average, at most `AUTO_LARGE_GROUPED_MAX_EXAMPLES` (4) examples
   share a group (`f * batch <= 4`): a group's convolution reads every input
@@ -133,6 +145,7 @@ __all__ = [
     "AUTO_LARGE_GROUPED_MAX_EXAMPLES",
     "AUTO_LARGE_MAX_FRACTION",
     "AUTO_LOOP_MIN_MACS",
+    "AUTO_LOOP_MIN_OUTPUT_MACS",
     "AUTO_MAX_FRACTION",
     "AUTO_MIN_OUTPUT_MACS",
     "CONV2D_EXECUTION_PATHS",
@@ -147,6 +160,7 @@ AUTO_LARGE_CONV_MACS = 5e7
 AUTO_GROUPED_MAX_GROUPS = 1.5
 AUTO_LARGE_GROUPED_MAX_EXAMPLES = 4.0
 AUTO_LOOP_MIN_MACS = 1e6
+AUTO_LOOP_MIN_OUTPUT_MACS = 512
 AUTO_MIN_OUTPUT_MACS = 256
 _CHANNEL_CHUNK = 8
 
@@ -543,15 +557,15 @@ def grouping_pays(problem):
 
 def looping_pays(problem):
     """`"auto"` may loop over a batch: one example's convolution is large
-    (static): at least `AUTO_LOOP_MIN_MACS` multiply-adds on one thread, at
-    least `AUTO_LARGE_CONV_MACS` (`is_large`) when TensorFlow's ops run on
-    several (`intra_op_threads`)."""
+    (static): on one thread, at least `AUTO_LOOP_MIN_MACS` multiply-adds and
+    `AUTO_LOOP_MIN_OUTPUT_MACS` an output value; at least
+    `AUTO_LARGE_CONV_MACS` (`is_large`) when TensorFlow's ops run on several
+    (`intra_op_threads`)."""
     macs = example_macs(problem)
-    if macs is None:
-        return True
     if intra_op_threads() > 1:
-        return is_large(problem)
-    return macs >= AUTO_LOOP_MIN_MACS
+        return macs is None or is_large(problem)
+    wide = output_macs(problem) >= AUTO_LOOP_MIN_OUTPUT_MACS
+    return wide and (macs is None or macs >= AUTO_LOOP_MIN_MACS)
 
 
 def example_macs(problem):

@@ -317,17 +317,21 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
         )
 
     tiny = problem((2, 4, 4, 8), (3, 3, 8, 8))  # 9.2e3 multiply-adds an example
-    pooled = problem((2, 16, 16, 64), (3, 3, 64, 128))  # 1.9e7
+    # 3.6e6, but 288 an output value (the MNIST CNN's second layer).
+    narrow = problem((2, 14, 14, 32), (3, 3, 32, 64))
+    pooled = problem((2, 16, 16, 64), (3, 3, 64, 128))  # 1.9e7, 576 an output value
     full = problem((2, 32, 32, 64), (3, 3, 64, 128))  # 7.5e7
     assert engine.AUTO_LOOP_MIN_MACS == 1e6
+    assert engine.AUTO_LOOP_MIN_OUTPUT_MACS == 512
     assert engine.AUTO_LARGE_CONV_MACS == 5e7
+    cases = (tiny, narrow, pooled, full)
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
-    assert [engine.looping_pays(p) for p in (tiny, pooled, full)] == [False, True, True]
+    assert [engine.looping_pays(p) for p in cases] == [False, False, True, True]
     # On several threads only a large convolution is looped over.
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 2)
-    assert [engine.looping_pays(p) for p in (tiny, pooled, full)] == [False, False, True]
+    assert [engine.looping_pays(p) for p in cases] == [False, False, False, True]
     # Both branches of a batch with many groups an example equal the reference
-    # (one thread: the loop for a minimum of 0 multiply-adds).
+    # (one thread: the loop when both minimums are 0).
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
     x = block_sparse_input(rng, 7, channels=32)
     kernel = rng.normal(size=(3, 3, 32, 12)).astype("float32")
@@ -336,6 +340,7 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     expected = masked_block_conv2d(x, kernel, None, mask, padding="same")
     for loop_min_macs in (0.0, 1e6):
         monkeypatch.setattr(engine, "AUTO_LOOP_MIN_MACS", loop_min_macs)
+        monkeypatch.setattr(engine, "AUTO_LOOP_MIN_OUTPUT_MACS", loop_min_macs)
         monkeypatch.setattr(engine, "_compiled", {})
         np.testing.assert_allclose(
             block_sparse_conv2d(x, kernel, None, mask, padding="same"), expected, atol=1e-5
