@@ -72,12 +72,23 @@ not a fitted model), from the shapes and the fraction `f` of active
   Conv2D at density 1/2 and batch 1, 1.15x against 0.92x at 3/4; the
   pooled stack's layers, 0.9 * 10^7 to 1.9 * 10^7, lose from density 1/2
   up: 0.82x against 0.87x, 0.77x against 0.88x);
-- else `"per_example"` at batch 1 (a single convolution);
+- else, at batch 1, `"per_example"` (a single convolution) when one
+  output value costs at least `AUTO_WIDE_OUTPUT_MACS` (512) multiply-adds
+  or the example's convolution at least `AUTO_SINGLE_MIN_MACS` (10^7),
+  else `"masked"`: a narrow, small convolution does not earn back the
+  gathers and the placement (one thread, density 1/4, a gated 3x3
+  convolution after a masked one, skipping against masking it: 288 an
+  output value at 14x14 and 20x20, 3.6M and 7.4M an example, 0.77x-0.82x
+  against 0.81x-0.87x of Conv2D; 432 at 14x14, 8.1M, 0.80x against 0.85x;
+  but 288 at 28x28, 14.5M, 0.79x against 0.77x; 432 at 20x20 and 28x28,
+  0.83x and 0.91x against 0.81x and 0.77x; 576 at 14x14, 0.91x against
+  0.84x; the CIFAR-like stack's third layer, 1152 at 8x8, 9.4M, masked at
+  batch 1 took the stack from 1.03x-1.07x to 0.97x-0.99x of Conv2D);
 - else, at larger batches, `"grouped"` when the examples run on average at
   most `AUTO_GROUPED_MAX_GROUPS` (1.5) groups each (`f * blocks <= 1.5`);
   above, `"per_example"` if one example's dense convolution has at least
   `AUTO_LOOP_MIN_MACS` (10^6) multiply-adds and one output value at least
-  `AUTO_LOOP_MIN_OUTPUT_MACS` (512), else `"masked"`. `"grouped"`
+  `AUTO_WIDE_OUTPUT_MACS` (512), else `"masked"`. `"grouped"`
   gathers an example's input once per active group, `"per_example"` once
   per example plus a loop step, which costs as much as a small convolution
   (CIFAR-like stack, 1.8M-19M multiply-adds an example and layer, 8 groups,
@@ -145,9 +156,10 @@ __all__ = [
     "AUTO_LARGE_GROUPED_MAX_EXAMPLES",
     "AUTO_LARGE_MAX_FRACTION",
     "AUTO_LOOP_MIN_MACS",
-    "AUTO_LOOP_MIN_OUTPUT_MACS",
     "AUTO_MAX_FRACTION",
     "AUTO_MIN_OUTPUT_MACS",
+    "AUTO_SINGLE_MIN_MACS",
+    "AUTO_WIDE_OUTPUT_MACS",
     "CONV2D_EXECUTION_PATHS",
     "block_sparse_conv2d",
     "masked_block_conv2d",
@@ -160,8 +172,9 @@ AUTO_LARGE_CONV_MACS = 5e7
 AUTO_GROUPED_MAX_GROUPS = 1.5
 AUTO_LARGE_GROUPED_MAX_EXAMPLES = 4.0
 AUTO_LOOP_MIN_MACS = 1e6
-AUTO_LOOP_MIN_OUTPUT_MACS = 512
+AUTO_WIDE_OUTPUT_MACS = 512
 AUTO_MIN_OUTPUT_MACS = 256
+AUTO_SINGLE_MIN_MACS = 1e7
 _CHANNEL_CHUNK = 8
 
 
@@ -555,17 +568,29 @@ def grouping_pays(problem):
     return tf.logical_and(few_groups, examples_per_group <= AUTO_LARGE_GROUPED_MAX_EXAMPLES)
 
 
+def is_wide(problem):
+    """One output value costs at least `AUTO_WIDE_OUTPUT_MACS` multiply-adds
+    (static): one example's convolution then runs near the batch's speed."""
+    return output_macs(problem) >= AUTO_WIDE_OUTPUT_MACS
+
+
+def single_skipping_pays(problem):
+    """`"auto"` may skip at batch 1 (static): the convolution is wide
+    (`is_wide`) or one example's has at least `AUTO_SINGLE_MIN_MACS`
+    multiply-adds (or an unknown size)."""
+    macs = example_macs(problem)
+    return is_wide(problem) or macs is None or macs >= AUTO_SINGLE_MIN_MACS
+
+
 def looping_pays(problem):
     """`"auto"` may loop over a batch: one example's convolution is large
-    (static): on one thread, at least `AUTO_LOOP_MIN_MACS` multiply-adds and
-    `AUTO_LOOP_MIN_OUTPUT_MACS` an output value; at least
-    `AUTO_LARGE_CONV_MACS` (`is_large`) when TensorFlow's ops run on several
-    (`intra_op_threads`)."""
+    (static): on one thread, wide (`is_wide`) and of at least
+    `AUTO_LOOP_MIN_MACS` multiply-adds; at least `AUTO_LARGE_CONV_MACS`
+    (`is_large`) when TensorFlow's ops run on several (`intra_op_threads`)."""
     macs = example_macs(problem)
     if intra_op_threads() > 1:
         return macs is None or is_large(problem)
-    wide = output_macs(problem) >= AUTO_LOOP_MIN_OUTPUT_MACS
-    return wide and (macs is None or macs >= AUTO_LOOP_MIN_MACS)
+    return is_wide(problem) and (macs is None or macs >= AUTO_LOOP_MIN_MACS)
 
 
 def example_macs(problem):
@@ -594,6 +619,12 @@ def _auto(problem):
             grouping_pays(problem), lambda: _grouped(problem), lambda: many_groups(problem)
         )
 
+    if not single_skipping_pays(problem):
+        # Batch 1 runs the masked convolution: no single-example graph.
+        masked = tf.logical_or(
+            tf.logical_not(skipping_pays(problem)), tf.equal(problem.batch, 1)
+        )
+        return tf.cond(masked, lambda: _masked(problem), called_branch(batched))
     return tf.cond(
         skipping_pays(problem), lambda: _single_or(problem, batched), lambda: _masked(problem)
     )

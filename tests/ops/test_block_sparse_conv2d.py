@@ -36,11 +36,13 @@ def test_paths_match_masked_reference(rng, path):
     # and dense ones (its masked branch).
     geometries = GEOMETRIES if path in ("per_example", "grouped") else GEOMETRIES[1::2]
     probabilities = (0.15, 0.4, 0.8) if path == "auto" else (0.4,)
-    for (strides, padding, dilation_rate), batch, probability in itertools.product(
-        geometries, (1, 7), probabilities
+    # "auto" skips only convolutions of at least AUTO_MIN_OUTPUT_MACS an
+    # output value; at batch 1 only wide ones (AUTO_WIDE_OUTPUT_MACS) when
+    # they are this small: 32 channels (288) mask there, 64 (576) skip.
+    channel_counts = (32, 64) if path == "auto" else (8,)
+    for (strides, padding, dilation_rate), batch, probability, channels in itertools.product(
+        geometries, (1, 7), probabilities, channel_counts
     ):
-        # "auto" skips only convolutions of at least AUTO_MIN_OUTPUT_MACS per output.
-        channels = 32 if path == "auto" else 8
         x = block_sparse_input(rng, batch, channels)
         kernel = rng.normal(size=(3, 3, channels, 12)).astype("float32")
         bias = rng.normal(size=12).astype("float32")
@@ -50,7 +52,8 @@ def test_paths_match_masked_reference(rng, path):
         expected = masked_block_conv2d(*args)
         np.testing.assert_allclose(
             block_sparse_conv2d(*args, path=path), expected, atol=1e-5,
-            err_msg=f"{path} {strides} {padding} {dilation_rate} batch {batch} p {probability}",
+            err_msg=f"{path} {strides} {padding} {dilation_rate} batch {batch} "
+            f"p {probability} channels {channels}",
         )
 
 
@@ -322,11 +325,16 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     pooled = problem((2, 16, 16, 64), (3, 3, 64, 128))  # 1.9e7, 576 an output value
     full = problem((2, 32, 32, 64), (3, 3, 64, 128))  # 7.5e7
     assert engine.AUTO_LOOP_MIN_MACS == 1e6
-    assert engine.AUTO_LOOP_MIN_OUTPUT_MACS == 512
+    assert engine.AUTO_WIDE_OUTPUT_MACS == 512
     assert engine.AUTO_LARGE_CONV_MACS == 5e7
     cases = (tiny, narrow, pooled, full)
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
     assert [engine.looping_pays(p) for p in cases] == [False, False, True, True]
+    # At batch 1 a narrow convolution skips only when it is large.
+    assert engine.AUTO_SINGLE_MIN_MACS == 1e7
+    narrow_large = problem((2, 28, 28, 32), (3, 3, 32, 64))  # 1.4e7, 288 an output value
+    assert [engine.single_skipping_pays(p) for p in cases + (narrow_large,)] == [
+        False, False, True, True, True]
     # On several threads only a large convolution is looped over.
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 2)
     assert [engine.looping_pays(p) for p in cases] == [False, False, False, True]
@@ -340,7 +348,7 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     expected = masked_block_conv2d(x, kernel, None, mask, padding="same")
     for loop_min_macs in (0.0, 1e6):
         monkeypatch.setattr(engine, "AUTO_LOOP_MIN_MACS", loop_min_macs)
-        monkeypatch.setattr(engine, "AUTO_LOOP_MIN_OUTPUT_MACS", loop_min_macs)
+        monkeypatch.setattr(engine, "AUTO_WIDE_OUTPUT_MACS", loop_min_macs)
         monkeypatch.setattr(engine, "_compiled", {})
         np.testing.assert_allclose(
             block_sparse_conv2d(x, kernel, None, mask, padding="same"), expected, atol=1e-5
