@@ -574,7 +574,7 @@ def is_wide(problem):
     return output_macs(problem) >= AUTO_WIDE_OUTPUT_MACS
 
 
-def single_skipping_pays(problem):
+def single_skipping_can_pay(problem):
     """`"auto"` may skip at batch 1 (static): the convolution is wide
     (`is_wide`) or one example's has at least `AUTO_SINGLE_MIN_MACS`
     multiply-adds (or an unknown size)."""
@@ -619,7 +619,7 @@ def _auto(problem):
             grouping_pays(problem), lambda: _grouped(problem), lambda: many_groups(problem)
         )
 
-    if not single_skipping_pays(problem):
+    if not single_skipping_can_pay(problem):
         # Batch 1 runs the masked convolution: no single-example graph.
         masked = tf.logical_or(
             tf.logical_not(skipping_pays(problem)), tf.equal(problem.batch, 1)

@@ -333,7 +333,7 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     # At batch 1 a narrow convolution skips only when it is large.
     assert engine.AUTO_SINGLE_MIN_MACS == 1e7
     narrow_large = problem((2, 28, 28, 32), (3, 3, 32, 64))  # 1.4e7, 288 an output value
-    assert [engine.single_skipping_pays(p) for p in cases + (narrow_large,)] == [
+    assert [engine.single_skipping_can_pay(p) for p in cases + (narrow_large,)] == [
         False, False, True, True, True]
     # On several threads only a large convolution is looped over.
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 2)
