@@ -133,7 +133,7 @@ def _set_carriers(layers, count):
         if layer.filters // layer.blocks != size:
             raise ValueError(
                 f"the carriers need {size} filters a group in {layer.name}. "
-                f"Received: {layer.filters // layer.blocks}"
+                f"Received: filters={layer.filters}, blocks={layer.blocks}"
             )
     kernel = np.zeros(first.kernel.shape, "float32")
     for c in range(CODES):

@@ -170,10 +170,12 @@ def tuned_inference(model, x, batch_size, repeats):
     from keras_condcomp.models.policy_gradient_model import gated_layers
 
     before = {layer.name: layer.execution for layer in gated_layers(model)}
-    report = tune_execution(model, x, batch_size=batch_size, repeats=repeats)
-    call = _compiled_inference(model)
-    for layer in gated_layers(model):
-        layer.execution = before[layer.name]
+    try:
+        report = tune_execution(model, x, batch_size=batch_size, repeats=repeats)
+        call = _compiled_inference(model)
+    finally:
+        for layer in gated_layers(model):
+            layer.execution = before[layer.name]
     return call, report
 
 
