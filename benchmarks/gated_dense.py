@@ -30,12 +30,13 @@ active blocks in every gated layer (`controlled_masks.py`, as in
 on the Bengio MLP at 1/16, 59 and 107 of 256 examples had no active block
 in the two layers, others up to 6 and 9.)
 
-Each call gets a numpy batch, as `model.predict` and most `model(x)` calls
-do (consecutive batches of the benchmark's examples in turn; the JSON records
-their densities, `timed_layer_densities`); `--tensor-inputs` feeds
-TensorFlow tensors instead, as a `tf.data` pipeline would, which saves each
-call the conversion (the same for every model, so a larger share of the
-faster ones' time; `_tensor_inputs` in the result names).
+Each call gets a numpy batch, as `model.predict_on_batch` and most
+`model(x)` calls do (consecutive batches of the benchmark's examples in
+turn; the JSON records their densities, `timed_layer_densities`);
+`--tensor-inputs` feeds TensorFlow tensors instead, as a `tf.data`
+pipeline would (`model.predict` batches its input through one), which
+saves each call the conversion (the same for every model, so a larger
+share of the faster ones' time; `_tensor_inputs` in the result names).
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
