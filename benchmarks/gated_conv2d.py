@@ -33,13 +33,10 @@ but not per example: at 1/4, 33, 73 and 81 of 256 examples had no active
 group in the three layers, and such an example costs a layer almost
 nothing.)
 
-Each call gets a numpy batch, as `model.predict_on_batch` and most
-`model(x)` calls do (consecutive batches of the benchmark's examples in
-turn; the JSON records their densities, `timed_layer_densities`);
-`--tensor-inputs` feeds TensorFlow tensors instead, as a `tf.data`
-pipeline would (`model.predict` batches its input through one), which
-saves each call the conversion (the same for every model, so a larger
-share of the faster ones' time; `_tensor_inputs` in the result names).
+Inputs are fed as in `benchmarks/gated_dense.py` (see there): numpy
+batches, consecutive batches of the examples in turn (the JSON records
+their densities, `timed_layer_densities`), or TensorFlow tensors with
+`--tensor-inputs` (`_tensor_inputs` in the result names).
 
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
