@@ -336,6 +336,9 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
     # Dynamic batch: a conv budget counts the groups of the whole batch, so
     # it defaults to every group (no batch drops any).
     assert export_onnx(model, onnx_path) == {layer.name: layer.blocks for layer in gated}
+    # The masks keep onnxruntime's NCHW layout: one transpose, the input's.
+    transposes = [n for n in onnx.load(onnx_path).graph.node if n.op_type == "Transpose"]
+    assert len(transposes) == 1, [n.name for n in transposes]
     for batch_size in (1, 7):
         np.testing.assert_allclose(
             onnx_predict(onnx_path, x, batch_size=batch_size), reference, atol=ATOL
