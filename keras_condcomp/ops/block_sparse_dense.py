@@ -63,9 +63,10 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   which lost: Bengio MLP, one thread, 0.85x and 0.97x of Dense at batches
   50 and 256 against 0.93x and 1.08x for the dense fallback, where from
   3/8 to 5/12 its choices were within 2% of the best or ahead; A/B in one
-  process at half, this test from half instead of above it: +10-12% at
-  batch 50, +4% at 256, equal at 1 (whose own test already ran the dense
-  fallback); 784 -> 256 on two threads, batch 256: +8-11%).
+  process at half, the dense fallback from half the pairs instead of
+  above half: +10-12% at batch 50, +4% at 256, equal at 1 (where the
+  batch-1 decision already ran the dense fallback); 784 -> 256 on two
+  threads, batch 256: +8-11%).
   Else one called function by batch size (the dense fallback and the
   other batch case do not pay for its ops, see `_auto`). At batch 1:
   `_single` or `"masked"`, by the batch-1 case of the cost model below,
