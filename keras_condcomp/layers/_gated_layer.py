@@ -263,6 +263,10 @@ class GatedLayer(keras.layers.Layer):
         # The state is given to the policy, not learned through it.
         state = self._policy_state(ops.stop_gradient(inputs))
         logits = self.policy(state, return_logits=True)
+        return logits, self._mask_of(logits, training)
+
+    def _mask_of(self, logits, training):
+        """The 0/1 block mask (in the logits' dtype) drawn or thresholded from `logits`."""
         if training or self.inference == "sample":
             uniform = keras.random.uniform(
                 ops.shape(logits), seed=self.seed_generator, dtype=logits.dtype
@@ -270,7 +274,7 @@ class GatedLayer(keras.layers.Layer):
             active = uniform < ops.sigmoid(logits)
         else:
             active = logits > 0
-        return logits, ops.cast(active, logits.dtype)
+        return ops.cast(active, logits.dtype)
 
     def _built_for(self, inputs):
         inputs = ops.convert_to_tensor(inputs)

@@ -283,6 +283,8 @@ class GatedConv2D(GatedLayer):
             return ops.mean(inputs, axis=(1, 2))
         g = self.policy_grid
         rows, cols, channels = inputs.shape[1:]
+        if channels is None:  # `keras_condcomp.models.compact_inference`'s held channels
+            channels = ops.shape(inputs)[-1]
         cell_rows, cell_cols = rows // g, cols // g
         cells = ops.reshape(
             inputs[:, : g * cell_rows, : g * cell_cols],

@@ -466,7 +466,7 @@ def _row_tiles(problem, blocks_of, rows):
     return tf.gather(problem.tiles, rows + blocks_of[:, None] * problem.input_dim)
 
 
-def _in_place_or(problem, blocks_of, product, copied):
+def _in_place_or(block_kernel, blocks_of, product, copied):
     """`product(k, weights)` for each block `blocks_of[k]`, concatenated on
     axis 0, each reading the block's `(input_dim, block_size)` weights in
     place; `copied()` when there are none or more than `_IN_PLACE_BLOCKS`.
@@ -485,7 +485,7 @@ def _in_place_or(problem, blocks_of, product, copied):
             begins = tf.reshape(blocks_of, [n, 1])
             ends = tf.unstack(begins + 1, num=n)
             products = [
-                product(k, tf.strided_slice(problem.block_kernel, begin, end, shrink_axis_mask=1))
+                product(k, tf.strided_slice(block_kernel, begin, end, shrink_axis_mask=1))
                 for k, (begin, end) in enumerate(zip(tf.unstack(begins, num=n), ends))
             ]
             return tf.concat(products, 0) if n > 1 else products[0]
@@ -557,7 +557,9 @@ def _single(problem):
 
     def every_row():
         row = x[None, :]
-        return _in_place_or(problem, blocks_of, lambda k, weights: tf.matmul(row, weights), copied)
+        return _in_place_or(
+            problem.block_kernel, blocks_of, lambda k, weights: tf.matmul(row, weights), copied
+        )
 
     outputs = tf.cond(sparse_rows, some_rows, every_row)
     return problem.finish(outputs, None, blocks_of)
@@ -655,7 +657,7 @@ def _grouped(problem):
         # Each used block's examples times its weights read in place when
         # the blocks are few, else one contiguous copy per block.
         return _in_place_or(
-            problem, kept_blocks,
+            problem.block_kernel, kept_blocks,
             lambda k, weights: tf.matmul(grouped_inputs[k:k + 1], weights),
             lambda: tf.matmul(grouped_inputs, tf.gather(problem.block_kernel, kept_blocks)),
         )

@@ -1,0 +1,399 @@
+"""Batch-1 inference that passes gated layers' outputs on compactly.
+
+Each gated layer called on its own must hand the next layer a full tensor:
+it computes its active blocks, then places them among zeros (a pass over the
+whole output), and the next gated layer finds the non-zero input channels
+again (another pass) before reading them. In a chain of layers the next
+layer could read the computed blocks as they are. `compact_inference` runs a
+model that way at batch 1: from a gated layer on, a value travels as its
+active blocks only, with their indices, through the layers that act on each
+channel alone (pooling, ReLU, dropout), into the next gated layer or Dense
+or Conv2D, which gathers only the matching rows of its kernel. Zeros are
+placed only where a layer needs the full tensor.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_condcomp.layers._gated_layer import elementwise_activation
+from keras_condcomp.layers.gated_conv2d import GatedConv2D
+from keras_condcomp.layers.gated_dense import GatedDense
+from keras_condcomp.ops.block_kernel import block_dense
+from keras_condcomp.ops.block_sparse_dense import _in_place_or
+
+__all__ = ["compact_inference"]
+
+# A GatedDense reading at least this fraction of its kernel computes densely:
+# the skipping products copy the weights they read, the dense one reads them
+# in place.
+_DENSE_MIN_FRACTION = 0.5
+
+# Layers that are the identity at inference.
+_INFERENCE_IDENTITY = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+    keras.layers.Identity,
+)
+# Layers that act on each channel of the last axis alone and keep a zero
+# channel zero, given channels_last data.
+_CHANNELWISE = (
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+)
+
+
+class _Blocks:
+    """A value held as some of its blocks along the last axis.
+
+    `values` holds the blocks `groups` (int32, in increasing order) of
+    `group_size` channels each; every other of the `blocks` blocks is 0.
+    `active` is the `(blocks,)` bool mask of the layer that made it. Every
+    active block is held; an inactive one may be, as zeros: block 0 when no
+    block is active (a convolution or product needs one channel), every
+    block after a dense product.
+    """
+
+    def __init__(self, values, groups, active, group_size):
+        self.values = values
+        self.groups = groups
+        self.active = active
+        self.group_size = group_size
+        self.blocks = active.shape[0]
+
+    def with_values(self, values):
+        return _Blocks(values, self.groups, self.active, self.group_size)
+
+    def rows(self, matrix):
+        """`matrix` `(..., blocks * group_size, ...)` (axis -2) restricted to
+        the held blocks' rows."""
+        lead, columns = matrix.shape[:-2], matrix.shape[-1]
+        split = tf.reshape(matrix, [*lead, self.blocks, self.group_size, columns])
+        held = tf.gather(split, self.groups, axis=len(lead))
+        return tf.reshape(held, [*lead, -1, columns])
+
+    def placed(self, values=None):
+        """`values` (default: the held values) with every block in place:
+        block `g` is its held values or an appended zero block."""
+        values = self.values if values is None else values
+        lead = _leading_shape(values)
+        split = tf.reshape(values, [*lead, -1, self.group_size])
+        zero = tf.zeros([*lead, 1, self.group_size], values.dtype)
+        held = tf.size(self.groups)
+        positions = tf.tensor_scatter_nd_update(
+            tf.fill([self.blocks], held), self.groups[:, None], tf.range(held)
+        )
+        split = tf.gather(tf.concat([split, zero], axis=-2), positions, axis=len(lead))
+        return tf.reshape(split, [*lead, self.blocks * self.group_size])
+
+
+def _leading_shape(tensor):
+    """The shape of `tensor` but its last axis: ints where static, else
+    scalar tensors."""
+    static = tensor.shape[:-1]
+    if None not in static:
+        return list(static)
+    dynamic = tf.shape(tensor)
+    return [size if size is not None else dynamic[axis] for axis, size in enumerate(static)]
+
+
+def _full(value):
+    return value.placed() if isinstance(value, _Blocks) else value
+
+
+def _held_groups(active):
+    """Indices of the active blocks, or `[0]` when none is."""
+    first = tf.argmax(tf.cast(active, tf.int32), output_type=tf.int32)
+    held = tf.logical_or(active, tf.equal(tf.range(tf.size(active)), first))
+    return tf.cast(tf.reshape(tf.where(held), [-1]), tf.int32)
+
+
+def _decision(layer, value):
+    """The `(blocks,)` active mask `layer` decides for a batch-1 `value`."""
+    state = layer._policy_state(_values(value))
+    kernel = layer.policy.kernel
+    if isinstance(value, _Blocks):
+        # Only the rows of the held channels (in each cell of the state).
+        cells = tf.reshape(kernel, [_policy_cells(layer), -1, kernel.shape[-1]])
+        kernel = tf.reshape(value.rows(cells), [-1, kernel.shape[-1]])
+    logits = tf.matmul(state, kernel) + layer.policy.bias
+    return layer._mask_of(logits, training=False)[0] > 0
+
+
+def _values(value):
+    return value.values if isinstance(value, _Blocks) else value
+
+
+def _policy_cells(layer):
+    """Cells the policy state of `layer` has one value per channel of."""
+    grid = getattr(layer, "policy_grid", None)
+    return 1 if grid is None else grid * grid
+
+
+def _finish(layer, outputs, active, groups, group_size):
+    """Bias and activation of the held blocks, zeroed when none is active."""
+    if layer.bias is not None:
+        bias = tf.reshape(layer.bias, [-1, group_size])
+        outputs = tf.nn.bias_add(outputs, tf.reshape(tf.gather(bias, groups), [-1]))
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return tf.where(tf.reduce_any(active), outputs, tf.constant(0, outputs.dtype))
+
+
+def _gated_conv2d(layer, value):
+    active = _decision(layer, value)
+    groups = _held_groups(active)
+    kernel = layer.kernel
+    inputs = value
+    if isinstance(value, _Blocks):
+        kernel = value.rows(kernel)
+        inputs = value.values
+    kernel_h, kernel_w, rows, filters = kernel.shape
+    size = filters // layer.blocks
+    kernel = tf.reshape(kernel, [kernel_h, kernel_w, -1, layer.blocks, size])
+    kernel = tf.gather(kernel, groups, axis=3)
+    kernel = tf.reshape(kernel, [kernel_h, kernel_w, tf.shape(kernel)[2], -1])
+    outputs = tf.nn.conv2d(
+        inputs, kernel, strides=layer.strides, padding=layer.padding.upper(),
+        dilations=layer.dilation_rate,
+    )
+    return _Blocks(_finish(layer, outputs, active, groups, size), groups, active, size)
+
+
+def _gated_dense(layer, value):
+    """The active blocks' products, or the dense product when they would
+    read at least `_DENSE_MIN_FRACTION` of the kernel."""
+    active = _decision(layer, value)
+    block_kernel = layer.block_kernel  # (blocks, input_dim, block_size)
+    blocks, input_dim, block_size = block_kernel.shape
+    read = tf.reduce_mean(tf.cast(active, tf.float32))
+    if isinstance(value, _Blocks):
+        read *= tf.cast(tf.size(value.groups) * value.group_size, tf.float32) / input_dim
+
+    def skipping():
+        groups = _held_groups(active)
+        if isinstance(value, _Blocks):
+            # The tiles of (active block, held input block): a small copy.
+            tiles = tf.reshape(block_kernel, [-1, value.group_size, block_size])
+            held = groups[:, None] * (input_dim // value.group_size) + value.groups[None, :]
+            weights = tf.reshape(tf.gather(tiles, held), [tf.size(groups), -1, block_size])
+            outputs = tf.matmul(value.values[None], weights)  # (n, 1, block_size)
+        else:
+            # Whole blocks, read in place when few.
+            outputs = _in_place_or(
+                block_kernel, groups, lambda k, weights: tf.matmul(value, weights),
+                lambda: tf.matmul(value[None], tf.gather(block_kernel, groups)),
+            )
+        outputs = tf.reshape(outputs, [1, -1])
+        return _finish(layer, outputs, active, groups, block_size), groups
+
+    def dense():
+        # Every block held; the inactive ones zeroed.
+        outputs = block_dense(_full(value), block_kernel, layer.bias, None, layer.activation)
+        mask = tf.repeat(active, block_size)[None]
+        return tf.where(mask, outputs, tf.constant(0, outputs.dtype)), tf.range(blocks)
+
+    values, groups = tf.cond(read < _DENSE_MIN_FRACTION, skipping, dense)
+    return _Blocks(values, groups, active, block_size)
+
+
+def _dense(layer, value):
+    """A Dense layer reading only the held rows of its kernel."""
+    inputs, kernel = value.values, value.rows(layer.kernel)
+    if inputs.shape.rank == 2:
+        outputs = tf.matmul(inputs, kernel)
+    else:
+        outputs = tf.tensordot(inputs, kernel, axes=1)
+    if layer.bias is not None:
+        outputs = outputs + layer.bias
+    return layer.activation(outputs) if layer.activation is not None else outputs
+
+
+def _conv2d(layer, value):
+    """A Conv2D layer reading only the held input channels."""
+    kernel = value.rows(layer.kernel)
+    outputs = tf.nn.conv2d(
+        value.values, kernel, strides=layer.strides, padding=layer.padding.upper(),
+        dilations=layer.dilation_rate,
+    )
+    if layer.bias is not None:
+        outputs = tf.nn.bias_add(outputs, layer.bias)
+    return layer.activation(outputs) if layer.activation is not None else outputs
+
+
+def _zero_preserving_activation(layer):
+    """An `Activation` layer whose function acts element-wise and maps 0 to 0."""
+    try:
+        function = elementwise_activation(layer.activation)
+    except ValueError:
+        return False
+    zero = ops.convert_to_numpy(function(ops.zeros((1,))))
+    return bool(zero[0] == 0)
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _quantized(layer):
+    return getattr(layer, "quantization_mode", None) is not None
+
+
+def _step(layer):
+    """`value -> value` running `layer` at batch 1 (see the module docs)."""
+    def whole(value):
+        return layer(_full(value), training=False)
+
+    def reading_rows(compute):
+        def run(value):
+            return compute(layer, value) if isinstance(value, _Blocks) else whole(value)
+        return run
+
+    def channelwise(value):
+        if isinstance(value, _Blocks):
+            return value.with_values(layer(value.values))
+        return layer(value)
+
+    kind = type(layer)
+    if isinstance(layer, GatedConv2D) and _channels_last(layer):
+        return lambda value: _gated_conv2d(layer, value)
+    if isinstance(layer, GatedDense):
+        return lambda value: _gated_dense(layer, value)
+    if kind in _INFERENCE_IDENTITY:
+        return lambda value: value
+    if kind in _CHANNELWISE and _channels_last(layer):
+        return channelwise
+    if kind is keras.layers.Activation and _zero_preserving_activation(layer):
+        return channelwise
+    if kind is keras.layers.Dense and not _quantized(layer):
+        return reading_rows(_dense)
+    if (kind is keras.layers.Conv2D and _channels_last(layer) and layer.groups == 1
+            and not _quantized(layer)):
+        return reading_rows(_conv2d)
+    return whole
+
+
+def _chain(model):
+    """The layers of `model` in order, checked to form a single chain."""
+    if not isinstance(model, keras.Model) or not model.built:
+        raise ValueError(
+            "`model` must be a built Keras model (Sequential or functional). "
+            f"Received: model={model!r}"
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            "`compact_inference` supports models with one input and one output. "
+            f"Received: {model.name!r} with {len(model.inputs)} inputs and "
+            f"{len(model.outputs)} outputs"
+        )
+    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    expected = model.inputs[0]
+    for layer in chain:
+        try:
+            source = layer.input
+        except (AttributeError, ValueError):
+            source = None  # a layer called more than once
+        if source is not expected:
+            raise ValueError(
+                "`compact_inference` supports models whose layers form a single "
+                "chain, each reading the output of the one before (no branches, "
+                f"shared or nested-graph layers). Received: layer {layer.name!r} "
+                f"of {model.name!r} reads {source!r}, not the output of the layer "
+                "before it"
+            )
+        expected = layer.output
+    if expected is not model.outputs[0]:
+        raise ValueError(
+            f"The output of {model.name!r} is not its last layer's: not a single chain."
+        )
+    for layer in chain:
+        if isinstance(layer, (GatedConv2D, GatedDense)) and layer.compute_dtype != "float32":
+            raise ValueError(
+                "`compact_inference` runs float32 gated layers. Received: layer "
+                f"{layer.name!r} with compute dtype {layer.compute_dtype!r}"
+            )
+    return chain
+
+
+def compact_inference(model):
+    """A `tf.function` equal to `model(x, training=False)`, faster at batch 1.
+
+    At batch 1 every gated layer computes only its active blocks and hands
+    them on as they are, with their indices, instead of placing them among
+    zeros: layers acting on each channel alone (pooling, global pooling,
+    ReLU and other activations that keep 0 at 0) run on the computed blocks
+    only, and the next gated layer, `Dense` or `Conv2D` reads only the rows
+    of its kernel that multiply them. Zeros are placed only before any
+    other layer (`Flatten`, `BatchNormalization`, ...) and at the output.
+    The masks are the layers' own decisions (their policies read the same
+    states), so the outputs equal the model's up to float rounding. At any
+    other batch size the model's own inference graph runs, each gated layer
+    on its execution path (`keras_condcomp.ops`).
+
+    Args:
+        model: a built Keras model (Sequential or functional) with one input
+            and one output, whose layers form a single chain (no branches or
+            shared layers), on the TensorFlow backend. Gated layers must
+            compute in float32; a channels-first `GatedConv2D` runs as a
+            layer (its output placed).
+
+    Returns:
+        A `tf.function` of one argument, the model's input batch (an array or
+        tensor), traced once for every batch size.
+
+    Raises:
+        ValueError: `model` is not such a chain, or has a gated layer in
+            another dtype.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_condcomp.layers import GatedConv2D
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=1),
+    ...     keras.layers.MaxPooling2D(),
+    ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=2),
+    ...     keras.layers.GlobalAveragePooling2D(),
+    ...     keras.layers.Dense(10),
+    ... ])
+    >>> predict = compact_inference(model)
+    >>> x = np.random.rand(1, 8, 8, 3).astype("float32")
+    >>> bool(np.allclose(predict(x), model(x, training=False), atol=1e-5))
+    True
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "`compact_inference` needs the TensorFlow backend. "
+            f"Received: backend {keras.backend.backend()!r}"
+        )
+    steps = [_step(layer) for layer in _chain(model)]
+    source = model.inputs[0]
+
+    def single(x):
+        value = x
+        for step in steps:
+            value = step(value)
+        return _full(value)
+
+    single = tf.function(single, input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)])
+    batched = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, *source.shape[1:]], source.dtype)],
+    )
+
+    def predict(x):
+        return single(x) if len(x) == 1 else batched(x)
+
+    return predict

@@ -1,0 +1,203 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_condcomp.layers import GatedConv2D, GatedDense
+from keras_condcomp.models import compact_inference
+from keras_condcomp.ops import forced_execution
+
+
+def _cnn():
+    keras.utils.set_random_seed(0)  # the masks the tests check
+    inputs = keras.Input((12, 12, 3))
+    h = GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=1, name="c1")(inputs)
+    h = keras.layers.MaxPooling2D()(h)
+    h = GatedConv2D(24, 3, blocks=4, strides=2, padding="same", seed=2, name="c2")(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.5)(h)
+    h = GatedConv2D(16, 2, blocks=2, dilation_rate=2, activation="tanh", seed=3, name="c3")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = GatedDense(12, blocks=3, activation="relu", seed=4, name="d1")(h)
+    return keras.Model(inputs, keras.layers.Dense(5, name="head")(h))
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20,))
+    h = GatedDense(32, blocks=8, activation="relu", seed=1, name="d1")(inputs)
+    h = GatedDense(24, blocks=4, activation="sigmoid", seed=2, name="d2")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+
+def _gated(model):
+    return [layer for layer in model.layers if isinstance(layer, (GatedConv2D, GatedDense))]
+
+
+def _masks(model, x):
+    """Each gated layer's `(batch, blocks)` mask for `x`."""
+    probe = keras.Model(model.inputs[0], [layer.input for layer in _gated(model)])
+    inputs = probe(x, training=False)
+    return [np.asarray(layer.block_mask(h)) for layer, h in zip(_gated(model), inputs)]
+
+
+def _assert_matches_model(model, x, predict=None):
+    predict = predict or compact_inference(model)
+    expected = np.asarray(model(x, training=False))
+    for i in range(len(x)):
+        np.testing.assert_allclose(predict(x[i:i + 1]), expected[i:i + 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _mixed_policies(model, rng):
+    """Policies whose decisions differ from example to example."""
+    for layer in _gated(model):
+        shape = layer.policy.kernel.shape
+        layer.policy.kernel.assign(rng.normal(scale=10.0, size=shape).astype("float32"))
+        layer.policy.bias.assign(rng.normal(scale=0.5, size=layer.blocks).astype("float32"))
+
+
+def test_a_gated_cnn_equals_the_model_at_batch_1_and_7(rng):
+    model = _cnn()
+    _mixed_policies(model, rng)
+    x = rng.normal(size=(7, 12, 12, 3)).astype("float32")
+    masks = _masks(model, x)
+    # The masks this test checks: some blocks off in every layer, per example.
+    for mask in masks:
+        assert 0 < mask.mean() < 1
+        assert len({tuple(row) for row in mask}) > 1
+    _assert_matches_model(model, x)
+
+
+@pytest.mark.parametrize("bias", [-50.0, 50.0])
+def test_no_block_or_every_block_active(rng, bias):
+    model = _cnn()
+    _mixed_policies(model, rng)
+    model.get_layer("c2").policy.bias.assign(np.full(4, bias, "float32"))
+    model.get_layer("d1").policy.bias.assign(np.full(3, bias, "float32"))
+    x = rng.normal(size=(3, 12, 12, 3)).astype("float32")
+    assert np.all(_masks(model, x)[1] == (bias > 0))
+    _assert_matches_model(model, x)
+
+
+@pytest.mark.parametrize("bias", [-0.5, 2.0])
+def test_a_gated_mlp_equals_the_model_at_low_and_high_densities(rng, bias):
+    model = _mlp()
+    for layer in _gated(model):
+        layer.policy.bias.assign(np.full(layer.blocks, bias, "float32"))
+    x = rng.normal(size=(8, 20)).astype("float32")
+    # Under half of the blocks: the skipping products; from half: the dense one.
+    first = _masks(model, x)[0].mean(axis=1)
+    if bias < 0:
+        assert (first < 0.5).any() and (first >= 0.5).any()
+    else:
+        assert (first >= 0.5).all()
+    _assert_matches_model(model, x)
+
+
+def test_skipped_blocks_weights_are_never_read(rng):
+    """NaN in the weights of skipped blocks, both the columns of a layer's
+    skipped groups and the rows of the next layer's kernel that read them,
+    leaves the output as with those weights zero."""
+    model = _cnn()
+    _mixed_policies(model, rng)
+    model.get_layer("d1").policy.bias.assign(np.full(3, 50.0, "float32"))
+    x = rng.normal(size=(1, 12, 12, 3)).astype("float32")
+    first, second = _masks(model, x)[:2]
+    c1, c2 = model.get_layer("c1"), model.get_layer("c2")
+    skipped_in = np.repeat(first[0] == 0, 4)
+    skipped_out = np.repeat(second[0] == 0, 6)
+    assert skipped_in.any() and skipped_out.any()
+    kernel = np.asarray(c2.kernel).copy()
+    kernel[:, :, skipped_in, :] = 0.0
+    kernel[..., skipped_out] = 0.0
+    c2.kernel.assign(kernel)
+    bias = np.asarray(c1.bias).copy()
+    expected = np.asarray(model(x, training=False))
+    kernel[:, :, skipped_in, :] = np.nan
+    kernel[..., skipped_out] = np.nan
+    c2.kernel.assign(kernel)
+    bias[skipped_in] = np.nan
+    c1.bias.assign(bias)
+    assert np.abs(expected).min() > 0
+    with forced_execution("masked"):  # the dense convolution reads them
+        assert np.isnan(keras.Model(model.inputs[0], c2.output)(x, training=False)).any()
+    np.testing.assert_allclose(compact_inference(model)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_that_need_the_whole_tensor_get_it(rng):
+    inputs = keras.Input((8, 8, 4))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = GatedConv2D(8, 3, blocks=2, padding="same", policy_grid=2, seed=2)(h)
+    h = keras.layers.Flatten()(h)
+    h = GatedDense(16, blocks=4, seed=3)(h)
+    model = keras.Model(inputs, keras.layers.Softmax()(h))
+    model.layers[2].moving_mean.assign(rng.normal(size=8).astype("float32"))
+    _mixed_policies(model, rng)
+    x = rng.normal(size=(4, 8, 8, 4)).astype("float32")
+    _assert_matches_model(model, x)
+
+
+def test_a_policy_grid_reads_the_held_channels_of_each_cell(rng):
+    inputs = keras.Input((8, 8, 3))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1)(inputs)
+    h = GatedConv2D(8, 3, blocks=2, padding="same", policy_grid=2, seed=2)(h)
+    model = keras.Model(inputs, h)
+    _mixed_policies(model, rng)
+    x = rng.normal(size=(5, 8, 8, 3)).astype("float32")
+    _assert_matches_model(model, x)
+
+
+def test_a_channels_first_gated_conv2d_runs_as_a_layer(rng):
+    inputs = keras.Input((3, 8, 8))
+    h = GatedConv2D(8, 3, blocks=4, data_format="channels_first", activation="relu", seed=1)(inputs)
+    h = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(h)
+    model = keras.Model(inputs, GatedDense(8, blocks=2, seed=2)(h))
+    _mixed_policies(model, rng)
+    _assert_matches_model(model, rng.normal(size=(3, 3, 8, 8)).astype("float32"))
+
+
+def test_unknown_image_sizes_and_a_sequential_model(rng):
+    model = keras.Sequential([
+        keras.Input((None, None, 3)),
+        GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1),
+        keras.layers.AveragePooling2D(2),
+        GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=2),
+        keras.layers.GlobalMaxPooling2D(),
+        keras.layers.Dense(3),
+    ])
+    _mixed_policies(model, rng)
+    predict = compact_inference(model)
+    for size in (6, 9):
+        _assert_matches_model(model, rng.normal(size=(3, size, size, 3)).astype("float32"), predict)
+
+
+def test_plain_conv2d_and_dense_read_the_held_rows(rng):
+    inputs = keras.Input((6, 6, 2))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1)(inputs)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
+    h = GatedConv2D(8, 1, blocks=2, seed=2)(h)
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))  # per position
+    _mixed_policies(model, rng)
+    _assert_matches_model(model, rng.normal(size=(4, 6, 6, 2)).astype("float32"))
+
+
+def test_models_that_are_not_a_single_chain_are_refused():
+    inputs = keras.Input((4,))
+    hidden = GatedDense(4, blocks=2, name="gated")(inputs)
+    residual = keras.Model(inputs, keras.layers.Add(name="add")([hidden, inputs]))
+    with pytest.raises(ValueError, match="single chain.*'add'"):
+        compact_inference(residual)
+    two = keras.Model([inputs, keras.Input((4,))], hidden)
+    with pytest.raises(ValueError, match="one input and one output.*2 inputs"):
+        compact_inference(two)
+    with pytest.raises(ValueError, match="built Keras model"):
+        compact_inference(keras.Sequential([GatedDense(4, blocks=2)]))
+
+
+def test_a_gated_layer_in_another_dtype_is_refused():
+    inputs = keras.Input((4,))
+    layer = GatedDense(4, blocks=2, dtype="mixed_float16", name="half")
+    model = keras.Model(inputs, layer(inputs))
+    with pytest.raises(ValueError, match="'half' with compute dtype 'float16'"):
+        compact_inference(model)
