@@ -13,14 +13,17 @@ calls:
 - `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`,
 - `tuned`: each layer's path chosen by timing for the batch size
   (`keras_condcomp.models.tune_execution`),
+- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`,
+  the layers run as one chain, each gated layer's active groups passed to
+  the next (through pooling) without being placed among zeros,
 - `floor_call`, a graph that only slices its input: the fixed cost of a
   call, shown as the `call` bound (no graph beats Conv2D by more),
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
   layer then runs as one compiled graph), timed against the Conv2D stack
   called eagerly (its speedup is over that).
 
-Apart from `eager`, every model runs as one `tf.function` over
-`model(x, training=False)`. The masks are the layers' own threshold
+Apart from `eager` and `compact` (a `tf.function` of its own), every model
+runs as one `tf.function` over `model(x, training=False)`. The masks are the layers' own threshold
 policies (policy cost included), with weights and inputs built so that
 every example has exactly `density * 8` active groups in every gated
 layer, a run of consecutive groups starting at a random group (see
@@ -255,6 +258,7 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import (
         median_latencies, paired_latencies, timed_batches, tuned_inference,
@@ -290,6 +294,9 @@ def _worker(args):
                 with forced_execution(path):
                     fn.get_concrete_function()
                 functions[path] = fn
+            if batch == 1:
+                # The model's layers as one chain, their active blocks passed on.
+                functions["compact"] = compact_inference(gated)
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
             # Each layer's path chosen by timing for this batch size.
             calls["tuned"], _ = tuned_inference(gated, data[: max(32, batch)], batch, repeats=10)
@@ -315,7 +322,8 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'thr':>3} {'batch':>5} {'density':>7} {'conv ms':>8} {'auto':>6} "
-             f"{'tuned':>6} {'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} {'auto/ideal':>10} "
+             f"{'tuned':>6} {'compact':>7} {'per_ex':>6} {'grouped':>7} {'masked':>6} {'ideal':>6} "
+             f"{'auto/ideal':>10} "
              f"{'call':>6} {'eager':>6}"]
     keyed = {}
     for r in rows:
@@ -327,7 +335,8 @@ def _table(rows):
         auto = paths["auto"]["speedup"] / ideal if "auto" in paths else float("nan")
         lines.append(
             f"{threads!s:>3} {batch:>5} {density:>7.3f} {paths['conv2d']['seconds'] * 1e3:>8.3f} "
-            f"{sp('auto'):>6} {sp('tuned'):>6} {sp('per_example'):>6} {sp('grouped'):>7} {sp('masked'):>6} "
+            f"{sp('auto'):>6} {sp('tuned'):>6} {sp('compact'):>7} {sp('per_example'):>6} "
+            f"{sp('grouped'):>7} {sp('masked'):>6} "
             f"{ideal:>5.1f}x {auto:>10.2f} {sp('floor_call'):>6} {sp('eager'):>6}"
         )
     return "\n".join(lines)
@@ -344,7 +353,8 @@ def _plot(rows, path, stack="cifar"):
     for j, batch in enumerate(batches):
         ax = axes[0][j]
         for threads in sorted({str(r["threads"]) for r in rows}):
-            for name, style in (("auto", "o-"), ("per_example", "s:"), ("grouped", "^:")):
+            styles = (("auto", "o-"), ("compact", "D-"), ("per_example", "s:"), ("grouped", "^:"))
+            for name, style in styles:
                 sel = sorted(
                     (r["density"], r["speedup"]) for r in rows
                     if r["batch"] == batch and str(r["threads"]) == threads and r["path"] == name

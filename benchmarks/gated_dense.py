@@ -9,6 +9,9 @@ median of many calls (the `dense` row is the median of its pairs):
 - `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`,
 - `tuned`: the gated stack with each layer's path chosen by
   `keras_condcomp.models.tune_execution` for that batch size,
+- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`,
+  the layers run as one chain, each gated layer's active blocks passed to
+  the next without being placed among zeros,
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
   layer then runs as one compiled graph), timed against the Dense stack
   called eagerly (its speedup is over that, not over `dense`),
@@ -19,8 +22,9 @@ median of many calls (the `dense` row is the median of its pairs):
   weight, as any must when every block is used by some example of the
   batch, beats dense by more).
 
-Apart from `eager`, every model runs as one `tf.function` over
-`model(x, training=False)`, so graph-call overhead is the same for all. The
+Apart from `eager` and `compact` (a `tf.function` of its own), every model
+runs as one `tf.function` over `model(x, training=False)`, so graph-call
+overhead is the same for all. The
 masks are the layers' own threshold policies (policy cost included), random
 per example and of a controlled size: the inputs and policy weights are
 built so that every example has `floor(blocks d)` or `ceil(blocks d)`
@@ -140,6 +144,7 @@ def _worker(args):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import (
         median_latencies, paired_latencies, timed_batches, tuned_inference,
@@ -183,6 +188,9 @@ def _worker(args):
                     with forced_execution(path):
                         fn.get_concrete_function()
                     functions[path] = fn
+                if batch == 1:
+                    # The model's layers as one chain, their active blocks passed on.
+                    functions["compact"] = compact_inference(gated)
                 calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
                 # Each layer's path chosen by timing for this batch size.
                 calls["tuned"], _ = tuned_inference(
@@ -215,7 +223,7 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
-             f"{'auto':>6} {'tuned':>6} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
+             f"{'auto':>6} {'tuned':>6} {'compact':>7} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
              f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6} {'eager':>6}"]
     keyed = {}
     for r in rows:
@@ -227,6 +235,7 @@ def _table(rows):
         lines.append(
             f"{shape:20} {threads!s:>3} {batch:>5} {density:>7.3f} "
             f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('tuned'):>6} "
+            f"{sp('compact'):>7} "
             f"{sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
             f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f} "
@@ -249,9 +258,10 @@ def _plot(rows, path):
             ax = axes[i][j]
             for threads in sorted({str(r["threads"]) for r in rows}):
                 sel = [r for r in rows if r["shape"] == shape and r["batch"] == batch and str(r["threads"]) == threads]
-                auto = sorted((r["density"], r["speedup"]) for r in sel if r["path"] == "auto")
-                if auto:
-                    ax.plot(*zip(*auto), "o-", label=f"auto, {threads} thread(s)")
+                for name, style in (("auto", "o-"), ("compact", "D-")):
+                    line = sorted((r["density"], r["speedup"]) for r in sel if r["path"] == name)
+                    if line:
+                        ax.plot(*zip(*line), style, label=f"{name}, {threads} thread(s)")
             ideal = sorted({(r["density"], r["ideal_speedup"]) for r in rows if r["shape"] == shape and r["batch"] == batch})
             if ideal:
                 ax.plot(*zip(*ideal), "k--", label="ideal (MACs)")

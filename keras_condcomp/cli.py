@@ -368,6 +368,10 @@ def _measure_and_write(gated, dense, x_test, results, args, against):
         for batch_size in SPEED_BATCH_SIZES:
             results[f"speedup_batch{batch_size}"] = speed[str(batch_size)]["speedup"]
             results[f"tuned_speedup_batch{batch_size}"] = speed[str(batch_size)]["tuned_speedup"]
+            if "compact_speedup" in speed[str(batch_size)]:
+                results[f"compact_speedup_batch{batch_size}"] = speed[str(batch_size)][
+                    "compact_speedup"
+                ]
         results["speed"] = {
             "threads": 1, "repeats": args.speed_repeats,
             "against": f"{against}, median latency", **speed,
@@ -624,6 +628,10 @@ def _density_and_speed_line(results):
         f"batch 1: {results['speedup_batch1']:.2f}x, batch 256: {results['speedup_batch256']:.2f}x; "
         f"with paths tuned per batch size: {results['tuned_speedup_batch1']:.2f}x, "
         f"{results['tuned_speedup_batch256']:.2f}x"
+        + (
+            f"; batch 1 as one chain (compact_inference): {results['compact_speedup_batch1']:.2f}x"
+            if "compact_speedup_batch1" in results else ""
+        )
     )
 
 

@@ -188,6 +188,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
     dense = keras.models.load_model(dense_path, compile=False)
     x = np.load(data_path)
     gated_call, dense_call = _compiled_inference(gated), _compiled_inference(dense)
+    compact_call = _compact_call(gated)
     results = {}
     for batch_size in batch_sizes:
         batches = timed_batches(x, batch_size, repeats)
@@ -196,6 +197,8 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
             gated, np.concatenate(batches), batch_size, repeats=max(3, repeats // 4)
         )
         functions = {"gated": gated_call, "tuned": tuned_call, "dense": dense_call}
+        if batch_size == 1 and compact_call is not None:
+            functions["compact"] = compact_call
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
             "gated_seconds": medians["gated"],
@@ -205,7 +208,24 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
             "tuned_speedup": medians["dense"] / medians["tuned"],
             "tuned_execution": {name: r["execution"] for name, r in report.items()},
         }
+        if "compact" in medians:
+            results[str(batch_size)].update(
+                compact_seconds=medians["compact"],
+                compact_speedup=medians["dense"] / medians["compact"],
+            )
     return results
+
+
+def _compact_call(model):
+    """`keras_condcomp.models.compact_inference(model)`, a numpy batch ->
+    numpy; None when the model is not a single chain of layers."""
+    from keras_condcomp.models import compact_inference
+
+    try:
+        predict = compact_inference(model)
+    except ValueError:
+        return None
+    return lambda x: predict(x).numpy()
 
 
 def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), threads=1, repeats=100):
@@ -218,13 +238,16 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
         threads: TensorFlow intra-op threads (inter-op pinned to 1).
         repeats: timed calls per model and batch size (medians reported).
 
-    The gated model runs as saved (`execution="auto"` by default) and, as
+    The gated model runs as saved (`execution="auto"` by default), as
     `tuned`, with each layer's path chosen by
-    `keras_condcomp.models.tune_execution` for that batch size.
+    `keras_condcomp.models.tune_execution` for that batch size, and at batch
+    1 as `compact`, through `keras_condcomp.models.compact_inference` when
+    the gated model is a single chain of layers.
 
     Returns:
         `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup",
-        "tuned_seconds", "tuned_speedup", "tuned_execution"}}`.
+        "tuned_seconds", "tuned_speedup", "tuned_execution"}}`, plus
+        `"compact_seconds"` and `"compact_speedup"` at batch 1 for a chain.
     """
     import tempfile
 
