@@ -43,15 +43,14 @@ _INFERENCE_IDENTITY = (
 )
 # Layers that act on each channel of the last axis alone and keep a zero
 # channel zero, given channels_last data.
-_CHANNELWISE = (
+_POOLING = (
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
     keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
 )
+# Layers that act on each value alone; kept compact when they map 0 to 0.
+_ACTIVATIONS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
 
 
 class _Blocks:
@@ -159,7 +158,7 @@ def _gated_conv2d(layer, value):
     if isinstance(value, _Blocks):
         kernel = value.rows(kernel)
         inputs = value.values
-    kernel_h, kernel_w, rows, filters = kernel.shape
+    kernel_h, kernel_w, _, filters = kernel.shape
     size = filters // layer.blocks
     kernel = tf.reshape(kernel, [kernel_h, kernel_w, -1, layer.blocks, size])
     kernel = tf.gather(kernel, groups, axis=3)
@@ -232,14 +231,15 @@ def _conv2d(layer, value):
     return layer.activation(outputs) if layer.activation is not None else outputs
 
 
-def _zero_preserving_activation(layer):
-    """An `Activation` layer whose function acts element-wise and maps 0 to 0."""
-    try:
-        function = elementwise_activation(layer.activation)
-    except ValueError:
-        return False
-    zero = ops.convert_to_numpy(function(ops.zeros((1,))))
-    return bool(zero[0] == 0)
+def _maps_zero_to_zero(layer):
+    """An activation layer whose output is 0 where its input is (an
+    `Activation` must also act element-wise)."""
+    if isinstance(layer, keras.layers.Activation):
+        try:
+            elementwise_activation(layer.activation)
+        except ValueError:
+            return False
+    return bool(ops.convert_to_numpy(layer(ops.zeros((1, 1))))[0, 0] == 0)
 
 
 def _channels_last(layer):
@@ -272,9 +272,9 @@ def _step(layer):
         return lambda value: _gated_dense(layer, value)
     if kind in _INFERENCE_IDENTITY:
         return lambda value: value
-    if kind in _CHANNELWISE and _channels_last(layer):
+    if kind in _POOLING and _channels_last(layer):
         return channelwise
-    if kind is keras.layers.Activation and _zero_preserving_activation(layer):
+    if kind in (*_ACTIVATIONS, keras.layers.Activation) and _maps_zero_to_zero(layer):
         return channelwise
     if kind is keras.layers.Dense and not _quantized(layer):
         return reading_rows(_dense)
@@ -307,15 +307,16 @@ def _chain(model):
         if source is not expected:
             raise ValueError(
                 "`compact_inference` supports models whose layers form a single "
-                "chain, each reading the output of the one before (no branches, "
-                f"shared or nested-graph layers). Received: layer {layer.name!r} "
+                "chain, each reading the output of the one before (no branches "
+                f"or shared layers). Received: layer {layer.name!r} "
                 f"of {model.name!r} reads {source!r}, not the output of the layer "
                 "before it"
             )
         expected = layer.output
     if expected is not model.outputs[0]:
         raise ValueError(
-            f"The output of {model.name!r} is not its last layer's: not a single chain."
+            "`compact_inference` supports models whose layers form a single chain. "
+            f"Received: the output of {model.name!r} is not its last layer's"
         )
     for layer in chain:
         if isinstance(layer, (GatedConv2D, GatedDense)) and layer.compute_dtype != "float32":
@@ -327,7 +328,7 @@ def _chain(model):
 
 
 def compact_inference(model):
-    """A `tf.function` equal to `model(x, training=False)`, faster at batch 1.
+    """A callable equal to `model(x, training=False)`, faster at batch 1.
 
     At batch 1 every gated layer computes only its active blocks and hands
     them on as they are, with their indices, instead of placing them among
@@ -349,8 +350,12 @@ def compact_inference(model):
             layer (its output placed).
 
     Returns:
-        A `tf.function` of one argument, the model's input batch (an array or
-        tensor), traced once for every batch size.
+        A function of one argument, the model's input batch (an array or
+        tensor), returning a tensor. It calls one of two `tf.function`s,
+        each traced once: the chain for a batch of 1, the model for any
+        other. (One graph holding both behind a `tf.cond` on the batch size
+        computed the other batch sizes wrongly: TensorFlow 2.21's constant
+        folding carried the batch-1 branch's static shapes into it.)
 
     Raises:
         ValueError: `model` is not such a chain, or has a gated layer in
@@ -387,7 +392,9 @@ def compact_inference(model):
             value = step(value)
         return _full(value)
 
-    single = tf.function(single, input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)])
+    single = tf.function(
+        single, input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)]
+    )
     batched = tf.function(
         lambda x: model(x, training=False),
         input_signature=[tf.TensorSpec([None, *source.shape[1:]], source.dtype)],

@@ -201,3 +201,17 @@ def test_a_gated_layer_in_another_dtype_is_refused():
     model = keras.Model(inputs, layer(inputs))
     with pytest.raises(ValueError, match="'half' with compute dtype 'float16'"):
         compact_inference(model)
+
+
+@pytest.mark.parametrize("activation", [
+    keras.layers.LeakyReLU(0.2),  # 0 stays 0: compact
+    keras.layers.Activation("sigmoid"),  # 0 -> 0.5: the whole tensor
+    keras.layers.ReLU(negative_slope=0.1, threshold=0.5),  # 0 -> -0.05
+])
+def test_activation_layers_between_gated_layers(rng, activation):
+    inputs = keras.Input((6, 6, 3))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", seed=1)(inputs)
+    h = activation(h)
+    model = keras.Model(inputs, GatedConv2D(8, 3, blocks=2, seed=2)(h))
+    _mixed_policies(model, rng)
+    _assert_matches_model(model, rng.normal(size=(4, 6, 6, 3)).astype("float32"))
