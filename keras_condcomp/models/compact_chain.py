@@ -7,9 +7,9 @@ again (another pass) before reading them. In a chain of layers the next
 layer could read the computed blocks as they are. `compact_inference` runs a
 model that way at batch 1: from a gated layer on, a value travels as its
 active blocks only, with their indices, through the layers that act on each
-channel alone (pooling, ReLU, dropout), into the next gated layer or Dense
-or Conv2D, which gathers only the matching rows of its kernel. Zeros are
-placed only where a layer needs the full tensor.
+channel alone (pooling, ReLU, dropout) and Flatten, into the next gated
+layer or Dense or Conv2D, which gathers only the matching rows of its
+kernel. Zeros are placed only where a layer needs the full tensor.
 """
 
 import keras
@@ -58,21 +58,29 @@ class _Blocks:
 
     `values` holds the blocks `groups` (int32, in increasing order) of
     `group_size` channels each; every other of the `blocks` blocks is 0.
-    `active` is the `(blocks,)` bool mask of the layer that made it. Every
-    active block is held; an inactive one may be, as zeros: block 0 when no
-    block is active (a convolution or product needs one channel), every
-    block after a dense product.
+    Every active block of the layer that made it is held; an inactive one
+    may be, as zeros: block 0 when no block is active (a convolution or
+    product needs one channel), every block after a dense product.
     """
 
-    def __init__(self, values, groups, active, group_size):
+    def __init__(self, values, groups, blocks, group_size):
         self.values = values
         self.groups = groups
-        self.active = active
+        self.blocks = blocks
         self.group_size = group_size
-        self.blocks = active.shape[0]
 
     def with_values(self, values):
-        return _Blocks(values, self.groups, self.active, self.group_size)
+        return _Blocks(values, self.groups, self.blocks, self.group_size)
+
+    def flattened(self):
+        """`Flatten` of channels-last values: block `g` at position `p` (in
+        row-major order) is block `p * blocks + g` of the flattened vector."""
+        positions = 1
+        for size in self.values.shape[1:-1]:
+            positions *= size
+        groups = tf.range(positions)[:, None] * self.blocks + self.groups[None, :]
+        values = tf.reshape(self.values, [1, -1])
+        return _Blocks(values, tf.reshape(groups, [-1]), positions * self.blocks, self.group_size)
 
     def rows(self, matrix):
         """`matrix` `(..., blocks * group_size, ...)` (axis -2) restricted to
@@ -127,6 +135,8 @@ def _decision(layer, value):
         cells = tf.reshape(kernel, [_policy_cells(layer), -1, kernel.shape[-1]])
         kernel = tf.reshape(value.rows(cells), [-1, kernel.shape[-1]])
     logits = tf.matmul(state, kernel) + layer.policy.bias
+    if layer.inference == "threshold":
+        return logits[0] > 0  # as `_mask_of`, in fewer ops
     return layer._mask_of(logits, training=False)[0] > 0
 
 
@@ -167,7 +177,7 @@ def _gated_conv2d(layer, value):
         inputs, kernel, strides=layer.strides, padding=layer.padding.upper(),
         dilations=layer.dilation_rate,
     )
-    return _Blocks(_finish(layer, outputs, active, groups, size), groups, active, size)
+    return _Blocks(_finish(layer, outputs, active, groups, size), groups, layer.blocks, size)
 
 
 def _gated_dense(layer, value):
@@ -204,7 +214,7 @@ def _gated_dense(layer, value):
         return tf.where(mask, outputs, tf.constant(0, outputs.dtype)), tf.range(blocks)
 
     values, groups = tf.cond(read < _DENSE_MIN_FRACTION, skipping, dense)
-    return _Blocks(values, groups, active, block_size)
+    return _Blocks(values, groups, blocks, block_size)
 
 
 def _dense(layer, value):
@@ -265,6 +275,11 @@ def _step(layer):
             return value.with_values(layer(value.values))
         return layer(value)
 
+    def flatten(value):
+        if isinstance(value, _Blocks):
+            return value.flattened()
+        return layer(value)
+
     kind = type(layer)
     if isinstance(layer, GatedConv2D) and _channels_last(layer):
         return lambda value: _gated_conv2d(layer, value)
@@ -274,6 +289,8 @@ def _step(layer):
         return lambda value: value
     if kind in _POOLING and _channels_last(layer):
         return channelwise
+    if kind is keras.layers.Flatten and _channels_last(layer) and None not in layer.input.shape[1:]:
+        return flatten
     if kind in (*_ACTIVATIONS, keras.layers.Activation) and _maps_zero_to_zero(layer):
         return channelwise
     if kind is keras.layers.Dense and not _quantized(layer):
@@ -333,10 +350,11 @@ def compact_inference(model):
     At batch 1 every gated layer computes only its active blocks and hands
     them on as they are, with their indices, instead of placing them among
     zeros: layers acting on each channel alone (pooling, global pooling,
-    ReLU and other activations that keep 0 at 0) run on the computed blocks
-    only, and the next gated layer, `Dense` or `Conv2D` reads only the rows
-    of its kernel that multiply them. Zeros are placed only before any
-    other layer (`Flatten`, `BatchNormalization`, ...) and at the output.
+    dropout, ReLU and other activations that keep 0 at 0) run on the
+    computed blocks only, `Flatten` keeps track of them, and the next gated
+    layer, `Dense` or `Conv2D` reads only the rows of its kernel that
+    multiply them. Zeros are placed only before any other layer
+    (`BatchNormalization`, ...) and at the output.
     The masks are the layers' own decisions (their policies read the same
     states), so the outputs equal the model's up to float rounding. At any
     other batch size the model's own inference graph runs, each gated layer

@@ -37,6 +37,7 @@ def _masks(model, x):
     """Each gated layer's `(batch, blocks)` mask for `x`."""
     probe = keras.Model(model.inputs[0], [layer.input for layer in _gated(model)])
     inputs = probe(x, training=False)
+    inputs = inputs if len(_gated(model)) > 1 else [inputs]
     return [np.asarray(layer.block_mask(h)) for layer, h in zip(_gated(model), inputs)]
 
 
@@ -122,6 +123,39 @@ def test_skipped_blocks_weights_are_never_read(rng):
     with forced_execution("masked"):  # the dense convolution reads them
         assert np.isnan(keras.Model(model.inputs[0], c2.output)(x, training=False)).any()
     np.testing.assert_allclose(compact_inference(model)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_keeps_the_held_blocks_of_every_position(rng):
+    inputs = keras.Input((6, 6, 2))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1, name="conv")(inputs)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+    _mixed_policies(model, rng)
+    x = rng.normal(size=(5, 6, 6, 2)).astype("float32")
+    _assert_matches_model(model, x)
+    # The head reads only the rows of the held channels at each position:
+    # NaN in the others changes nothing.
+    x = x[:1]
+    skipped = np.tile(np.repeat(_masks(model, x)[0][0] == 0, 2), 9)
+    assert skipped.any()
+    kernel = np.asarray(model.get_layer("head").kernel).copy()
+    kernel[skipped] = 0.0
+    model.get_layer("head").kernel.assign(kernel)
+    expected = np.asarray(model(x, training=False))
+    kernel[skipped] = np.nan
+    model.get_layer("head").kernel.assign(kernel)
+    np.testing.assert_allclose(compact_inference(model)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gated_dense_after_flatten(rng):
+    inputs = keras.Input((6, 6, 2))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", activation="relu", seed=1)(inputs)
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
+    h = keras.layers.Dropout(0.3)(GatedDense(16, blocks=4, activation="relu", seed=2)(h))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    _mixed_policies(model, rng)
+    _assert_matches_model(model, rng.normal(size=(5, 6, 6, 2)).astype("float32"))
 
 
 def test_layers_that_need_the_whole_tensor_get_it(rng):
