@@ -12,6 +12,8 @@ layer or Dense or Conv2D, which gathers only the matching rows of its
 kernel. Zeros are placed only where a layer needs the full tensor.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -20,14 +22,33 @@ from keras_condcomp.layers._gated_layer import elementwise_activation
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops.block_kernel import block_dense
+from keras_condcomp.ops._threads import intra_op_threads
 from keras_condcomp.ops.block_sparse_dense import _in_place_or
 
-__all__ = ["compact_inference"]
+__all__ = [
+    "LOOP_LARGE_MACS",
+    "LOOP_LARGE_MAX_FRACTION",
+    "LOOP_MAX_FRACTION",
+    "LOOP_MIN_MACS",
+    "compact_inference",
+]
 
 # A GatedDense reading at least this fraction of its kernel computes densely:
 # the skipping products copy the weights they read, the dense one reads them
 # in place.
 _DENSE_MIN_FRACTION = 0.5
+
+# Above batch 1 the chain runs example by example (a loop over the batch)
+# when its gated convolutions have at least `LOOP_MIN_MACS` multiply-adds an
+# example (`LOOP_LARGE_MACS` when TensorFlow's ops run on several threads),
+# more than its GatedDense layers, and at most `LOOP_MAX_FRACTION` of the
+# first gated layer's (example, block) pairs are active
+# (`LOOP_LARGE_MAX_FRACTION` from `LOOP_LARGE_MACS`); else the model's own
+# graph runs. See the guide "How skipping runs fast".
+LOOP_MIN_MACS = 1e7
+LOOP_LARGE_MACS = 5e7
+LOOP_MAX_FRACTION = 0.5
+LOOP_LARGE_MAX_FRACTION = 0.9
 
 # Layers that are the identity at inference.
 _INFERENCE_IDENTITY = (
@@ -301,6 +322,26 @@ def _step(layer):
     return whole
 
 
+def _loop_limit(chain):
+    """The largest fraction of active pairs in the first gated layer at
+    which a batch loops over its examples, or None when it never does: the
+    chain's gated convolutions too small, or holding fewer multiply-adds
+    than its GatedDense layers (static; None for an unknown image size)."""
+    conv_macs = dense_macs = 0
+    for layer in chain:
+        if isinstance(layer, GatedConv2D):
+            rows, cols = layer.output.shape[1:3] if _channels_last(layer) else (None, None)
+            if rows is None or cols is None:
+                return None
+            conv_macs += rows * cols * math.prod(layer.kernel.shape)
+        elif isinstance(layer, GatedDense):
+            dense_macs += math.prod(layer.kernel.shape)
+    least = LOOP_LARGE_MACS if intra_op_threads() > 1 else LOOP_MIN_MACS
+    if conv_macs < least or conv_macs <= dense_macs:
+        return None
+    return LOOP_LARGE_MAX_FRACTION if conv_macs >= LOOP_LARGE_MACS else LOOP_MAX_FRACTION
+
+
 def _chain(model):
     """The layers of `model` in order, checked to form a single chain."""
     if not isinstance(model, keras.Model) or not model.built:
@@ -401,22 +442,50 @@ def compact_inference(model):
             "`compact_inference` needs the TensorFlow backend. "
             f"Received: backend {keras.backend.backend()!r}"
         )
-    steps = [_step(layer) for layer in _chain(model)]
-    source = model.inputs[0]
+    chain = _chain(model)
+    steps = [_step(layer) for layer in chain]
+    source, output = model.inputs[0], model.outputs[0]
 
-    def single(x):
-        value = x
+    def run_chain(value, steps):
         for step in steps:
             value = step(value)
         return _full(value)
 
     single = tf.function(
-        single, input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)]
+        lambda x: run_chain(x, steps),
+        input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)],
     )
-    batched = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec([None, *source.shape[1:]], source.dtype)],
+    batch_spec = tf.TensorSpec([None, *source.shape[1:]], source.dtype)
+    first = next(
+        (i for i, layer in enumerate(chain) if isinstance(layer, (GatedConv2D, GatedDense))), None
     )
+    limit = None if first is None or None in output.shape[1:] else _loop_limit(chain)
+    if limit is None:
+        batched = tf.function(lambda x: model(x, training=False), input_signature=[batch_spec])
+    else:
+        example_spec = tf.TensorSpec(output.shape[1:], output.dtype)
+
+        @tf.function(input_signature=[batch_spec])
+        def batched(x):
+            for layer in chain[:first]:
+                x = layer(x, training=False)
+            mask = chain[first]._decide(x, training=False)[1]
+
+            def loop():
+                return tf.map_fn(
+                    lambda example: run_chain(example[None], steps[first:])[0],
+                    x, fn_output_signature=example_spec,
+                )
+
+            def layers():
+                h = x
+                for layer in chain[first:]:
+                    h = layer(h, training=False)
+                return h
+
+            # An empty batch's mean is NaN: the layers.
+            fraction = tf.reduce_mean(tf.cast(mask, tf.float32))
+            return tf.cond(fraction <= limit, loop, layers)
 
     def predict(x):
         return single(x) if len(x) == 1 else batched(x)

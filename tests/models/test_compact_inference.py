@@ -249,3 +249,58 @@ def test_activation_layers_between_gated_layers(rng, activation):
     model = keras.Model(inputs, GatedConv2D(8, 3, blocks=2, seed=2)(h))
     _mixed_policies(model, rng)
     _assert_matches_model(model, rng.normal(size=(4, 6, 6, 3)).astype("float32"))
+
+
+def test_a_batch_of_large_convolutions_runs_example_by_example(rng, monkeypatch):
+    from keras_condcomp.models import compact_chain
+
+    model = _cnn()
+    assert compact_chain._loop_limit(compact_chain._chain(model)) is None  # too small
+    monkeypatch.setattr(compact_chain, "LOOP_MIN_MACS", 0)
+    monkeypatch.setattr(compact_chain, "LOOP_LARGE_MACS", 0)
+    _mixed_policies(model, rng)
+    c1, c2 = model.get_layer("c1"), model.get_layer("c2")
+    c1.policy.bias.assign(np.array([9.0, -9.0, -9.0, 0.0], "float32"))
+    model.get_layer("d1").policy.bias.assign(np.full(3, 50.0, "float32"))
+    x = rng.normal(size=(7, 12, 12, 3)).astype("float32")
+    first = _masks(model, x)[0]
+    assert 0 < first.mean() <= 0.5 and first[:, 1:3].max() == 0
+    _assert_matches_model(model, x)
+    # Each example reads only its own held channels: NaN in the rows of
+    # channels no example holds reaches the dense convolution, not the loop.
+    kernel = np.asarray(c2.kernel).copy()
+    kernel[:, :, 4:12] = 0.0
+    c2.kernel.assign(kernel)
+    expected = np.asarray(model(x, training=False))
+    assert np.abs(expected).min() > 0
+    kernel[:, :, 4:12] = np.nan
+    c2.kernel.assign(kernel)
+    with forced_execution("masked"):
+        predict = compact_inference(model)
+        assert np.isnan(keras.Model(model.inputs[0], c2.output)(x, training=False)).any()
+        np.testing.assert_allclose(predict(x), expected, rtol=1e-5, atol=1e-5)
+    # Most groups of the first layer active: the model's own graph.
+    c1.policy.bias.assign(np.full(4, 9.0, "float32"))
+    c2.kernel.assign(np.nan_to_num(kernel))
+    _assert_matches_model(model, x)
+
+
+@pytest.mark.parametrize("threads, limit", [(1, 0.5), (2, None)])
+def test_the_loop_needs_larger_convolutions_on_several_threads(monkeypatch, threads, limit):
+    from keras_condcomp.models import compact_chain
+
+    chain = compact_chain._chain(_cnn())
+    monkeypatch.setattr(compact_chain, "intra_op_threads", lambda: threads)
+    monkeypatch.setattr(compact_chain, "LOOP_MIN_MACS", 1000)
+    monkeypatch.setattr(compact_chain, "LOOP_LARGE_MACS", 1e12)
+    assert compact_chain._loop_limit(chain) == limit
+    monkeypatch.setattr(compact_chain, "LOOP_LARGE_MACS", 1000)
+    assert compact_chain._loop_limit(chain) == compact_chain.LOOP_LARGE_MAX_FRACTION
+
+
+def test_a_gated_mlp_never_loops_over_a_batch(monkeypatch):
+    from keras_condcomp.models import compact_chain
+
+    monkeypatch.setattr(compact_chain, "LOOP_MIN_MACS", 0)
+    monkeypatch.setattr(compact_chain, "LOOP_LARGE_MACS", 0)
+    assert compact_chain._loop_limit(compact_chain._chain(_mlp())) is None
