@@ -13,9 +13,10 @@ calls:
 - `auto` and every forced path of `keras_condcomp.ops.CONV2D_EXECUTION_PATHS`,
 - `tuned`: each layer's path chosen by timing for the batch size
   (`keras_condcomp.models.tune_execution`),
-- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`,
-  the layers run as one chain, each gated layer's active groups passed to
-  the next (through pooling) without being placed among zeros,
+- `compact`: `keras_condcomp.models.compact_inference(model)`, the layers
+  run as one chain, each gated layer's active groups passed to the next
+  (through pooling) without being placed among zeros; above batch 1, one
+  example after another when the first layer's density allows it,
 - `floor_call`, a graph that only slices its input: the fixed cost of a
   call, shown as the `call` bound (no graph beats Conv2D by more),
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
@@ -294,9 +295,8 @@ def _worker(args):
                 with forced_execution(path):
                     fn.get_concrete_function()
                 functions[path] = fn
-            if batch == 1:
-                # The model's layers as one chain, their active blocks passed on.
-                functions["compact"] = compact_inference(gated)
+            # The model's layers as one chain, their active groups passed on.
+            functions["compact"] = compact_inference(gated)
             calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
             # Each layer's path chosen by timing for this batch size.
             calls["tuned"], _ = tuned_inference(gated, data[: max(32, batch)], batch, repeats=10)

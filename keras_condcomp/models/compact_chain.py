@@ -1,4 +1,4 @@
-"""Batch-1 inference that passes gated layers' outputs on compactly.
+"""Inference of a chain of layers that passes gated layers' outputs on compactly.
 
 Each gated layer called on its own must hand the next layer a full tensor:
 it computes its active blocks, then places them among zeros (a pass over the
@@ -9,7 +9,8 @@ model that way at batch 1: from a gated layer on, a value travels as its
 active blocks only, with their indices, through the layers that act on each
 channel alone (pooling, ReLU, dropout) and Flatten, into the next gated
 layer or Dense or Conv2D, which gathers only the matching rows of its
-kernel. Zeros are placed only where a layer needs the full tensor.
+kernel. Zeros are placed only where a layer needs the full tensor. A batch
+of a chain of large convolutions runs that way example by example.
 """
 
 import math
@@ -21,8 +22,8 @@ from keras import ops
 from keras_condcomp.layers._gated_layer import elementwise_activation
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
-from keras_condcomp.ops.block_kernel import block_dense
 from keras_condcomp.ops._threads import intra_op_threads
+from keras_condcomp.ops.block_kernel import block_dense
 from keras_condcomp.ops.block_sparse_dense import _in_place_or
 
 __all__ = [
@@ -386,7 +387,7 @@ def _chain(model):
 
 
 def compact_inference(model):
-    """A callable equal to `model(x, training=False)`, faster at batch 1.
+    """A callable equal to `model(x, training=False)`, faster on few examples.
 
     At batch 1 every gated layer computes only its active blocks and hands
     them on as they are, with their indices, instead of placing them among
@@ -397,9 +398,14 @@ def compact_inference(model):
     multiply them. Zeros are placed only before any other layer
     (`BatchNormalization`, ...) and at the output.
     The masks are the layers' own decisions (their policies read the same
-    states), so the outputs equal the model's up to float rounding. At any
-    other batch size the model's own inference graph runs, each gated layer
-    on its execution path (`keras_condcomp.ops`).
+    states), so the outputs equal the model's up to float rounding.
+
+    At any other batch size the model's own inference graph runs, each gated
+    layer on its execution path (`keras_condcomp.ops`), except for a chain of
+    large gated convolutions, whose examples then run one after another
+    through the compact chain while few of the first gated layer's groups
+    are active (`LOOP_MIN_MACS`, `LOOP_LARGE_MACS`, `LOOP_MAX_FRACTION`,
+    `LOOP_LARGE_MAX_FRACTION` in this module).
 
     Args:
         model: a built Keras model (Sequential or functional) with one input
@@ -411,8 +417,8 @@ def compact_inference(model):
     Returns:
         A function of one argument, the model's input batch (an array or
         tensor), returning a tensor. It calls one of two `tf.function`s,
-        each traced once: the chain for a batch of 1, the model for any
-        other. (One graph holding both behind a `tf.cond` on the batch size
+        each traced once: the chain for a batch of 1, the other for any
+        other batch size. (One graph holding both behind a `tf.cond` on the batch size
         computed the other batch sizes wrongly: TensorFlow 2.21's constant
         folding carried the batch-1 branch's static shapes into it.)
 
