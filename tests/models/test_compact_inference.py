@@ -304,3 +304,16 @@ def test_a_gated_mlp_never_loops_over_a_batch(monkeypatch):
     monkeypatch.setattr(compact_chain, "LOOP_MIN_MACS", 0)
     monkeypatch.setattr(compact_chain, "LOOP_LARGE_MACS", 0)
     assert compact_chain._loop_limit(compact_chain._chain(_mlp())) is None
+
+
+def test_sampled_decisions_run_in_the_chain(rng):
+    """`inference="sample"` draws each block from its probability; with
+    probabilities 0 and 1 the draws are the threshold's decisions."""
+    inputs = keras.Input((6, 6, 3))
+    h = GatedConv2D(8, 3, blocks=4, padding="same", inference="sample", seed=1)(inputs)
+    model = keras.Model(inputs, GatedDense(8, blocks=2, inference="sample", seed=2)(
+        keras.layers.GlobalAveragePooling2D()(h)))
+    for layer, bias in zip(_gated(model), ([60.0, -60.0, 60.0, -60.0], [-60.0, 60.0])):
+        layer.policy.kernel.assign(np.zeros(layer.policy.kernel.shape, "float32"))
+        layer.policy.bias.assign(np.array(bias, "float32"))
+    _assert_matches_model(model, rng.normal(size=(3, 6, 6, 3)).astype("float32"))
