@@ -183,6 +183,7 @@ def _finish(layer, outputs, active, groups, group_size):
 
 
 def _gated_conv2d(layer, value):
+    """The active groups' convolution, reading only the held input channels."""
     active = _decision(layer, value)
     groups = _held_groups(active)
     kernel = layer.kernel
@@ -457,9 +458,12 @@ def compact_inference(model):
             value = step(value)
         return _full(value)
 
+    # No autograph: the graphs have no Python control flow on tensors, and
+    # autograph would convert them from their source text.
     single = tf.function(
         lambda x: run_chain(x, steps),
         input_signature=[tf.TensorSpec([1, *source.shape[1:]], source.dtype)],
+        autograph=False,
     )
     batch_spec = tf.TensorSpec([None, *source.shape[1:]], source.dtype)
     first = next(
@@ -467,11 +471,13 @@ def compact_inference(model):
     )
     limit = None if first is None or None in output.shape[1:] else _loop_limit(chain)
     if limit is None:
-        batched = tf.function(lambda x: model(x, training=False), input_signature=[batch_spec])
+        batched = tf.function(
+            lambda x: model(x, training=False), input_signature=[batch_spec], autograph=False
+        )
     else:
         example_spec = tf.TensorSpec(output.shape[1:], output.dtype)
 
-        @tf.function(input_signature=[batch_spec])
+        @tf.function(input_signature=[batch_spec], autograph=False)
         def batched(x):
             for layer in chain[:first]:
                 x = layer(x, training=False)
