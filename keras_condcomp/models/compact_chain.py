@@ -24,6 +24,7 @@ from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops._threads import intra_op_threads
 from keras_condcomp.ops.block_kernel import block_dense
+from keras_condcomp.ops.block_sparse_conv2d import _first_if_none
 from keras_condcomp.ops.block_sparse_dense import _in_place_or
 
 __all__ = [
@@ -143,9 +144,7 @@ def _full(value):
 
 def _held_groups(active):
     """Indices of the active blocks, or `[0]` when none is."""
-    first = tf.argmax(tf.cast(active, tf.int32), output_type=tf.int32)
-    held = tf.logical_or(active, tf.equal(tf.range(tf.size(active)), first))
-    return tf.cast(tf.reshape(tf.where(held), [-1]), tf.int32)
+    return tf.cast(tf.reshape(tf.where(_first_if_none(active)), [-1]), tf.int32)
 
 
 def _decision(layer, value):
@@ -157,8 +156,6 @@ def _decision(layer, value):
         cells = tf.reshape(kernel, [_policy_cells(layer), -1, kernel.shape[-1]])
         kernel = tf.reshape(value.rows(cells), [-1, kernel.shape[-1]])
     logits = tf.matmul(state, kernel) + layer.policy.bias
-    if layer.inference == "threshold":
-        return logits[0] > 0  # as `_mask_of`, in fewer ops
     return layer._mask_of(logits, training=False)[0] > 0
 
 
