@@ -23,9 +23,14 @@ calls:
   layer then runs as one compiled graph), timed against the Conv2D stack
   called eagerly (its speedup is over that).
 
-Apart from `eager` and `compact` (a `tf.function` of its own), every model
-runs as one `tf.function` over `model(x, training=False)`. The masks are the layers' own threshold
-policies (policy cost included), with weights and inputs built so that
+Apart from `eager` and `compact` (graphs of its own), every model
+runs as one `tf.function` over `model(x, training=False)`. Every graph,
+`compact`'s included, is called as its concrete function
+(`keras_condcomp.speed.numpy_calls`), so graph-call overhead is the same
+for all. (Until session 28 the benchmarks called the `tf.function`s, about
+0.1 ms more a call: the tables of earlier sessions carry that cost.) The
+masks are the layers' own threshold policies (policy cost included), with
+weights and inputs built so that
 every example has exactly `density * 8` active groups in every gated
 layer, a run of consecutive groups starting at a random group (see
 `_controlled_masks`; the convolutions' costs do not depend on the values
@@ -262,7 +267,7 @@ def _worker(args):
     from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import (
-        median_latencies, paired_latencies, timed_batches, tuned_inference,
+        median_latencies, numpy_calls, paired_latencies, timed_batches, tuned_inference,
     )
 
     import keras
@@ -297,7 +302,7 @@ def _worker(args):
                 functions[path] = fn
             # The model's layers as one chain, their active groups passed on.
             functions["compact"] = compact_inference(gated)
-            calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+            calls = numpy_calls(functions)
             # Each layer's path chosen by timing for this batch size.
             calls["tuned"], _ = tuned_inference(gated, data[: max(32, batch)], batch, repeats=10)
             # Each against Conv2D alone (see benchmarks/gated_dense.py).

@@ -22,9 +22,12 @@ median of many calls (the `dense` row is the median of its pairs):
   weight, as any must when every block is used by some example of the
   batch, beats dense by more).
 
-Apart from `eager` and `compact` (a `tf.function` of its own), every model
-runs as one `tf.function` over `model(x, training=False)`, so graph-call
-overhead is the same for all. The
+Apart from `eager` and `compact` (graphs of its own), every model
+runs as one `tf.function` over `model(x, training=False)`. Every graph,
+`compact`'s included, is called as its concrete function
+(`keras_condcomp.speed.numpy_calls`), so graph-call overhead is the same
+for all. (Until session 28 the benchmarks called the `tf.function`s, about
+0.1 ms more a call: the tables of earlier sessions carry that cost.) The
 masks are the layers' own threshold policies (policy cost included), random
 per example and of a controlled size: the inputs and policy weights are
 built so that every example has `floor(blocks d)` or `ceil(blocks d)`
@@ -147,7 +150,7 @@ def _worker(args):
     from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
     from keras_condcomp.speed import (
-        median_latencies, paired_latencies, timed_batches, tuned_inference,
+        median_latencies, numpy_calls, paired_latencies, timed_batches, tuned_inference,
     )
 
     rng = np.random.default_rng(0)
@@ -191,7 +194,7 @@ def _worker(args):
                 if batch == 1:
                     # The model's layers as one chain, their active blocks passed on.
                     functions["compact"] = compact_inference(gated)
-                calls = {name: (lambda f: lambda x: f(x).numpy())(f) for name, f in functions.items()}
+                calls = numpy_calls(functions)
                 # Each layer's path chosen by timing for this batch size.
                 calls["tuned"], _ = tuned_inference(
                     gated, data[: max(64, batch)], batch, repeats=20

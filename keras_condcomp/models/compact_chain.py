@@ -414,8 +414,9 @@ def compact_inference(model):
 
     Returns:
         A function of one argument, the model's input batch (an array or
-        tensor), returning a tensor. It calls one of two `tf.function`s,
-        each traced once: the chain for a batch of 1, the other for any
+        tensor), returning a tensor. It calls one of two graphs, each
+        traced once and called as a concrete function (cheaper to call than
+        a `tf.function`): the chain for a batch of 1, the other for any
         other batch size. (One graph holding both behind a `tf.cond` on the batch size
         computed the other batch sizes wrongly: TensorFlow 2.21's constant
         folding carried the batch-1 branch's static shapes into it.)
@@ -495,6 +496,10 @@ def compact_inference(model):
             # An empty batch's mean is NaN: the layers.
             fraction = tf.reduce_mean(tf.cast(mask, tf.float32))
             return tf.cond(fraction <= limit, loop, layers)
+
+    # Their concrete functions: a call skips the `tf.function`'s dispatch
+    # (about 0.1 ms a call).
+    single, batched = single.get_concrete_function(), batched.get_concrete_function()
 
     def predict(x):
         return single(x) if len(x) == 1 else batched(x)
