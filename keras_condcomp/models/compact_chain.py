@@ -25,7 +25,7 @@ from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops._threads import intra_op_threads
 from keras_condcomp.ops.block_kernel import block_dense
 from keras_condcomp.ops.block_sparse_conv2d import _first_if_none
-from keras_condcomp.ops.block_sparse_dense import _in_place_or
+from keras_condcomp.ops.block_sparse_dense import _in_place_or, skipping_can_pay_at_batch_1
 
 __all__ = [
     "LOOP_LARGE_MACS",
@@ -206,6 +206,17 @@ def _gated_dense(layer, value):
     active = _decision(layer, value)
     block_kernel = layer.block_kernel  # (blocks, input_dim, block_size)
     blocks, input_dim, block_size = block_kernel.shape
+    if not skipping_can_pay_at_batch_1(input_dim, layer.units):
+        # Too small for skipping to pay (the engine's rule at batch 1): the
+        # dense product of the held input rows with no decision, its active
+        # blocks handed on.
+        groups = _held_groups(active)
+        inputs, kernel = value, block_kernel
+        if isinstance(value, _Blocks):
+            inputs, kernel = value.values, value.rows(block_kernel)
+        outputs = tf.reshape(block_dense(inputs, kernel), [blocks, block_size])
+        outputs = tf.reshape(tf.gather(outputs, groups), [1, -1])
+        return _Blocks(_finish(layer, outputs, active, groups, block_size), groups, blocks, block_size)
     read = tf.reduce_mean(tf.cast(active, tf.float32))
     if isinstance(value, _Blocks):
         read *= tf.cast(tf.size(value.groups) * value.group_size, tf.float32) / input_dim

@@ -802,7 +802,13 @@ def single_skipping_can_pay(problem):
     say), `"auto"` at batch 1 runs the dense fallback with no decision ops
     (784 -> 256 in 16 blocks at batch 1, one thread, A/B in one process:
     0.75x -> 0.86x-0.87x of Dense; forced `"masked"` 0.89x-0.90x)."""
-    return _COSTS["overhead"] < _masked_cost(problem, 1)
+    return skipping_can_pay_at_batch_1(problem.input_dim, problem.units)
+
+
+def skipping_can_pay_at_batch_1(input_dim, units):
+    """`single_skipping_can_pay` for a layer of this shape."""
+    weights = float(input_dim * units)
+    return _COSTS["overhead"] < max(weights / _COSTS["gemm"], weights / _COSTS["read"])
 
 
 def batched_skipping_can_pay(problem):

@@ -4,7 +4,22 @@ import pytest
 
 from keras_condcomp.layers import GatedConv2D, GatedDense
 from keras_condcomp.models import compact_inference
-from keras_condcomp.ops import forced_execution
+from keras_condcomp.ops import (
+    cost_constants, forced_execution, set_cost_constants, to_block_kernel,
+)
+
+
+@pytest.fixture(autouse=True)
+def engine_costs():
+    """The engine's cost constants, yielded; meanwhile a batch-1 fixed cost
+    of 1 ns. These tests' GatedDense layers are small: at the engine's
+    constants each would compute its dense product in the chain (see
+    `test_a_small_gated_dense_hands_on_only_its_active_blocks`), never the
+    skipping products the other tests check."""
+    before = cost_constants()
+    set_cost_constants(overhead=1.0)
+    yield before
+    set_cost_constants(**before)
 
 
 def _cnn():
@@ -122,6 +137,34 @@ def test_skipped_blocks_weights_are_never_read(rng):
     assert np.abs(expected).min() > 0
     with forced_execution("masked"):  # the dense convolution reads them
         assert np.isnan(keras.Model(model.inputs[0], c2.output)(x, training=False)).any()
+    np.testing.assert_allclose(compact_inference(model)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("none_active", [False, True])
+def test_a_small_gated_dense_hands_on_only_its_active_blocks(rng, engine_costs, none_active):
+    """At the engine's costs a small GatedDense computes its dense product
+    with no decision, and hands on only its active blocks: NaN in the next
+    layer's rows of the others changes nothing (with none active, block 0
+    is held, as zeros)."""
+    set_cost_constants(**engine_costs)
+    model = _mlp()
+    _mixed_policies(model, rng)
+    d1, d2 = model.get_layer("d1"), model.get_layer("d2")
+    if none_active:
+        d1.policy.bias.assign(np.full(d1.blocks, -1e4, "float32"))
+    x = rng.normal(size=(1, 20)).astype("float32")
+    first = _masks(model, x)[0][0]
+    assert not first.any() if none_active else 0 < first.mean() < 1
+    kernel = np.asarray(d2.kernel).copy()
+    skipped = np.repeat(first == 0, 4)
+    skipped[:4] &= first.any()  # with none active, block 0 is held, as zeros
+    kernel[skipped] = 0.0
+    d2.block_kernel.assign(to_block_kernel(kernel, d2.blocks))
+    expected = np.asarray(model(x, training=False))
+    kernel[skipped] = np.nan
+    d2.block_kernel.assign(to_block_kernel(kernel, d2.blocks))
+    with forced_execution("masked"):  # the dense product reads them
+        assert np.isnan(np.asarray(model(x, training=False))).all()
     np.testing.assert_allclose(compact_inference(model)(x), expected, rtol=1e-5, atol=1e-6)
 
 
