@@ -30,9 +30,9 @@ runs as one `tf.function` over `model(x, training=False)`. Every graph,
 for all. (Until session 28 the benchmarks called the `tf.function`s, about
 0.1 ms more a call: the tables of earlier sessions carry that cost.) The
 masks are the layers' own threshold policies (policy cost included), with
-weights and inputs built so that
-every example has exactly `density * 8` active groups in every gated
-layer, a run of consecutive groups starting at a random group (see
+weights and inputs built so that every example has exactly `density * 8`
+active groups in every gated layer, a run of consecutive groups starting
+at a random group (see
 `_controlled_masks`; the convolutions' costs do not depend on the values
 they multiply). A skipped group upstream gives zero input channels
 downstream (max pooling keeps them zero), so the second and third layers

@@ -83,7 +83,8 @@ class _Blocks:
     `group_size` channels each; every other of the `blocks` blocks is 0.
     Every active block of the layer that made it is held; an inactive one
     may be, as zeros: block 0 when no block is active (a convolution or
-    product needs one channel), every block after a dense product.
+    product needs one channel), every block after the dense product of a
+    GatedDense whose active blocks would read half of its kernel.
     """
 
     def __init__(self, values, groups, blocks, group_size):
@@ -202,7 +203,8 @@ def _gated_conv2d(layer, value):
 
 def _gated_dense(layer, value):
     """The active blocks' products, or the dense product when they would
-    read at least `_DENSE_MIN_FRACTION` of the kernel."""
+    read at least `_DENSE_MIN_FRACTION` of the kernel or the layer is too
+    small for skipping to pay at batch 1."""
     active = _decision(layer, value)
     block_kernel = layer.block_kernel  # (blocks, input_dim, block_size)
     blocks, input_dim, block_size = block_kernel.shape
@@ -405,7 +407,10 @@ def compact_inference(model):
     computed blocks only, `Flatten` keeps track of them, and the next gated
     layer, `Dense` or `Conv2D` reads only the rows of its kernel that
     multiply them. Zeros are placed only before any other layer
-    (`BatchNormalization`, ...) and at the output.
+    (`BatchNormalization`, ...) and at the output. A `GatedDense` computes
+    its dense product instead where skipping cannot pay: when its active
+    blocks would read half of its kernel, or when it is too small
+    (`"auto"`'s batch-1 rule, `keras_condcomp.ops.set_cost_constants`).
     The masks are the layers' own decisions (their policies read the same
     states), so the outputs equal the model's up to float rounding.
 

@@ -744,7 +744,11 @@ def _copied_cost(problem, blocks, rows, capacity):
 
 def _masked_cost(problem, batch):
     """The dense product's estimate: a Python float for a Python `batch`."""
-    weights = float(problem.input_dim * problem.units)
+    return _dense_product_cost(problem.input_dim, problem.units, batch)
+
+
+def _dense_product_cost(input_dim, units, batch):
+    weights = float(input_dim * units)
     maximum = max if isinstance(batch, (int, float)) else tf.maximum
     return maximum(batch * weights / _COSTS["gemm"], weights / _COSTS["read"])
 
@@ -806,9 +810,8 @@ def single_skipping_can_pay(problem):
 
 
 def skipping_can_pay_at_batch_1(input_dim, units):
-    """`single_skipping_can_pay` for a layer of this shape."""
-    weights = float(input_dim * units)
-    return _COSTS["overhead"] < max(weights / _COSTS["gemm"], weights / _COSTS["read"])
+    """`single_skipping_can_pay` for a layer of this shape (a Python bool)."""
+    return _COSTS["overhead"] < _dense_product_cost(input_dim, units, 1)
 
 
 def batched_skipping_can_pay(problem):
