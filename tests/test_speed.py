@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from keras_condcomp.speed import evict_caches, median_latencies, paired_latencies
+from keras_condcomp.speed import evict_caches, median_latencies, numpy_calls, paired_latencies
 
 
 def test_paired_latencies_time_each_function_against_the_reference_alone():
@@ -45,3 +46,25 @@ def test_median_latencies_rejects_a_bad_run_length(consecutive):
 def test_evict_caches_writes_its_buffer():
     evict_caches(1024)
     evict_caches(1024)  # the same buffer, written again
+
+
+def test_numpy_calls_call_a_tf_function_as_its_concrete_function():
+    import tensorflow as tf
+
+    traced = []
+
+    def double(x):
+        traced.append(x)
+        return 2 * x
+
+    spec = tf.TensorSpec([None, 2], "float32")
+    calls = numpy_calls({
+        "graph": tf.function(double, input_signature=[spec]),
+        "plain": lambda x: tf.constant(x) + 1,
+    })
+    assert len(traced) == 1  # its concrete function, made before any call
+    for batch in (np.ones((1, 2), "float32"), np.ones((3, 2), "float64")):
+        np.testing.assert_array_equal(calls["graph"](batch), 2 * batch)
+        np.testing.assert_array_equal(calls["plain"](batch), batch + 1)
+        assert isinstance(calls["graph"](batch), np.ndarray)
+    assert len(traced) == 1
