@@ -23,13 +23,10 @@ calls:
   layer then runs as one compiled graph), timed against the Conv2D stack
   called eagerly (its speedup is over that).
 
-Apart from `eager` and `compact` (graphs of its own), every model
-runs as one `tf.function` over `model(x, training=False)`. Every graph,
-`compact`'s included, is called as its concrete function
-(`keras_condcomp.speed.numpy_calls`), so graph-call overhead is the same
-for all. (Until session 28 the benchmarks called the `tf.function`s, about
-0.1 ms more a call: the tables of earlier sessions carry that cost.) The
-masks are the layers' own threshold policies (policy cost included), with
+Apart from `eager` and `compact` (graphs of its own), every model runs
+as one `tf.function` over `model(x, training=False)`, every graph called
+as its concrete function as in `benchmarks/gated_dense.py`. The masks
+are the layers' own threshold policies (policy cost included), with
 weights and inputs built so that every example has exactly `density * 8`
 active groups in every gated layer, a run of consecutive groups starting
 at a random group (see

@@ -156,12 +156,13 @@ def numpy_calls(functions):
     >>> numpy_calls({"double": double})["double"](np.ones(2, "float32")).tolist()
     [2.0, 2.0]
     """
-    def numpy_call(function):
-        if hasattr(function, "get_concrete_function"):
-            function = function.get_concrete_function()
-        return lambda x: function(x).numpy()
+    return {name: _numpy_call(function) for name, function in functions.items()}
 
-    return {name: numpy_call(function) for name, function in functions.items()}
+
+def _numpy_call(function):
+    if hasattr(function, "get_concrete_function"):
+        function = function.get_concrete_function()
+    return lambda x: function(x).numpy()
 
 
 def _compiled_inference(model):
@@ -171,7 +172,7 @@ def _compiled_inference(model):
 
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], "float32")
     run = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    return numpy_calls({"run": run})["run"]
+    return _numpy_call(run)
 
 
 def tuned_inference(model, x, batch_size, repeats):
