@@ -52,7 +52,7 @@ Threads are pinned before TensorFlow starts, in a fresh process per setting:
 Writes `benchmarks/results/gated_dense.json` and `gated_dense.png` (speedup
 over dense vs density, with the ideal line) and prints a table.
 
-    python benchmarks/gated_dense.py            # full run (hours on 2 cores)
+    python benchmarks/gated_dense.py            # full run (about 20 minutes on 2 cores)
     python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
 
 A full run can be made in parts (`--shapes`, `--threads`, `--out`), whose
