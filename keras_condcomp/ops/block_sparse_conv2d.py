@@ -146,6 +146,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_condcomp.ops._block_masks import check_zero_one
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
 from keras_condcomp.ops._threads import intra_op_threads
@@ -683,7 +684,8 @@ def block_sparse_conv2d(
         bias: `(filters,)` or None.
         block_mask: `(batch, blocks)`, 1 for an active group, 0 for a skipped one
             (no other values: the dense fallback multiplies by the mask, the
-            skipping paths only test it against 0).
+            skipping paths only test it against 0; called eagerly, other
+            values raise a `ValueError`, in a graph they are not checked).
         activation: an element-wise callable with `activation(0)` finite,
             applied to active groups, or None.
         strides, padding, dilation_rate: as in `keras.layers.Conv2D`.
@@ -736,6 +738,7 @@ def block_sparse_conv2d(
             f"`block_mask` must have shape (batch, blocks) with blocks dividing "
             f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
+    check_zero_one(block_mask)
     has_bias = bias is not None
     bias = (
         tf.convert_to_tensor(bias, dtype=inputs.dtype) if has_bias else tf.zeros([0], inputs.dtype)

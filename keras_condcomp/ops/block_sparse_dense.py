@@ -131,6 +131,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from keras_condcomp.ops._block_masks import check_zero_one
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
 
@@ -950,7 +951,8 @@ def block_sparse_dense(
         bias: `(blocks * block_size,)` or None.
         block_mask: `(batch, blocks)`, 1 for an active block, 0 for a skipped one
             (no other values: the dense fallback multiplies by the mask, the
-            skipping paths only test it against 0).
+            skipping paths only test it against 0; called eagerly, other
+            values raise a `ValueError`, in a graph they are not checked).
         activation: an element-wise callable applied to active blocks, or None.
         path: one of `EXECUTION_PATHS` (see the module docs).
         capacity: `"static_capacity"` only: example slots per block (default:
@@ -1000,6 +1002,7 @@ def block_sparse_dense(
             f"`block_mask` must have shape (batch, {blocks}) to match `block_kernel` "
             f"{tuple(block_kernel.shape)}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
+    check_zero_one(block_mask)
     has_bias = bias is not None
     bias = (
         tf.convert_to_tensor(bias, dtype=inputs.dtype)

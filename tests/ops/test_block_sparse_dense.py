@@ -245,6 +245,28 @@ def test_errors_name_the_argument(rng):
         block_sparse_dense(x, np.ones((4, 6), "float32"), None, np.ones((2, 3)))
 
 
+@pytest.mark.parametrize("path", EXECUTION_PATHS)
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0, np.nan])
+def test_a_mask_other_than_zero_one_is_rejected_eagerly(rng, path, value):
+    # The paths disagree on such a mask (the dense fallback scales by it, the
+    # skipping paths test it against 0): every path refuses it, naming where.
+    x = rng.normal(size=(2, 4)).astype("float32")
+    block_kernel = rng.normal(size=(3, 4, 2)).astype("float32")
+    mask = np.array([[1, 0, 1], [0, value, 0]], "float32")
+    with pytest.raises(ValueError, match=r"block_mask\[1, 1\]="):
+        block_sparse_dense(x, block_kernel, None, mask, path=path)
+
+
+def test_a_boolean_mask_is_a_zero_one_mask(rng):
+    x = rng.normal(size=(2, 4)).astype("float32")
+    block_kernel = rng.normal(size=(3, 4, 2)).astype("float32")
+    active = np.array([[True, False, True], [False, False, True]])
+    np.testing.assert_array_equal(
+        block_sparse_dense(x, block_kernel, None, active).numpy(),
+        block_sparse_dense(x, block_kernel, None, active.astype("float32")).numpy(),
+    )
+
+
 def test_static_capacity_drops_examples_beyond_capacity(rng):
     x = rng.normal(size=(3, 4)).astype("float32")
     kernel = rng.normal(size=(4, 4)).astype("float32")
