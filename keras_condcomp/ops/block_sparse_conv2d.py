@@ -146,7 +146,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_condcomp.ops._block_masks import check_zero_one
+from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
 from keras_condcomp.ops._threads import intra_op_threads
@@ -738,7 +738,7 @@ def block_sparse_conv2d(
             f"`block_mask` must have shape (batch, blocks) with blocks dividing "
             f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
-    check_zero_one(block_mask)
+    check_block_mask(block_mask, inputs)
     has_bias = bias is not None
     bias = (
         tf.convert_to_tensor(bias, dtype=inputs.dtype) if has_bias else tf.zeros([0], inputs.dtype)

@@ -131,7 +131,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from keras_condcomp.ops._block_masks import check_zero_one
+from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
 
@@ -1002,7 +1002,7 @@ def block_sparse_dense(
             f"`block_mask` must have shape (batch, {blocks}) to match `block_kernel` "
             f"{tuple(block_kernel.shape)}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
-    check_zero_one(block_mask)
+    check_block_mask(block_mask, inputs)
     has_bias = bias is not None
     bias = (
         tf.convert_to_tensor(bias, dtype=inputs.dtype)

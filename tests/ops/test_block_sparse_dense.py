@@ -243,6 +243,9 @@ def test_errors_name_the_argument(rng):
         block_sparse_dense(x, block_kernel, None, np.ones((2, 4)))
     with pytest.raises(ValueError, match="block_kernel.shape=\\(4, 6\\)"):
         block_sparse_dense(x, np.ones((4, 6), "float32"), None, np.ones((2, 3)))
+    # One example and three rows of mask: batch 1 reads the first row alone.
+    with pytest.raises(ValueError, match=r"block_mask.shape=\(3, 3\), inputs.shape=\(1, 4\)"):
+        block_sparse_dense(x[:1], block_kernel, None, np.ones((3, 3)))
 
 
 @pytest.mark.parametrize("path", EXECUTION_PATHS)
