@@ -16,6 +16,7 @@ of a chain of large convolutions runs that way example by example.
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -429,8 +430,10 @@ def compact_inference(model):
             layer (its output placed).
 
     Returns:
-        A function of one argument, the model's input batch (an array or
-        tensor), returning a tensor. It calls one of two graphs, each
+        A function of one argument, the model's input batch `x` (an array
+        or tensor), returning a tensor; it raises a `ValueError` naming `x`
+        when `x`'s shape does not match the model's input. It calls one of
+        two graphs, each
         traced once and called as a concrete function (cheaper to call than
         a `tf.function`): the chain for a batch of 1, the other for any
         other batch size. (One graph holding both behind a `tf.cond` on the batch size
@@ -517,7 +520,17 @@ def compact_inference(model):
     # (about 0.1 ms a call).
     single, batched = single.get_concrete_function(), batched.get_concrete_function()
 
+    expected = tuple(source.shape)
+
     def predict(x):
-        return single(x) if len(x) == 1 else batched(x)
+        shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+        if len(shape) != len(expected) or any(
+            size is not None and size != got for size, got in zip(expected[1:], shape[1:])
+        ):
+            raise ValueError(
+                f"`x` must have shape (batch, {', '.join(map(str, expected[1:]))}) to match "
+                f"the model's input. Received: x.shape={shape}"
+            )
+        return single(x) if shape[0] == 1 else batched(x)
 
     return predict

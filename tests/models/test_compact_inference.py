@@ -272,6 +272,19 @@ def test_models_that_are_not_a_single_chain_are_refused():
         compact_inference(keras.Sequential([GatedDense(4, blocks=2)]))
 
 
+def test_an_input_of_the_wrong_shape_is_refused_naming_it(rng):
+    predict = compact_inference(_mlp())
+    with pytest.raises(ValueError, match=r"\(batch, 20\).*x.shape=\(1, 21\)"):
+        predict(rng.normal(size=(1, 21)).astype("float32"))
+    with pytest.raises(ValueError, match=r"x.shape=\(20,\)"):
+        predict(rng.normal(size=(20,)).astype("float32"))
+    images = keras.Sequential([
+        keras.Input((None, None, 3)), GatedConv2D(4, 3, blocks=2), keras.layers.Flatten(),
+    ])
+    with pytest.raises(ValueError, match=r"\(batch, None, None, 3\).*x.shape=\(1, 5, 5, 2\)"):
+        compact_inference(images)(np.zeros((1, 5, 5, 2), "float32"))
+
+
 def test_a_gated_layer_in_another_dtype_is_refused():
     inputs = keras.Input((4,))
     layer = GatedDense(4, blocks=2, dtype="mixed_float16", name="half")
