@@ -219,7 +219,8 @@ def _gated_dense(layer, value):
             inputs, kernel = value.values, value.rows(block_kernel)
         outputs = tf.reshape(block_dense(inputs, kernel), [blocks, block_size])
         outputs = tf.reshape(tf.gather(outputs, groups), [1, -1])
-        return _Blocks(_finish(layer, outputs, active, groups, block_size), groups, blocks, block_size)
+        outputs = _finish(layer, outputs, active, groups, block_size)
+        return _Blocks(outputs, groups, blocks, block_size)
     read = tf.reduce_mean(tf.cast(active, tf.float32))
     if isinstance(value, _Blocks):
         read *= tf.cast(tf.size(value.groups) * value.group_size, tf.float32) / input_dim

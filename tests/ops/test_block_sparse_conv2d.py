@@ -371,7 +371,8 @@ def test_errors_name_the_argument(rng):
         block_sparse_conv2d(x, kernel, None, mask, padding="full")
     with pytest.raises(ValueError, match=r"strides=\(2, 2\), dilation_rate=\(2, 2\)"):
         block_sparse_conv2d(x, kernel, None, mask, strides=2, dilation_rate=2)
-    with pytest.raises(ValueError, match=r"block_mask.shape=\(3, 2\), inputs.shape=\(2, 5, 5, 3\)"):
+    mismatch = r"block_mask.shape=\(3, 2\), inputs.shape=\(2, 5, 5, 3\)"
+    with pytest.raises(ValueError, match=mismatch):
         block_sparse_conv2d(x, kernel, None, np.ones((3, 2), "float32"))
     with pytest.raises(ValueError, match=r"block_mask\[0, 1\]=0.5"):
         block_sparse_conv2d(x, kernel, None, np.array([[1, 0.5], [0, 1]], "float32"))
