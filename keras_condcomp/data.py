@@ -13,9 +13,13 @@ Example:
 
 import dataclasses
 import gzip
+import math
 import os
+import zlib
 
 import numpy as np
+
+from keras_condcomp._arguments import is_number
 
 __all__ = ["Dataset", "load_dataset", "load_digits", "load_mnist", "load_tfds", "read_idx"]
 
@@ -55,6 +59,10 @@ def _as_dataset(name, x_train, y_train, x_test, y_test, scale):
     y_train = np.asarray(y_train, "int64").reshape(-1)
     y_test = np.asarray(y_test, "int64").reshape(-1)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes < 2:
+        raise ValueError(
+            f"Dataset {name!r} has labels of one class only (0): a classifier needs two or more."
+        )
     return Dataset(name, images(x_train), y_train, images(x_test), y_test, num_classes)
 
 
@@ -65,7 +73,7 @@ def load_digits(test_fraction=0.2, seed=0):
         test_fraction: fraction of the images held out for test, in (0, 1).
         seed: seed of the split.
     """
-    if not 0 < test_fraction < 1:
+    if not is_number(test_fraction) or not 0 < test_fraction < 1:
         raise ValueError(
             f"`test_fraction` must be in (0, 1). Received: test_fraction={test_fraction!r}"
         )
@@ -90,6 +98,7 @@ def read_idx(path):
         FileNotFoundError: `path` does not exist.
         ValueError: the file is not a well-formed IDX file.
     """
+    _check_path("path", path)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
@@ -98,7 +107,7 @@ def read_idx(path):
             raw = handle.read()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"Corrupt IDX file {path}: {error}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"Corrupt IDX file {path}: bad magic number {raw[:4].hex()}")
@@ -108,12 +117,17 @@ def read_idx(path):
     if len(raw) < header:
         raise ValueError(f"Corrupt IDX file {path}: truncated header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # exact: no int64 overflow
     if len(raw) != expected:
         raise ValueError(
             f"Corrupt IDX file {path}: {len(raw)} bytes, expected {expected} for shape {shape}"
         )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _check_path(name, value):
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"`{name}` must be a path. Received: {name}={value!r}")
 
 
 def _find_idx(data_dir, stem):
@@ -133,8 +147,11 @@ def load_mnist(data_dir, name="MNIST"):
             `t10k-labels-idx1-ubyte[.gz]`.
         name: the name to report the data under.
     """
+    _check_path("data_dir", data_dir)
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data-dir is not a directory: {data_dir}")
+        raise FileNotFoundError(
+            f"`data_dir` is not a directory. Received: data_dir={os.fspath(data_dir)!r}"
+        )
     arrays = {
         stem: read_idx(_find_idx(data_dir, stem))
         for stem in (
@@ -147,11 +164,26 @@ def load_mnist(data_dir, name="MNIST"):
     for split in ("train", "t10k"):
         images = arrays[f"{split}-images-idx3-ubyte"]
         labels = arrays[f"{split}-labels-idx1-ubyte"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        # Pixels are bytes (scaled by 1/255 below), labels non-negative integers.
+        problem = (
+            images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels)
+            or len(labels) == 0 or images.dtype != np.uint8
+            or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+        )
+        if problem:
             raise ValueError(
-                f"Corrupt MNIST split {split!r} in {data_dir}: images {images.shape}, "
-                f"labels {labels.shape}"
+                f"Corrupt MNIST split {split!r} in {data_dir}: expected uint8 images "
+                "(n, rows, cols) and n non-negative integer labels, n > 0. Received: "
+                f"images {images.dtype} {images.shape}, labels {labels.dtype} {labels.shape}"
+                + (f" from {labels.min()} to {labels.max()}" if len(labels) else "")
             )
+    train_shape = arrays["train-images-idx3-ubyte"].shape[1:]
+    test_shape = arrays["t10k-images-idx3-ubyte"].shape[1:]
+    if train_shape != test_shape:
+        raise ValueError(
+            f"Corrupt MNIST files in {data_dir}: train images are {train_shape}, "
+            f"test images {test_shape}"
+        )
     return _as_dataset(
         name,
         arrays["train-images-idx3-ubyte"],
@@ -197,7 +229,16 @@ def load_dataset(dataset, data_dir=None):
             when `data_dir` is None) or `"tfds:NAME"`.
         data_dir: see `dataset`.
     """
+    if not isinstance(dataset, str):
+        raise ValueError(
+            f"`dataset` must be 'digits', 'mnist' or 'tfds:NAME'. Received: dataset={dataset!r}"
+        )
     if dataset == "digits":
+        if data_dir is not None:
+            raise ValueError(
+                "`data_dir` is not used by dataset='digits' (embedded in scikit-learn). "
+                f"Received: data_dir={data_dir!r}"
+            )
         return load_digits()
     if dataset == "mnist":
         if data_dir is None:

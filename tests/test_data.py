@@ -8,11 +8,15 @@ from keras_condcomp import data
 from tests.conftest import SHARED_MNIST
 
 
-def write_idx(path, array, compress=False):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+
+
+def write_idx(path, array, compress=False, dtype=np.uint8):
+    dtype = np.dtype(dtype)
+    header = bytes([0, 0, IDX_CODES[dtype], array.ndim]) + b"".join(
         int(d).to_bytes(4, "big") for d in array.shape
     )
-    payload = header + array.astype(np.uint8).tobytes()
+    payload = header + array.astype(dtype).tobytes()
     with open(path, "wb") as handle:
         handle.write(gzip.compress(payload) if compress else payload)
 
@@ -51,6 +55,63 @@ def test_corrupt_and_missing_files(tmp_path, rng):
         data.load_mnist(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         data.load_mnist(tmp_path / "absent")
+
+
+def test_a_corrupt_gzip_body_and_an_overflowing_header_are_reported(tmp_path):
+    images = np.arange(2 * 4 * 4).reshape(2, 4, 4)
+    write_idx(tmp_path / "x.gz", images, compress=True)
+    raw = bytearray((tmp_path / "x.gz").read_bytes())
+    raw[12:16] = b"\xff\xff\xff\xff"  # inside the deflate stream
+    (tmp_path / "x.gz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="Corrupt IDX file .*x.gz"):
+        data.read_idx(tmp_path / "x.gz")
+    # Dimensions whose product overflows int64: still a size mismatch.
+    header = bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3
+    (tmp_path / "big").write_bytes(header)
+    with pytest.raises(ValueError, match="Corrupt IDX file .*expected"):
+        data.read_idx(tmp_path / "big")
+    with pytest.raises(ValueError, match="path=None"):
+        data.read_idx(None)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("float_images", "expected uint8 images"),
+        ("negative_label", "from -1"),
+        ("float_labels", "labels float32"),
+        ("empty", r"\(0,\)"),
+        ("test_shape", r"train images are \(28, 28\), test images \(3, 3\)"),
+    ],
+)
+def test_mnist_files_of_another_kind_are_refused(tmp_path, rng, change, message):
+    fake_mnist(tmp_path, rng, compress=False)
+    images = rng.integers(0, 256, size=(5, 4, 4))
+    labels = np.arange(5) % 3
+    if change == "float_images":
+        write_idx(tmp_path / "t10k-images-idx3-ubyte", images / 255, dtype=">f4")
+    elif change == "negative_label":
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels - 1, dtype=">i4")
+    elif change == "float_labels":
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels + 0.5, dtype=">f4")
+    elif change == "empty":
+        write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:0])
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:0])
+    else:
+        write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:, :3, :3])
+    with pytest.raises(ValueError, match=message):
+        data.load_mnist(tmp_path)
+
+
+def test_loader_arguments_name_argument_and_value(tmp_path):
+    with pytest.raises(ValueError, match="data_dir=None"):
+        data.load_mnist(None)
+    with pytest.raises(ValueError, match="test_fraction='x'"):
+        data.load_digits("x")
+    with pytest.raises(ValueError, match="dataset=None"):
+        data.load_dataset(None)
+    with pytest.raises(ValueError, match="data_dir="):
+        data.load_dataset("digits", data_dir=tmp_path)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="shared MNIST split absent")

@@ -1,5 +1,6 @@
 """Helpers shared by the callbacks (private)."""
 
+from keras_condcomp._arguments import is_integer, is_number
 from keras_condcomp.models.policy_gradient_model import gated_layers
 
 __all__ = []
@@ -18,7 +19,7 @@ def require_gated_layers(callback, model):
 
 
 def check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_integer(value) or value < 0:
         raise ValueError(
             f"`{name}` must be a non-negative integer. Received: {name}={value!r}"
         )
@@ -27,9 +28,7 @@ def check_non_negative_int(name, value):
 def check_density(name, value, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0 < value <= 1
-    ):
+    if not is_number(value) or not 0 < value <= 1:
         raise ValueError(
             f"`{name}` must be a number in (0, 1]"
             f"{' or None' if allow_none else ''}. Received: {name}={value!r}"

@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.callbacks._common import (
     check_density,
     check_non_negative_int,
@@ -29,7 +30,10 @@ class DensityScheduler(keras.callbacks.Callback):
     call time); the layer's config keeps its final `target_density`.
 
     Writes `<layer name>_target_density` for each scheduled layer and
-    `target_density` (their mean) into the epoch's `logs`.
+    `target_density` (their mean) into the epoch's `logs`. When training
+    ends, every layer's tau goes back to its `target_density`, as a reloaded
+    copy of the model would have it (a `fit` stopped mid-schedule does not
+    leave the next `fit` training towards an intermediate tau).
 
     Args:
         schedule: optional callable `(epoch, target_density) -> float in (0, 1]`
@@ -90,7 +94,7 @@ class DensityScheduler(keras.callbacks.Callback):
         start_epoch = 0 if start_epoch is None else start_epoch
         check_density("start", start)
         check_density("end", end, allow_none=True)
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        if not is_integer(epochs) or epochs <= 0:
             raise ValueError(
                 f"`epochs` must be a positive integer. Received: epochs={epochs!r}"
             )
@@ -100,8 +104,8 @@ class DensityScheduler(keras.callbacks.Callback):
         self.schedule = schedule
         self.start = float(start)
         self.end = None if end is None else float(end)
-        self.epochs = epochs
-        self.start_epoch = start_epoch
+        self.epochs = int(epochs)
+        self.start_epoch = int(start_epoch)
         self.verbose = verbose
 
     def target_at(self, epoch, target_density):
@@ -151,3 +155,7 @@ class DensityScheduler(keras.callbacks.Callback):
             logs[f"{layer.name}_target_density"] = layer.current_target_density
             values.append(layer.current_target_density)
         logs["target_density"] = sum(values) / len(values)
+
+    def on_train_end(self, logs=None):
+        for layer in self._scheduled_layers():
+            layer.set_current_target_density(layer.target_density)

@@ -44,7 +44,7 @@ class PolicyWarmup(keras.callbacks.Callback):
         check_non_negative_int("epochs", epochs)
         if verbose not in (0, 1):
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
-        self.epochs = epochs
+        self.epochs = int(epochs)
         self.verbose = verbose
 
     def _set(self, enabled):

@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_condcomp import regularizers
+from keras_condcomp._arguments import is_integer, is_number
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import GateDecision, current_recorder
 from keras_condcomp.ops import EXECUTION_PATHS
@@ -70,9 +71,7 @@ def validate_gating_arguments(
     example_sparsity_weight=None, execution_paths=EXECUTION_PATHS,
 ):
     """Checks the gating arguments shared by the gated layers."""
-    if target_density is not None and not (
-        isinstance(target_density, (int, float)) and 0 < target_density <= 1
-    ):
+    if target_density is not None and not (is_number(target_density) and 0 < target_density <= 1):
         raise ValueError(
             "`target_density` must be None or a number in (0, 1]. "
             f"Received: target_density={target_density!r}"
@@ -84,9 +83,9 @@ def validate_gating_arguments(
     ):
         if name == "example_sparsity_weight" and value is None:
             continue
-        if not isinstance(value, (int, float)) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(
-                f"`{name}` must be a non-negative number. Received: {name}={value!r}"
+                f"`{name}` must be a finite non-negative number. Received: {name}={value!r}"
             )
     if inference not in INFERENCE_MODES:
         raise ValueError(
@@ -109,7 +108,12 @@ def elementwise_activation(activation):
     Probed on a few values, arranged as `(2, 6)` and as `(12, 1)`:
     `"softmax"`, `"log_softmax"`, `"sparsemax"` and `"glu"` fail it.
     """
-    resolved = keras.activations.get(activation)
+    try:
+        resolved = keras.activations.get(activation)
+    except ValueError as error:
+        raise ValueError(
+            f"`activation` is not a Keras activation. Received: activation={activation!r}"
+        ) from error
     probe = np.linspace(-3.0, 3.0, 12, dtype="float32")
 
     def apply(shape):
@@ -140,8 +144,25 @@ def elementwise_activation(activation):
     return resolved
 
 
+def check_unique_names(model, gated_layers):
+    """A ValueError when two of `model`'s gated layers share a name (possible
+    in separate nested models): logs, budgets and profiles name each one."""
+    names = [layer.name for layer in gated_layers]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"Model {model.name!r} has several gated layers named "
+            f"{', '.join(map(repr, repeated))} (in different nested models?): logs, "
+            "budgets and profiles name each gated layer, so give each a unique `name`."
+        )
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
+
+
 def _check_blocks(blocks):
-    if not isinstance(blocks, int) or blocks <= 0:
+    if not is_integer(blocks) or blocks <= 0:
         raise ValueError(
             f"`blocks` must be a positive integer. Received: blocks={blocks!r}"
         )
@@ -177,17 +198,17 @@ class GatedLayer(keras.layers.Layer):
             target_density, sparsity_weight, variance_weight, inference, execution,
             example_sparsity_weight, self.execution_paths,
         )
-        self.blocks = blocks
-        self.target_density = target_density
-        self.sparsity_weight = sparsity_weight
-        self.variance_weight = variance_weight
-        self.example_sparsity_weight = example_sparsity_weight
+        self.blocks = int(blocks)
+        self.target_density = _float_or_none(target_density)
+        self.sparsity_weight = float(sparsity_weight)
+        self.variance_weight = float(variance_weight)
+        self.example_sparsity_weight = _float_or_none(example_sparsity_weight)
         self.inference = inference
         self.execution = execution
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.policy = BernoulliPolicy(
-            blocks,
+            self.blocks,
             kernel_initializer=policy_initializer,
             bias_initializer=policy_bias_initializer,
             kernel_regularizer=policy_regularizer,
@@ -197,7 +218,7 @@ class GatedLayer(keras.layers.Layer):
         # Data-dependent shapes (tf.where) do not compile under XLA.
         self.supports_jit = False
         self._warned_unrecorded = False
-        self._schedule = _GateSchedule(target_density, policy_enabled=True)
+        self._schedule = _GateSchedule(self.target_density, policy_enabled=True)
 
     def _build_gating(self, state_dim):
         """Builds the policy on `(batch, state_dim)` and the schedule state."""
@@ -230,9 +251,7 @@ class GatedLayer(keras.layers.Layer):
                 f"{type(self).__name__} {self.name!r} has target_density=None: it "
                 "has no target density to schedule."
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 < value <= 1
-        ):
+        if not is_number(value) or not 0 < value <= 1:
             raise ValueError(
                 f"The target density must be a number in (0, 1]. Received: value={value!r}"
             )
@@ -322,13 +341,16 @@ class GatedLayer(keras.layers.Layer):
         """
         logits, mask = self._decide(inputs, training)
         recorder = current_recorder()
-        if training or recorder is not None:
+        if training or (recorder is not None and recorder.scheduled):
             # Only the training and PolicyGradientModel steps read the
-            # schedule; predict and exported graphs never do.
+            # schedule; predict, exported graphs and the measuring tools
+            # (ComputeMonitor, profile_macs) never do.
             logits, mask, current, enabled = self._scheduled(logits, mask)
             regularization = enabled * self.gating_regularization(
                 ops.sigmoid(logits), current
             )
+        elif recorder is not None:
+            regularization = self.gating_regularization(ops.sigmoid(logits))
         if training and recorder is None:
             # PolicyGradientModel adds the recorded regulariser to the
             # policy's objective instead, so that its logged `loss` stays the

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_condcomp._arguments import is_integer
+
 __all__ = ["BernoulliPolicy"]
 
 
@@ -49,11 +51,11 @@ class BernoulliPolicy(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if not isinstance(blocks, int) or blocks <= 0:
+        if not is_integer(blocks) or blocks <= 0:
             raise ValueError(
                 f"`blocks` must be a positive integer. Received: blocks={blocks!r}"
             )
-        self.blocks = blocks
+        self.blocks = int(blocks)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

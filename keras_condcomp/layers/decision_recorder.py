@@ -35,6 +35,13 @@ class GateDecision:
 class DecisionRecorder:
     """Context manager gathering the `GateDecision`s of the layers called in it.
 
+    Args:
+        scheduled: whether the layers apply their schedule state (a
+            `PolicyWarmup` that switched the policies off, a
+            `DensityScheduler`'s tau) in calls with `training=False`, as
+            `PolicyGradientModel`'s evaluation steps do. False (default):
+            such calls decide as `predict` does, whatever the schedule.
+
     Example:
 
     >>> import numpy as np
@@ -46,7 +53,10 @@ class DecisionRecorder:
     (3, 2)
     """
 
-    def __init__(self):
+    def __init__(self, scheduled=False):
+        if not isinstance(scheduled, bool):
+            raise ValueError(f"`scheduled` must be a bool. Received: scheduled={scheduled!r}")
+        self.scheduled = scheduled
         self.decisions = []
 
     def record(self, decision):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
@@ -160,7 +161,7 @@ class GatedConv2D(GatedLayer):
         policy_grid=None,
         **kwargs,
     ):
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+        if not is_integer(filters) or filters <= 0:
             raise ValueError(
                 f"`filters` must be a positive integer. Received: filters={filters!r}"
             )
@@ -179,9 +180,7 @@ class GatedConv2D(GatedLayer):
                 "`strides > 1` is not supported with `dilation_rate > 1`. "
                 f"Received: strides={strides}, dilation_rate={dilation_rate}"
             )
-        if policy_grid is not None and (
-            isinstance(policy_grid, bool) or not isinstance(policy_grid, int) or policy_grid <= 0
-        ):
+        if policy_grid is not None and (not is_integer(policy_grid) or policy_grid <= 0):
             raise ValueError(
                 "`policy_grid` must be None or a positive integer. "
                 f"Received: policy_grid={policy_grid!r}"
@@ -208,7 +207,7 @@ class GatedConv2D(GatedLayer):
             activity_regularizer=activity_regularizer,
             **kwargs,
         )
-        self.filters = filters
+        self.filters = int(filters)
         self.kernel_size = kernel_size
         self.strides = strides
         self.padding = padding
@@ -222,7 +221,7 @@ class GatedConv2D(GatedLayer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.policy_grid = policy_grid
+        self.policy_grid = None if policy_grid is None else int(policy_grid)
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     @property

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
@@ -142,7 +143,7 @@ class GatedDense(GatedLayer):
         example_sparsity_weight=None,
         **kwargs,
     ):
-        if not isinstance(units, int) or units <= 0:
+        if not is_integer(units) or units <= 0:
             raise ValueError(
                 f"`units` must be a positive integer. Received: units={units!r}"
             )
@@ -167,7 +168,7 @@ class GatedDense(GatedLayer):
             activity_regularizer=activity_regularizer,
             **kwargs,
         )
-        self.units = units
+        self.units = int(units)
         self.activation = elementwise_activation(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)

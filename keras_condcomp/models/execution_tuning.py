@@ -1,7 +1,9 @@
 """Per-layer choice of the inference path by timing, instead of the per-call cost model."""
 
+import keras
 import numpy as np
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.models.policy_gradient_model import gated_layers
 
 __all__ = ["tune_execution"]
@@ -41,8 +43,10 @@ def tune_execution(model, x, batch_size=1, repeats=30):
         median seconds of a model call}}`.
 
     Raises:
-        ValueError: no gated layer, bad `batch_size`/`repeats`, fewer than
-            `batch_size` examples.
+        ValueError: not a Keras model, no gated layer, bad
+            `batch_size`/`repeats`, `x` of another feature shape than the
+            model's input or with fewer than `batch_size` examples. If timing
+            fails, every layer gets back the path it had.
 
     Example:
 
@@ -58,8 +62,10 @@ def tune_execution(model, x, batch_size=1, repeats=30):
 
     from keras_condcomp.speed import median_latencies
 
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
     for name, value in (("batch_size", batch_size), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
     layers = gated_layers(model)
     if not layers:
@@ -70,6 +76,14 @@ def tune_execution(model, x, batch_size=1, repeats=30):
             f"{model.name!r} with {len(getattr(model, 'inputs', None) or ())} inputs"
         )
     x = np.asarray(x, dtype="float32")
+    expected = tuple(model.inputs[0].shape[1:])
+    if x.ndim != len(expected) + 1 or any(
+        size is not None and size != given for size, given in zip(expected, x.shape[1:])
+    ):
+        raise ValueError(
+            f"`x` must have shape (examples, {', '.join(map(str, expected))}) to match the "
+            f"input of model {model.name!r}. Received: x.shape={x.shape}"
+        )
     if len(x) < batch_size:
         raise ValueError(
             f"`x` must hold at least batch_size={batch_size} examples. Received: {len(x)}"
@@ -77,19 +91,26 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     count = min(16, len(x) // batch_size)
     batches = [x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
     spec = tf.TensorSpec([None, *x.shape[1:]], "float32")
+    before = [layer.execution for layer in layers]
     report = {}
-    for layer in layers:
-        calls = {}
-        for path in layer.execution_paths:
-            if path in _NOT_CANDIDATES:
-                continue
-            # A layer reads `execution` when a graph is traced.
+    try:
+        for layer in layers:
+            calls = {}
+            for path in layer.execution_paths:
+                if path in _NOT_CANDIDATES:
+                    continue
+                # A layer reads `execution` when a graph is traced.
+                layer.execution = path
+                function = tf.function(lambda t: model(t, training=False), input_signature=[spec])
+                function.get_concrete_function()
+                calls[path] = lambda batch, function=function: function(batch).numpy()
+            seconds = median_latencies(calls, batches, repeats=repeats)
+            layer.execution = min(seconds, key=seconds.get)
+            report[layer.name] = {"execution": layer.execution, "seconds": seconds}
+    except BaseException:
+        for layer, path in zip(layers, before):
             layer.execution = path
-            function = tf.function(lambda t: model(t, training=False), input_signature=[spec])
-            function.get_concrete_function()
-            calls[path] = lambda batch, function=function: function(batch).numpy()
-        seconds = median_latencies(calls, batches, repeats=repeats)
-        layer.execution = min(seconds, key=seconds.get)
-        report[layer.name] = {"execution": layer.execution, "seconds": seconds}
-    model.make_predict_function(force=True)
+        raise
+    finally:
+        model.make_predict_function(force=True)
     return report

@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_condcomp._arguments import is_number
+from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling import gated_inputs, profile_macs
@@ -15,7 +17,11 @@ BASELINES = ("moving_average", None)
 
 
 def gated_layers(model):
-    """The gated layers of `model` (nested models included), in order."""
+    """The gated layers of `model` (nested models included), in order.
+
+    Raises a ValueError when two of them share a name (possible in separate
+    nested models): logs, budgets and profiles name each gated layer.
+    """
     found = []
 
     def visit(layer):
@@ -27,6 +33,7 @@ def gated_layers(model):
 
     for layer in model.layers:
         visit(layer)
+    check_unique_names(model, found)
     return found
 
 
@@ -80,7 +87,13 @@ def _unreduced_loss(loss):
     if isinstance(loss, str) or not isinstance(loss, keras.losses.Loss):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
-        loss = type(loss).from_config({**loss.get_config(), "reduction": None})
+        # A shallow copy that does not reduce. Rebuilding it from its config
+        # (as `copy.copy` of a Keras object does) would lose what a custom
+        # loss keeps outside `get_config`.
+        unreduced = object.__new__(type(loss))
+        unreduced.__dict__.update(loss.__dict__)
+        unreduced.reduction = None
+        loss = unreduced
 
         def per_example(y_true, y_pred, sample_weight):
             return loss(y_true, y_pred, sample_weight=sample_weight)
@@ -105,6 +118,17 @@ def _unreduced_loss(loss):
     return reduced_to_batch
 
 
+def _example_weights(sample_weight):
+    """`(batch,)` float32 weights of the examples (the mean over an
+    example's other axes), or None without `sample_weight`."""
+    if sample_weight is None:
+        return None
+    weights = ops.cast(sample_weight, "float32")
+    if len(weights.shape) > 1:
+        weights = ops.mean(weights, axis=tuple(range(1, len(weights.shape))))
+    return weights
+
+
 def _log_probability(logits, mask):
     """`log pi(u | s)` summed over blocks: `sum_j u_j z_j - softplus(z_j)`."""
     return ops.sum(mask * logits - ops.softplus(logits), axis=-1)
@@ -119,6 +143,22 @@ def _is_functional_call(args, kwargs):
     )
 
 
+class _GateMetrics:
+    """The metrics a PolicyGradientModel logs besides the compiled ones.
+
+    Held in a plain object, which Keras does not track: a model built before
+    `compile` (a subclassed one called on a batch first) accepts no new
+    tracked state. The model's `metrics` lists them.
+    """
+
+    def __init__(self, gated_names):
+        self.policy_loss = keras.metrics.Mean(name="policy_loss")
+        self.density = keras.metrics.Mean(name="density")
+        self.conditional_macs = keras.metrics.Mean(name="conditional_macs")
+        self.per_layer = {name: keras.metrics.Mean(name=f"{name}_density") for name in gated_names}
+        self.all = [self.policy_loss, self.density, self.conditional_macs, *self.per_layer.values()]
+
+
 class _PolicyGradientTraining:
     """The REINFORCE training logic shared by both kinds of PolicyGradientModel."""
 
@@ -129,9 +169,7 @@ class _PolicyGradientTraining:
             raise ValueError(
                 f"`baseline` must be one of {BASELINES}. Received: baseline={baseline!r}"
             )
-        if not isinstance(baseline_momentum, (int, float)) or not (
-            0 <= baseline_momentum < 1
-        ):
+        if not is_number(baseline_momentum) or not 0 <= baseline_momentum < 1:
             raise ValueError(
                 "`baseline_momentum` must be a number in [0, 1). "
                 f"Received: baseline_momentum={baseline_momentum!r}"
@@ -140,7 +178,7 @@ class _PolicyGradientTraining:
         self.baseline_momentum = float(baseline_momentum)
         self.policy_optimizer = None
         self._per_example_loss = None
-        self._gate_trackers = None
+        self._gate_metrics = None
         # Created even without a baseline, so every model saves the same state.
         # "mean" aggregation: each replica assigns its own batch's value.
         self._baseline_average = self.add_weight(
@@ -178,14 +216,13 @@ class _PolicyGradientTraining:
             if not self.policy_optimizer.built:
                 self.policy_optimizer.build(self._split_trainable_variables()[1])
         names = [layer.name for layer in layers]
-        if self._gate_trackers is None or list(self._gate_trackers) != names:
-            self._policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
-            self._density_tracker = keras.metrics.Mean(name="density")
-            self._conditional_macs_tracker = keras.metrics.Mean(name="conditional_macs")
-            self._gate_trackers = {
-                name: keras.metrics.Mean(name=f"{name}_density") for name in names
-            }
-            self._gate_tracker_list = list(self._gate_trackers.values())
+        if self._gate_metrics is None or list(self._gate_metrics.per_layer) != names:
+            self._gate_metrics = _GateMetrics(names)
+
+    @property
+    def metrics(self):
+        gate_metrics = [] if self._gate_metrics is None else self._gate_metrics.all
+        return super().metrics + gate_metrics
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -221,8 +258,15 @@ class _PolicyGradientTraining:
                 "PolicyGradientModel must be compiled with compile() before training."
             )
 
-    def _policy_objective(self, decisions, costs):
-        """The REINFORCE surrogate `mean_i (c_i - b) log pi(u_i | s_i)`."""
+    def _policy_objective(self, decisions, costs, weights=None):
+        """The REINFORCE surrogate `mean_i w_i (c_i - b) log pi(u_i | s_i)`.
+
+        `costs` are the per-example losses already times their weights `w_i`
+        (`(batch,)`, None for 1), so an example of weight 0 has no
+        advantage: it does not move the policy. The baseline is the
+        moving average of the batches' weighted mean cost `sum c / sum w`; a
+        batch of weight 0 leaves it as it is.
+        """
         log_probability = ops.sum(
             ops.stack(
                 [_log_probability(d.logits, ops.cast(d.mask, d.logits.dtype)) for d in decisions]
@@ -231,18 +275,23 @@ class _PolicyGradientTraining:
         )
         advantages = costs
         if self.baseline == "moving_average":
+            if weights is None:
+                weights = ops.ones_like(costs)
             average, steps = self._baseline_average, self._baseline_steps
             momentum = self.baseline_momentum
-            baseline = ops.where(
-                steps > 0, average / (1.0 - momentum**steps), ops.mean(costs)
+            total = ops.sum(weights)
+            weighted = total > 0
+            batch_cost = ops.where(weighted, ops.sum(costs) / ops.maximum(total, 1e-12), 0.0)
+            baseline = ops.where(steps > 0, average / (1.0 - momentum**steps), batch_cost)
+            advantages = costs - weights * ops.stop_gradient(baseline)
+            average.assign(
+                ops.where(weighted, momentum * average + (1.0 - momentum) * batch_cost, average)
             )
-            advantages = costs - ops.stop_gradient(baseline)
-            average.assign(momentum * average + (1.0 - momentum) * ops.mean(costs))
-            steps.assign(steps + 1.0)
+            steps.assign(ops.where(weighted, steps + 1.0, steps))
         return ops.mean(ops.stop_gradient(advantages) * log_probability)
 
     def _update_gate_metrics(self, decisions, policy_loss):
-        self._policy_loss_tracker.update_state(policy_loss)
+        self._gate_metrics.policy_loss.update_state(policy_loss)
         per_layer = {}
         for decision in decisions:
             per_layer.setdefault(decision.layer.name, []).append(
@@ -251,12 +300,12 @@ class _PolicyGradientTraining:
         densities = []
         for name, values in per_layer.items():
             density = ops.mean(ops.stack(values))
-            if name in self._gate_trackers:
-                self._gate_trackers[name].update_state(density)
+            if name in self._gate_metrics.per_layer:
+                self._gate_metrics.per_layer[name].update_state(density)
             densities.append(density)
         if densities:
-            self._density_tracker.update_state(ops.mean(ops.stack(densities)))
-            self._conditional_macs_tracker.update_state(
+            self._gate_metrics.density.update_state(ops.mean(ops.stack(densities)))
+            self._gate_metrics.conditional_macs.update_state(
                 self._conditional_macs_per_example(decisions)
             )
 
@@ -286,7 +335,7 @@ class _PolicyGradientTraining:
 
     def _forward(self, x, y, sample_weight, training):
         """Forward pass with the task loss and the policy objective."""
-        with DecisionRecorder() as recorder:
+        with DecisionRecorder(scheduled=True) as recorder:
             y_pred = self(x, training=training)
         if not isinstance(y_pred, tf.Tensor):
             raise ValueError(
@@ -304,7 +353,7 @@ class _PolicyGradientTraining:
         ]
         if decisions:
             costs = ops.stop_gradient(self._per_example_loss(y, y_pred, sample_weight))
-            surrogate = self._policy_objective(decisions, costs)
+            surrogate = self._policy_objective(decisions, costs, _example_weights(sample_weight))
             regularization = ops.sum(
                 ops.stack([ops.cast(d.regularization, "float32") for d in decisions])
             )
@@ -376,9 +425,10 @@ class PolicyGradientModel(
     regularisers) through the sampled masks. Each gated layer's policy gets the
     REINFORCE gradient of Bengio et al. (arXiv 1511.06297),
 
-    `E[(c_i - b) grad log pi(u_i | s_i)]`,
+    `E[w_i (c_i - b) grad log pi(u_i | s_i)]`,
 
-    with `c_i` the per-example task loss (times its `sample_weight`) and `b` a
+    with `c_i` the per-example task loss, `w_i` its `sample_weight` (1
+    without; an example of weight 0 does not move the policies) and `b` a
     baseline, plus the gradients of the layers' regularisers `L_b, L_e, L_v`.
     Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
     outputs)`) or subclassed.

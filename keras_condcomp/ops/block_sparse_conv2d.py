@@ -146,6 +146,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
@@ -181,19 +182,17 @@ _CHANNEL_CHUNK = 8
 
 def _pair(value, name):
     received = value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_integer(value):
         value = (value, value)
     value = tuple(value) if isinstance(value, (tuple, list)) else value
     if not (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        isinstance(value, tuple) and len(value) == 2 and all(is_integer(v) and v > 0 for v in value)
     ):
         raise ValueError(
             f"`{name}` must be a positive int or a tuple of 2 positive ints. "
             f"Received: {name}={received!r}"
         )
-    return value
+    return tuple(int(v) for v in value)
 
 
 def _check_padding(padding):

@@ -131,6 +131,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from keras_condcomp._arguments import is_number
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
@@ -195,7 +196,7 @@ def set_cost_constants(**constants):
             raise ValueError(
                 f"Unknown cost constant {name!r}: expected one of {sorted(_COSTS)}."
             )
-        if not isinstance(value, (int, float)) or not value > 0:
+        if not is_number(value) or not value > 0:
             raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     _COSTS.update({name: float(value) for name, value in constants.items()})
     _compiled.clear()

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling.layer_profile import LayerProfile
 from keras_condcomp.profiling.macs_rules import is_gated, layer_cost
@@ -51,6 +52,7 @@ def gated_inputs(model):
     input counts as dense.
     """
     layers = list(_profiled_layers(model))
+    check_unique_names(model, [layer for layer in layers if is_gated(layer)])
     producers = {}
     for layer in layers:
         output = _symbolic(layer, "output")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_condcomp.callbacks import ComputeMonitor, DensityScheduler
+from keras_condcomp.callbacks import ComputeMonitor, DensityScheduler, PolicyWarmup
 from keras_condcomp.profiling import profile_macs
 from tests.callbacks.conftest import make_model
 
@@ -70,3 +70,16 @@ def test_bad_arguments(kwargs, message):
 def test_model_without_gated_layers(plain_model, data):
     with pytest.raises(ValueError, match="ComputeMonitor needs a model with gated layers"):
         plain_model.fit(*data, epochs=1, callbacks=[ComputeMonitor()], verbose=0)
+
+
+def test_inference_density_during_a_warm_up_is_what_predict_uses(data):
+    x, y = data
+    # Zero policy weights: every logit 0, so the threshold policy runs no block.
+    model = make_model(target_density=0.5)
+    history = model.fit(
+        x, y, epochs=1, batch_size=16, validation_data=(x, y), verbose=0,
+        callbacks=[PolicyWarmup(1), ComputeMonitor(x)],
+    ).history
+    assert history["val_density"] == [1.0]  # evaluation follows the warm-up
+    assert history["inference_density"] == [0.0]
+    assert float(np.mean(model.get_layer("gated_1").block_mask(x))) == 0.0

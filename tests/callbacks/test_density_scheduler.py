@@ -42,10 +42,29 @@ def test_survives_deepcopy_before_set_model_and_logs_anneal(data):
     assert model.get_layer("gated_1").current_target_density == pytest.approx(0.25)
 
 
+def test_a_fit_stopped_mid_schedule_leaves_the_final_target(data):
+    x, y = data
+    model = make_model(target_density=0.25)
+    history = model.fit(
+        x, y, epochs=2, batch_size=32, verbose=0,
+        callbacks=[DensityScheduler(start=1.0, epochs=10, start_epoch=0)],
+    )
+    assert history.history["gated_1_target_density"][-1] == pytest.approx(0.925)
+    # As a reloaded copy of the model: the next fit without it trains towards 0.25.
+    assert model.get_layer("gated_1").current_target_density == pytest.approx(0.25)
+
+
+def test_numpy_numbers_are_accepted():
+    scheduler = DensityScheduler(start=np.float32(0.5), epochs=np.int64(2), start_epoch=np.int64(1))
+    assert (scheduler.start, scheduler.epochs, scheduler.start_epoch) == (0.5, 2, 1)
+    assert type(scheduler.epochs) is int and type(scheduler.start_epoch) is int
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"start": 0.0}, "start=0.0"),
+        ({"start": float("nan")}, "start=nan"),
         ({"start": 1.2}, "start=1.2"),
         ({"end": -0.1}, "end=-0.1"),
         ({"epochs": 0}, "epochs=0"),

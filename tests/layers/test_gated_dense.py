@@ -107,6 +107,14 @@ def test_shapes_and_dtypes(rng, policy):
         ({"units": 8, "blocks": 2, "target_density": 0.0}, "target_density=0.0"),
         ({"units": 8, "blocks": 2, "target_density": 1.5}, "target_density=1.5"),
         ({"units": 8, "blocks": 2, "sparsity_weight": -1}, "sparsity_weight=-1"),
+        ({"units": 8, "blocks": 2, "sparsity_weight": float("nan")}, "sparsity_weight=nan"),
+        ({"units": 8, "blocks": 2, "variance_weight": float("inf")}, "variance_weight=inf"),
+        ({"units": 8, "blocks": 2, "example_sparsity_weight": float("nan")},
+         "example_sparsity_weight=nan"),
+        ({"units": 8, "blocks": 2, "target_density": float("nan")}, "target_density=nan"),
+        ({"units": 8, "blocks": True}, "blocks=True"),
+        ({"units": 8.0, "blocks": 2}, "units=8.0"),
+        ({"units": 8, "blocks": 2, "activation": "bogus"}, "activation='bogus'"),
         ({"units": 8, "blocks": 2, "variance_weight": "x"}, "variance_weight='x'"),
         ({"units": 8, "blocks": 2, "inference": "mean"}, "inference='mean'"),
         ({"units": 8, "blocks": 2, "execution": "fast"}, "execution='fast'"),
@@ -116,6 +124,23 @@ def test_shapes_and_dtypes(rng, policy):
 def test_bad_arguments_name_argument_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GatedDense(**kwargs)
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
+    layer = GatedDense(
+        np.int64(8), np.int32(2), target_density=np.float32(0.25),
+        sparsity_weight=np.float64(2), variance_weight=np.int64(1),
+        example_sparsity_weight=np.float32(0.5),
+    )
+    config = layer.get_config()
+    expected = {"units": 8, "blocks": 2, "target_density": 0.25, "sparsity_weight": 2.0,
+                "variance_weight": 1.0, "example_sparsity_weight": 0.5}
+    for key, value in expected.items():
+        assert config[key] == value and type(config[key]) is type(value), key
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "m.keras")  # the config is JSON
+    assert keras.saving.load_model(tmp_path / "m.keras").layers[1].units == 8
 
 
 def test_bad_input_shape_is_refused(rng):

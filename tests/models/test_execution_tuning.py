@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from keras_condcomp.layers import GatedConv2D, GatedDense
-from keras_condcomp.models import gated_layer_inputs, tune_execution
+from keras_condcomp.models import gated_layer_inputs, gated_layers, tune_execution
 from keras_condcomp.ops import CONV2D_EXECUTION_PATHS, EXECUTION_PATHS
 
 
@@ -59,6 +59,31 @@ def test_tune_execution_errors_name_the_argument(rng, kwargs, message):
     model = _mixed_model()
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         tune_execution(model, rng.random((12, 8, 8, 3)).astype("float32"), **kwargs)
+
+
+def test_an_x_of_another_shape_is_refused_and_leaves_every_path_as_it_was(rng):
+    model = _mixed_model()
+    before = [layer.execution for layer in gated_layers(model)]
+    with pytest.raises(ValueError, match=r"`x` must have shape \(examples, 8, 8, 3\).*x\.shape="):
+        tune_execution(model, rng.random((12, 8, 8, 4)).astype("float32"), repeats=1)
+    assert [layer.execution for layer in gated_layers(model)] == before
+    with pytest.raises(ValueError, match="model='m'"):
+        tune_execution("m", rng.random((12, 8, 8, 3)))
+
+
+def test_a_failed_timing_gives_every_layer_its_path_back(rng, monkeypatch):
+    import keras_condcomp.speed
+
+    model = _mixed_model()
+    before = [layer.execution for layer in gated_layers(model)]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("timing failed")
+
+    monkeypatch.setattr(keras_condcomp.speed, "median_latencies", fail)
+    with pytest.raises(RuntimeError, match="timing failed"):
+        tune_execution(model, rng.random((12, 8, 8, 3)).astype("float32"), repeats=1)
+    assert [layer.execution for layer in gated_layers(model)] == before
 
 
 def test_tune_execution_needs_gated_layers_and_one_input(rng):

@@ -9,6 +9,7 @@ from keras_condcomp import PolicyGradientModel
 from keras_condcomp.layers import GatedDense
 from keras_condcomp.models import build_gated_mlp
 from keras_condcomp.ops import to_block_kernel
+from keras_condcomp.profiling import profile_macs
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -122,6 +123,78 @@ def test_zero_sample_weight_gives_no_policy_gradient(rng):
     model.fit(x, y, batch_size=64, epochs=1, verbose=0)
     moved = [v.numpy() for v in model.get_layer("gate").policy.weights]
     assert not np.allclose(moved[0], after[0])
+
+
+def test_examples_of_weight_zero_do_not_move_the_policy(rng):
+    # Two batches that differ only in the inputs of the examples weighted 0.
+    x, y = toy_data(rng, n=16)
+    other = x.copy()
+    other[8:] = rng.normal(size=(8, 8))
+    weights = np.r_[np.ones(8), np.zeros(8)].astype("float32")
+    kernels = []
+    for inputs in (x, other):
+        keras.utils.set_random_seed(0)
+        model = tiny_model(sparsity_weight=0.0)
+        model.compile(keras.optimizers.SGD(0.1), LOSS, policy_optimizer=keras.optimizers.SGD(1.0))
+        model.fit(inputs, y, sample_weight=weights, batch_size=16, shuffle=False, verbose=0)
+        kernels.append(model.get_layer("gate").policy.kernel.numpy())
+    assert np.any(kernels[0] != 0.0)
+    np.testing.assert_allclose(kernels[0], kernels[1], atol=1e-6)
+
+
+def test_a_subclassed_model_built_before_compile_compiles_and_trains(rng):
+    class Net(PolicyGradientModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, inputs, training=None):
+            return self.head(self.gate(inputs, training=training))
+
+    x, y = toy_data(rng)
+    model = Net()
+    model(x[:1])  # built first, as the multiple-devices guide does
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    history = model.fit(x, y, epochs=1, verbose=0).history
+    assert {"loss", "policy_loss", "density", "g_density"} <= set(history)
+    model.compile("adam", LOSS)  # compiled again: the same metrics, once each
+    names = [metric.name for metric in model.metrics]
+    assert names.count("g_density") == 1 and names.count("policy_loss") == 1
+
+
+def test_the_policy_cost_is_the_custom_loss_itself(rng):
+    class Scaled(keras.losses.Loss):
+        # `scale` is not in get_config, and there is no **kwargs.
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def call(self, y_true, y_pred):
+            return self.scale * keras.losses.sparse_categorical_crossentropy(
+                y_true, y_pred, from_logits=True
+            )
+
+    model = tiny_model()
+    model.compile("adam", Scaled(100.0))
+    x, y = toy_data(rng, n=8)
+    y_pred = model(x)
+    expected = 100.0 * keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True)
+    np.testing.assert_allclose(model._per_example_loss(y, y_pred, None), expected, rtol=1e-5)
+    model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_gated_layers_of_one_name_in_two_nested_models_are_refused():
+    def block(name):
+        inputs = keras.Input((8,))
+        return keras.Model(inputs, GatedDense(8, 2, name="g")(inputs), name=name)
+
+    inputs = keras.Input((8,))
+    model = PolicyGradientModel(inputs, block("first")(block("second")(inputs)))
+    with pytest.raises(ValueError, match="several gated layers named 'g'"):
+        model.compile("adam", LOSS)
+    with pytest.raises(ValueError, match="several gated layers named 'g'"):
+        profile_macs(model)
 
 
 def test_policy_optimizer_survives_save_and_load(rng, tmp_path):
