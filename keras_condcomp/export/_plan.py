@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.models.policy_gradient_model import gated_layer_inputs, gated_layers
 from keras_condcomp.ops.static_budget_dense import static_budget_plan
 
@@ -31,10 +32,19 @@ def check_model(model):
     if not model.built or not getattr(model, "inputs", None):
         raise ValueError(
             "`model` must be a built functional or Sequential model with known "
-            f"inputs (call it once, or build it from keras.Input). Received: {model.name!r}"
+            "inputs (a Sequential model: give it an `Input` or call it once; a subclassed "
+            "model: wrap it, `keras.Model(inputs, subclassed(inputs))` with "
+            f"`inputs = keras.Input(...)`). Received: {model.name!r}"
         )
     layers = gated_layers(model)
     for layer in layers:
+        if layer.compute_dtype != "float32":
+            raise ValueError(
+                f"Layer {layer.name!r} computes in {layer.compute_dtype} (dtype policy "
+                f"{layer.dtype_policy.name!r}): the export paths run in float32. Re-create the "
+                "model under `keras.config.set_dtype_policy('float32')` and copy the weights "
+                "(`set_weights(model.get_weights())`) before exporting."
+            )
         if not getattr(type(layer), "supports_static_budget", False):
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) is a gated layer "
@@ -295,24 +305,29 @@ def input_signature(model, batch_size):
                 f"(shape {tuple(shape)}): exported graphs need static feature sizes."
             )
         specs.append(tf.TensorSpec([batch_size] + shape[1:], tensor.dtype, name=tensor.name))
-    return specs
+    # One positional argument of `model.__call__`: the input, or the list of them.
+    return specs if len(specs) == 1 else [specs]
 
 
 def check_batch_size(batch_size, allow_none):
     if batch_size is None and allow_none:
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    if not is_integer(batch_size) or batch_size <= 0:
         raise ValueError(
             f"`batch_size` must be a positive int{' or None' if allow_none else ''}. "
             f"Received: batch_size={batch_size!r}"
         )
-    return batch_size
+    return int(batch_size)
 
 
 def check_path(path, suffix):
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ValueError(f"`path` must be a str or os.PathLike path. Received: path={path!r}")
     path = os.fspath(path)
     if not path.endswith(suffix):
         raise ValueError(f"`path` must end with {suffix!r}. Received: path={path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"`path` is a folder, not a file. Received: path={path!r}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"The folder of `path` does not exist. Received: path={path!r}")
@@ -325,9 +340,50 @@ def staged_file(path, suffix):
     parent = os.path.dirname(os.path.abspath(path))
     handle, staging = tempfile.mkstemp(prefix=".keras-condcomp-export-", suffix=suffix, dir=parent)
     os.close(handle)
+    # mkstemp makes the file private (0600); an export gets the usual
+    # permissions of a new file, as Keras's own `model.export` writes it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o666 & ~umask)
     try:
         yield staging
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def predict_inputs(inputs, model_shape, name):
+    """`inputs` as a float32 array checked against a single-input exported
+    model's input shape `model_shape` (`(batch, ...)`, ints or names for
+    dynamic sizes), for the `*_predict` helpers."""
+    inputs = np.asarray(inputs, dtype="float32")
+    features = tuple(model_shape[1:])
+    if inputs.ndim != len(model_shape) or any(
+        isinstance(size, int) and size != given for size, given in zip(features, inputs.shape[1:])
+    ):
+        raise ValueError(
+            f"`inputs` must have shape (n, {', '.join(map(str, features))}) for the model in "
+            f"{name}. Received: inputs.shape={inputs.shape}"
+        )
+    return inputs
+
+
+def run_in_batches(run, inputs, step):
+    """`run(batch of step examples)` over `inputs`, the last batch padded
+    with zeros; with no examples, one padded batch cut to none, so the
+    result has the output's shape."""
+    results = []
+    for start in range(0, max(len(inputs), 1), step):
+        chunk = inputs[start:start + step]
+        padding = np.zeros((step - len(chunk),) + inputs.shape[1:], "float32")
+        results.append(run(np.concatenate([chunk, padding]))[: len(chunk)])
+    return np.concatenate(results)
+
+
+def check_single_io(inputs, outputs, name):
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(
+            f"The model in {name} has {len(inputs)} inputs and {len(outputs)} outputs: this "
+            "helper runs single-input, single-output models (call the runtime directly)."
+        )

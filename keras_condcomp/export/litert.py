@@ -4,8 +4,6 @@ import importlib.util
 import os
 import re
 
-import numpy as np
-
 from keras_condcomp.export import _plan
 
 __all__ = ["export_litert", "litert_op_names", "litert_predict"]
@@ -77,7 +75,8 @@ def export_litert(
     computes a fixed budget of blocks per example
     (`keras_condcomp.export.block_budgets`): `TOPK_V2` of its mask, `GATHER`
     of only those blocks' weight tiles, one `FULLY_CONNECTED` (batch 1) or
-    `BATCH_MATMUL`, `SCATTER_ND` back. Inactive blocks' weights are never
+    `BATCH_MATMUL`, and a `BATCH_MATMUL` with a 0/1 placement matrix
+    (`ONE_HOT`) that puts them back. Inactive blocks' weights are never
     read; every weight is stored once. The XNNPACK delegate takes the
     ordinary layers and the policies (constant weights); the gathered
     products run on the builtin kernels (see "Deploying to edge devices").
@@ -190,25 +189,30 @@ def litert_predict(path, inputs, num_threads=1):
 
     Args:
         path: the `.tflite` file.
-        inputs: `(n, ...)` float array.
+        inputs: `(n, ...)` float array, `n` >= 0.
         num_threads: interpreter threads.
 
     Returns:
         `(n, ...)` numpy array.
+
+    Raises:
+        ValueError: `inputs` of another shape than the model's input, or a
+            model with several inputs or outputs.
     """
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
     interpreter.allocate_tensors()
+    _plan.check_single_io(
+        interpreter.get_input_details(), interpreter.get_output_details(), path
+    )
     detail = interpreter.get_input_details()[0]
     output = interpreter.get_output_details()[0]["index"]
-    batch = int(detail["shape"][0])
-    inputs = np.asarray(inputs, dtype="float32")
-    results = []
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
-        padding = np.zeros((batch - len(chunk),) + chunk.shape[1:], "float32")
-        interpreter.set_tensor(detail["index"], np.concatenate([chunk, padding]))
+    inputs = _plan.predict_inputs(inputs, [int(size) for size in detail["shape"]], path)
+
+    def run(batch):
+        interpreter.set_tensor(detail["index"], batch)
         interpreter.invoke()
-        results.append(interpreter.get_tensor(output)[: len(chunk)].copy())
-    return np.concatenate(results)
+        return interpreter.get_tensor(output).copy()
+
+    return _plan.run_in_batches(run, inputs, int(detail["shape"][0]))

@@ -3,9 +3,13 @@
 import importlib.util
 import os
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.export import _plan
 
 __all__ = ["export_onnx", "onnx_predict"]
+
+# The first opset with OneHot, which the gated layers' placement uses.
+MIN_OPSET = 9
 
 
 def export_onnx(
@@ -66,15 +70,21 @@ def export_onnx(
     """
     path = _plan.check_path(path, ".onnx")
     batch_size = _plan.check_batch_size(batch_size, allow_none=True)
-    if opset is not None and (
-        isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset
-    ):
-        raise ValueError(f"`opset` must be None or an int >= 7. Received: opset={opset!r}")
     for module in ("tf2onnx", "onnx"):
         if importlib.util.find_spec(module) is None:
             raise ImportError(
                 f"export_onnx needs the `{module}` package: pip install tf2onnx onnx"
             )
+    if opset is not None:
+        from tf2onnx.constants import OPSET_TO_IR_VERSION
+
+        newest = max(OPSET_TO_IR_VERSION)
+        if not is_integer(opset) or not MIN_OPSET <= opset <= newest:
+            raise ValueError(
+                f"`opset` must be None or an int from {MIN_OPSET} to {newest} (what this "
+                f"tf2onnx converts). Received: opset={opset!r}"
+            )
+        opset = int(opset)
     layers = _plan.check_model(model)
     budgets = _plan.block_budgets(model, budget, representative_data, batch_size, "onnx")
     signature = _plan.input_signature(model, batch_size)
@@ -103,31 +113,33 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
 
     Args:
         path: the `.onnx` file.
-        inputs: `(n, ...)` float array.
+        inputs: `(n, ...)` float array, `n` >= 0.
         num_threads: onnxruntime intra-op threads.
-        batch_size: examples per run (None: all at once, for a dynamic batch).
+        batch_size: examples per run, a positive int (None: all at once, for
+            a dynamic batch; a static batch size in the file wins).
 
     Returns:
         `(n, ...)` numpy array.
+
+    Raises:
+        ValueError: `inputs` of another shape than the model's input, a bad
+            `batch_size`, or a model with several inputs or outputs.
     """
-    import numpy as np
     import onnxruntime
 
+    batch_size = _plan.check_batch_size(batch_size, allow_none=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(
         os.fspath(path), options, providers=["CPUExecutionProvider"]
     )
-    name = session.get_inputs()[0].name
-    static = session.get_inputs()[0].shape[0]
-    if isinstance(static, int):
-        batch_size = static
-    inputs = np.asarray(inputs, dtype="float32")
-    step = batch_size or len(inputs)
-    results = []
-    for start in range(0, len(inputs), step):
-        chunk = inputs[start:start + step]
-        padding = np.zeros((step - len(chunk),) + chunk.shape[1:], "float32")
-        results.append(session.run(None, {name: np.concatenate([chunk, padding])})[0][: len(chunk)])
-    return np.concatenate(results)
+    _plan.check_single_io(session.get_inputs(), session.get_outputs(), path)
+    detail = session.get_inputs()[0]
+    inputs = _plan.predict_inputs(inputs, detail.shape, path)
+    if isinstance(detail.shape[0], int):
+        batch_size = detail.shape[0]
+    step = batch_size or max(len(inputs), 1)
+    return _plan.run_in_batches(
+        lambda batch: session.run(None, {detail.name: batch})[0], inputs, step
+    )

@@ -240,8 +240,15 @@ def test_onnx_errors(tmp_path, monkeypatch):
     model = keras.Model(inputs, GatedDense(8, 2)(inputs))
     with pytest.raises(ValueError, match="must end with '.onnx'"):
         export_onnx(model, tmp_path / "model.tflite")
-    with pytest.raises(ValueError, match="opset=3"):
-        export_onnx(model, tmp_path / "model.onnx", opset=3)
+    for opset in (3, 7, 99, 9.0):
+        with pytest.raises(ValueError, match=f"opset={opset}"):
+            export_onnx(model, tmp_path / "model.onnx", opset=opset)
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ValueError, match="is a folder.*folder.onnx"):
+        export_onnx(model, tmp_path / "folder.onnx")
+    (tmp_path / "folder.onnx").rmdir()
+    with pytest.raises(ValueError, match="path=None"):
+        export_onnx(model, None)
     with pytest.raises(ValueError, match="must be a keras.Model"):
         export_onnx(object(), tmp_path / "model.onnx")
     import importlib.util
@@ -252,6 +259,67 @@ def test_onnx_errors(tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match="pip install tf2onnx"):
         export_onnx(model, tmp_path / "model.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_exports_have_the_usual_permissions_and_both_formats_take_several_inputs(tmp_path):
+    keras.utils.set_random_seed(0)
+    first, second = keras.Input((4,), name="first"), keras.Input((4,), name="second")
+    hidden = GatedDense(8, 2, activation="relu")(keras.layers.Concatenate()([first, second]))
+    model = keras.Model([first, second], keras.layers.Dense(3)(hidden))
+    x = [np.random.default_rng(1).normal(size=(1, 4)).astype("float32") for _ in range(2)]
+    expected = model.predict(x, verbose=0)
+    umask = os.umask(0o022)
+    try:
+        export_onnx(model, tmp_path / "two.onnx", budget=2)
+        export_litert(model, tmp_path / "two.tflite", budget=2)
+    finally:
+        os.umask(umask)
+    for name in ("two.onnx", "two.tflite"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "two.onnx"))
+    feeds = {i.name: array for i, array in zip(session.get_inputs(), x)}
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected, atol=ATOL)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tmp_path / "two.tflite"))
+    interpreter.allocate_tensors()
+    details = sorted(interpreter.get_input_details(), key=lambda d: d["name"])
+    for detail, array in zip(details, x):  # "first" < "second"
+        interpreter.set_tensor(detail["index"], array)
+    interpreter.invoke()
+    output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(output, expected, atol=ATOL)
+    with pytest.raises(ValueError, match="2 inputs and 1 outputs"):
+        onnx_predict(tmp_path / "two.onnx", x[0])
+
+
+def test_predict_helpers_take_no_examples_and_refuse_a_wrong_shape(exported):
+    model, x, onnx_path, litert_path, _ = exported["mixed"]
+    empty = x[:0]
+    for predict in (onnx_predict, litert_predict):
+        result = predict(onnx_path if predict is onnx_predict else litert_path, empty)
+        assert result.shape == (0, 2)
+        with pytest.raises(ValueError, match=r"`inputs` must have shape \(n, 10\).*\(17, 9\)"):
+            predict(onnx_path if predict is onnx_predict else litert_path, x[:, :9])
+    for batch_size in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size={batch_size}"):
+            onnx_predict(onnx_path, x, batch_size=batch_size)
+    np.testing.assert_allclose(
+        onnx_predict(onnx_path, x, batch_size=np.int64(5)), model.predict(x, verbose=0),
+        atol=ATOL,
+    )
+
+
+def test_a_mixed_precision_gated_layer_is_refused_with_the_way_out(tmp_path):
+    inputs = keras.Input((4,))
+    layer = GatedDense(8, 2, dtype="mixed_float16")
+    model = keras.Model(inputs, layer(inputs))
+    for export, name in ((export_onnx, "m.onnx"), (export_litert, "m.tflite")):
+        with pytest.raises(ValueError, match="computes in float16.*mixed_float16.*set_weights"):
+            export(model, tmp_path / name)
     assert os.listdir(tmp_path) == []
 
 
