@@ -11,6 +11,7 @@ with the skipping kept (`keras_condcomp.export`).
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,11 +33,13 @@ SPEED_BATCH_SIZES = (1, 256)
 MODEL_DEFAULTS = {
     "mlp": {"epochs": 50, "blocks": 16, "target_density": 0.22, "sparsity_weight": 5.0,
             "variance_weight": 10.0, "example_sparsity_weight": 80.0,
-            "lr_schedule": "cosine"},
+            "lr_schedule": "cosine", "units": 2048, "layers": 2},
     "cnn": {"epochs": 150, "blocks": 8, "target_density": 0.5, "sparsity_weight": 1.0,
             "variance_weight": 1.0, "example_sparsity_weight": 1.0,
-            "lr_schedule": "constant"},
+            "lr_schedule": "constant", "filters": "32,64"},
 }
+# The options of one model only: refused with the other.
+MODEL_ONLY_OPTIONS = {"units": "mlp", "layers": "mlp", "filters": "cnn", "policy_grid": "cnn"}
 
 
 class CommandError(Exception):
@@ -56,12 +59,24 @@ def _positive_int(name):
     return parse
 
 
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2**32), got {text!r}")
+    return value
+
+
 def _number(name, low, high, low_open=True, high_open=False):
     def parse(text):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
         if too_low or too_high:
@@ -110,18 +125,20 @@ def _parser():
         help="'mlp': GatedDense layers (--units, --layers); 'cnn': GatedConv2D "
              "layers (--filters) on the images, against a same-width Conv2D CNN",
     )
-    train.add_argument("--units", type=_positive_int("--units"), default=2048,
-                       help="mlp: units of each gated layer")
+    train.add_argument("--units", type=_positive_int("--units"), default=None,
+                       help=f"mlp: units of each gated layer (default: "
+                            f"{MODEL_DEFAULTS['mlp']['units']})")
     train.add_argument(
         "--blocks", type=_positive_int("--blocks"), default=None,
         help=f"blocks per gated layer (default: {MODEL_DEFAULTS['mlp']['blocks']} for mlp, "
              f"{MODEL_DEFAULTS['cnn']['blocks']} for cnn)",
     )
-    train.add_argument("--layers", type=_positive_int("--layers"), default=2,
-                       help="mlp: gated layers")
+    train.add_argument("--layers", type=_positive_int("--layers"), default=None,
+                       help=f"mlp: gated layers (default: {MODEL_DEFAULTS['mlp']['layers']})")
     train.add_argument(
-        "--filters", default="32,64",
-        help="cnn: comma-separated filters of the gated 3x3 convolutions",
+        "--filters", default=None,
+        help="cnn: comma-separated filters of the gated 3x3 convolutions, each but the "
+             f"last followed by 2x2 pooling (default: {MODEL_DEFAULTS['cnn']['filters']})",
     )
     train.add_argument(
         "--policy-grid", type=_positive_int("--policy-grid"), default=None,
@@ -167,7 +184,7 @@ def _parser():
              f"over the run, or constant (default: {MODEL_DEFAULTS['mlp']['lr_schedule']} "
              f"for mlp, {MODEL_DEFAULTS['cnn']['lr_schedule']} for cnn)",
     )
-    train.add_argument("--seed", type=int, default=0,
+    train.add_argument("--seed", type=_seed, default=0,
                        help="seed of the weights, the validation split and the sampled masks")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument(
@@ -188,7 +205,8 @@ def _add_export_parser(commands):
         formatter_class=_HelpFormatter,
     )
     export.add_argument("model", help="the .keras file (e.g. model.keras of `train`)")
-    export.add_argument("--format", choices=("onnx", "litert"), required=True)
+    export.add_argument("--format", choices=("onnx", "litert"), required=True,
+                        help="onnx (onnxruntime) or litert (TFLite, builtin ops only)")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .tflite)")
     export.add_argument(
         "--batch-size", type=_positive_int("--batch-size"), default=None,
@@ -200,8 +218,8 @@ def _add_export_parser(commands):
                         help="LiteRT weights stored as int8 or float16; when not given, float32")
     export.add_argument(
         "--budget", type=_positive_int("--budget"), default=None,
-        help="blocks computed per example by every gated layer; when not given, the "
-             "most active blocks of a training example, else 2 x target density",
+        help="blocks computed per example by every gated layer (at most its blocks); when "
+             "not given, the most active blocks of a training example, else 2 x target density",
     )
     export.add_argument(
         "--dataset", default=None,
@@ -259,13 +277,17 @@ def train(args):
     from keras_condcomp.models import build_dense_mlp, build_gated_mlp, equal_macs_width
     from keras_condcomp.profiling import profile_macs
 
+    for key, model in MODEL_ONLY_OPTIONS.items():
+        if model != args.model and getattr(args, key) is not None:
+            raise CommandError(
+                f"--{key.replace('_', '-')} ({getattr(args, key)}) applies to --model {model} only"
+            )
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    _check_out_folder(args.out)
     if args.model == "cnn":
         return train_cnn(args)
-    if args.policy_grid is not None:
-        raise CommandError(f"--policy-grid ({args.policy_grid}) applies to --model cnn only")
     if args.units % args.blocks:
         raise CommandError(
             f"--units ({args.units}) must be divisible by --blocks ({args.blocks})"
@@ -322,6 +344,7 @@ def train(args):
     small = train_dense(small_units)
 
     results = {
+        "model": "mlp",
         "dataset": dataset.name,
         "test_accuracy": _accuracy(gated, dataset.x_test, dataset.y_test),
         "dense_test_accuracy": _accuracy(dense, dataset.x_test, dataset.y_test),
@@ -343,17 +366,37 @@ def train(args):
     return results
 
 
+def _existing_ancestor(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_out_folder(out):
+    """Refuses an `--out` that cannot become a folder we can write, before
+    any training (the job writes it only at the end)."""
+    out = os.path.abspath(out)
+    ancestor = _existing_ancestor(out)
+    if ancestor == out and not os.path.isdir(out):
+        raise CommandError(f"--out ({out}) exists and is not a folder")
+    if not os.path.isdir(ancestor):
+        raise CommandError(f"--out ({out}): {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CommandError(f"--out ({out}): {ancestor} is not writable")
+
+
 def _measure_and_write(gated, dense, x_test, results, args, against):
     """Times `gated` against `dense` in a fresh process (one thread), adds the
     speedups to `results`, and writes `model.keras` and `results.json` to
-    `args.out` (from a staging folder beside it: nothing half-written).
-    Returns the output folder."""
+    `args.out` (from a staging folder in its nearest existing folder:
+    nothing half-written, no folder made unless it all succeeds). Returns
+    the output folder."""
     from keras_condcomp.speed import measure_models_speed
 
     out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".keras-condcomp-", dir=parent)
+    staging = tempfile.mkdtemp(
+        prefix=".keras-condcomp-", dir=_existing_ancestor(os.path.dirname(out))
+    )
     try:
         gated_path = os.path.join(staging, "model.keras")
         dense_path = os.path.join(staging, "dense.keras")
@@ -445,6 +488,12 @@ def train_cnn(args):
     started = time.perf_counter()
     # Each gated convolution but the last is followed by 2x2 max pooling.
     smallest = min(shape[:2]) // 2 ** (len(filters) - 1)
+    if smallest < 1:
+        raise CommandError(
+            f"--filters ({args.filters}): {len(filters)} convolutions pool the "
+            f"{shape[0]}x{shape[1]} images {len(filters) - 1} times; at most "
+            f"{min(shape[:2]).bit_length()} convolutions fit"
+        )
     if args.policy_grid is not None and args.policy_grid > smallest:
         raise CommandError(
             f"--policy-grid ({args.policy_grid}) must be at most {smallest}, the "
@@ -539,9 +588,15 @@ def export(args):
     dataset_name, data_dir = args.dataset, args.data_dir
     results_path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "results.json")
     if dataset_name is None and os.path.exists(results_path):
-        with open(results_path) as handle:
-            config = json.load(handle).get("config", {})
-        dataset_name = config.get("dataset")
+        try:
+            with open(results_path) as handle:
+                config = json.load(handle)["config"]
+            dataset_name = config["dataset"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CommandError(
+                f"cannot read the dataset from {results_path} ({type(error).__name__}: "
+                f"{error}): pass --dataset"
+            ) from None
         data_dir = data_dir or config.get("data_dir")
     dataset = None
     if dataset_name is not None:
@@ -549,29 +604,32 @@ def export(args):
             dataset = data.load_dataset(dataset_name, data_dir)
         except (OSError, ValueError) as error:
             raise CommandError(str(error)) from None
-        if dataset.x_train.shape[1:] != tuple(model.inputs[0].shape[1:]):
-            raise CommandError(
-                f"dataset {dataset.name} has inputs of shape {dataset.x_train.shape[1:]}, "
-                f"the model expects {tuple(model.inputs[0].shape[1:])}"
-            )
+        expected = tuple(model.inputs[0].shape[1:])
+        if dataset.x_train.shape[1:] != expected:
+            if None in expected or math.prod(expected) != dataset.x_train.shape[1]:
+                raise CommandError(
+                    f"dataset {dataset.name} has inputs of shape {dataset.x_train.shape[1:]}, "
+                    f"the model expects {expected}"
+                )
+            # Flattened images, as `train --model cnn` reshapes them.
+            for split in ("x_train", "x_test"):
+                array = getattr(dataset, split)
+                setattr(dataset, split, array.reshape((len(array), *expected)))
     representative = None
     if dataset is not None:
         order = np.random.default_rng(0).permutation(len(dataset.x_train))[:1000]
         representative = dataset.x_train[order]
-    budget = None
-    if args.budget is not None:
-        budget = {layer.name: min(args.budget, layer.blocks) for layer in _gated(model)}
     try:
         if args.format == "onnx":
             budgets = export_onnx(
                 model, args.out, opset=args.opset, batch_size=args.batch_size,
-                budget=budget, representative_data=representative,
+                budget=args.budget, representative_data=representative,
             )
             predict = onnx_predict
         else:
             budgets = export_litert(
                 model, args.out, batch_size=args.batch_size or 1, quantize=args.quantize,
-                representative_data=representative, budget=budget,
+                representative_data=representative, budget=args.budget,
             )
             predict = litert_predict
     except (ValueError, ImportError, RuntimeError) as error:

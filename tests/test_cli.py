@@ -62,6 +62,11 @@ def test_train_cnn_writes_results_and_model(tmp_path):
     # digits are 8x8x1: 3x3 convs of 8 filters at 8x8, then 8 -> 8 at 4x4, the head
     assert results["dense_macs"] == 64 * 9 * 1 * 8 + 16 * 9 * 8 * 8 + 8 * 10
     assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
+    # Its export reads the flat digits of results.json's dataset as images.
+    exported = tmp_path / "cnn.tflite"
+    assert main(["export", str(out / "model.keras"), "--format", "litert",
+                 "--out", str(exported)]) == 0
+    assert exported.exists()
 
 
 def test_train_on_mnist_directory(tmp_path, rng):
@@ -86,6 +91,13 @@ def test_train_on_mnist_directory(tmp_path, rng):
          "--policy-grid (5) must be at most 4, the rows of the last gated convolution's input"),
         (["--model", "cnn", "--filters", "8,12", "--blocks", "8"],
          "--filters must be comma-separated positive integers divisible by --blocks (8)"),
+        (["--model", "cnn", "--filters", "8,8,8,8,8", "--blocks", "4"],
+         "5 convolutions pool the 8x8 images 4 times; at most 4 convolutions fit"),
+        (["--sparsity-weight", "nan"], "--sparsity-weight must be a finite number, got 'nan'"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number, got 'inf'"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got '-1'"),
+        (["--model", "cnn", "--units", "7"], "--units (7) applies to --model mlp only"),
+        (["--filters", "8,8"], "--filters (8,8) applies to --model cnn only"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(
@@ -100,6 +112,17 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(
     stderr = capsys.readouterr().err
     assert message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep")
+    for out, message in ((taken, "exists and is not a folder"),
+                         (taken / "run", "taken is not a folder")):
+        assert main(["train", *TINY, "--out", str(out)]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in last and "Training" not in last
+    assert taken.read_text() == "keep" and os.listdir(tmp_path) == ["taken"]
 
 
 def test_console_command_reports_bad_input_in_one_line(tmp_path):

@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 
@@ -21,13 +22,24 @@ def default_policy_grid(rows, cols):
     return min(DEFAULT_POLICY_GRID, rows, cols)
 
 
-def _check_filters(filters, blocks):
-    if not filters or any(
-        isinstance(f, bool) or not isinstance(f, int) or f <= 0 or f % blocks for f in filters
-    ):
+def _check_filters(filters, blocks, input_shape):
+    if not filters or any(not is_integer(f) or f <= 0 or f % blocks for f in filters):
         raise ValueError(
             "`filters` must be a non-empty sequence of positive integers divisible "
             f"by `blocks`. Received: filters={filters!r}, blocks={blocks!r}"
+        )
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(is_integer(size) and size > 0 for size in shape):
+        raise ValueError(
+            "`input_shape` must be (rows, cols, channels) of positive ints. "
+            f"Received: input_shape={input_shape!r}"
+        )
+    # Every convolution but the last is followed by 2x2 pooling.
+    if min(shape[:2]) < 2 ** (len(filters) - 1):
+        raise ValueError(
+            f"{len(filters)} convolutions pool the image {len(filters) - 1} times: a "
+            f"{shape[0]}x{shape[1]} input allows at most {min(shape[:2]).bit_length()}. "
+            f"Received: filters={filters!r}, input_shape={input_shape!r}"
         )
 
 
@@ -68,7 +80,7 @@ def build_gated_cnn(
     GatedConv2D -> MaxPooling2D -> GatedConv2D -> GlobalAveragePooling2D -> Dense
     """
     filters = tuple(filters)
-    _check_filters(filters, blocks)
+    _check_filters(filters, blocks, input_shape)
     seed = gate_kwargs.pop("seed", None)
     inputs = keras.Input(tuple(input_shape), name="inputs")
     hidden = inputs
@@ -95,7 +107,7 @@ def build_gated_cnn(
 def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu"):
     """The same-shaped plain Keras CNN, `keras.layers.Conv2D` in place of GatedConv2D."""
     filters = tuple(filters)
-    _check_filters(filters, 1)
+    _check_filters(filters, 1, input_shape)
     inputs = keras.Input(tuple(input_shape), name="inputs")
     hidden = inputs
     for index, width in enumerate(filters):

@@ -356,6 +356,15 @@ def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypa
     assert float(printed.split("max |logit difference| ")[1].split(";")[0]) <= ATOL
     reference = model.predict(x, verbose=0)
     np.testing.assert_allclose(litert_predict(out, x), reference, atol=ATOL)
+    # A budget above a layer's blocks, and an unreadable results.json: one line each.
+    assert main(["export", str(run / "model.keras"), "--format", "onnx",
+                 "--out", str(tmp_path / "big.onnx"), "--budget", "5"]) == 1
+    assert "budget=5" in capsys.readouterr().err
+    (run / "results.json").write_text("{not json")
+    assert main(["export", str(run / "model.keras"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "pass --dataset" in capsys.readouterr().err
+    assert not (tmp_path / "big.onnx").exists() and not (tmp_path / "m.onnx").exists()
     # Skipping: 3 of the 4 blocks, exact on the examples with at most 3 active.
     onnx_path = tmp_path / "model.onnx"
     export_onnx(model, onnx_path, budget=3)
