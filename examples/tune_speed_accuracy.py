@@ -52,6 +52,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="PNG of the Pareto front")
     args = parser.parse_args(argv)
+    for option in ("max_trials", "epochs", "batch_size", "train_examples", "layers"):
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
 
     dataset = data.load_dataset(args.dataset, args.data_dir)
     keras.utils.set_random_seed(args.seed)

@@ -3,6 +3,7 @@
 import keras
 import keras_tuner
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 from keras_condcomp.tuning.compute_aware_score import (
     DEFAULT_MACS_WEIGHT,
@@ -35,11 +36,11 @@ class GatedHyperModel(keras_tuner.HyperModel):
         macs_weight=DEFAULT_MACS_WEIGHT, seed=None, name=None, tunable=True,
     ):
         super().__init__(name=name, tunable=tunable)
-        if isinstance(input_shape, int):
+        if is_integer(input_shape):
             input_shape = (input_shape,)
         if not (
             isinstance(input_shape, (tuple, list)) and input_shape
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+            and all(is_integer(d) and d > 0 for d in input_shape)
             and self.input_rank in (None, len(input_shape))
         ):
             rank = "" if self.input_rank is None else f" of length {self.input_rank}"
@@ -47,21 +48,23 @@ class GatedHyperModel(keras_tuner.HyperModel):
                 f"`input_shape` must be a tuple{rank} of positive integers. "
                 f"Received: input_shape={input_shape!r}"
             )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if not is_integer(num_classes) or num_classes < 2:
             raise ValueError(
                 f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes!r}"
             )
         _check_positive("learning_rate", learning_rate)
         _check_weight(macs_weight)
-        self.input_shape = tuple(input_shape)
-        self.num_classes = num_classes
-        self.learning_rate = learning_rate
+        if seed is not None and (not is_integer(seed) or seed < 0):
+            raise ValueError(f"`seed` must be None or a non-negative int. Received: seed={seed!r}")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.learning_rate = float(learning_rate)
         if reference_macs is None:
             reference_macs = self.widest_dense_macs()
         _check_positive("reference_macs", reference_macs)
-        self.reference_macs = reference_macs
-        self.macs_weight = macs_weight
-        self.seed = seed
+        self.reference_macs = float(reference_macs)
+        self.macs_weight = float(macs_weight)
+        self.seed = None if seed is None else int(seed)
 
     def architecture(self, hp):
         raise NotImplementedError
@@ -83,6 +86,8 @@ class GatedHyperModel(keras_tuner.HyperModel):
             variance_weight=hp.Float("variance_weight", 0.0, 10.0),
         )
         policy_learning_rate = hp.Float("policy_learning_rate", 1e-4, 1e-1, sampling="log")
+        # A value fixed by the caller's `hp` is not checked by the range above.
+        _check_positive("policy_learning_rate", policy_learning_rate)
         inputs = keras.Input(self.input_shape, name="inputs")
         hidden = self.hidden(inputs, architecture, gate_kwargs)
         outputs = keras.layers.Dense(self.num_classes, name="logits")(hidden)

@@ -4,6 +4,8 @@ import math
 
 import keras
 
+from keras_condcomp._arguments import is_number
+
 __all__ = ["ComputeAwareScore", "compute_aware_objective", "compute_aware_score"]
 
 DEFAULT_MACS_WEIGHT = 0.02
@@ -11,17 +13,21 @@ DEFAULT_NAME = "compute_aware_score"
 
 
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    if not is_number(value) or not value > 0:
+        raise ValueError(f"`{name}` must be a finite positive number. Received: {name}={value!r}")
 
 
 def _check_weight(macs_weight):
-    if isinstance(macs_weight, bool) or not isinstance(macs_weight, (int, float)) or (
-        macs_weight < 0
-    ):
+    if not is_number(macs_weight) or macs_weight < 0:
         raise ValueError(
-            f"`macs_weight` must be a non-negative number. Received: macs_weight={macs_weight!r}"
+            "`macs_weight` must be a finite non-negative number. "
+            f"Received: macs_weight={macs_weight!r}"
         )
+
+
+def _check_text(argument, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{argument}` must be a non-empty string. Received: {argument}={value!r}")
 
 
 def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT):
@@ -53,6 +59,7 @@ def compute_aware_objective(name=DEFAULT_NAME):
     """
     import keras_tuner
 
+    _check_text("name", name)
     return keras_tuner.Objective(f"val_{name}", direction="max")
 
 
@@ -94,13 +101,10 @@ class ComputeAwareScore(keras.callbacks.Callback):
         super().__init__()
         _check_positive("reference_macs", reference_macs)
         _check_weight(macs_weight)
-        for argument, value in (("accuracy", accuracy), ("name", name)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"`{argument}` must be a non-empty string. Received: {argument}={value!r}"
-                )
-        self.reference_macs = reference_macs
-        self.macs_weight = macs_weight
+        _check_text("accuracy", accuracy)
+        _check_text("name", name)
+        self.reference_macs = float(reference_macs)
+        self.macs_weight = float(macs_weight)
         self.accuracy = accuracy
         self.name = name
 

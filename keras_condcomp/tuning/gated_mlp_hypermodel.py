@@ -4,6 +4,7 @@ import math
 
 import keras
 
+from keras_condcomp._arguments import is_integer
 from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.tuning._gated_hypermodel import GatedHyperModel
 
@@ -69,6 +70,8 @@ class GatedMLPHyperModel(GatedHyperModel):
         layers = hp.Int("layers", *LAYERS)
         units = hp.Choice("units", list(UNITS))
         blocks = hp.Choice("blocks", list(BLOCKS))
+        if not is_integer(blocks) or blocks <= 0:
+            raise ValueError(f"`blocks` must be a positive int. Received: blocks={blocks!r}")
         if units % blocks:
             raise ValueError(
                 f"`blocks` must divide `units`. Received: units={units}, blocks={blocks}"

@@ -38,6 +38,13 @@ def test_score_formula_is_scale_free():
         compute_aware_score(0.8, 10, 0)
     with pytest.raises(ValueError, match="macs_weight=-1"):
         compute_aware_score(0.8, 10, 10, macs_weight=-1)
+    with pytest.raises(ValueError, match="macs_weight=nan"):
+        compute_aware_score(0.8, 10, 10, macs_weight=float("nan"))
+    with pytest.raises(ValueError, match="reference_macs=inf"):
+        compute_aware_score(0.8, 10, float("inf"))
+    for name in ("", 3):
+        with pytest.raises(ValueError, match=f"name={name!r}"):
+            tuning.compute_aware_objective(name)
 
 
 def test_callback_writes_scores_validates_and_deep_copies():
@@ -88,6 +95,17 @@ def test_hypermodel_space_and_arguments():
     hp.Fixed("blocks", 8)
     with pytest.raises(ValueError, match="units=20, blocks=8"):
         hypermodel.build(hp)
+    for fixed, message in (({"blocks": 0}, "blocks=0"),
+                           ({"policy_learning_rate": -0.1}, "policy_learning_rate=-0.1")):
+        hp = keras_tuner.HyperParameters()
+        for key, value in fixed.items():
+            hp.Fixed(key, value)
+        with pytest.raises(ValueError, match=message):
+            hypermodel.build(hp)
+    for kwargs, message in (({"seed": "abc"}, "seed='abc'"), ({"seed": -5}, "seed=-5"),
+                            ({"learning_rate": float("inf")}, "learning_rate=inf")):
+        with pytest.raises(ValueError, match=message):
+            GatedMLPHyperModel((4,), 3, **kwargs)
     with pytest.raises(ValueError, match="num_classes=1"):
         GatedMLPHyperModel((4,), 1)
     with pytest.raises(ValueError, match=r"input_shape=\(0,\)"):
