@@ -305,6 +305,7 @@ class GatedConv2D(GatedLayer):
     export_skip_limit = {"litert": 0.2, "onnx": 0.0}
 
     def call(self, inputs, training=None):
+        self.compute_output_shape(inputs.shape)  # refuses inputs too small, before any op
         if compiled_inference_applies(self, training):
             return compiled_inference(self, inputs)
         mask = self._gate(inputs, training)
@@ -354,6 +355,16 @@ class GatedConv2D(GatedLayer):
                 (rows, cols), self.kernel_size, self.strides, self.dilation_rate
             )
         )
+        if any(size is not None and size <= 0 for size in spatial) or (
+            self.policy_grid is not None
+            and any(size is not None and size < self.policy_grid for size in (rows, cols))
+        ):
+            raise ValueError(
+                f"Inputs of {rows}x{cols} are too small for GatedConv2D {self.name!r} "
+                f"(kernel_size={self.kernel_size}, dilation_rate={self.dilation_rate}, "
+                f"padding={self.padding!r}, policy_grid={self.policy_grid}). "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
         if self.data_format == "channels_last":
             return (input_shape[0], *spatial, self.filters)
         return (input_shape[0], self.filters, *spatial)

@@ -363,6 +363,12 @@ def _chain(model):
             "`model` must be a built Keras model (Sequential or functional). "
             f"Received: model={model!r}"
         )
+    if not getattr(model, "inputs", None):
+        raise ValueError(
+            "`compact_inference` follows the layer graph of a Sequential or functional "
+            f"model; a subclassed model has none. Received: {model.name!r} "
+            f"({type(model).__name__})"
+        )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(
             "`compact_inference` supports models with one input and one output. "
@@ -376,6 +382,12 @@ def _chain(model):
             source = layer.input
         except (AttributeError, ValueError):
             source = None  # a layer called more than once
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                "`compact_inference` runs the layers of one model: flatten the nested "
+                f"model {layer.name!r} of {model.name!r} into it (a Sequential model of its "
+                "layers, say)."
+            )
         if source is not expected:
             raise ValueError(
                 "`compact_inference` supports models whose layers form a single "

@@ -198,6 +198,11 @@ class _PolicyGradientTraining:
                 policies' weights, with its own learning rate as in the paper;
                 None updates them with `optimizer`.
         """
+        if len(getattr(self, "outputs", None) or ()) > 1:
+            raise ValueError(
+                "PolicyGradientModel supports models with a single output. Received: "
+                f"{self.name!r} with {len(self.outputs)} outputs"
+            )
         super().compile(*args, **kwargs)
         self.policy_optimizer = (
             None if policy_optimizer is None else keras.optimizers.get(policy_optimizer)

@@ -233,6 +233,16 @@ def test_bad_inputs_and_layers_are_refused(rng):
         GatedConv2D.from_conv(keras.layers.Dense(4), blocks=2)
     with pytest.raises(ValueError, match="groups=2"):
         GatedConv2D.from_conv(keras.layers.Conv2D(4, 3, groups=2), blocks=2)
+    # Inputs smaller than the kernel (valid padding), symbolic or eager, or than
+    # the policy grid in a later call.
+    with pytest.raises(ValueError, match=r"Inputs of 2x2 are too small.*\(None, 2, 2, 1\)"):
+        GatedConv2D(4, 3, 2)(keras.Input((2, 2, 1)))
+    with pytest.raises(ValueError, match="Inputs of 2x2 are too small"):
+        GatedConv2D(4, 3, 2)(np.zeros((1, 2, 2, 1), "float32"))
+    grid = GatedConv2D(4, 3, 2, padding="same", policy_grid=3)
+    grid(rng.normal(size=(1, 7, 7, 2)).astype("float32"))
+    with pytest.raises(ValueError, match="Inputs of 2x2 are too small.*policy_grid=3"):
+        grid(rng.normal(size=(1, 2, 2, 2)).astype("float32"))
 
 
 def test_profile_counts_group_sparsity_through_pooling():

@@ -271,6 +271,23 @@ def test_models_that_are_not_a_single_chain_are_refused():
     with pytest.raises(ValueError, match="built Keras model"):
         compact_inference(keras.Sequential([GatedDense(4, blocks=2)]))
 
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.gated = GatedDense(4, blocks=2)
+
+        def call(self, x):
+            return self.gated(x)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 4), "float32"))
+    with pytest.raises(ValueError, match="subclassed model has none.*'sub'"):
+        compact_inference(subclassed)
+    inner = keras.Sequential([keras.Input((4,)), GatedDense(4, blocks=2)], name="inner")
+    nested = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="flatten the nested model 'inner'"):
+        compact_inference(nested)
+
 
 def test_an_input_of_the_wrong_shape_is_refused_naming_it(rng):
     predict = compact_inference(_mlp())

@@ -304,6 +304,10 @@ def test_compile_errors():
     plain = PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs))
     with pytest.raises(ValueError, match="no gated layer"):
         plain.compile("adam", LOSS)
+    gated = GatedDense(4, 2)(inputs)
+    two = PolicyGradientModel(inputs, [keras.layers.Dense(2)(gated), keras.layers.Dense(3)(gated)])
+    with pytest.raises(ValueError, match="single output.*2 outputs"):
+        two.compile("adam", LOSS)
     with pytest.raises(ValueError, match="baseline='mean'"):
         PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs), baseline="mean")
     with pytest.raises(ValueError, match="baseline_momentum=1.5"):
