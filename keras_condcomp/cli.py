@@ -375,6 +375,8 @@ def _existing_ancestor(path):
 def _check_out_folder(out):
     """Refuses an `--out` that cannot become a folder we can write, before
     any training (the job writes it only at the end)."""
+    if not out:
+        raise CommandError("--out must name a folder, got ''")
     out = os.path.abspath(out)
     ancestor = _existing_ancestor(out)
     if ancestor == out and not os.path.isdir(out):

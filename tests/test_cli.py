@@ -118,7 +118,8 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, cap
     taken = tmp_path / "taken"
     taken.write_text("keep")
     for out, message in ((taken, "exists and is not a folder"),
-                         (taken / "run", "taken is not a folder")):
+                         (taken / "run", "taken is not a folder"),
+                         ("", "--out must name a folder")):
         assert main(["train", *TINY, "--out", str(out)]) == 1
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in last and "Training" not in last

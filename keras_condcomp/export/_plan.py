@@ -103,6 +103,7 @@ def active_block_counts(model, data, batch_size=256):
     >>> counts["g"].shape
     (5,)
     """
+    batch_size = check_batch_size(batch_size, allow_none=False)
     layers = gated_layers(model)
     arrays = _as_inputs(model, data)
     try:
@@ -204,6 +205,7 @@ def block_budgets(
             f"`export_format` must be one of {EXPORT_FORMATS}. "
             f"Received: export_format={export_format!r}"
         )
+    batch_size = check_batch_size(batch_size, allow_none=True)
     layers = gated_layers(model)
     names = {layer.name for layer in layers}
     if isinstance(budget, dict):

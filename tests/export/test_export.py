@@ -194,6 +194,10 @@ def test_block_budgets_defaults_and_checks():
     assert block_budgets(model, given) == given
     with pytest.raises(ValueError, match="budget=9"):
         block_budgets(model, 9)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        block_budgets(model, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        active_block_counts(model, np.zeros((2, model.inputs[0].shape[1]), "float32"), batch_size=0)
     with pytest.raises(ValueError, match="not gated layers"):
         block_budgets(model, {"nope": 1})
 
