@@ -49,7 +49,8 @@ def check_model(model):
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) is a gated layer "
                 "without an export path (it must set `supports_static_budget = True` "
-                "and run `keras_condcomp.ops.static_budget_settings(self)` in call)."
+                "and run `keras_condcomp.ops.static_budget_dense.static_budget_settings(self)` "
+                "in call)."
             )
         if layer.inference != "threshold":
             raise ValueError(

@@ -291,7 +291,7 @@ class GatedConv2D(GatedLayer):
         )
         return ops.reshape(ops.mean(cells, axis=(2, 4)), (-1, g * g * channels))
 
-    # Reads `keras_condcomp.ops.static_budget_settings(self)` when traced for
+    # Reads `keras_condcomp.ops.static_budget_dense.static_budget_settings(self)` when traced for
     # export (`keras_condcomp.export`): a fixed group budget, static shapes.
     supports_static_budget = True
     # The budget counts the groups active in some example of the batch.

@@ -224,7 +224,7 @@ class GatedDense(GatedLayer):
         self._build_gating(input_dim)
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
 
-    # Reads `keras_condcomp.ops.static_budget_settings(self)` when traced for
+    # Reads `keras_condcomp.ops.static_budget_dense.static_budget_settings(self)` when traced for
     # export (`keras_condcomp.export`): a fixed block budget, static shapes.
     supports_static_budget = True
     # Default export budgets above this fraction of the blocks compute every

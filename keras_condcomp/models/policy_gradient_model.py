@@ -433,8 +433,10 @@ class PolicyGradientModel(
     `E[w_i (c_i - b) grad log pi(u_i | s_i)]`,
 
     with `c_i` the per-example task loss, `w_i` its `sample_weight` (1
-    without; an example of weight 0 does not move the policies) and `b` a
-    baseline, plus the gradients of the layers' regularisers `L_b, L_e, L_v`.
+    without; an example of weight 0 does not move the policies through this
+    term) and `b` a baseline, plus the gradients of the layers' regularisers
+    `L_b, L_e, L_v`, which average over every example of the batch,
+    whatever its weight.
     Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
     outputs)`) or subclassed.
 
