@@ -1,6 +1,6 @@
-"""Type checks of the numbers users pass to the public API (private).
+"""Checks of the arguments users pass to the public API (private).
 
-Python and numpy numbers are accepted alike (a search space or a config
+Numbers: Python and numpy numbers are accepted alike (a search space or a config
 often hands over `np.float32` or `np.int64`), bools are not, and a real
 number must be finite: a NaN passes every comparison-based range check.
 Callers store the value converted to `int` or `float`, so configs stay
@@ -35,3 +35,21 @@ def is_number(value):
         and not isinstance(value, bool)
         and math.isfinite(value)
     )
+
+
+def check_activation(activation):
+    """A ValueError unless `activation` is a callable or None (the ops take
+    the function itself, as `keras.activations.get` returns it)."""
+    if activation is not None and not callable(activation):
+        raise ValueError(
+            "`activation` must be a callable or None, e.g. keras.activations.get('relu'). "
+            f"Received: activation={activation!r}"
+        )
+
+
+def check_bias(bias, units):
+    """A ValueError unless `bias` is None or of shape `(units,)`."""
+    if bias is not None and tuple(bias.shape) != (units,):
+        raise ValueError(
+            f"`bias` must have shape ({units},) or be None. Received: bias.shape={tuple(bias.shape)}"
+        )

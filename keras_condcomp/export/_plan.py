@@ -84,7 +84,11 @@ def _as_inputs(model, data):
 
 
 def active_block_counts(model, data, batch_size=256):
-    """Active blocks per example of each gated layer, under the threshold policy.
+    """Active blocks per example of each gated layer, at inference.
+
+    The masks are those the layers use at inference: the threshold policy
+    (`inference="threshold"`, the default and what exports use); a
+    `"sample"` layer samples them, so its counts change from call to call.
 
     Args:
         model: a functional or Sequential Keras model with gated layers.

@@ -4,6 +4,17 @@ import numpy as np
 import tensorflow as tf
 
 
+def check_mask_rows(block_mask, inputs):
+    """Raises `ValueError` unless `block_mask` has one row per example of
+    `inputs`, where both batch sizes are known."""
+    rows, examples = block_mask.shape[0], inputs.shape[0]
+    if rows is not None and examples is not None and rows != examples:
+        raise ValueError(
+            "`block_mask` must have one row per example of `inputs`. Received: "
+            f"block_mask.shape={tuple(block_mask.shape)}, inputs.shape={tuple(inputs.shape)}"
+        )
+
+
 def check_block_mask(block_mask, inputs):
     """Raises `ValueError` unless `block_mask` has one row per example of
     `inputs` (where both batch sizes are known) and, called eagerly, holds
@@ -26,12 +37,7 @@ def check_block_mask(block_mask, inputs):
     ...
     ValueError: `block_mask` must have one row per example of `inputs`. Received: block_mask.shape=(1, 2), inputs.shape=(2, 3)
     """
-    rows, examples = block_mask.shape[0], inputs.shape[0]
-    if rows is not None and examples is not None and rows != examples:
-        raise ValueError(
-            "`block_mask` must have one row per example of `inputs`. Received: "
-            f"block_mask.shape={tuple(block_mask.shape)}, inputs.shape={tuple(inputs.shape)}"
-        )
+    check_mask_rows(block_mask, inputs)
     if not tf.executing_eagerly():
         return
     values = block_mask.numpy()

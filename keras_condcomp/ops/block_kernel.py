@@ -11,7 +11,8 @@ layout their rows lie `units` floats apart.
 
 from keras import ops
 
-from keras_condcomp.ops.masked_reference import expand_block_mask
+from keras_condcomp._arguments import is_integer
+from keras_condcomp.ops.masked_reference import zero_skipped_blocks
 
 __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
 
@@ -26,6 +27,8 @@ def to_block_kernel(kernel, blocks):
     >>> np.asarray(to_block_kernel(kernel, 3))[1].tolist()
     [[2.0, 3.0], [8.0, 9.0]]
     """
+    if not is_integer(blocks) or blocks <= 0:
+        raise ValueError(f"`blocks` must be a positive int. Received: blocks={blocks!r}")
     input_dim, units = kernel.shape
     if units % blocks:
         raise ValueError(
@@ -74,6 +77,11 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
     if activation is not None:
         outputs = activation(outputs)
     if block_mask is not None:
-        mask = expand_block_mask(block_mask, blocks * block_size)
-        outputs = outputs * ops.cast(mask, outputs.dtype)
+        block_mask = ops.convert_to_tensor(block_mask)
+        if block_mask.shape[-1] != blocks:
+            raise ValueError(
+                f"`block_mask` must have shape (batch, {blocks}) to match `block_kernel` "
+                f"{tuple(block_kernel.shape)}. Received: block_mask.shape={tuple(block_mask.shape)}"
+            )
+        outputs = zero_skipped_blocks(outputs, block_mask)
     return outputs

@@ -146,7 +146,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_activation, check_bias, is_integer
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
@@ -242,6 +242,19 @@ def masked_block_conv2d(
     >>> tuple(y.shape), float(np.abs(np.asarray(y)[0, ..., 2:]).max())
     ((2, 3, 3, 4), 0.0)
     """
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(
+            "`data_format` must be 'channels_last' or 'channels_first'. "
+            f"Received: data_format={data_format!r}"
+        )
+    padding = _check_padding(padding)
+    filters, blocks = kernel.shape[-1], block_mask.shape[-1]
+    if blocks is None or filters % blocks:
+        raise ValueError(
+            f"`block_mask` must have shape (batch, blocks) with blocks dividing "
+            f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
+        )
+    inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
     channel_axis = -1 if data_format == "channels_last" else 1
     # TensorFlow's CPU Conv2D kernel refuses NCHW (2.21; Keras's own
     # channels_first Conv2D fails there too): convolve channels-last.
@@ -258,8 +271,7 @@ def masked_block_conv2d(
         outputs = outputs + ops.reshape(bias, shape)
     if activation is not None:
         outputs = activation(outputs)
-    filters = kernel.shape[-1]
-    active = ops.repeat(block_mask, filters // block_mask.shape[-1], axis=-1) > 0
+    active = ops.repeat(block_mask, filters // blocks, axis=-1) > 0
     active = active[:, :, None, None] if channel_axis == 1 else active[:, None, None, :]
     # A select, not a product: TensorFlow's graph optimiser mis-folds a
     # convolution times a constant broadcast mask into the kernel (crash).
@@ -311,12 +323,13 @@ class _Problem:
         Each channel's Euclidean norm, compared with 0: one pass over the
         input, where its largest magnitude took two (`abs`, then `max`), and
         `reduce_any(inputs != 0)` four times as long as those. `NaN` and
-        infinities count as used. A channel whose values are all below
-        about 1e-19 in magnitude counts as zero (their squares underflow):
-        it could add at most 1e-19 times the window's size times the
-        kernel's largest weight to an output.
+        infinities count as used. Computed in float32 (half-precision
+        squares underflow from about 2e-4): a channel whose values are all
+        below about 1e-19 in magnitude counts as zero, and could add at most
+        1e-19 times the window's size times the kernel's largest weight to
+        an output.
         """
-        magnitudes = tf.math.reduce_euclidean_norm(inputs, axis=[0, 1, 2])
+        magnitudes = tf.math.reduce_euclidean_norm(tf.cast(inputs, tf.float32), axis=[0, 1, 2])
         magnitudes = tf.reduce_max(tf.reshape(magnitudes, [self.chunks, self.chunk]), axis=1)
         return tf.not_equal(magnitudes, 0)
 
@@ -738,10 +751,22 @@ def block_sparse_conv2d(
             f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
     check_block_mask(block_mask, inputs)
+    check_activation(activation)
+    sizes = [
+        _output_size(size, k, s, d, padding.upper())
+        for size, k, s, d in zip(inputs.shape[1:3], kernel.shape[:2], strides, dilation_rate)
+    ]
+    if any(size is not None and size <= 0 for size in sizes):
+        raise ValueError(
+            f"`inputs` are too small for the kernel {tuple(kernel.shape[:2])} with "
+            f"padding={padding!r}, dilation_rate={dilation_rate}. "
+            f"Received: inputs.shape={tuple(inputs.shape)}"
+        )
     has_bias = bias is not None
     bias = (
         tf.convert_to_tensor(bias, dtype=inputs.dtype) if has_bias else tf.zeros([0], inputs.dtype)
     )
+    check_bias(bias if has_bias else None, filters)
     activation = activation or _identity
     if tf.inside_function():
         # Inlined into the caller's graph (a model's tf.function).

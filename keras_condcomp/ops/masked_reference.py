@@ -2,13 +2,29 @@
 
 from keras import ops
 
-__all__ = ["masked_block_dense", "expand_block_mask"]
+__all__ = ["masked_block_dense", "expand_block_mask"]  # `zero_skipped_blocks`: private
 
 
 def expand_block_mask(block_mask, units):
     """Repeats a `(batch, blocks)` mask over each block's units: `(batch, units)`."""
     blocks = block_mask.shape[-1]
+    if blocks is None or units % blocks:
+        raise ValueError(
+            f"`block_mask` must have shape (batch, blocks) with blocks dividing "
+            f"units={units}. Received: block_mask.shape={tuple(block_mask.shape)}"
+        )
     return ops.repeat(block_mask, units // blocks, axis=-1)
+
+
+def zero_skipped_blocks(outputs, block_mask):
+    """`(batch, units)` outputs with the units of skipped blocks set to 0.
+
+    A select, not a product with the mask: an infinite or NaN output of a
+    skipped block (a float16 overflow, say) is 0 too, as in the paths that
+    do not compute it.
+    """
+    active = expand_block_mask(block_mask, outputs.shape[-1]) > 0
+    return ops.where(active, outputs, ops.zeros((), outputs.dtype))
 
 
 def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
@@ -34,5 +50,4 @@ def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
         outputs = outputs + bias
     if activation is not None:
         outputs = activation(outputs)
-    mask = ops.cast(expand_block_mask(block_mask, kernel.shape[-1]), outputs.dtype)
-    return outputs * mask
+    return zero_skipped_blocks(outputs, ops.convert_to_tensor(block_mask))

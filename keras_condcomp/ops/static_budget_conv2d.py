@@ -23,6 +23,10 @@ batch 1, where that is the example's own number of active groups.
 
 import tensorflow as tf
 
+from keras_condcomp._arguments import is_integer
+from keras_condcomp.ops._block_masks import check_mask_rows
+from keras_condcomp.ops.block_sparse_conv2d import _check_padding, _pair
+
 __all__ = ["static_budget_conv2d"]
 
 
@@ -77,10 +81,14 @@ def static_budget_conv2d(
             f"`block_mask` must have shape (batch, blocks) with blocks dividing "
             f"filters={filters}. Received: block_mask.shape={tuple(scores.shape)}"
         )
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget <= blocks:
+    if not is_integer(budget) or not 0 < budget <= blocks:
         raise ValueError(
             f"`budget` must be an int in [1, blocks={blocks}]. Received: budget={budget!r}"
         )
+    budget = int(budget)
+    check_mask_rows(scores, inputs)
+    strides, dilation_rate = _pair(strides, "strides"), _pair(dilation_rate, "dilation_rate")
+    padding = _check_padding(padding)
     activation = activation or _identity
     size = filters // blocks
 

@@ -44,7 +44,9 @@ import threading
 
 import tensorflow as tf
 
-from keras_condcomp.ops.masked_reference import masked_block_dense
+from keras_condcomp._arguments import is_integer
+from keras_condcomp.ops._block_masks import check_mask_rows
+from keras_condcomp.ops.masked_reference import expand_block_mask
 
 __all__ = ["static_budget_dense", "static_budget_plan", "static_budget_settings"]
 
@@ -94,7 +96,7 @@ def _identity(x):
 
 
 def _check_positive(name, value, at_most, at_most_name):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= at_most:
+    if not is_integer(value) or not 0 < value <= at_most:
         raise ValueError(
             f"`{name}` must be an int in [1, {at_most_name}={at_most}]. "
             f"Received: {name}={value!r}"
@@ -141,6 +143,10 @@ def static_budget_dense(
     dtype = inputs.dtype
     kernel = tf.convert_to_tensor(kernel, dtype)
     scores = tf.cast(tf.convert_to_tensor(block_mask), tf.float32)
+    if kernel.shape.rank != 2:
+        raise ValueError(
+            f"`kernel` must have shape (input_dim, units). Received: kernel.shape={tuple(kernel.shape)}"
+        )
     input_dim, units = kernel.shape
     blocks = scores.shape[-1]
     if inputs.shape.rank != 2 or inputs.shape[-1] != input_dim:
@@ -152,6 +158,12 @@ def static_budget_dense(
         raise ValueError(
             f"`block_mask` must have shape (batch, blocks) with blocks dividing "
             f"units={units}. Received: block_mask.shape={tuple(scores.shape)}"
+        )
+    check_mask_rows(scores, inputs)
+    if bias is not None and tuple(bias.shape) != (units,):
+        raise ValueError(
+            f"`bias` must have shape ({units},) to match `kernel` {tuple(kernel.shape)}. "
+            f"Received: bias.shape={tuple(bias.shape)}"
         )
     _check_positive("budget", budget, blocks, "blocks")
     if (input_blocks is None) != (input_budget is None):
@@ -169,9 +181,16 @@ def static_budget_dense(
         _check_positive("input_budget", input_budget, input_blocks, "input_blocks")
         if input_budget == input_blocks:
             input_blocks = input_budget = None
-    if budget == blocks:
-        return masked_block_dense(inputs, kernel, bias, tf.cast(scores > 0, dtype), activation)
     activation = activation or _identity
+    if budget == blocks:
+        # The masked product, the mask as a product (not `masked_block_dense`'s
+        # select): XNNPACK takes a product, a select runs on LiteRT's slower
+        # builtin kernel (see `static_budget_conv2d`).
+        outputs = tf.matmul(inputs, kernel)
+        if bias is not None:
+            outputs = outputs + tf.cast(bias, dtype)
+        keep = expand_block_mask(tf.cast(scores > 0, dtype), units)
+        return activation(outputs) * keep
     block_size = units // blocks
 
     # Only reshapes with -1 depend on the batch size: a dynamic batch adds no

@@ -22,8 +22,12 @@ The rules:
 - Layers without weights (pooling, activations, dropout, reshapes, merges)
   and normalisation and `Embedding` layers: 0 MACs (elementwise work and
   lookups are not multiply-adds of a product).
-- Any other layer with weights: 0 MACs, marked uncounted (`counted=False`)
-  so that the summary says so instead of silently under-counting.
+- Any other layer with weights, and a `Dense` over an unknown number of
+  steps: 0 MACs, marked uncounted (`counted=False`) so that the summary
+  says so instead of silently under-counting.
+
+A layer (or nested model) that the model calls more than once counts one
+call; a gated one at its density over the calls.
 """
 
 import dataclasses
@@ -84,6 +88,8 @@ def _channels_last(layer):
 
 def _dense(layer):
     positions = _positions(layer, "output")
+    if positions is None and _tensor(layer, "output") is not None:
+        return LayerCost(0, counted=False)  # (batch, steps, features), steps unknown
     # Without a symbolic output (subclassed models) a Dense reads (batch, features).
     return LayerCost(_size(layer.kernel) * (1 if positions is None else positions))
 

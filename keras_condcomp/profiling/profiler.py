@@ -187,7 +187,11 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
                 f"The gated layers {sorted(missing)} took no decision on `x`: "
                 "were they called in the model's forward pass?"
             )
-        examples, source = len(next(iter(measured.values()))), "measured"
+        if measured:
+            examples = len(next(iter(measured.values())))
+        else:  # no gated layer: nothing to measure
+            examples = sum(len(batch) for batch in _batches(x, batch_size))
+        source = "measured"
     elif densities is not None:
         _check_densities(densities, gated_names)
         source = "given"
