@@ -15,10 +15,17 @@ import time
 
 import numpy as np
 
+from keras_condcomp._arguments import is_integer
+
 __all__ = [
     "evict_caches", "median_latencies", "measure_models_speed", "numpy_calls",
     "paired_latencies", "timed_batches", "tuned_inference",
 ]
+
+
+def _check_positive_int(name, value):
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
 
 
 def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, before_call=None):
@@ -46,10 +53,12 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
     >>> sorted(timed)
     ['a', 'b']
     """
-    if isinstance(consecutive, bool) or not isinstance(consecutive, int) or consecutive < 1:
-        raise ValueError(
-            f"`consecutive` must be a positive int. Received: consecutive={consecutive!r}"
-        )
+    for name, value in (("repeats", repeats), ("consecutive", consecutive)):
+        _check_positive_int(name, value)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"`warmup` must be a non-negative int. Received: warmup={warmup!r}")
+    if not len(inputs):
+        raise ValueError("`inputs` must hold at least one input. Received: 0")
     names = list(functions)
     for r in range(warmup):
         for name in names:
@@ -105,6 +114,10 @@ def timed_batches(x, batch_size, repeats):
     >>> [b.tolist() for b in timed_batches(np.arange(3), 4, repeats=10)]
     [[0, 1, 2, 0]]
     """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("repeats", repeats)
+    if not len(x):
+        raise ValueError("`x` must hold at least one example. Received: 0")
     count = min(len(x) // batch_size, repeats)
     if count == 0:
         return [np.resize(x, (batch_size, *np.shape(x)[1:]))]
@@ -126,6 +139,11 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **optio
         but the reference, and for the reference the median of its pairs
         (twice).
     """
+    if reference not in functions or len(functions) < 2:
+        raise ValueError(
+            "`functions` must hold `reference` and at least one other function. "
+            f"Received: reference={reference!r}, functions {sorted(functions)}"
+        )
     results, reference_seconds = {}, []
     for name, function in functions.items():
         if name == reference:
@@ -272,6 +290,15 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
     """
     import tempfile
 
+    for name, path in (("gated_path", gated_path), ("dense_path", dense_path)):
+        if not os.path.isfile(path):
+            raise ValueError(f"`{name}` must be a .keras file. Received: {name}={path!r}")
+    if not batch_sizes:
+        raise ValueError(f"`batch_sizes` must not be empty. Received: batch_sizes={batch_sizes!r}")
+    for batch_size in batch_sizes:
+        _check_positive_int("batch_sizes", batch_size)
+    _check_positive_int("threads", threads)
+    _check_positive_int("repeats", repeats)
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "x.npy")
         np.save(data_path, np.asarray(x, "float32"))

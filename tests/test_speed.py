@@ -68,3 +68,21 @@ def test_numpy_calls_call_a_tf_function_as_its_concrete_function():
         np.testing.assert_array_equal(calls["plain"](batch), batch + 1)
         assert isinstance(calls["graph"](batch), np.ndarray)
     assert len(traced) == 1
+
+
+def test_speed_helpers_name_bad_arguments_instead_of_returning_nan(tmp_path):
+    from keras_condcomp.speed import measure_models_speed, timed_batches
+
+    with pytest.raises(ValueError, match="repeats=0"):
+        median_latencies({"a": abs}, [1.0], repeats=0)
+    with pytest.raises(ValueError, match="at least one input"):
+        median_latencies({"a": abs}, [], repeats=2)
+    with pytest.raises(ValueError, match="reference='a'"):
+        paired_latencies({"a": abs}, "a", [1.0], repeats=2)
+    for batch_size in (0, -2):
+        with pytest.raises(ValueError, match=f"batch_size={batch_size}"):
+            timed_batches(np.arange(4), batch_size, repeats=2)
+    with pytest.raises(ValueError, match="at least one example"):
+        timed_batches(np.zeros((0, 3)), 1, repeats=2)
+    with pytest.raises(ValueError, match="gated_path="):
+        measure_models_speed(tmp_path / "absent.keras", tmp_path / "absent.keras", np.zeros((1, 2)))

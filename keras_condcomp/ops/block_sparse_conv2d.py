@@ -256,6 +256,17 @@ def masked_block_conv2d(
         )
     inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
     channel_axis = -1 if data_format == "channels_last" else 1
+    if inputs.shape[0] == 0:
+        # TensorFlow's convolution of an empty batch keeps the input's rows
+        # and columns (2.21): the empty output is made here.
+        spatial = inputs.shape[1:3] if channel_axis == -1 else inputs.shape[2:4]
+        strides, dilation_rate = _pair(strides, "strides"), _pair(dilation_rate, "dilation_rate")
+        sizes = [
+            _output_size(size, k, s, d, padding.upper())
+            for size, k, s, d in zip(spatial, kernel.shape[:2], strides, dilation_rate)
+        ]
+        shape = (0, *sizes, filters) if channel_axis == -1 else (0, filters, *sizes)
+        return ops.zeros(shape, inputs.dtype)
     # TensorFlow's CPU Conv2D kernel refuses NCHW (2.21; Keras's own
     # channels_first Conv2D fails there too): convolve channels-last.
     transposed = channel_axis == 1 and keras.backend.backend() == "tensorflow"

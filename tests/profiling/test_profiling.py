@@ -194,3 +194,17 @@ def test_layer_profile_conditional_macs():
                        input_density=0.5, density=0.5, computed_fraction=0.3)
     assert row.conditional_macs == 40 + 300
     assert LayerProfile("d", "Dense", 10, 8).conditional_macs == 8
+
+
+def test_a_dense_over_unknown_steps_is_flagged_and_a_model_without_gates_takes_x():
+    inputs = keras.Input((None, 4))
+    steps = keras.Model(inputs, keras.layers.Dense(3, name="per_step")(inputs))
+    row = profile_macs(steps).layer("per_step")
+    assert (row.dense_macs, row.counted) == (0, False)
+    inputs = keras.Input((4, 4))
+    known = keras.Model(inputs, keras.layers.Dense(3, name="per_step")(inputs))
+    assert profile_macs(known).layer("per_step").dense_macs == 4 * 4 * 3
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    profile = profile_macs(plain, x=np.zeros((5, 4), "float32"))
+    assert (profile.examples, profile.dense_macs, profile.conditional_macs) == (5, 12, 12)
