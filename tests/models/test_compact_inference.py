@@ -152,9 +152,12 @@ def test_a_small_gated_dense_hands_on_only_its_active_blocks(rng, engine_costs, 
     d1, d2 = model.get_layer("d1"), model.get_layer("d2")
     if none_active:
         d1.policy.bias.assign(np.full(d1.blocks, -1e4, "float32"))
+        # d2 reads zeros: its bias alone opens blocks 0 and 1.
+        d2.policy.bias.assign(np.array([5.0, 5.0, -5.0, -5.0], "float32"))
     x = rng.normal(size=(1, 20)).astype("float32")
-    first = _masks(model, x)[0][0]
+    first, second = (mask[0] for mask in _masks(model, x))
     assert not first.any() if none_active else 0 < first.mean() < 1
+    assert second.any()  # so d2's active outputs read the rows of d1's blocks
     kernel = np.asarray(d2.kernel).copy()
     skipped = np.repeat(first == 0, 4)
     skipped[:4] &= first.any()  # with none active, block 0 is held, as zeros
