@@ -3,7 +3,7 @@
 import contextlib
 import math
 import os
-import tempfile
+import uuid
 import warnings
 
 import keras
@@ -345,13 +345,10 @@ def check_path(path, suffix):
 def staged_file(path, suffix):
     """A temporary file beside `path`, moved onto `path` only if the block succeeds."""
     parent = os.path.dirname(os.path.abspath(path))
-    handle, staging = tempfile.mkstemp(prefix=".keras-condcomp-export-", suffix=suffix, dir=parent)
-    os.close(handle)
-    # mkstemp makes the file private (0600); an export gets the usual
-    # permissions of a new file, as Keras's own `model.export` writes it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o666 & ~umask)
+    # Made with the usual permissions of a new file (0666 less the umask),
+    # as Keras's own `model.export` writes it: `tempfile.mkstemp` makes 0600.
+    staging = os.path.join(parent, f".keras-condcomp-export-{uuid.uuid4().hex}{suffix}")
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield staging
         os.replace(staging, path)
