@@ -710,7 +710,8 @@ def block_sparse_conv2d(
             skipping paths only test it against 0; called eagerly, other
             values raise a `ValueError`, in a graph they are not checked).
         activation: an element-wise callable with `activation(0)` finite,
-            applied to active groups, or None.
+            applied to active groups, or None. Called eagerly, each distinct
+            callable compiles its own graph: pass the same function object.
         strides, padding, dilation_rate: as in `keras.layers.Conv2D`.
         path: one of `CONV2D_EXECUTION_PATHS` (see the module docs).
 

@@ -962,6 +962,8 @@ def block_sparse_dense(
             skipping paths only test it against 0; called eagerly, other
             values raise a `ValueError`, in a graph they are not checked).
         activation: an element-wise callable applied to active blocks, or None.
+            Called eagerly, each distinct callable compiles its own graph:
+            pass the same function object (not a new lambda) every call.
         path: one of `EXECUTION_PATHS` (see the module docs).
         capacity: `"static_capacity"` only: example slots per block (default:
             the batch size, which never drops).
