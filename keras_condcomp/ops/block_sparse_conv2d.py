@@ -248,13 +248,13 @@ def masked_block_conv2d(
             f"Received: data_format={data_format!r}"
         )
     padding = _check_padding(padding)
+    inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
     filters, blocks = kernel.shape[-1], block_mask.shape[-1]
     if blocks is None or filters % blocks:
         raise ValueError(
             f"`block_mask` must have shape (batch, blocks) with blocks dividing "
             f"filters={filters}. Received: block_mask.shape={tuple(block_mask.shape)}"
         )
-    inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
     channel_axis = -1 if data_format == "channels_last" else 1
     if inputs.shape[0] == 0:
         # TensorFlow's convolution of an empty batch keeps the input's rows

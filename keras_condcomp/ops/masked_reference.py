@@ -2,7 +2,7 @@
 
 from keras import ops
 
-__all__ = ["masked_block_dense", "expand_block_mask"]  # `zero_skipped_blocks`: private
+__all__ = ["masked_block_dense", "expand_block_mask"]
 
 
 def expand_block_mask(block_mask, units):

@@ -44,7 +44,7 @@ import threading
 
 import tensorflow as tf
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_bias, is_integer
 from keras_condcomp.ops._block_masks import check_mask_rows
 from keras_condcomp.ops.masked_reference import expand_block_mask
 
@@ -160,11 +160,7 @@ def static_budget_dense(
             f"units={units}. Received: block_mask.shape={tuple(scores.shape)}"
         )
     check_mask_rows(scores, inputs)
-    if bias is not None and tuple(bias.shape) != (units,):
-        raise ValueError(
-            f"`bias` must have shape ({units},) to match `kernel` {tuple(kernel.shape)}. "
-            f"Received: bias.shape={tuple(bias.shape)}"
-        )
+    check_bias(bias, units)
     _check_positive("budget", budget, blocks, "blocks")
     if (input_blocks is None) != (input_budget is None):
         raise ValueError(
