@@ -61,6 +61,7 @@ import numpy as np
 
 import gated_conv2d
 from controlled_masks import selection_inputs, steer_policies
+from run_options import check_run_options
 from keras_condcomp.speed import evict_caches
 
 INPUT_DIM, UNITS, BLOCKS, CLASSES = 3072, 1536, 24, 10
@@ -316,6 +317,7 @@ def main(argv=None):
     if bad:
         parser.error(f"--cnn-densities must be multiples of 1/{CNN_LAYERS[0][1]} in (0, 1], "
                      f"got {bad}")
+    check_run_options(parser, args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(args.densities, args.repeats, workdir)

@@ -65,6 +65,8 @@ import sys
 
 import numpy as np
 
+from run_options import check_run_options
+
 INPUT_SHAPE = (32, 32, 3)
 LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
 # Layers followed by 2x2 max pooling, per stack: "cifar" (the default)
@@ -403,6 +405,7 @@ def main(argv=None):
     if bad:
         parser.error(f"--densities must be multiples of 1/{LAYERS[0][1]} in (0, 1] "
                      f"(whole groups), got {bad}")
+    check_run_options(parser, args)
     if args.worker:
         args.threads = args.threads[0]
         return _worker(args)

@@ -49,8 +49,10 @@ Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
 1; `--threads 0` leaves TensorFlow's defaults (all cores).
 
-Writes `benchmarks/results/gated_dense.json` and `gated_dense.png` (speedup
-over dense vs density, with the ideal line) and prints a table.
+Writes `gated_dense.json` and `gated_dense.png` (speedup over dense vs
+density, with the ideal line) to `--out` (default `benchmarks/results`;
+`gated_dense_quick.*` with `--quick`, `*_tensor_inputs.*` with
+`--tensor-inputs`) and prints a table.
 
     python benchmarks/gated_dense.py            # full run (about 20 minutes on 2 cores)
     python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
@@ -70,6 +72,7 @@ import sys
 import numpy as np
 
 from controlled_masks import selection_inputs, steer_policies
+from run_options import check_run_options
 
 SHAPES = {
     # name: (input_dim, [(units, blocks), ...], head units or None)
@@ -241,7 +244,8 @@ def _table(rows):
             f"{sp('compact'):>7} "
             f"{sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
-            f"{ideal:>5.1f}x {paths['auto']['speedup'] / ideal:>10.2f} "
+            f"{ideal:>5.1f}x "
+            f"{paths['auto']['speedup'] / ideal if 'auto' in paths else float('nan'):>10.2f} "
             f"{sp('floor_call'):>6} {sp('floor_stream'):>6} {sp('eager'):>6}"
         )
     return "\n".join(lines)
@@ -312,6 +316,7 @@ def main(argv=None):
     bad = [v for v in args.densities if not 0 < v <= 1]
     if bad:
         parser.error(f"--densities must be in (0, 1], got {bad}")
+    check_run_options(parser, args)
     if args.worker:
         args.threads = args.threads[0]
         return _worker(args)

@@ -84,6 +84,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    for option in ("epochs", "batch_size"):
+        if getattr(args, option) <= 0:
+            parser.error(
+                f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}"
+            )
     data = load_mnist(args.data_dir)
     m = args.batch_size
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

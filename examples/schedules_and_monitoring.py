@@ -28,6 +28,11 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--out", default="runs/monitoring")
     args = parser.parse_args(argv)
+    for option in ("epochs", "units", "blocks"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        parser.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
 
     keras.utils.set_random_seed(0)
     digits = load_digits()

@@ -120,3 +120,23 @@ def test_dense_results_combine_into_one_file(tmp_path):
         bench._combined([one, str(broken)])
     with pytest.raises(ValueError, match="not_a_result.json.*not a gated_dense result"):
         bench._combined([_write_result(tmp_path / "not_a_result.json", [1, 2])])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (["--batch-sizes", "0"], "--batch-sizes must be positive integers, got [0]"),
+        (["--threads", "-1"], "--threads must be 0 (all cores) or positive, got [-1]"),
+    ],
+)
+def test_benchmarks_refuse_bad_run_options_before_timing(capsys, arguments, message, tmp_path):
+    dense = _load("gated_dense")
+    with pytest.raises(SystemExit):
+        dense.main([*arguments, "--out", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        dense.main(["--out", str(tmp_path / "file")])
+    assert "--out must be a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,8 @@ __all__ = ["DEFAULT_POLICY_GRID", "build_dense_cnn", "build_gated_cnn", "default
 # Over a grey digit's whole image, a first layer's policy reads one number,
 # the mean intensity, and never left probability 0.5 in training.
 DEFAULT_POLICY_GRID = 4
+# The builders' layout, whatever `keras.config.image_data_format()` says.
+CHANNELS_LAST = "channels_last"
 
 
 def default_policy_grid(rows, cols):
@@ -60,7 +62,8 @@ def build_gated_cnn(
     average pooling and the `num_classes` logits.
 
     Args:
-        input_shape: `(rows, cols, channels)` of an example.
+        input_shape: `(rows, cols, channels)` of an example (channels last,
+            whatever `keras.config.image_data_format()` says).
         num_classes: output logits.
         filters: filters of each gated convolution.
         blocks: groups per gated convolution (dividing every `filters`).
@@ -95,11 +98,16 @@ def build_gated_cnn(
             policy_grid=default_policy_grid(rows, cols) if policy_grid is None else policy_grid,
             seed=None if seed is None else seed + index,
             name=f"gated_conv_{index + 1}",
+            data_format=CHANNELS_LAST,
             **gate_kwargs,
         )(hidden)
         if index < len(filters) - 1:
-            hidden = keras.layers.MaxPooling2D(name=f"pool_{index + 1}")(hidden)
-    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool")(hidden)
+            hidden = keras.layers.MaxPooling2D(
+                name=f"pool_{index + 1}", data_format=CHANNELS_LAST
+            )(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
+        hidden
+    )
     outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
     return PolicyGradientModel(inputs, outputs, name="gated_cnn")
 
@@ -112,10 +120,15 @@ def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu
     hidden = inputs
     for index, width in enumerate(filters):
         hidden = keras.layers.Conv2D(
-            width, 3, padding="same", activation=activation, name=f"conv_{index + 1}"
+            width, 3, padding="same", activation=activation, name=f"conv_{index + 1}",
+            data_format=CHANNELS_LAST,
         )(hidden)
         if index < len(filters) - 1:
-            hidden = keras.layers.MaxPooling2D(name=f"pool_{index + 1}")(hidden)
-    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool")(hidden)
+            hidden = keras.layers.MaxPooling2D(
+                name=f"pool_{index + 1}", data_format=CHANNELS_LAST
+            )(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
+        hidden
+    )
     outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
     return keras.Model(inputs, outputs, name="dense_cnn")

@@ -239,12 +239,18 @@ class _PolicyGradientTraining:
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.built:
+            # `compile` may have built the policy optimizer already; building
+            # twice duplicates a LossScaleOptimizer's variables (its saved
+            # state would then not load).
             network, policy = self._split_trainable_variables()
             if self.policy_optimizer is None:
-                self.optimizer.build(self.trainable_variables)
+                if not self.optimizer.built:
+                    self.optimizer.build(self.trainable_variables)
             else:
-                self.optimizer.build(network)
-                self.policy_optimizer.build(policy)
+                if not self.optimizer.built:
+                    self.optimizer.build(network)
+                if not self.policy_optimizer.built:
+                    self.policy_optimizer.build(policy)
 
     def _split_trainable_variables(self):
         policy_ids = {
@@ -263,14 +269,15 @@ class _PolicyGradientTraining:
                 "PolicyGradientModel must be compiled with compile() before training."
             )
 
-    def _policy_objective(self, decisions, costs, weights=None):
+    def _policy_objective(self, decisions, costs, weights=None, update_baseline=True):
         """The REINFORCE surrogate `mean_i w_i (c_i - b) log pi(u_i | s_i)`.
 
         `costs` are the per-example losses already times their weights `w_i`
         (`(batch,)`, None for 1), so an example of weight 0 has no
         advantage: it does not move the policy. The baseline is the
         moving average of the batches' weighted mean cost `sum c / sum w`; a
-        batch of weight 0 leaves it as it is.
+        batch of weight 0 leaves it as it is, and so does an evaluation step
+        (`update_baseline=False`).
         """
         log_probability = ops.sum(
             ops.stack(
@@ -289,10 +296,11 @@ class _PolicyGradientTraining:
             batch_cost = ops.where(weighted, ops.sum(costs) / ops.maximum(total, 1e-12), 0.0)
             baseline = ops.where(steps > 0, average / (1.0 - momentum**steps), batch_cost)
             advantages = costs - weights * ops.stop_gradient(baseline)
-            average.assign(
-                ops.where(weighted, momentum * average + (1.0 - momentum) * batch_cost, average)
-            )
-            steps.assign(ops.where(weighted, steps + 1.0, steps))
+            if update_baseline:
+                average.assign(
+                    ops.where(weighted, momentum * average + (1.0 - momentum) * batch_cost, average)
+                )
+                steps.assign(ops.where(weighted, steps + 1.0, steps))
         return ops.mean(ops.stop_gradient(advantages) * log_probability)
 
     def _update_gate_metrics(self, decisions, policy_loss):
@@ -358,7 +366,9 @@ class _PolicyGradientTraining:
         ]
         if decisions:
             costs = ops.stop_gradient(self._per_example_loss(y, y_pred, sample_weight))
-            surrogate = self._policy_objective(decisions, costs, _example_weights(sample_weight))
+            surrogate = self._policy_objective(
+                decisions, costs, _example_weights(sample_weight), update_baseline=training
+            )
             regularization = ops.sum(
                 ops.stack([ops.cast(d.regularization, "float32") for d in decisions])
             )
@@ -456,6 +466,13 @@ class PolicyGradientModel(
             the paper).
         baseline_momentum: momentum of the moving average, in [0, 1).
         *args, **kwargs: as `keras.Model`.
+
+    Only training steps move the baseline; `evaluate` and validation read
+    it. `.keras` files keep `baseline` and `baseline_momentum`;
+    `keras.models.clone_model` does not (Keras rebuilds a functional model
+    from its inputs and outputs alone): set them on the clone
+    (`clone.baseline`, `clone.baseline_momentum`) if they differ from the
+    defaults.
 
     Example:
 

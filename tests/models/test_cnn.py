@@ -30,3 +30,24 @@ def test_filters_not_divisible_by_blocks_are_refused(filters):
         build_gated_cnn((8, 8, 1), 10, filters=filters, blocks=4)
     if filters and all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters):
         build_dense_cnn((8, 8, 1), 10, filters=filters)
+
+
+def test_the_builders_are_channels_last_whatever_the_keras_setting():
+    import keras
+    import numpy as np
+
+    before = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        for build in (build_gated_cnn, build_dense_cnn):
+            model = build((8, 8, 1), 10, filters=(8, 8))
+            assert model.predict(np.zeros((2, 8, 8, 1), "float32"), verbose=0).shape == (2, 10)
+    finally:
+        keras.config.set_image_data_format(before)
+
+
+def test_more_convolutions_than_the_image_can_pool_are_refused():
+    with pytest.raises(ValueError, match="5 convolutions pool the image 4 times: a 8x8 input"):
+        build_gated_cnn((8, 8, 1), 10, filters=(8,) * 5, blocks=4)
+    with pytest.raises(ValueError, match="input_shape=\\(8, 8\\)"):
+        build_dense_cnn((8, 8), 10)

@@ -216,6 +216,42 @@ def test_policy_optimizer_survives_save_and_load(rng, tmp_path):
     restored.fit(x, y, epochs=1, verbose=0)
 
 
+def test_evaluation_reads_the_baseline_without_moving_it(rng):
+    model = tiny_model()
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    x, y = toy_data(rng)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    trained = [model._baseline_average.numpy(), model._baseline_steps.numpy()]
+    assert trained[1] == 4.0  # one step per training batch
+    first = model.evaluate(x, y, verbose=0, return_dict=True)["policy_loss"]
+    second = model.evaluate(x, y, verbose=0, return_dict=True)["policy_loss"]
+    assert first == second
+    assert [model._baseline_average.numpy(), model._baseline_steps.numpy()] == trained
+
+
+def test_a_loss_scale_policy_optimizer_survives_save_and_load(rng, tmp_path):
+    import warnings
+
+    keras.config.set_dtype_policy("mixed_float16")
+    model = tiny_model()
+    model.compile(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), LOSS,
+        policy_optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()),
+    )
+    x, y = toy_data(rng)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = keras.models.load_model(tmp_path / "m.keras")
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    saved = {v.path: v.numpy() for v in model.policy_optimizer.variables}
+    loaded = {v.path: v.numpy() for v in restored.policy_optimizer.variables}
+    assert saved.keys() == loaded.keys()
+    for path, value in saved.items():
+        np.testing.assert_array_equal(loaded[path], value)
+
+
 def test_mixed_precision_trains(rng):
     keras.config.set_dtype_policy("mixed_float16")
     model = tiny_model()
