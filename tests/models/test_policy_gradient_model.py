@@ -73,17 +73,18 @@ def test_trains_on_digits_to_accuracy_and_density(digits):
     assert 0.02 < logs["density"] < 0.35
 
 
+class SubclassedNet(PolicyGradientModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
+        self.head = keras.layers.Dense(3)
+
+    def call(self, inputs, training=None):
+        return self.head(self.gate(inputs, training=training))
+
+
 def test_subclassed_model_trains_and_logs(rng):
-    class Net(PolicyGradientModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
-            self.head = keras.layers.Dense(3)
-
-        def call(self, inputs, training=None):
-            return self.head(self.gate(inputs, training=training))
-
-    model = Net(baseline=None)
+    model = SubclassedNet(baseline=None)
     model.compile("adam", LOSS, policy_optimizer="sgd")
     x, y = toy_data(rng)
     history = model.fit(x, y, epochs=1, verbose=0)
@@ -143,17 +144,8 @@ def test_examples_of_weight_zero_do_not_move_the_policy(rng):
 
 
 def test_a_subclassed_model_built_before_compile_compiles_and_trains(rng):
-    class Net(PolicyGradientModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
-            self.head = keras.layers.Dense(3)
-
-        def call(self, inputs, training=None):
-            return self.head(self.gate(inputs, training=training))
-
     x, y = toy_data(rng)
-    model = Net()
+    model = SubclassedNet()
     model(x[:1])  # built first, as the multiple-devices guide does
     model.compile("adam", LOSS, policy_optimizer="adam")
     history = model.fit(x, y, epochs=1, verbose=0).history
