@@ -61,7 +61,7 @@ import numpy as np
 
 import gated_conv2d
 from controlled_masks import selection_inputs, steer_policies
-from run_options import check_run_options
+from run_options import HelpFormatter, check_run_options
 from keras_condcomp.speed import evict_caches
 
 INPUT_DIM, UNITS, BLOCKS, CLASSES = 3072, 1536, 24, 10
@@ -303,12 +303,15 @@ def _plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--cnn-densities", nargs="*", type=float, default=list(CNN_DENSITIES),
                         help="densities of the GatedConv2D stack (none: skip it)")
-    parser.add_argument("--repeats", type=int, default=500)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--repeats", type=int, default=500,
+                        help="timed calls per runtime, model and regime")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder the JSON and PNG results are written to")
     args = parser.parse_args(argv)
     bad = [v for v in args.densities if not 1 / BLOCKS <= v <= 1]
     if bad:

@@ -65,7 +65,7 @@ import sys
 
 import numpy as np
 
-from run_options import check_run_options
+from run_options import HelpFormatter, check_run_options, fill_defaults, listed
 
 INPUT_SHAPE = (32, 32, 3)
 LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
@@ -77,6 +77,7 @@ HEAD = 10
 DENSITIES = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
 BATCH_SIZES = (1, 32)
 PATHS = ("auto", "per_example", "grouped")
+QUICK = {"densities": (1 / 4,), "batch_sizes": (1,), "threads": (1,)}
 
 
 def _build(seed=0, stack="cifar"):
@@ -380,27 +381,36 @@ def _plot(rows, path, stack="cifar"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
-                        help="thread settings to run, each in its own process (0: all cores)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--densities", nargs="+", type=float,
+                        help=f"default: {listed(DENSITIES)}; --quick: {listed(QUICK['densities'])}")
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help=f"default: {listed(BATCH_SIZES)}; --quick: "
+                             f"{listed(QUICK['batch_sizes'])}")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="execution paths timed (the masked reference, the tuned "
+                             "stack and the bounds are timed always)")
+    parser.add_argument("--threads", nargs="+", type=int,
+                        help="thread settings to run, each in its own process (0: all cores); "
+                             "default: 1 0; --quick: 1")
     parser.add_argument("--repeats", type=int, default=40,
                         help="timed calls per path; more below batch 8 (8x at batch 1)")
     parser.add_argument("--stack", choices=sorted(STACKS), default="cifar",
                         help="cifar: max pooling after the first two convolutions; "
                              "full-resolution: none (32x32 feature maps throughout)")
     parser.add_argument("--quick", action="store_true",
-                        help="density 1/4, batch 1, 1 thread")
+                        help="the defaults of --densities, --batch-sizes and --threads become "
+                             "density 1/4, batch 1, 1 thread (options given are kept)")
     parser.add_argument("--tensor-inputs", action="store_true",
                         help="feed TensorFlow tensors (as from a tf.data pipeline) instead "
                              "of numpy arrays: each call then skips the conversion")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder the JSON and PNG results are written to")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.densities, args.batch_sizes, args.threads = [1 / 4], [1], [1]
+    fill_defaults(args, {"densities": DENSITIES, "batch_sizes": BATCH_SIZES, "threads": (1, 0)},
+                  QUICK)
     bad = _not_whole_groups(args.densities)
     if bad:
         parser.error(f"--densities must be multiples of 1/{LAYERS[0][1]} in (0, 1] "

@@ -72,7 +72,7 @@ import sys
 import numpy as np
 
 from controlled_masks import selection_inputs, steer_policies
-from run_options import check_run_options
+from run_options import HelpFormatter, check_run_options, fill_defaults, listed
 
 SHAPES = {
     # name: (input_dim, [(units, blocks), ...], head units or None)
@@ -83,6 +83,8 @@ SHAPES = {
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
 BATCH_SIZES = (1, 50, 256)
 PATHS = ("auto", "per_example", "grouped", "static_capacity")
+QUICK = {"shapes": ("bengio_cifar10_mlp",), "densities": (1 / 16, 3 / 4), "batch_sizes": (1, 50),
+         "threads": (1,)}
 # Forced per_example gathers every pair's tiles: skip it when that is huge.
 PER_EXAMPLE_MAX_GATHER = 2e8
 
@@ -284,20 +286,32 @@ def _plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
-                        help="thread settings to run, each in its own process (0: all cores)")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                        help="default: all; --quick: bengio_cifar10_mlp")
+    parser.add_argument("--densities", nargs="+", type=float,
+                        help=f"default: {listed(DENSITIES)}; --quick: {listed(QUICK['densities'])}")
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help=f"default: {listed(BATCH_SIZES)}; --quick: "
+                             f"{listed(QUICK['batch_sizes'])}")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="execution paths timed (the masked reference, the tuned "
+                             "stack and the bounds are timed always)")
+    parser.add_argument("--threads", nargs="+", type=int,
+                        help="thread settings to run, each in its own process (0: all cores); "
+                             "default: 1 0; --quick: 1")
+    parser.add_argument("--repeats", type=int, default=30,
+                        help="timed calls per path; 8x at batch 1")
     parser.add_argument("--quick", action="store_true",
-                        help="Bengio shape only, densities 1/16 and 3/4, batch 1 and 50, 1 thread")
+                        help="the defaults of --shapes, --densities, --batch-sizes and "
+                             "--threads become the Bengio shape, densities 1/16 and 3/4, "
+                             "batches 1 and 50, 1 thread (options given are kept)")
     parser.add_argument("--tensor-inputs", action="store_true",
                         help="feed TensorFlow tensors (as from a tf.data pipeline) instead "
                              "of numpy arrays: each call then skips the conversion")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder the JSON and PNG results are written to")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
                         help="merge these result files (runs of separate settings) into "
                              "gated_dense.json and its plot in --out, without timing anything")
@@ -310,9 +324,8 @@ def main(argv=None):
             parser.error(str(error))
         _write(args.out, "gated_dense", result)
         return
-    if args.quick:
-        args.shapes, args.densities, args.batch_sizes, args.threads = (
-            ["bengio_cifar10_mlp"], [1 / 16, 3 / 4], [1, 50], [1])
+    fill_defaults(args, {"shapes": SHAPES, "densities": DENSITIES, "batch_sizes": BATCH_SIZES,
+                         "threads": (1, 0)}, QUICK)
     bad = [v for v in args.densities if not 0 < v <= 1]
     if bad:
         parser.error(f"--densities must be in (0, 1], got {bad}")

@@ -1,6 +1,38 @@
-"""Checks of the benchmarks' common options, before any timing."""
+"""The benchmarks' common options: their help, `--quick`, and their checks
+before any timing."""
 
+import argparse
+import fractions
 import os
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is None (the option's help
+    then says what it defaults to, with and without `--quick`) or a flag's."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def listed(values):
+    """`values` as the help shows them: `1/16 3/4`, `1 50`."""
+    return " ".join(
+        str(fractions.Fraction(value).limit_denominator(1024)) if isinstance(value, float)
+        else str(value)
+        for value in values
+    )
+
+
+def fill_defaults(args, defaults, quick_defaults):
+    """Gives each option left unset (None) its value from `quick_defaults`
+    under `--quick`, else from `defaults`: an option given on the command
+    line is kept either way."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            chosen = quick_defaults[name] if args.quick and name in quick_defaults else value
+            setattr(args, name, list(chosen))
 
 
 def check_run_options(parser, args):

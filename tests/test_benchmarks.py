@@ -140,3 +140,19 @@ def test_benchmarks_refuse_bad_run_options_before_timing(capsys, arguments, mess
         dense.main(["--out", str(tmp_path / "file")])
     assert "--out must be a folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["gated_dense", "gated_conv2d"])
+def test_quick_keeps_the_options_given(monkeypatch, name, tmp_path):
+    bench = _load(name)
+    seen = []
+    monkeypatch.setattr(bench, "_worker", seen.append)
+    out = ["--out", str(tmp_path)]
+    bench.main(["--worker", "--quick", "--densities", "0.5", *out])
+    bench.main(["--worker", "--quick", *out])
+    bench.main(["--worker", "--batch-sizes", "4", *out])
+    given, quick, full = seen
+    assert given.densities == [0.5] and quick.densities == list(bench.QUICK["densities"])
+    assert given.batch_sizes == quick.batch_sizes == list(bench.QUICK["batch_sizes"])
+    assert full.densities == list(bench.DENSITIES) and full.batch_sizes == [4]
+    assert given.threads == quick.threads == full.threads == 1
