@@ -3,6 +3,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# A .venv whose Python no longer runs (its interpreter removed) is made anew.
+ifneq ($(wildcard $(VENV)),)
+ifneq ($(shell $(BIN)/python -c 'print("ok")' 2>/dev/null),ok)
+$(info $(VENV) is broken (its python does not run): making it anew)
+$(shell rm -rf $(VENV))
+endif
+endif
+
 .PHONY: demo test docs clean
 
 $(STAMP): pyproject.toml

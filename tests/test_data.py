@@ -136,6 +136,14 @@ def test_tfds_loader_with_mock_data():
     assert dataset.x_train.max() <= 1.0
 
 
+def test_tfds_builders_can_locate_their_code():
+    # What a real download runs first, and what mock_data skips: it imports
+    # importlib_resources, which tensorflow-datasets does not declare.
+    import tensorflow_datasets as tfds
+
+    assert tfds.builder_cls("mnist").code_path.name == "mnist.py"
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset='cifar'"):
         data.load_dataset("cifar")
