@@ -214,12 +214,8 @@ class _PolicyGradientTraining:
                 "PolicyGradientModel found no gated layer (GatedDense, ...) in "
                 f"model {self.name!r}: there is no policy to train."
             )
-        if self.policy_optimizer is not None and self.built:
-            # Keras pre-builds `optimizer` only. Built here, inside the
-            # strategy scope compile runs in: slot variables (Adam's moments)
-            # created lazily in a replica's step break tf.distribute.
-            if not self.policy_optimizer.built:
-                self.policy_optimizer.build(self._split_trainable_variables()[1])
+        if self.built:
+            self._build_optimizers()
         names = [layer.name for layer in layers]
         if self._gate_metrics is None or list(self._gate_metrics.per_layer) != names:
             self._gate_metrics = _GateMetrics(names)
@@ -236,21 +232,24 @@ class _PolicyGradientTraining:
         return config
 
     def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            # `compile` may have built the policy optimizer already; building
-            # twice duplicates a LossScaleOptimizer's variables (its saved
-            # state would then not load).
-            network, policy = self._split_trainable_variables()
-            if self.policy_optimizer is None:
-                if not self.optimizer.built:
-                    self.optimizer.build(self.trainable_variables)
-            else:
-                if not self.optimizer.built:
-                    self.optimizer.build(network)
-                if not self.policy_optimizer.built:
-                    self.policy_optimizer.build(policy)
+        # `compile` builds the optimizers (Keras's would build `optimizer`
+        # again on every variable, duplicating a LossScaleOptimizer's).
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+    def _build_optimizers(self):
+        """Builds the optimizers that are not built yet.
+
+        `optimizer` on every trainable variable, as Keras builds it wherever
+        it does (`BackupAndRestore`, a distribution strategy's first step,
+        loading): built on the network's alone, its saved state would not
+        load there. `policy_optimizer` on the policies'. Built here, inside
+        the strategy scope compile runs in: slot variables (Adam's moments)
+        created lazily in a replica's step break tf.distribute.
+        """
+        if not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        if self.policy_optimizer is not None and not self.policy_optimizer.built:
+            self.policy_optimizer.build(self._split_trainable_variables()[1])
 
     def _split_trainable_variables(self):
         policy_ids = {
@@ -395,6 +394,9 @@ class _PolicyGradientTraining:
                 policy_loss = self.policy_optimizer.scale_loss(loss + policy_objective)
             else:
                 total_loss = self.optimizer.scale_loss(loss + policy_objective)
+        # A model first built by the forward pass above (subclassed) gets its
+        # optimizers here.
+        self._build_optimizers()
         if separate:
             network, policy = self._split_trainable_variables()
             self.optimizer.apply(tape.gradient(network_loss, network), network)

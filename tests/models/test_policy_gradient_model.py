@@ -189,7 +189,26 @@ def test_gated_layers_of_one_name_in_two_nested_models_are_refused():
         profile_macs(model)
 
 
-def test_policy_optimizer_survives_save_and_load(rng, tmp_path):
+def _loaded_without_skipping(path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = keras.models.load_model(path)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    return restored
+
+
+def _assert_same_optimizer_state(model, restored):
+    for name in ("optimizer", "policy_optimizer"):
+        saved = [v.numpy() for v in getattr(model, name).variables]
+        loaded = [v.numpy() for v in getattr(restored, name).variables]
+        assert len(saved) == len(loaded)
+        for a, b in zip(saved, loaded):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_both_optimizers_survive_save_and_load(rng, tmp_path):
     model = tiny_model()
     model.compile(
         keras.optimizers.Adam(1e-3), LOSS,
@@ -198,14 +217,35 @@ def test_policy_optimizer_survives_save_and_load(rng, tmp_path):
     x, y = toy_data(rng)
     model.fit(x, y, epochs=1, verbose=0)
     model.save(tmp_path / "m.keras")
-    restored = keras.models.load_model(tmp_path / "m.keras")
+    restored = _loaded_without_skipping(tmp_path / "m.keras")
     assert isinstance(restored.policy_optimizer, keras.optimizers.SGD)
     assert restored.policy_optimizer.learning_rate.numpy() == pytest.approx(0.05)
     assert restored.policy_optimizer.momentum == 0.5
-    for a, b in zip(model.policy_optimizer.variables, restored.policy_optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    _assert_same_optimizer_state(model, restored)
     np.testing.assert_array_equal(model.predict(x, verbose=0), restored.predict(x, verbose=0))
     restored.fit(x, y, epochs=1, verbose=0)
+
+
+def test_backup_and_restore_resumes_both_optimizers(rng, tmp_path):
+    x, y = toy_data(rng)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+
+    class Preempted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("preempted")
+
+    def compiled():
+        model = tiny_model()
+        model.compile("adam", LOSS, policy_optimizer="adam")
+        return model
+
+    with pytest.raises(RuntimeError, match="preempted"):
+        compiled().fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[backup, Preempted()])
+    resumed = compiled()
+    resumed.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[backup])
+    # 4 steps an epoch; the network's Adam resumed after 2 epochs, not from 0.
+    assert int(resumed.optimizer.iterations) == int(resumed.policy_optimizer.iterations) == 16
 
 
 def test_evaluation_reads_the_baseline_without_moving_it(rng):
@@ -268,6 +308,16 @@ def _trained_weights(strategy, x, y):
     model.get_layer("gate").policy.bias.assign(np.full(4, 30.0, "float32"))
     model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     return [w.numpy() for w in model.weights]
+
+
+def test_a_model_trained_on_two_replicas_reloads_its_optimizers(rng, tmp_path):
+    x, y = toy_data(rng)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        model = tiny_model()
+        model.compile("adam", LOSS, policy_optimizer="adam")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    _assert_same_optimizer_state(model, _loaded_without_skipping(tmp_path / "m.keras"))
 
 
 def test_mirrored_strategy_matches_one_device(rng):
