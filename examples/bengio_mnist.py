@@ -70,6 +70,7 @@ import numpy as np
 from keras_condcomp import PolicyGradientModel
 from keras_condcomp.data import load_mnist
 from keras_condcomp.layers import GatedDense
+from keras_condcomp.regularizers import DEVIATIONS
 
 NETWORK_LR, POLICY_LR = 1e-3, 5e-5
 LAMBDA_S = LAMBDA_V = 200.0
@@ -83,6 +84,9 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sparsity-deviation", choices=DEVIATIONS, default="absolute",
+                        help="how L_b and L_e measure a deviation from tau: absolute (the "
+                             "paper's equations) or squared (the authors' code)")
     args = parser.parse_args(argv)
     for option in ("epochs", "batch_size"):
         if getattr(args, option) <= 0:
@@ -102,6 +106,7 @@ def main(argv=None):
         sparsity_weight=LAMBDA_S * scale, variance_weight=LAMBDA_V * scale,
         # L_e on the count of blocks, as the authors' code (see the docstring).
         example_sparsity_weight=BLOCKS * LAMBDA_S * scale,
+        sparsity_deviation=args.sparsity_deviation,
         kernel_regularizer=l2,
         policy_regularizer=keras.regularizers.L2(LAMBDA_L2 * scale),
         seed=0,

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from keras_condcomp.models.cnn import DEFAULT_POLICY_GRID
+from keras_condcomp.regularizers import DEVIATIONS
 
 __all__ = ["main"]
 
@@ -170,6 +171,11 @@ def _parser():
              f"{MODEL_DEFAULTS['cnn']['example_sparsity_weight']} for cnn)",
     )
     train.add_argument(
+        "--sparsity-deviation", choices=DEVIATIONS, default="absolute",
+        help="how L_b and L_e measure a deviation from the target: absolute (the paper) "
+             "or squared (the authors' code: the density settles above the target)",
+    )
+    train.add_argument(
         "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3,
         help="Adam's learning rate of the networks (where the cosine decay starts)",
     )
@@ -314,7 +320,8 @@ def train(args):
         input_dim, dataset.num_classes, units=args.units, blocks=args.blocks,
         layers=args.layers, target_density=args.target_density,
         sparsity_weight=args.sparsity_weight, variance_weight=args.variance_weight,
-        example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
+        example_sparsity_weight=args.example_sparsity_weight,
+        sparsity_deviation=args.sparsity_deviation, seed=args.seed,
     )
     gated.compile(
         _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
@@ -505,7 +512,8 @@ def train_cnn(args):
         shape, dataset.num_classes, filters=filters, blocks=args.blocks,
         target_density=args.target_density, sparsity_weight=args.sparsity_weight,
         variance_weight=args.variance_weight,
-        example_sparsity_weight=args.example_sparsity_weight, seed=args.seed,
+        example_sparsity_weight=args.example_sparsity_weight,
+        sparsity_deviation=args.sparsity_deviation, seed=args.seed,
         policy_grid=args.policy_grid,
     )
     gated.compile(

@@ -26,6 +26,7 @@ def test_train_writes_results_and_model(tmp_path):
     assert results["dense_macs"] == 64 * 32 + 32 * 10
     assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".keras-condcomp")]
+    assert results["config"]["sparsity_deviation"] == "absolute"
 
 
 @pytest.mark.parametrize("schedule, last_rate", [("cosine", 0.0), ("constant", 1e-3)])
@@ -45,7 +46,7 @@ def test_train_cnn_writes_results_and_model(tmp_path):
     out = tmp_path / "run"
     arguments = ["--model", "cnn", "--filters", "8,8", "--blocks", "4", "--epochs", "1",
                  "--batch-size", "256", "--speed-repeats", "1", "--verbose", "0",
-                 "--policy-grid", "2", "--out", str(out)]
+                 "--policy-grid", "2", "--sparsity-deviation", "squared", "--out", str(out)]
     assert main(["train", *arguments]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "cnn"
@@ -59,6 +60,8 @@ def test_train_cnn_writes_results_and_model(tmp_path):
         assert key in results
     assert sorted(results["layer_densities"]) == ["gated_conv_1", "gated_conv_2"]
     assert results["policy_grids"] == {"gated_conv_1": 2, "gated_conv_2": 2}
+    assert {layer.sparsity_deviation for layer in model.layers if hasattr(layer, "policy")} \
+        == {"squared"}
     # digits are 8x8x1: 3x3 convs of 8 filters at 8x8, then 8 -> 8 at 4x4, the head
     assert results["dense_macs"] == 64 * 9 * 1 * 8 + 16 * 9 * 8 * 8 + 8 * 10
     assert sorted(os.listdir(out)) == ["model.keras", "results.json"]

@@ -1,11 +1,12 @@
 import numpy as np
+import pytest
 
 from keras_condcomp import regularizers
 
 
-def numpy_terms(sigma, tau):
-    l_b = np.sum(np.abs(sigma.mean(axis=0) - tau))
-    l_e = np.mean(np.abs(sigma.mean(axis=1) - tau))
+def numpy_terms(sigma, tau, penalty=np.abs):
+    l_b = np.sum(penalty(sigma.mean(axis=0) - tau))
+    l_e = np.mean(penalty(sigma.mean(axis=1) - tau))
     l_v = -np.sum(sigma.var(axis=0))
     return l_b, l_e, l_v
 
@@ -29,3 +30,28 @@ def test_disabled_terms():
     np.testing.assert_allclose(
         regularizers.gating_regularization(sigma, 0.5, 0.0, 1.0), 0.0, atol=1e-7
     )
+
+
+def test_squared_deviations_as_the_authors_code(rng):
+    sigma = rng.uniform(size=(13, 7)).astype("float32")
+    l_b, l_e, l_v = numpy_terms(sigma, 0.2, np.square)
+    np.testing.assert_allclose(regularizers.block_balance(sigma, 0.2, "squared"), l_b, rtol=1e-5)
+    np.testing.assert_allclose(
+        regularizers.example_balance(sigma, 0.2, "squared"), l_e, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        regularizers.gating_regularization(sigma, 0.2, 3.0, 0.5, 7.0, deviation="squared"),
+        3.0 * l_b + 7.0 * l_e + 0.5 * l_v,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "term", [regularizers.block_balance, regularizers.example_balance]
+)
+def test_unknown_deviation_is_refused(term):
+    with pytest.raises(ValueError, match="deviation='cubed'"):
+        term(np.full((2, 2), 0.5, "float32"), 0.5, "cubed")
+    with pytest.raises(ValueError, match="deviation='cubed'"):
+        regularizers.gating_regularization(np.full((2, 2), 0.5, "float32"), None, 0.0, 1.0,
+                                           deviation="cubed")

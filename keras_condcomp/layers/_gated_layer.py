@@ -69,6 +69,7 @@ class _GateSchedule:
 def validate_gating_arguments(
     target_density, sparsity_weight, variance_weight, inference, execution,
     example_sparsity_weight=None, execution_paths=EXECUTION_PATHS,
+    sparsity_deviation="absolute",
 ):
     """Checks the gating arguments shared by the gated layers."""
     if target_density is not None and not (is_number(target_density) and 0 < target_density <= 1):
@@ -87,6 +88,11 @@ def validate_gating_arguments(
             raise ValueError(
                 f"`{name}` must be a finite non-negative number. Received: {name}={value!r}"
             )
+    if sparsity_deviation not in regularizers.DEVIATIONS:
+        raise ValueError(
+            f"`sparsity_deviation` must be one of {regularizers.DEVIATIONS}. "
+            f"Received: sparsity_deviation={sparsity_deviation!r}"
+        )
     if inference not in INFERENCE_MODES:
         raise ValueError(
             f"`inference` must be one of {INFERENCE_MODES}. "
@@ -190,19 +196,21 @@ class GatedLayer(keras.layers.Layer):
         execution="auto",
         seed=None,
         example_sparsity_weight=None,
+        sparsity_deviation="absolute",
         **kwargs,
     ):
         super().__init__(**kwargs)
         _check_blocks(blocks)
         validate_gating_arguments(
             target_density, sparsity_weight, variance_weight, inference, execution,
-            example_sparsity_weight, self.execution_paths,
+            example_sparsity_weight, self.execution_paths, sparsity_deviation,
         )
         self.blocks = int(blocks)
         self.target_density = _float_or_none(target_density)
         self.sparsity_weight = float(sparsity_weight)
         self.variance_weight = float(variance_weight)
         self.example_sparsity_weight = _float_or_none(example_sparsity_weight)
+        self.sparsity_deviation = sparsity_deviation
         self.inference = inference
         self.execution = execution
         self.seed = seed
@@ -318,7 +326,7 @@ class GatedLayer(keras.layers.Layer):
             target_density = self.target_density
         return regularizers.gating_regularization(
             probabilities, target_density, self.sparsity_weight, self.variance_weight,
-            self.example_sparsity_weight,
+            self.example_sparsity_weight, self.sparsity_deviation,
         )
 
     def _scheduled(self, logits, mask):
@@ -387,4 +395,5 @@ class GatedLayer(keras.layers.Layer):
             "execution": self.execution,
             "seed": self.seed,
             "example_sparsity_weight": self.example_sparsity_weight,
+            "sparsity_deviation": self.sparsity_deviation,
         }

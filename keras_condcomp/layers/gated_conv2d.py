@@ -99,6 +99,8 @@ class GatedConv2D(GatedLayer):
         seed: int seed of the mask sampling.
         example_sparsity_weight: None (default: `sparsity_weight`) or the
             weight of `L_e` alone, as in GatedDense.
+        sparsity_deviation: `"absolute"` (default) or `"squared"`: how
+            `L_b` and `L_e` measure a deviation from tau, as in GatedDense.
         policy_grid: None (default): the policy reads each input channel's
             mean over the image. A positive int `g`: the means over a
             `g x g` grid of equal cells (`g * g * in_channels` numbers), for
@@ -159,6 +161,7 @@ class GatedConv2D(GatedLayer):
         seed=None,
         example_sparsity_weight=None,
         policy_grid=None,
+        sparsity_deviation="absolute",
         **kwargs,
     ):
         if not is_integer(filters) or filters <= 0:
@@ -204,6 +207,7 @@ class GatedConv2D(GatedLayer):
             execution=execution,
             seed=seed,
             example_sparsity_weight=example_sparsity_weight,
+            sparsity_deviation=sparsity_deviation,
             activity_regularizer=activity_regularizer,
             **kwargs,
         )

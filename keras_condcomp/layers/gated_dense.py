@@ -83,6 +83,12 @@ class GatedDense(GatedLayer):
             apart). `L_e` averages over blocks, so with many blocks it is weak
             next to `L_b` and `L_v`: a larger weight stops the policy from
             giving some examples every block and others none.
+        sparsity_deviation: `"absolute"` (default, the paper's `|.|`) or
+            `"squared"` (the authors' code): how `L_b` and `L_e` measure a
+            deviation from tau. The squared pull fades near tau, so the
+            learned density settles above it (on MNIST with tau = 1/16:
+            about 0.15 against 0.07), and fewer examples are left with no
+            active block.
         policy_initializer: initializer of the policy kernel.
         policy_bias_initializer: initializer of the policy bias (zeros: every
             block starts with probability 0.5).
@@ -141,6 +147,7 @@ class GatedDense(GatedLayer):
         execution="auto",
         seed=None,
         example_sparsity_weight=None,
+        sparsity_deviation="absolute",
         **kwargs,
     ):
         if not is_integer(units) or units <= 0:
@@ -165,6 +172,7 @@ class GatedDense(GatedLayer):
             execution=execution,
             seed=seed,
             example_sparsity_weight=example_sparsity_weight,
+            sparsity_deviation=sparsity_deviation,
             activity_regularizer=activity_regularizer,
             **kwargs,
         )
