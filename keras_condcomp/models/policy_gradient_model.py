@@ -302,21 +302,24 @@ class _PolicyGradientTraining:
                 steps.assign(ops.where(weighted, steps + 1.0, steps))
         return ops.mean(ops.stop_gradient(advantages) * log_probability)
 
-    def _update_gate_metrics(self, decisions, policy_loss):
-        self._gate_metrics.policy_loss.update_state(policy_loss)
+    def _update_gate_metrics(self, decisions, policy_loss, batch):
+        # Weighed by examples (each example's density, of its layer's calls;
+        # the policy loss by its batch's size, as Keras weighs `loss`), so
+        # that the logged means do not depend on how the examples were batched.
+        self._gate_metrics.policy_loss.update_state(policy_loss, sample_weight=batch)
         per_layer = {}
         for decision in decisions:
             per_layer.setdefault(decision.layer.name, []).append(
-                ops.mean(ops.cast(decision.mask, "float32"))
+                ops.mean(ops.cast(decision.mask, "float32"), axis=-1)
             )
         densities = []
         for name, values in per_layer.items():
-            density = ops.mean(ops.stack(values))
+            density = ops.mean(ops.stack(values), axis=0)
             if name in self._gate_metrics.per_layer:
                 self._gate_metrics.per_layer[name].update_state(density)
             densities.append(density)
         if densities:
-            self._gate_metrics.density.update_state(ops.mean(ops.stack(densities)))
+            self._gate_metrics.density.update_state(ops.mean(ops.stack(densities), axis=0))
             self._gate_metrics.conditional_macs.update_state(
                 self._conditional_macs_per_example(decisions)
             )
@@ -376,7 +379,7 @@ class _PolicyGradientTraining:
             policy_loss = ops.zeros(())
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         self._loss_metric().update_state(loss * replicas, sample_weight=batch)
-        self._update_gate_metrics(decisions, policy_loss)
+        self._update_gate_metrics(decisions, policy_loss, batch)
         # Divided like compute_loss's losses, so replicas sum to the global mean.
         return y_pred, loss, policy_loss / replicas
 

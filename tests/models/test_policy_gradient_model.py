@@ -42,6 +42,17 @@ def test_fit_and_evaluate_log_policy_loss_and_densities(rng):
     np.testing.assert_allclose(logs["density"], logs["gate_density"])
 
 
+def test_logged_densities_weigh_every_example_alike(rng):
+    model = tiny_model()
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    x, y = toy_data(rng, n=33)
+    expected = float(np.mean(model.get_layer("gate").block_mask(x)))
+    for batch_size in (32, 33, 5):  # a last batch of 1, none, of 3
+        logs = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+        assert logs["density"] == pytest.approx(expected)
+        assert logs["gate_density"] == pytest.approx(expected)
+
+
 def test_logged_loss_is_the_task_loss_and_policy_loss_has_the_regularisers(rng):
     # With a large L_v weight the gating regulariser is far below 0; it must
     # go to the policy's objective, not into the task loss that `loss` logs.
