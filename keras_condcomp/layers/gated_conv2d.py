@@ -409,7 +409,10 @@ class GatedConv2D(GatedLayer):
         config.pop("dtype", None)
         layer = cls(blocks=blocks, **{**config, **gate_kwargs})
         if conv.built:
-            shape = [None] * 4
+            # The weights depend on the channels alone; a policy grid needs
+            # known rows and columns, so it is built on the smallest it takes.
+            size = layer.policy_grid
+            shape = [None, size, size, size]
             shape[layer._channel_axis] = conv.kernel.shape[2]
             layer.build(tuple(shape))
             layer.kernel.assign(conv.kernel)

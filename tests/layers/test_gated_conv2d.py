@@ -17,8 +17,9 @@ def test_exported_from_the_package():
     assert "GatedConv2D" in keras_condcomp.layers.__all__
 
 
+@pytest.mark.parametrize("policy_grid", [None, 2])
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_equals_conv2d_with_every_group_open(rng, data_format):
+def test_equals_conv2d_with_every_group_open(rng, data_format, policy_grid):
     shape = (3, 7, 6, 4) if data_format == "channels_last" else (3, 4, 7, 6)
     x = rng.normal(size=shape).astype("float32")
     conv = keras.layers.Conv2D(
@@ -34,8 +35,9 @@ def test_equals_conv2d_with_every_group_open(rng, data_format):
         expected = reference(x)
     else:
         expected = np.moveaxis(reference(np.moveaxis(x, 1, -1)), -1, 1)
-    gated = GatedConv2D.from_conv(conv, blocks=4)
+    gated = GatedConv2D.from_conv(conv, blocks=4, policy_grid=policy_grid)
     assert gated.data_format == data_format
+    assert gated.policy.kernel.shape == (4 * (policy_grid or 1) ** 2, 4)
     all_open(gated)
     for training in (False, True):
         np.testing.assert_allclose(gated(x, training=training), expected, atol=1e-5)
