@@ -33,7 +33,9 @@ class DensityScheduler(keras.callbacks.Callback):
     `target_density` (their mean) into the epoch's `logs`. When training
     ends, every layer's tau goes back to its `target_density`, as a reloaded
     copy of the model would have it (a `fit` stopped mid-schedule does not
-    leave the next `fit` training towards an intermediate tau).
+    leave the next `fit` training towards an intermediate tau). A
+    `PolicyGradientModel.fit` stopped by an exception or Ctrl-C, where Keras
+    does not end training, gives every layer the tau it had before `fit`.
 
     Args:
         schedule: optional callable `(epoch, target_density) -> float in (0, 1]`

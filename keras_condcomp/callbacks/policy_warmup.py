@@ -16,7 +16,9 @@ class PolicyWarmup(keras.callbacks.Callback):
     `epochs` on (0-based, counting from `fit`'s `initial_epoch` as Keras does)
     the policy decides as usual. It works by `GatedDense.set_policy_enabled`,
     read at call time, so no retracing is needed. The policy is switched on
-    again when training ends, whenever that happens.
+    again when training ends, whenever that happens (a
+    `PolicyGradientModel.fit` stopped by an exception or Ctrl-C gives every
+    layer back the state it had before `fit`).
 
     Writes `policy_enabled` (0 or 1) into the epoch's `logs`.
 

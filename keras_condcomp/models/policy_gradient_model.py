@@ -383,6 +383,19 @@ class _PolicyGradientTraining:
         # Divided like compute_loss's losses, so replicas sum to the global mean.
         return y_pred, loss, policy_loss / replicas
 
+    def fit(self, *args, **kwargs):
+        # Keras skips `on_train_end` when `fit` stops on an exception (Ctrl-C
+        # included): the schedule state callbacks change (PolicyWarmup,
+        # DensityScheduler) is then given back as it was before `fit`.
+        schedules = [layer._schedule for layer in gated_layers(self)]
+        before = [(s.target_density, s.policy_enabled) for s in schedules]
+        try:
+            return super().fit(*args, **kwargs)
+        except BaseException:
+            for schedule, (target_density, policy_enabled) in zip(schedules, before):
+                schedule.set(target_density=target_density, policy_enabled=policy_enabled)
+            raise
+
     def train_step(self, data):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

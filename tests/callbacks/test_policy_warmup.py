@@ -1,5 +1,7 @@
 import copy
 
+import keras
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,23 @@ def test_bad_arguments(kwargs, message):
 def test_model_without_gated_layers(plain_model, data):
     with pytest.raises(ValueError, match="PolicyWarmup needs a model with gated layers"):
         plain_model.fit(*data, epochs=1, callbacks=[PolicyWarmup(1)], verbose=0)
+
+
+def test_a_fit_stopped_by_an_exception_gives_the_schedule_back(data):
+    from keras_condcomp.callbacks import DensityScheduler
+
+    x, y = data
+    model = make_model(target_density=0.25)
+    layer = model.get_layer("gated_1")
+
+    class Interrupted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    schedule = [PolicyWarmup(3), DensityScheduler(start=1.0, epochs=4), Interrupted()]
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=4, callbacks=schedule, verbose=0)
+    assert layer.policy_enabled and layer.current_target_density == 0.25
+    # The next fit, without the callbacks, trains the policy towards 0.25.
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert history.history["density"][0] < 1.0
