@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from keras_condcomp._inputs import as_model_inputs, example_count
 from keras_condcomp.callbacks._common import require_gated_layers
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 
@@ -45,8 +46,9 @@ class ComputeMonitor(keras.callbacks.Callback):
     predicted classes) and the density curves over the epochs.
 
     Args:
-        x: optional inputs (NumPy array) to measure inference densities and
-            block usage on, typically validation data.
+        x: optional inputs to measure inference densities and block usage
+            on, typically validation data: an array, or a dict, list or
+            tuple of arrays for a model of several inputs.
         y: optional integer labels (or one-hot) of `x`, to group block usage
             by class in the heatmap.
         log_dir: optional TensorBoard log directory.
@@ -69,11 +71,14 @@ class ComputeMonitor(keras.callbacks.Callback):
     def __init__(self, x=None, y=None, log_dir=None, plot_path=None, batch_size=256):
         super().__init__()
         if x is not None:
-            x = np.asarray(x)
-            if x.ndim < 2 or len(x) == 0:
+            x = as_model_inputs(x)
+            shapes = [np.shape(a) for a in keras.tree.flatten(x)]
+            if not shapes or min(len(shape) for shape in shapes) < 2 \
+                    or len({shape[0] for shape in shapes}) != 1 or shapes[0][0] == 0:
                 raise ValueError(
                     "`x` must be a non-empty batch of inputs (at least 2 "
-                    f"dimensions). Received: x with shape {x.shape}"
+                    "dimensions; for several inputs, as many examples in each). "
+                    f"Received: x with shapes {shapes}"
                 )
         if y is not None:
             if x is None:
@@ -81,10 +86,11 @@ class ComputeMonitor(keras.callbacks.Callback):
             y = np.asarray(y)
             if y.ndim == 2:
                 y = y.argmax(axis=-1)
-            if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            examples = example_count(x)
+            if y.ndim != 1 or len(y) != examples or not np.issubdtype(y.dtype, np.integer):
                 raise ValueError(
                     "`y` must hold one integer label (or one-hot row) per example "
-                    f"of `x` ({len(x)}). Received: y with shape {np.shape(y)} "
+                    f"of `x` ({examples}). Received: y with shape {np.shape(y)} "
                     f"and dtype {y.dtype}"
                 )
         for name, value in (("log_dir", log_dir), ("plot_path", plot_path)):
@@ -112,8 +118,10 @@ class ComputeMonitor(keras.callbacks.Callback):
         layers = require_gated_layers(self, self.model)
         masks = {layer.name: [] for layer in layers}
         predictions = []
-        for begin in range(0, len(self.x), self.batch_size):
-            batch = self.x[begin:begin + self.batch_size]
+        for begin in range(0, example_count(self.x), self.batch_size):
+            batch = keras.tree.map_structure(
+                lambda inputs: inputs[begin:begin + self.batch_size], self.x
+            )
             with DecisionRecorder() as recorder:
                 outputs = self.model(batch, training=False)
             for decision in recorder.decisions:

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_condcomp._inputs import as_model_inputs, example_count
 from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling.layer_profile import LayerProfile
@@ -84,7 +85,7 @@ def _batches(x, batch_size):
         for element in x:
             yield keras.utils.unpack_x_y_sample_weight(element)[0]
         return
-    dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    dataset = tf.data.Dataset.from_tensor_slices(as_model_inputs(x)).batch(batch_size)
     yield from dataset
 
 
@@ -142,8 +143,9 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
     Args:
         model: a built Keras model (functional, Sequential or subclassed).
         densities: `{gated layer name: density in [0, 1]}`.
-        x: inputs to measure the densities on (arrays, or a `tf.data.Dataset`
-            of inputs or `(inputs, targets)` batches), run with
+        x: inputs to measure the densities on (an array; a dict, list or
+            tuple of arrays for several inputs; or a `tf.data.Dataset` of
+            inputs or `(inputs, targets)` batches), run with
             `training=False`.
         batch_size: batch size for arrays in `x`.
 
@@ -190,7 +192,7 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
         if measured:
             examples = len(next(iter(measured.values())))
         else:  # no gated layer: nothing to measure
-            examples = sum(len(batch) for batch in _batches(x, batch_size))
+            examples = sum(example_count(batch) for batch in _batches(x, batch_size))
         source = "measured"
     elif densities is not None:
         _check_densities(densities, gated_names)

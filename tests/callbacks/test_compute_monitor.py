@@ -56,6 +56,8 @@ def test_logs_tensorboard_and_png(data, tmp_path):
         ({"x": np.zeros(3)}, "shape"),
         ({"y": np.zeros(3, int)}, "x=None"),
         ({"x": np.zeros((3, 8)), "y": np.zeros(4, int)}, "shape"),
+        ({"x": [np.zeros((3, 8)), np.zeros((4, 8))]}, r"shapes \[\(3, 8\), \(4, 8\)\]"),
+        ({"x": {"a": np.zeros((3, 8)), "b": np.zeros(3)}}, "shapes"),
         ({"x": np.zeros((3, 8)), "y": np.zeros(3)}, "dtype float64"),
         ({"plot_path": "usage.pdf"}, "plot_path='usage.pdf'"),
         ({"log_dir": 3}, "log_dir=3"),
@@ -83,3 +85,27 @@ def test_inference_density_during_a_warm_up_is_what_predict_uses(data):
     assert history["val_density"] == [1.0]  # evaluation follows the warm-up
     assert history["inference_density"] == [0.0]
     assert float(np.mean(model.get_layer("gated_1").block_mask(x))) == 0.0
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_model_of_two_inputs(rng, as_dict):
+    import keras
+
+    from keras_condcomp import PolicyGradientModel
+    from keras_condcomp.layers import GatedDense
+
+    left, right = keras.Input((8,), name="left"), keras.Input((4,), name="right")
+    joined = keras.layers.Concatenate()([left, right])
+    hidden = GatedDense(16, 4, activation="relu", target_density=0.5, seed=1)(joined)
+    model = PolicyGradientModel([left, right], keras.layers.Dense(3)(hidden))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    inputs = [rng.normal(size=(20, 8)), rng.normal(size=(20, 4))]
+    x = dict(zip(["left", "right"], inputs)) if as_dict else inputs
+    y = np.arange(20) % 3
+    monitor = ComputeMonitor(x, y, batch_size=8)
+    logs = model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor]).history
+    mask = model.layers[-2].block_mask(np.concatenate(inputs, axis=1).astype("float32"))
+    assert logs["inference_density"] == [pytest.approx(float(np.mean(mask)))]
+    assert logs["inference_conditional_macs"] == [
+        pytest.approx(profile_macs(model, x=x).conditional_macs)
+    ]
