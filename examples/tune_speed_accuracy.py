@@ -7,7 +7,9 @@ then the Pareto front (accuracy vs MACs) of all trials, printed and plotted.
     python examples/tune_speed_accuracy.py --directory runs/tuning --plot front.png
 
 Run it again with the same `--directory` to continue the search (raise
-`--max-trials` to add trials). KerasTuner's distributed mode needs no change:
+`--max-trials` to add trials); the other options must stay as they were (the
+run refuses changed ones: KerasTuner keeps the first run's search space, and
+scores made with another `--macs-weight` would not compare). KerasTuner's distributed mode needs no change:
 start one chief and any number of workers with the same arguments,
 
     KERASTUNER_TUNER_ID=chief KERASTUNER_ORACLE_IP=127.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
@@ -19,6 +21,8 @@ start one chief and any number of workers with the same arguments,
 """
 
 import argparse
+import json
+import math
 import os
 
 import keras
@@ -32,6 +36,29 @@ def _is_worker():
     return "KERASTUNER_ORACLE_IP" in os.environ and "chief" not in os.environ.get(
         "KERASTUNER_TUNER_ID", ""
     )
+
+
+# The options that define the search: a continued search must keep them.
+SEARCH_OPTIONS = ("dataset", "data_dir", "epochs", "batch_size", "train_examples", "layers",
+                  "units", "macs_weight", "seed")
+
+
+def _check_same_search(parser, args):
+    """Records the search's options in `--directory`, or refuses other ones."""
+    path = os.path.join(args.directory, "speed_accuracy", "search_options.json")
+    options = {name: getattr(args, name) for name in SEARCH_OPTIONS}
+    if os.path.exists(path):
+        with open(path) as f:
+            first = json.load(f)
+        changed = [f"--{name.replace('_', '-')} {first.get(name)!r} -> {options[name]!r}"
+                   for name in SEARCH_OPTIONS if first.get(name) != options[name]]
+        if changed:
+            parser.error(f"{args.directory} holds a search run with other options "
+                         f"({', '.join(changed)}): use another --directory")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(options, f, indent=1)
 
 
 def main(argv=None):
@@ -56,6 +83,13 @@ def main(argv=None):
         value = getattr(args, option)
         if value is not None and value <= 0:
             parser.error(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
+    if args.units is not None and min(args.units) <= 0:
+        parser.error(f"--units must be positive integers, got {args.units}")
+    if not math.isfinite(args.macs_weight) or args.macs_weight < 0:
+        parser.error(f"--macs-weight must be a finite non-negative number, got {args.macs_weight}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    _check_same_search(parser, args)
 
     dataset = data.load_dataset(args.dataset, args.data_dir)
     keras.utils.set_random_seed(args.seed)

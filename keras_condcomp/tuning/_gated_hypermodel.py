@@ -14,6 +14,11 @@ from keras_condcomp.tuning.compute_aware_score import (
 
 __all__ = ["GatedHyperModel"]
 
+# What a hyperparameter the search does not tune takes (KerasTuner's
+# `tune_new_entries=False`, the first point of a GridSearch).
+DEFAULTS = {"target_density": 0.25, "sparsity_weight": 1.0, "variance_weight": 1.0,
+            "policy_learning_rate": 1e-2}
+
 
 class GatedHyperModel(keras_tuner.HyperModel):
     """Base of the gated hypermodels; subclasses define the architecture.
@@ -25,7 +30,8 @@ class GatedHyperModel(keras_tuner.HyperModel):
     `widest_dense_macs()` (the default `reference_macs`). The gating
     hyperparameters are shared: `target_density` tau in [0.05, 0.5] (log),
     `sparsity_weight` lambda_s in [0.1, 10] (log), `variance_weight`
-    lambda_v in [0, 10], `policy_learning_rate` in [1e-4, 1e-1] (log).
+    lambda_v in [0, 10], `policy_learning_rate` in [1e-4, 1e-1] (log); their
+    defaults (the values of those a search does not tune) are `DEFAULTS`.
     """
 
     model_name = "gated"
@@ -81,11 +87,20 @@ class GatedHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         architecture = self.architecture(hp)
         gate_kwargs = dict(
-            target_density=hp.Float("target_density", 0.05, 0.5, sampling="log"),
-            sparsity_weight=hp.Float("sparsity_weight", 0.1, 10.0, sampling="log"),
-            variance_weight=hp.Float("variance_weight", 0.0, 10.0),
+            target_density=hp.Float(
+                "target_density", 0.05, 0.5, sampling="log", default=DEFAULTS["target_density"]
+            ),
+            sparsity_weight=hp.Float(
+                "sparsity_weight", 0.1, 10.0, sampling="log", default=DEFAULTS["sparsity_weight"]
+            ),
+            variance_weight=hp.Float(
+                "variance_weight", 0.0, 10.0, default=DEFAULTS["variance_weight"]
+            ),
         )
-        policy_learning_rate = hp.Float("policy_learning_rate", 1e-4, 1e-1, sampling="log")
+        policy_learning_rate = hp.Float(
+            "policy_learning_rate", 1e-4, 1e-1, sampling="log",
+            default=DEFAULTS["policy_learning_rate"],
+        )
         # A value fixed by the caller's `hp` is not checked by the range above.
         _check_positive("policy_learning_rate", policy_learning_rate)
         inputs = keras.Input(self.input_shape, name="inputs")
@@ -103,7 +118,10 @@ class GatedHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, *args, **kwargs):
         """`model.fit`, with a `ComputeAwareScore` first among the callbacks."""
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(callback, ComputeAwareScore) for callback in callbacks):
-            # First, so the tuner's own callbacks (which read the objective) see it.
-            callbacks.insert(0, ComputeAwareScore(self.reference_macs, self.macs_weight))
+        scores = [c for c in callbacks if isinstance(c, ComputeAwareScore)]
+        if not scores:
+            scores = [ComputeAwareScore(self.reference_macs, self.macs_weight)]
+        # First, so the callbacks reading the score (the tuner's, an
+        # EarlyStopping on it) see it whatever order they were given in.
+        callbacks = scores + [c for c in callbacks if not isinstance(c, ComputeAwareScore)]
         return model.fit(*args, callbacks=callbacks, **kwargs)

@@ -72,9 +72,9 @@ class GatedCNNHyperModel(GatedHyperModel):
 
     def architecture(self, hp):
         return (
-            hp.Int("conv_layers", *CONV_LAYERS),
-            hp.Choice("filters", list(FILTERS)),
-            hp.Choice("blocks", list(BLOCKS)),
+            hp.Int("conv_layers", *CONV_LAYERS, default=2),
+            hp.Choice("filters", list(FILTERS), default=32),
+            hp.Choice("blocks", list(BLOCKS), default=8),
         )
 
     def hidden(self, inputs, architecture, gate_kwargs):

@@ -67,9 +67,9 @@ class GatedMLPHyperModel(GatedHyperModel):
         return width * (features + (depth - 1) * width + self.num_classes)
 
     def architecture(self, hp):
-        layers = hp.Int("layers", *LAYERS)
-        units = hp.Choice("units", list(UNITS))
-        blocks = hp.Choice("blocks", list(BLOCKS))
+        layers = hp.Int("layers", *LAYERS, default=2)
+        units = hp.Choice("units", list(UNITS), default=256)
+        blocks = hp.Choice("blocks", list(BLOCKS), default=8)
         if not is_integer(blocks) or blocks <= 0:
             raise ValueError(f"`blocks` must be a positive int. Received: blocks={blocks!r}")
         if units % blocks:

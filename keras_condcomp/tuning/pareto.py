@@ -1,6 +1,7 @@
 """The accuracy-versus-compute Pareto front of a finished search."""
 
 import dataclasses
+import math
 
 import rich.console
 import rich.table
@@ -25,7 +26,7 @@ class TrialResult:
     trial_id: str
     accuracy: float
     conditional_macs: float
-    hyperparameters: dict
+    hyperparameters: dict = dataclasses.field(hash=False)
 
     def dominates(self, other):
         """At least as accurate and as cheap as `other`, and better in one."""
@@ -47,12 +48,24 @@ def pareto_front(results):
     a b d
     """
     results = list(results)
+    for r in results:
+        if not (math.isfinite(r.accuracy) and math.isfinite(r.conditional_macs)):
+            raise ValueError(
+                "Every result must have a finite accuracy and MACs. Received: trial "
+                f"{r.trial_id!r} with accuracy={r.accuracy}, "
+                f"conditional_macs={r.conditional_macs}"
+            )
     front = [r for r in results if not any(other.dominates(r) for other in results)]
     return sorted(front, key=lambda r: (r.conditional_macs, -r.accuracy))
 
 
 def _oracle(tuner):
     oracle = getattr(tuner, "oracle", tuner)
+    if type(oracle).__name__ == "OracleClient":
+        raise ValueError(
+            "`tuner` is a worker of a distributed search: only the chief's tuner "
+            "holds the trials. Read the front from the chief."
+        )
     if not hasattr(oracle, "trials"):
         raise ValueError(
             "`tuner` must be a KerasTuner tuner or oracle. "
@@ -62,7 +75,10 @@ def _oracle(tuner):
 
 
 def trial_results(tuner, accuracy="val_accuracy", macs="val_conditional_macs"):
-    """A `TrialResult` for every completed trial of `tuner` (or its oracle)."""
+    """A `TrialResult` for every completed trial of `tuner` (or its oracle).
+
+    A trial whose accuracy or MACs is not finite (a diverged one) is left out.
+    """
     results = []
     for trial in _oracle(tuner).trials.values():
         if trial.status != "COMPLETED":
@@ -73,14 +89,14 @@ def trial_results(tuner, accuracy="val_accuracy", macs="val_conditional_macs"):
                     f"Trial {trial.trial_id} recorded no {name!r}. Recorded: "
                     f"{sorted(trial.metrics.metrics)}"
                 )
-        results.append(
-            TrialResult(
-                trial.trial_id,
-                float(trial.metrics.get_last_value(accuracy)),
-                float(trial.metrics.get_last_value(macs)),
-                dict(trial.hyperparameters.values),
-            )
+        result = TrialResult(
+            trial.trial_id,
+            float(trial.metrics.get_last_value(accuracy)),
+            float(trial.metrics.get_last_value(macs)),
+            dict(trial.hyperparameters.values),
         )
+        if math.isfinite(result.accuracy) and math.isfinite(result.conditional_macs):
+            results.append(result)
     return results
 
 
@@ -135,7 +151,10 @@ def print_pareto_front(
     if not results:
         raise ValueError("The search has no completed trial: there is no front to show.")
     front = pareto_front(results)
-    names = sorted({name for r in front for name in r.hyperparameters})
+    # Hyperband's bookkeeping entries (`tuner/epochs`, ...) are not choices.
+    names = sorted({
+        name for r in front for name in r.hyperparameters if not name.startswith("tuner/")
+    })
     table = rich.table.Table(
         "Trial", rich.table.Column(accuracy, justify="right"),
         rich.table.Column(macs, justify="right"), *names,
@@ -151,8 +170,9 @@ def print_pareto_front(
                                    width=160)
     with console.capture() as captured:
         console.print(table)
-        if plot_path is not None:
-            _plot(results, front, plot_path, accuracy, macs)
-            console.print(f" Plot written to {plot_path}")
     (print_fn or print)(captured.get().rstrip("\n"))
+    # After the table, which a plot that cannot be written would otherwise lose.
+    if plot_path is not None:
+        _plot(results, front, plot_path, accuracy, macs)
+        (print_fn or print)(f" Plot written to {plot_path}")
     return front

@@ -1,3 +1,4 @@
+import argparse
 import copy
 import math
 import os
@@ -72,6 +73,34 @@ def test_pareto_front_keeps_only_undominated_results():
     front = pareto_front(results)
     assert [r.trial_id for r in front] == ["3", "0", "2", "4"]
     assert not results[0].dominates(results[0])
+    assert len(set(front)) == 4  # hashable, hyperparameters and all
+    with pytest.raises(ValueError, match="trial 'x' with accuracy=nan"):
+        pareto_front(results + [TrialResult("x", float("nan"), 10.0, {})])
+
+
+def test_untuned_hyperparameters_take_their_defaults():
+    hp = keras_tuner.HyperParameters()
+    GatedMLPHyperModel((8,), 3).build(hp)
+    assert hp.values == {"layers": 2, "units": 256, "blocks": 8, "target_density": 0.25,
+                         "sparsity_weight": 1.0, "variance_weight": 1.0,
+                         "policy_learning_rate": 0.01}
+    hp = keras_tuner.HyperParameters()
+    GatedCNNHyperModel((8, 8, 1), 3).build(hp)
+    assert {k: hp.values[k] for k in ("conv_layers", "filters", "blocks")} == {
+        "conv_layers": 2, "filters": 32, "blocks": 8}
+
+
+def test_the_score_comes_before_the_callbacks_that_read_it():
+    class Recorded(keras.Model):
+        def fit(self, *args, callbacks=None, **kwargs):
+            return callbacks
+
+    stopping = keras.callbacks.EarlyStopping("val_compute_aware_score", mode="max")
+    score = ComputeAwareScore(reference_macs=100)
+    hypermodel = GatedMLPHyperModel((8,), 3)
+    assert hypermodel.fit(None, Recorded(), callbacks=[stopping, score]) == [score, stopping]
+    added, kept = hypermodel.fit(None, Recorded(), callbacks=[stopping])
+    assert isinstance(added, ComputeAwareScore) and kept is stopping
 
 
 def test_hypermodel_space_and_arguments():
@@ -211,6 +240,20 @@ def test_random_search_resumes_and_prints_the_front(digits, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no 'val_top5'"):
         tuning.trial_results(resumed, accuracy="val_top5")
+    # A plot that cannot be written fails after the table is printed.
+    printed = []
+    with pytest.raises(OSError):
+        tuning.print_pareto_front(resumed, plot_path=str(tmp_path / "no" / "front.png"),
+                                  print_fn=printed.append)
+    assert "Pareto front" in printed[0]
+
+
+def test_a_workers_tuner_says_the_chief_holds_the_trials():
+    class OracleClient:  # what a distributed search's worker holds
+        pass
+
+    with pytest.raises(ValueError, match="only the chief's tuner holds the trials"):
+        tuning.trial_results(OracleClient())
 
 
 def _free_port():
@@ -262,3 +305,41 @@ def test_distributed_search_chief_and_two_workers(tmp_path, monkeypatch):
     ran = {name: sorted(os.listdir(tmp_path / name / "speed_accuracy"))
            for name in ("tuner0", "tuner1")}
     assert all(any(entry.startswith("trial_") for entry in entries) for entries in ran.values()), ran
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_speed_accuracy", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_refuses_to_continue_a_search_with_other_options(tmp_path, capsys):
+    example = _example_module()
+    directory = str(tmp_path / "search")
+    parser = argparse.ArgumentParser()
+
+    def options(**changed):
+        values = dict(dataset="digits", data_dir=None, epochs=2, batch_size=32,
+                      train_examples=None, layers=1, units=[16, 32], macs_weight=0.02, seed=0)
+        return argparse.Namespace(directory=directory, **{**values, **changed})
+
+    example._check_same_search(parser, options())
+    example._check_same_search(parser, options())  # the same search continues
+    with pytest.raises(SystemExit):
+        example._check_same_search(parser, options(macs_weight=1.0, units=[64]))
+    assert "--units [16, 32] -> [64], --macs-weight 0.02 -> 1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--macs-weight", "-1", "--macs-weight must be a finite non-negative number"),
+    ("--units", "0", "--units must be positive integers"),
+    ("--seed", "-1", "--seed must be in [0, 2**32)"),
+])
+def test_the_example_refuses_bad_options(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit):
+        _example_module().main(["--directory", str(tmp_path / "search"), option, value])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "search").exists()
