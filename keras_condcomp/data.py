@@ -3,12 +3,11 @@
 Every loader returns a `Dataset` of flattened float32 images in [0, 1] and
 integer labels.
 
-Example:
-
->>> from keras_condcomp import data
->>> digits = data.load_digits()
->>> digits.x_train.shape[1], digits.num_classes
-(64, 10)
+Examples:
+    >>> from keras_condcomp import data
+    >>> digits = data.load_digits()
+    >>> digits.x_train.shape[1], digits.num_classes
+    (64, 10)
 """
 
 import dataclasses

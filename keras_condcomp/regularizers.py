@@ -6,15 +6,14 @@ deviation from tau as the paper writes it, `|.|` (`deviation="absolute"`),
 or squared (`deviation="squared"`), as the authors' code does: the squared
 pull fades near tau, so the learned density settles above it.
 
-Example:
-
->>> import numpy as np
->>> from keras_condcomp import regularizers
->>> sigma = np.array([[0.9, 0.1], [0.1, 0.1]], "float32")
->>> round(float(regularizers.block_balance(sigma, 0.5)), 4)  # |0.5-0.5| + |0.1-0.5|
-0.4
->>> round(float(regularizers.block_balance(sigma, 0.5, "squared")), 4)  # 0 + 0.4 ** 2
-0.16
+Examples:
+    >>> import numpy as np
+    >>> from keras_condcomp import regularizers
+    >>> sigma = np.array([[0.9, 0.1], [0.1, 0.1]], "float32")
+    >>> round(float(regularizers.block_balance(sigma, 0.5)), 4)  # |0.5-0.5| + |0.1-0.5|
+    0.4
+    >>> round(float(regularizers.block_balance(sigma, 0.5, "squared")), 4)  # 0 + 0.4 ** 2
+    0.16
 """
 
 from keras import ops

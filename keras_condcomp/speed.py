@@ -47,11 +47,10 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
     Returns:
         `{name: median seconds}`.
 
-    Example:
-
-    >>> timed = median_latencies({"a": abs, "b": round}, [-1.5], repeats=4, consecutive=2)
-    >>> sorted(timed)
-    ['a', 'b']
+    Examples:
+        >>> timed = median_latencies({"a": abs, "b": round}, [-1.5], repeats=4, consecutive=2)
+        >>> sorted(timed)
+        ['a', 'b']
     """
     for name, value in (("repeats", repeats), ("consecutive", consecutive)):
         _check_positive_int(name, value)
@@ -105,14 +104,13 @@ def timed_batches(x, batch_size, repeats):
     masks of 0.30-0.42 density where the calibrated density was 1/4.) When
     `x` has fewer than `batch_size` examples, one batch of them repeated.
 
-    Example:
-
-    >>> [b.tolist() for b in timed_batches(np.arange(5), 2, repeats=10)]
-    [[0, 1], [2, 3]]
-    >>> [b.tolist() for b in timed_batches(np.arange(5), 1, repeats=2)]
-    [[0], [1]]
-    >>> [b.tolist() for b in timed_batches(np.arange(3), 4, repeats=10)]
-    [[0, 1, 2, 0]]
+    Examples:
+        >>> [b.tolist() for b in timed_batches(np.arange(5), 2, repeats=10)]
+        [[0, 1], [2, 3]]
+        >>> [b.tolist() for b in timed_batches(np.arange(5), 1, repeats=2)]
+        [[0], [1]]
+        >>> [b.tolist() for b in timed_batches(np.arange(3), 4, repeats=10)]
+        [[0, 1, 2, 0]]
     """
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("repeats", repeats)
@@ -167,12 +165,11 @@ def numpy_calls(functions):
     callables do: every graph timed side by side is then called the same
     way.
 
-    Example:
-
-    >>> import numpy as np, tensorflow as tf
-    >>> double = tf.function(lambda x: 2 * x, input_signature=[tf.TensorSpec([None], "float32")])
-    >>> numpy_calls({"double": double})["double"](np.ones(2, "float32")).tolist()
-    [2.0, 2.0]
+    Examples:
+        >>> import numpy as np, tensorflow as tf
+        >>> double = tf.function(lambda x: 2 * x, input_signature=[tf.TensorSpec([None], "float32")])
+        >>> numpy_calls({"double": double})["double"](np.ones(2, "float32")).tolist()
+        [2.0, 2.0]
     """
     return {name: _numpy_call(function) for name, function in functions.items()}
 

@@ -56,16 +56,15 @@ class ComputeMonitor(keras.callbacks.Callback):
             (must end with `.png`).
         batch_size: positive int, batch size of the passes over `x`.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.models import build_gated_mlp
-    >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
-    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
-    >>> history = model.fit(x, y, epochs=2, callbacks=[ComputeMonitor(x, y)], verbose=0)
-    >>> sorted(k for k in history.history if "macs" in k)
-    ['conditional_macs', 'dense_macs', 'inference_conditional_macs']
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.models import build_gated_mlp
+        >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
+        >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+        >>> history = model.fit(x, y, epochs=2, callbacks=[ComputeMonitor(x, y)], verbose=0)
+        >>> sorted(k for k in history.history if "macs" in k)
+        ['conditional_macs', 'dense_macs', 'inference_conditional_macs']
     """
 
     def __init__(self, x=None, y=None, log_dir=None, plot_path=None, batch_size=256):

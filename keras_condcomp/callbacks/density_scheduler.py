@@ -49,17 +49,16 @@ class DensityScheduler(keras.callbacks.Callback):
             epochs of a `PolicyWarmup`; default 0).
         verbose: 0 quiet, 1 prints the targets at each epoch.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.models import build_gated_mlp
-    >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.25)
-    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
-    >>> scheduler = DensityScheduler(start=1.0, epochs=3)
-    >>> history = model.fit(x, y, epochs=4, callbacks=[scheduler], verbose=0)
-    >>> print(*(round(t, 2) for t in history.history["gated_1_target_density"]))
-    1.0 0.75 0.5 0.25
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.models import build_gated_mlp
+        >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.25)
+        >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+        >>> scheduler = DensityScheduler(start=1.0, epochs=3)
+        >>> history = model.fit(x, y, epochs=4, callbacks=[scheduler], verbose=0)
+        >>> print(*(round(t, 2) for t in history.history["gated_1_target_density"]))
+        1.0 0.75 0.5 0.25
     """
 
     def __init__(

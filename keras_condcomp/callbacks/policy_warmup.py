@@ -26,19 +26,18 @@ class PolicyWarmup(keras.callbacks.Callback):
         epochs: non-negative int, number of warm-up epochs (0: no warm-up).
         verbose: 0 quiet, 1 prints when the policy switches on.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.models import build_gated_mlp
-    >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
-    >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
-    >>> history = model.fit(x, y, epochs=3, callbacks=[PolicyWarmup(2)], verbose=0)
-    >>> print(*history.history["policy_enabled"])
-    0.0 0.0 1.0
-    >>> densities = history.history["density"]
-    >>> densities[0], densities[1]
-    (1.0, 1.0)
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.models import build_gated_mlp
+        >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
+        >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+        >>> history = model.fit(x, y, epochs=3, callbacks=[PolicyWarmup(2)], verbose=0)
+        >>> print(*history.history["policy_enabled"])
+        0.0 0.0 1.0
+        >>> densities = history.history["density"]
+        >>> densities[0], densities[1]
+        (1.0, 1.0)
     """
 
     def __init__(self, epochs, verbose=0):

@@ -98,15 +98,14 @@ def active_block_counts(model, data, batch_size=256):
     Returns:
         dict: gated layer name -> `(n,)` int array of active block counts.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> model = keras.Model(inputs, GatedDense(16, blocks=4, name="g")(inputs))
-    >>> counts = active_block_counts(model, np.random.rand(5, 8))
-    >>> counts["g"].shape
-    (5,)
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> model = keras.Model(inputs, GatedDense(16, blocks=4, name="g")(inputs))
+        >>> counts = active_block_counts(model, np.random.rand(5, 8))
+        >>> counts["g"].shape
+        (5,)
     """
     batch_size = check_batch_size(batch_size, allow_none=False)
     layers = gated_layers(model)
@@ -195,15 +194,14 @@ def block_budgets(
     Returns:
         dict: gated layer name -> budget (int in `[1, blocks]`).
 
-    Example:
-
-    >>> import keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> layer = GatedDense(16, blocks=8, target_density=0.125, name="g")
-    >>> model = keras.Model(inputs, layer(inputs))
-    >>> block_budgets(model)  # ceil(2 * 0.125 * 8)
-    {'g': 2}
+    Examples:
+        >>> import keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> layer = GatedDense(16, blocks=8, target_density=0.125, name="g")
+        >>> model = keras.Model(inputs, layer(inputs))
+        >>> block_budgets(model)  # ceil(2 * 0.125 * 8)
+        {'g': 2}
     """
     if export_format not in EXPORT_FORMATS:
         raise ValueError(

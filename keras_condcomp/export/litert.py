@@ -24,15 +24,14 @@ def litert_op_names(model):
     Returns:
         list of str, one per operator code of the model (sorted, no repeats).
 
-    Example:
-
-    >>> import os, tempfile, keras
-    >>> inputs = keras.Input((4,))
-    >>> dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    >>> path = os.path.join(tempfile.mkdtemp(), "dense.tflite")
-    >>> _ = export_litert(dense, path)
-    >>> litert_op_names(path)
-    ['FULLY_CONNECTED']
+    Examples:
+        >>> import os, tempfile, keras
+        >>> inputs = keras.Input((4,))
+        >>> dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        >>> path = os.path.join(tempfile.mkdtemp(), "dense.tflite")
+        >>> _ = export_litert(dense, path)
+        >>> litert_op_names(path)
+        ['FULLY_CONNECTED']
     """
     from ai_edge_litert import schema_py_generated as schema
 
@@ -109,20 +108,19 @@ def export_litert(
         ImportError: ai-edge-litert missing.
         RuntimeError: a backend or Keras version without the LiteRT exporter.
 
-    Example:
-
-    >>> import os, tempfile, numpy as np, keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
-    >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
-    >>> export_litert(model, path, budget=4)
-    {'g': 4}
-    >>> x = np.random.rand(5, 8).astype("float32")
-    >>> y = litert_predict(path, x)  # the ai_edge_litert interpreter, batch 1
-    >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
-    True
+    Examples:
+        >>> import os, tempfile, numpy as np, keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+        >>> export_litert(model, path, budget=4)
+        {'g': 4}
+        >>> x = np.random.rand(5, 8).astype("float32")
+        >>> y = litert_predict(path, x)  # the ai_edge_litert interpreter, batch 1
+        >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+        True
     """
     path = _plan.check_path(path, ".tflite")
     batch_size = _plan.check_batch_size(batch_size, allow_none=False)

@@ -52,21 +52,20 @@ def export_onnx(
         ImportError: tf2onnx or onnx missing.
         RuntimeError: a backend or Keras version without the ONNX exporter.
 
-    Example:
-
-    >>> import os, tempfile, numpy as np, keras, onnxruntime
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
-    >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    >>> export_onnx(model, path, budget=4)
-    {'g': 4}
-    >>> session = onnxruntime.InferenceSession(path)
-    >>> x = np.random.rand(5, 8).astype("float32")
-    >>> y = session.run(None, {session.get_inputs()[0].name: x})[0]
-    >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
-    True
+    Examples:
+        >>> import os, tempfile, numpy as np, keras, onnxruntime
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+        >>> export_onnx(model, path, budget=4)
+        {'g': 4}
+        >>> session = onnxruntime.InferenceSession(path)
+        >>> x = np.random.rand(5, 8).astype("float32")
+        >>> y = session.run(None, {session.get_inputs()[0].name: x})[0]
+        >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+        True
     """
     path = _plan.check_path(path, ".onnx")
     batch_size = _plan.check_batch_size(batch_size, allow_none=True)

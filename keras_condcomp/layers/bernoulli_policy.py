@@ -32,12 +32,11 @@ class BernoulliPolicy(keras.layers.Layer):
     Output shape:
         `(batch, blocks)` probabilities.
 
-    Example:
-
-    >>> import numpy as np
-    >>> policy = BernoulliPolicy(4)
-    >>> tuple(policy(np.ones((2, 3), "float32")).shape)
-    (2, 4)
+    Examples:
+        >>> import numpy as np
+        >>> policy = BernoulliPolicy(4)
+        >>> tuple(policy(np.ones((2, 3), "float32")).shape)
+        (2, 4)
     """
 
     def __init__(

@@ -42,15 +42,14 @@ class DecisionRecorder:
             `PolicyGradientModel`'s evaluation steps do. False (default):
             such calls decide as `predict` does, whatever the schedule.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_condcomp.layers import GatedDense
-    >>> layer = GatedDense(8, blocks=2)
-    >>> with DecisionRecorder() as recorder:
-    ...     _ = layer(np.ones((3, 4), "float32"))
-    >>> tuple(recorder.decisions[0].mask.shape)
-    (3, 2)
+    Examples:
+        >>> import numpy as np
+        >>> from keras_condcomp.layers import GatedDense
+        >>> layer = GatedDense(8, blocks=2)
+        >>> with DecisionRecorder() as recorder:
+        ...     _ = layer(np.ones((3, 4), "float32"))
+        >>> tuple(recorder.decisions[0].mask.shape)
+        (3, 2)
     """
 
     def __init__(self, scheduled=False):

@@ -119,15 +119,14 @@ class GatedConv2D(GatedLayer):
         `(batch, new_rows, new_cols, filters)` (channels last) or
         `(batch, filters, new_rows, new_cols)`, as `keras.layers.Conv2D`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = GatedConv2D(16, 3, blocks=4, padding="same", activation="relu")
-    >>> x = np.random.rand(2, 8, 8, 3).astype("float32")
-    >>> tuple(layer(x).shape)
-    (2, 8, 8, 16)
-    >>> tuple(layer.block_mask(x).shape)
-    (2, 4)
+    Examples:
+        >>> import numpy as np
+        >>> layer = GatedConv2D(16, 3, blocks=4, padding="same", activation="relu")
+        >>> x = np.random.rand(2, 8, 8, 3).astype("float32")
+        >>> tuple(layer(x).shape)
+        (2, 8, 8, 16)
+        >>> tuple(layer.block_mask(x).shape)
+        (2, 4)
     """
 
     execution_paths = CONV2D_EXECUTION_PATHS
@@ -379,14 +378,13 @@ class GatedConv2D(GatedLayer):
 
         With every group open it computes exactly what `conv` computes.
 
-        Example:
-
-        >>> import numpy as np, keras
-        >>> conv = keras.layers.Conv2D(8, 3, activation="relu")
-        >>> _ = conv(np.ones((1, 5, 5, 2), "float32"))
-        >>> gated = GatedConv2D.from_conv(conv, blocks=4)
-        >>> bool(np.allclose(gated.kernel.numpy(), conv.kernel.numpy()))
-        True
+        Examples:
+            >>> import numpy as np, keras
+            >>> conv = keras.layers.Conv2D(8, 3, activation="relu")
+            >>> _ = conv(np.ones((1, 5, 5, 2), "float32"))
+            >>> gated = GatedConv2D.from_conv(conv, blocks=4)
+            >>> bool(np.allclose(gated.kernel.numpy(), conv.kernel.numpy()))
+            True
         """
         if not isinstance(conv, keras.layers.Conv2D):
             raise ValueError(

@@ -113,15 +113,14 @@ class GatedDense(GatedLayer):
     Output shape:
         `(batch, units)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = GatedDense(64, blocks=8, activation="relu", target_density=0.25)
-    >>> y = layer(np.random.rand(2, 16).astype("float32"))
-    >>> tuple(y.shape)
-    (2, 64)
-    >>> tuple(layer.block_mask(np.random.rand(2, 16).astype("float32")).shape)
-    (2, 8)
+    Examples:
+        >>> import numpy as np
+        >>> layer = GatedDense(64, blocks=8, activation="relu", target_density=0.25)
+        >>> y = layer(np.random.rand(2, 16).astype("float32"))
+        >>> tuple(y.shape)
+        (2, 64)
+        >>> tuple(layer.block_mask(np.random.rand(2, 16).astype("float32")).shape)
+        (2, 8)
     """
 
     def __init__(
@@ -276,14 +275,13 @@ class GatedDense(GatedLayer):
 
         With every block open it computes exactly what `dense` computes.
 
-        Example:
-
-        >>> import numpy as np, keras
-        >>> dense = keras.layers.Dense(8, activation="relu")
-        >>> _ = dense(np.ones((1, 4), "float32"))
-        >>> gated = GatedDense.from_dense(dense, blocks=4)
-        >>> bool(np.allclose(gated.kernel.numpy(), dense.kernel.numpy()))
-        True
+        Examples:
+            >>> import numpy as np, keras
+            >>> dense = keras.layers.Dense(8, activation="relu")
+            >>> _ = dense(np.ones((1, 4), "float32"))
+            >>> gated = GatedDense.from_dense(dense, blocks=4)
+            >>> bool(np.allclose(gated.kernel.numpy(), dense.kernel.numpy()))
+            True
         """
         if not isinstance(dense, keras.layers.Dense):
             raise ValueError(

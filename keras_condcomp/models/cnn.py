@@ -18,8 +18,9 @@ CHANNELS_LAST = "channels_last"
 def default_policy_grid(rows, cols):
     """Cells a side of the CNN builders' policy grids: 4, fewer on smaller inputs.
 
-    >>> default_policy_grid(28, 28), default_policy_grid(2, 4)
-    (4, 2)
+    Examples:
+        >>> default_policy_grid(28, 28), default_policy_grid(2, 4)
+        (4, 2)
     """
     return min(DEFAULT_POLICY_GRID, rows, cols)
 
@@ -76,11 +77,10 @@ def build_gated_cnn(
     Returns:
         an uncompiled `PolicyGradientModel`.
 
-    Example:
-
-    >>> model = build_gated_cnn((8, 8, 1), 10, filters=(16, 32), blocks=4)
-    >>> print(" -> ".join(type(layer).__name__ for layer in model.layers[1:]))
-    GatedConv2D -> MaxPooling2D -> GatedConv2D -> GlobalAveragePooling2D -> Dense
+    Examples:
+        >>> model = build_gated_cnn((8, 8, 1), 10, filters=(16, 32), blocks=4)
+        >>> print(" -> ".join(type(layer).__name__ for layer in model.layers[1:]))
+        GatedConv2D -> MaxPooling2D -> GatedConv2D -> GlobalAveragePooling2D -> Dense
     """
     filters = tuple(filters)
     _check_filters(filters, blocks, input_shape)

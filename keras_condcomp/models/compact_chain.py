@@ -457,22 +457,21 @@ def compact_inference(model):
         ValueError: `model` is not such a chain, or has a gated layer in
             another dtype.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.layers import GatedConv2D
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=1),
-    ...     keras.layers.MaxPooling2D(),
-    ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=2),
-    ...     keras.layers.GlobalAveragePooling2D(),
-    ...     keras.layers.Dense(10),
-    ... ])
-    >>> predict = compact_inference(model)
-    >>> x = np.random.rand(1, 8, 8, 3).astype("float32")
-    >>> bool(np.allclose(predict(x), model(x, training=False), atol=1e-5))
-    True
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.layers import GatedConv2D
+        >>> model = keras.Sequential([
+        ...     keras.Input((8, 8, 3)),
+        ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=1),
+        ...     keras.layers.MaxPooling2D(),
+        ...     GatedConv2D(16, 3, blocks=4, padding="same", activation="relu", seed=2),
+        ...     keras.layers.GlobalAveragePooling2D(),
+        ...     keras.layers.Dense(10),
+        ... ])
+        >>> predict = compact_inference(model)
+        >>> x = np.random.rand(1, 8, 8, 3).astype("float32")
+        >>> bool(np.allclose(predict(x), model(x, training=False), atol=1e-5))
+        True
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(

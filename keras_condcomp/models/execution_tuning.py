@@ -48,15 +48,14 @@ def tune_execution(model, x, batch_size=1, repeats=30):
             model's input or with fewer than `batch_size` examples. If timing
             fails, every layer gets back the path it had.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((16,))
-    >>> model = keras.Model(inputs, GatedDense(32, blocks=4, name="g")(inputs))
-    >>> chosen = tune_execution(model, np.random.rand(8, 16), repeats=3).get("g")
-    >>> chosen.get("execution") == model.get_layer("g").execution
-    True
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((16,))
+        >>> model = keras.Model(inputs, GatedDense(32, blocks=4, name="g")(inputs))
+        >>> chosen = tune_execution(model, np.random.rand(8, 16), repeats=3).get("g")
+        >>> chosen.get("execution") == model.get_layer("g").execution
+        True
     """
     import tensorflow as tf
 

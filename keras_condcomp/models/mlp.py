@@ -25,11 +25,10 @@ def build_gated_mlp(
     Returns:
         an uncompiled `PolicyGradientModel`.
 
-    Example:
-
-    >>> model = build_gated_mlp(64, 10, units=32, blocks=4, layers=1)
-    >>> print(" -> ".join(type(layer).__name__ for layer in model.layers))
-    InputLayer -> GatedDense -> Dense
+    Examples:
+        >>> model = build_gated_mlp(64, 10, units=32, blocks=4, layers=1)
+        >>> print(" -> ".join(type(layer).__name__ for layer in model.layers))
+        InputLayer -> GatedDense -> Dense
     """
     seed = gate_kwargs.pop("seed", None)
     inputs = keras.Input((input_dim,), name="inputs")

@@ -48,15 +48,14 @@ def gated_layer_inputs(model, x, batch_size=256):
     Returns:
         list of arrays, one per layer of `keras_condcomp.models.gated_layers(model)`.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(16, blocks=4, activation="relu")(inputs)
-    >>> model = keras.Model(inputs, GatedDense(12, blocks=3)(hidden))
-    >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
-    ((5, 8), (5, 16))
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> hidden = GatedDense(16, blocks=4, activation="relu")(inputs)
+        >>> model = keras.Model(inputs, GatedDense(12, blocks=3)(hidden))
+        >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
+        ((5, 8), (5, 16))
     """
     layers = gated_layers(model)
     if not layers:
@@ -492,22 +491,21 @@ class PolicyGradientModel(
     (`clone.baseline`, `clone.baseline_momentum`) if they differ from the
     defaults.
 
-    Example:
-
-    >>> import numpy as np, keras
-    >>> from keras_condcomp import PolicyGradientModel
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((8,))
-    >>> hidden = GatedDense(32, 4, activation="relu", target_density=0.25, name="gate")(inputs)
-    >>> model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
-    >>> model.compile(
-    ...     "adam",
-    ...     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    ...     policy_optimizer=keras.optimizers.Adam(1e-3),
-    ... )
-    >>> x, y = np.random.rand(16, 8).astype("float32"), np.arange(16) % 3
-    >>> sorted(k for k in model.fit(x, y, verbose=0).history if "density" in k)
-    ['density', 'gate_density']
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp import PolicyGradientModel
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((8,))
+        >>> hidden = GatedDense(32, 4, activation="relu", target_density=0.25, name="gate")(inputs)
+        >>> model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
+        >>> model.compile(
+        ...     "adam",
+        ...     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ...     policy_optimizer=keras.optimizers.Adam(1e-3),
+        ... )
+        >>> x, y = np.random.rand(16, 8).astype("float32"), np.arange(16) % 3
+        >>> sorted(k for k in model.fit(x, y, verbose=0).history if "density" in k)
+        ['density', 'gate_density']
     """
 
     # keras.Model supports functional use of a subclass by rewriting the

@@ -13,13 +13,12 @@ def called_branch(branch):
     where they never run, beside a 1.5 ms convolution. Called as a function
     that is not inlined, a branch costs one op when it is not taken.
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> @tf.function
-    ... def pick(x):
-    ...     return tf.cond(x > 0, called_branch(lambda: x * 2), lambda: -x)
-    >>> float(pick(tf.constant(3.0))), float(pick(tf.constant(-1.0)))
-    (6.0, 1.0)
+    Examples:
+        >>> import tensorflow as tf
+        >>> @tf.function
+        ... def pick(x):
+        ...     return tf.cond(x > 0, called_branch(lambda: x * 2), lambda: -x)
+        >>> float(pick(tf.constant(3.0))), float(pick(tf.constant(-1.0)))
+        (6.0, 1.0)
     """
     return tf.function(branch, autograph=False, experimental_attributes={"_noinline": True})

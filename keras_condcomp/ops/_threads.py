@@ -10,10 +10,9 @@ def intra_op_threads():
     intra-op setting, or when left at 0 (the default) the CPUs this process
     may run on, as TensorFlow then uses.
 
-    Example:
-
-    >>> intra_op_threads() >= 1
-    True
+    Examples:
+        >>> intra_op_threads() >= 1
+        True
     """
     configured = tf.config.threading.get_intra_op_parallelism_threads()
     if configured:

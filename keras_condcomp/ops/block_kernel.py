@@ -20,12 +20,11 @@ __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
 def to_block_kernel(kernel, blocks):
     """`(input_dim, units)` kernel -> `(blocks, input_dim, units // blocks)`.
 
-    Example:
-
-    >>> import numpy as np
-    >>> kernel = np.arange(12.0).reshape(2, 6)
-    >>> np.asarray(to_block_kernel(kernel, 3))[1].tolist()
-    [[2.0, 3.0], [8.0, 9.0]]
+    Examples:
+        >>> import numpy as np
+        >>> kernel = np.arange(12.0).reshape(2, 6)
+        >>> np.asarray(to_block_kernel(kernel, 3))[1].tolist()
+        [[2.0, 3.0], [8.0, 9.0]]
     """
     if not is_integer(blocks) or blocks <= 0:
         raise ValueError(f"`blocks` must be a positive int. Received: blocks={blocks!r}")
@@ -41,12 +40,11 @@ def to_block_kernel(kernel, blocks):
 def from_block_kernel(block_kernel):
     """`(blocks, input_dim, block_size)` -> the `(input_dim, units)` kernel.
 
-    Example:
-
-    >>> import numpy as np
-    >>> kernel = np.arange(12.0).reshape(2, 6)
-    >>> bool(np.array_equal(from_block_kernel(to_block_kernel(kernel, 3)), kernel))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> kernel = np.arange(12.0).reshape(2, 6)
+        >>> bool(np.array_equal(from_block_kernel(to_block_kernel(kernel, 3)), kernel))
+        True
     """
     blocks, input_dim, block_size = block_kernel.shape
     return ops.reshape(ops.transpose(block_kernel, (1, 0, 2)), (input_dim, blocks * block_size))
@@ -61,13 +59,12 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
     over each block's units) and `activation` are optional. Used for training
     and as the dense fallback of the skipping engine.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x, kernel = np.random.rand(2, 4), np.random.rand(4, 6)
-    >>> y = block_dense(x, to_block_kernel(kernel, 3))
-    >>> bool(np.allclose(y, x @ kernel))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> x, kernel = np.random.rand(2, 4), np.random.rand(4, 6)
+        >>> y = block_dense(x, to_block_kernel(kernel, 3))
+        >>> bool(np.allclose(y, x @ kernel))
+        True
     """
     blocks, input_dim, block_size = block_kernel.shape
     outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)

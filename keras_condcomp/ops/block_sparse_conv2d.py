@@ -233,14 +233,13 @@ def masked_block_conv2d(
     Returns:
         The convolution's output; exactly 0 in the channels of skipped groups.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.rand(2, 5, 5, 3).astype("float32")
-    >>> w = np.random.rand(3, 3, 3, 4).astype("float32")
-    >>> y = masked_block_conv2d(x, w, None, np.array([[1, 0], [0, 1]], "float32"))
-    >>> tuple(y.shape), float(np.abs(np.asarray(y)[0, ..., 2:]).max())
-    ((2, 3, 3, 4), 0.0)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.rand(2, 5, 5, 3).astype("float32")
+        >>> w = np.random.rand(3, 3, 3, 4).astype("float32")
+        >>> y = masked_block_conv2d(x, w, None, np.array([[1, 0], [0, 1]], "float32"))
+        >>> tuple(y.shape), float(np.abs(np.asarray(y)[0, ..., 2:]).max())
+        ((2, 3, 3, 4), 0.0)
     """
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError(
@@ -719,15 +718,14 @@ def block_sparse_conv2d(
         `(batch, out_height, out_width, filters)`, equal to
         `masked_block_conv2d` on the same arguments.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.rand(1, 6, 6, 4).astype("float32")
-    >>> w = np.random.rand(3, 3, 4, 8).astype("float32")
-    >>> mask = np.array([[0, 1, 0, 0]], "float32")
-    >>> y = block_sparse_conv2d(x, w, None, mask, padding="same").numpy()
-    >>> y.shape, bool(np.all(y[..., :2] == 0) and np.all(y[..., 2:4] > 0))
-    ((1, 6, 6, 8), True)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.rand(1, 6, 6, 4).astype("float32")
+        >>> w = np.random.rand(3, 3, 4, 8).astype("float32")
+        >>> mask = np.array([[0, 1, 0, 0]], "float32")
+        >>> y = block_sparse_conv2d(x, w, None, mask, padding="same").numpy()
+        >>> y.shape, bool(np.all(y[..., :2] == 0) and np.all(y[..., 2:4] > 0))
+        ((1, 6, 6, 8), True)
     """
     if path not in CONV2D_EXECUTION_PATHS:
         raise ValueError(

@@ -183,13 +183,12 @@ def set_cost_constants(**constants):
 
     Takes effect for graphs traced afterwards. Values must be positive.
 
-    Example:
-
-    >>> before = cost_constants()
-    >>> set_cost_constants(overhead=3e5)
-    >>> cost_constants()["overhead"]
-    300000.0
-    >>> set_cost_constants(**before)
+    Examples:
+        >>> before = cost_constants()
+        >>> set_cost_constants(overhead=3e5)
+        >>> cost_constants()["overhead"]
+        300000.0
+        >>> set_cost_constants(**before)
     """
     for name, value in constants.items():
         if name not in _COSTS:
@@ -213,15 +212,14 @@ def forced_execution(path):
     debugging. It acts when a graph is traced, so wrap the first call (or
     build a new `tf.function`) inside the block.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_condcomp.layers import GatedDense
-    >>> layer = GatedDense(8, blocks=4)
-    >>> with forced_execution("masked"):
-    ...     y = layer(np.ones((2, 3), "float32"))
-    >>> tuple(y.shape)
-    (2, 8)
+    Examples:
+        >>> import numpy as np
+        >>> from keras_condcomp.layers import GatedDense
+        >>> layer = GatedDense(8, blocks=4)
+        >>> with forced_execution("masked"):
+        ...     y = layer(np.ones((2, 3), "float32"))
+        >>> tuple(y.shape)
+        (2, 8)
     """
     _check_path(path)
     previous = getattr(_forced, "path", None)
@@ -974,16 +972,15 @@ def block_sparse_dense(
         `"static_capacity"`, as long as no block has more than `capacity`
         active examples).
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_condcomp.ops import to_block_kernel
-    >>> x = np.random.rand(3, 8).astype("float32")
-    >>> w = to_block_kernel(np.random.rand(8, 4).astype("float32"), 2)
-    >>> mask = np.array([[1, 0], [0, 0], [1, 1]], "float32")
-    >>> y = block_sparse_dense(x, w, None, mask)
-    >>> bool(np.all(y.numpy()[1] == 0))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> from keras_condcomp.ops import to_block_kernel
+        >>> x = np.random.rand(3, 8).astype("float32")
+        >>> w = to_block_kernel(np.random.rand(8, 4).astype("float32"), 2)
+        >>> mask = np.array([[1, 0], [0, 0], [1, 1]], "float32")
+        >>> y = block_sparse_dense(x, w, None, mask)
+        >>> bool(np.all(y.numpy()[1] == 0))
+        True
     """
     _check_path(path)
     if capacity is not None and (

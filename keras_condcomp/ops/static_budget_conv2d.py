@@ -54,16 +54,15 @@ def static_budget_conv2d(
         `(batch, out_rows, out_cols, filters)`: the masked convolution when at
         most `budget` groups are active in the batch.
 
-    Example:
-
-    >>> import numpy as np
-    >>> x = np.random.rand(1, 5, 5, 2).astype("float32")
-    >>> k = np.random.rand(3, 3, 2, 8).astype("float32")
-    >>> mask = np.array([[0., 1., 0., 1.]], "float32")
-    >>> y = static_budget_conv2d(x, k, None, mask, padding="same", budget=2).numpy()
-    >>> dense = tf.nn.conv2d(x, k, 1, "SAME").numpy()
-    >>> bool(np.allclose(y[..., 2:4], dense[..., 2:4], atol=1e-5)), float(y[..., :2].max())
-    (True, 0.0)
+    Examples:
+        >>> import numpy as np
+        >>> x = np.random.rand(1, 5, 5, 2).astype("float32")
+        >>> k = np.random.rand(3, 3, 2, 8).astype("float32")
+        >>> mask = np.array([[0., 1., 0., 1.]], "float32")
+        >>> y = static_budget_conv2d(x, k, None, mask, padding="same", budget=2).numpy()
+        >>> dense = tf.nn.conv2d(x, k, 1, "SAME").numpy()
+        >>> bool(np.allclose(y[..., 2:4], dense[..., 2:4], atol=1e-5)), float(y[..., :2].max())
+        (True, 0.0)
     """
     inputs = tf.convert_to_tensor(inputs)
     dtype = inputs.dtype

@@ -65,11 +65,10 @@ def static_budget_plan(settings):
     A gated layer reads its settings with `static_budget_settings(self)` at
     call time; `keras_condcomp.export` sets the plan while it traces the model.
 
-    Example:
-
-    >>> with static_budget_plan({}):
-    ...     static_budget_settings(object()) is None
-    True
+    Examples:
+        >>> with static_budget_plan({}):
+        ...     static_budget_settings(object()) is None
+        True
     """
     if not isinstance(settings, dict):
         raise ValueError(
@@ -127,17 +126,16 @@ def static_budget_dense(
         `(batch, units)`: the threshold policy's masked dense output, the
         active blocks of an example beyond its `budget` largest scores being 0.
 
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_condcomp.ops import masked_block_dense
-    >>> x = np.random.rand(2, 6).astype("float32")
-    >>> w = np.random.rand(6, 8).astype("float32")
-    >>> logits = np.array([[1., -1., 2., -3.], [-1., -2., -3., 0.5]], "float32")
-    >>> y = static_budget_dense(x, w, None, logits, budget=2)  # 1 and 2 active
-    >>> reference = masked_block_dense(x, w, None, (logits > 0).astype("float32"))
-    >>> bool(np.allclose(y, reference, atol=1e-6))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> from keras_condcomp.ops import masked_block_dense
+        >>> x = np.random.rand(2, 6).astype("float32")
+        >>> w = np.random.rand(6, 8).astype("float32")
+        >>> logits = np.array([[1., -1., 2., -3.], [-1., -2., -3., 0.5]], "float32")
+        >>> y = static_budget_dense(x, w, None, logits, budget=2)  # 1 and 2 active
+        >>> reference = masked_block_dense(x, w, None, (logits > 0).astype("float32"))
+        >>> bool(np.allclose(y, reference, atol=1e-6))
+        True
     """
     inputs = tf.convert_to_tensor(inputs)
     dtype = inputs.dtype

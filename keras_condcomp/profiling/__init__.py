@@ -4,16 +4,15 @@
 `summary(model, x=None)` prints it as a table. Rules per layer kind are in
 `keras_condcomp.profiling.macs_rules`.
 
-Example:
-
->>> import keras
->>> from keras_condcomp.layers import GatedDense
->>> inputs = keras.Input((100,))
->>> hidden = GatedDense(64, blocks=4)(inputs)
->>> model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
->>> profile = profile_macs(model, {model.layers[1].name: 0.25})
->>> profile.dense_macs, profile.conditional_macs
-(7040, 2640.0)
+Examples:
+    >>> import keras
+    >>> from keras_condcomp.layers import GatedDense
+    >>> inputs = keras.Input((100,))
+    >>> hidden = GatedDense(64, blocks=4)(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
+    >>> profile = profile_macs(model, {model.layers[1].name: 0.25})
+    >>> profile.dense_macs, profile.conditional_macs
+    (7040, 2640.0)
 """
 
 from keras_condcomp.profiling.compute_summary import summary

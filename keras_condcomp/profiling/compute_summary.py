@@ -102,17 +102,16 @@ def summary(model, x=None, print_fn=None, line_length=None, batch_size=256):
         line_length: total width of the table (default: as wide as its content).
         batch_size: batch size for measuring on arrays.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((100,))
-    >>> hidden = GatedDense(64, blocks=4, target_density=0.25, name="gated")(inputs)
-    >>> model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
-    >>> lines = []
-    >>> summary(model, print_fn=lines.append)
-    >>> print(lines[0].splitlines()[-1])
-     Dense MACs: 7,040   Conditional MACs: 2,640 (policies included)   Ideal speedup: 2.67x
+    Examples:
+        >>> import keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((100,))
+        >>> hidden = GatedDense(64, blocks=4, target_density=0.25, name="gated")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
+        >>> lines = []
+        >>> summary(model, print_fn=lines.append)
+        >>> print(lines[0].splitlines()[-1])
+         Dense MACs: 7,040   Conditional MACs: 2,640 (policies included)   Ideal speedup: 2.67x
     """
     if print_fn is not None and not callable(print_fn):
         raise ValueError(f"`print_fn` must be callable. Received: print_fn={print_fn!r}")

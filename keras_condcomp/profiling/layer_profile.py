@@ -26,13 +26,12 @@ class LayerProfile:
         counted: False when no rule knows this layer's MACs (it has weights
             but is of a kind the profiler does not model); its MACs read 0.
 
-    Example:
-
-    >>> row = LayerProfile("gated", "GatedDense", parameters=6660, dense_macs=6400,
-    ...                    blocks=4, policy_macs=400, input_density=0.5,
-    ...                    density=0.25, computed_fraction=0.125)
-    >>> row.conditional_macs
-    1200.0
+    Examples:
+        >>> row = LayerProfile("gated", "GatedDense", parameters=6660, dense_macs=6400,
+        ...                    blocks=4, policy_macs=400, input_density=0.5,
+        ...                    density=0.25, computed_fraction=0.125)
+        >>> row.conditional_macs
+        1200.0
     """
 
     name: str

@@ -22,16 +22,15 @@ class ModelProfile:
             `"targets"` (each layer's `target_density`, 1 without one).
         examples: number of examples measured on, None unless measured.
 
-    Example:
-
-    >>> from keras_condcomp.profiling import LayerProfile
-    >>> profile = ModelProfile("mlp", (
-    ...     LayerProfile("gated", "GatedDense", 6660, 6400, blocks=4, policy_macs=400,
-    ...                  density=0.25, computed_fraction=0.25),
-    ...     LayerProfile("logits", "Dense", 650, 640),
-    ... ))
-    >>> profile.dense_macs, profile.conditional_macs, profile.ideal_speedup
-    (7040, 2640.0, 2.6666666666666665)
+    Examples:
+        >>> from keras_condcomp.profiling import LayerProfile
+        >>> profile = ModelProfile("mlp", (
+        ...     LayerProfile("gated", "GatedDense", 6660, 6400, blocks=4, policy_macs=400,
+        ...                  density=0.25, computed_fraction=0.25),
+        ...     LayerProfile("logits", "Dense", 650, 640),
+        ... ))
+        >>> profile.dense_macs, profile.conditional_macs, profile.ideal_speedup
+        (7040, 2640.0, 2.6666666666666665)
     """
 
     name: str

@@ -152,16 +152,15 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
     Returns:
         a `ModelProfile`.
 
-    Example:
-
-    >>> import keras
-    >>> from keras_condcomp.layers import GatedDense
-    >>> inputs = keras.Input((100,))
-    >>> hidden = GatedDense(64, blocks=4, target_density=0.25, name="gated")(inputs)
-    >>> model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
-    >>> profile = profile_macs(model)
-    >>> profile.dense_macs, profile.conditional_macs, profile.layer("gated").policy_macs
-    (7040, 2640.0, 400)
+    Examples:
+        >>> import keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((100,))
+        >>> hidden = GatedDense(64, blocks=4, target_density=0.25, name="gated")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
+        >>> profile = profile_macs(model)
+        >>> profile.dense_macs, profile.conditional_macs, profile.layer("gated").policy_macs
+        (7040, 2640.0, 400)
     """
     if not model.built:
         raise ValueError(

@@ -7,12 +7,11 @@ The score any tuner can maximise (`compute_aware_objective()`, the logged
 
 `val_accuracy - macs_weight * log2(val_conditional_macs / reference_macs)`
 
-Example:
-
->>> from keras_condcomp import tuning
->>> objective = tuning.compute_aware_objective()  # for any KerasTuner tuner
->>> objective.name, objective.direction
-('val_compute_aware_score', 'max')
+Examples:
+    >>> from keras_condcomp import tuning
+    >>> objective = tuning.compute_aware_objective()  # for any KerasTuner tuner
+    >>> objective.name, objective.direction
+    ('val_compute_aware_score', 'max')
 """
 from keras_condcomp.tuning.compute_aware_score import (
     ComputeAwareScore,

@@ -38,10 +38,9 @@ def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=
     reference scores its accuracy; at half the reference, accuracy plus
     `macs_weight`).
 
-    Example:
-
-    >>> round(compute_aware_score(0.90, 25_000, 100_000, macs_weight=0.02), 4)
-    0.94
+    Examples:
+        >>> round(compute_aware_score(0.90, 25_000, 100_000, macs_weight=0.02), 4)
+        0.94
     """
     _check_positive("conditional_macs", conditional_macs)
     _check_positive("reference_macs", reference_macs)
@@ -52,10 +51,9 @@ def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=
 def compute_aware_objective(name=DEFAULT_NAME):
     """The KerasTuner objective maximising the validation score `val_<name>`.
 
-    Example:
-
-    >>> compute_aware_objective().name
-    'val_compute_aware_score'
+    Examples:
+        >>> compute_aware_objective().name
+        'val_compute_aware_score'
     """
     import keras_tuner
 
@@ -85,13 +83,12 @@ class ComputeAwareScore(keras.callbacks.Callback):
         accuracy: name of the logged accuracy metric (default `"accuracy"`).
         name: name of the score in the logs.
 
-    Example:
-
-    >>> score = ComputeAwareScore(reference_macs=100_000)
-    >>> logs = {"accuracy": 0.9, "conditional_macs": 50_000.0}
-    >>> score.on_epoch_end(0, logs)
-    >>> round(logs["compute_aware_score"], 4)
-    0.92
+    Examples:
+        >>> score = ComputeAwareScore(reference_macs=100_000)
+        >>> logs = {"accuracy": 0.9, "conditional_macs": 50_000.0}
+        >>> score.on_epoch_end(0, logs)
+        >>> round(logs["compute_aware_score"], 4)
+        0.92
     """
 
     def __init__(

@@ -46,16 +46,15 @@ class GatedCNNHyperModel(GatedHyperModel):
         seed: seed of the gated layers' mask sampling (None: random).
         name, tunable: as `keras_tuner.HyperModel`.
 
-    Example:
-
-    >>> import keras_tuner
-    >>> hypermodel = GatedCNNHyperModel((8, 8, 1), 10)
-    >>> hp = keras_tuner.HyperParameters()
-    >>> hp.Fixed("conv_layers", 2)
-    2
-    >>> model = hypermodel.build(hp)
-    >>> print(*(layer.name for layer in model.layers[1:]))
-    gated_conv_1 pool_1 gated_conv_2 pool_2 global_pool logits
+    Examples:
+        >>> import keras_tuner
+        >>> hypermodel = GatedCNNHyperModel((8, 8, 1), 10)
+        >>> hp = keras_tuner.HyperParameters()
+        >>> hp.Fixed("conv_layers", 2)
+        2
+        >>> model = hypermodel.build(hp)
+        >>> print(*(layer.name for layer in model.layers[1:]))
+        gated_conv_1 pool_1 gated_conv_2 pool_2 global_pool logits
     """
 
     model_name = "gated_cnn"

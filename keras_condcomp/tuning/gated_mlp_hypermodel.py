@@ -47,16 +47,15 @@ class GatedMLPHyperModel(GatedHyperModel):
         seed: seed of the gated layers' mask sampling (None: random).
         name, tunable: as `keras_tuner.HyperModel`.
 
-    Example:
-
-    >>> import keras_tuner
-    >>> hypermodel = GatedMLPHyperModel((64,), 10)
-    >>> hp = keras_tuner.HyperParameters()
-    >>> hp.Fixed("layers", 2)
-    2
-    >>> model = hypermodel.build(hp)
-    >>> print(*(layer.name for layer in model.layers[1:]))
-    gated_1 gated_2 logits
+    Examples:
+        >>> import keras_tuner
+        >>> hypermodel = GatedMLPHyperModel((64,), 10)
+        >>> hp = keras_tuner.HyperParameters()
+        >>> hp.Fixed("layers", 2)
+        2
+        >>> model = hypermodel.build(hp)
+        >>> print(*(layer.name for layer in model.layers[1:]))
+        gated_1 gated_2 logits
     """
 
     model_name = "gated_mlp"

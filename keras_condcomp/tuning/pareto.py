@@ -40,12 +40,11 @@ class TrialResult:
 def pareto_front(results):
     """The results no other result dominates, from cheapest to dearest.
 
-    Example:
-
-    >>> points = [TrialResult("a", 0.90, 1000.0, {}), TrialResult("b", 0.95, 3000.0, {}),
-    ...           TrialResult("c", 0.89, 2000.0, {}), TrialResult("d", 0.97, 9000.0, {})]
-    >>> print(*(point.trial_id for point in pareto_front(points)))
-    a b d
+    Examples:
+        >>> points = [TrialResult("a", 0.90, 1000.0, {}), TrialResult("b", 0.95, 3000.0, {}),
+        ...           TrialResult("c", 0.89, 2000.0, {}), TrialResult("d", 0.97, 9000.0, {})]
+        >>> print(*(point.trial_id for point in pareto_front(points)))
+        a b d
     """
     results = list(results)
     for r in results:
