@@ -656,7 +656,18 @@ def export(args):
              " (a layer computing every block runs its masked dense product)"))
     if dataset is not None:
         keras_logits = model.predict(dataset.x_test, batch_size=256, verbose=0)
-        exported = predict(args.out, dataset.x_test)
+        # A budget below every group of a GatedConv2D counts the groups of a
+        # whole batch: checked one example a call, as such a model is served.
+        batch_wide = any(
+            getattr(type(layer), "static_budget_scope", "example") == "batch"
+            and budgets[layer.name] < layer.blocks for layer in _gated(model)
+        )
+        if batch_wide and args.format == "onnx" and args.batch_size != 1:
+            exported = predict(args.out, dataset.x_test, batch_size=1)
+            print("Checked one example a call: a GatedConv2D budget counts the groups "
+                  "of a whole batch (export with --batch-size 1 for budgets per example).")
+        else:
+            exported = predict(args.out, dataset.x_test)
         counts = active_block_counts(model, dataset.x_test)
         over = {
             name: float(np.mean(counts[name] > budgets[name])) for name in budgets

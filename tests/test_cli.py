@@ -72,6 +72,31 @@ def test_train_cnn_writes_results_and_model(tmp_path):
     assert exported.exists()
 
 
+def test_export_of_a_cnn_budget_with_a_dynamic_batch_is_checked_one_example_a_call(
+    tmp_path, capsys
+):
+    import numpy as np
+
+    from keras_condcomp.data import load_dataset
+    from keras_condcomp.export import onnx_predict
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "cnn", "--filters", "8", "--blocks", "4", "--epochs", "1",
+                 "--batch-size", "256", "--speed-repeats", "1", "--verbose", "0",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    exported = tmp_path / "cnn.onnx"
+    with pytest.warns(UserWarning, match="depends on the other examples of its batch"):
+        assert main(["export", str(out / "model.keras"), "--format", "onnx", "--budget", "1",
+                     "--out", str(exported)]) == 0
+    printed = capsys.readouterr().out
+    assert "Checked one example a call" in printed
+    digits = load_dataset("digits")
+    one_by_one = onnx_predict(exported, digits.x_test.reshape(-1, 8, 8, 1), batch_size=1)
+    accuracy = float((one_by_one.argmax(1) == digits.y_test).mean())
+    assert f"exported (onnx) {accuracy:.4f}" in printed
+
+
 def test_train_on_mnist_directory(tmp_path, rng):
     fake_mnist(tmp_path, rng, compress=True)
     out = tmp_path / "run"

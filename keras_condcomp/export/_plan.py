@@ -10,7 +10,11 @@ import keras
 import numpy as np
 
 from keras_condcomp._arguments import is_integer
-from keras_condcomp.models.policy_gradient_model import gated_layer_inputs, gated_layers
+from keras_condcomp.models.policy_gradient_model import (
+    check_called_once,
+    gated_layer_inputs,
+    gated_layers,
+)
 from keras_condcomp.ops.static_budget_dense import static_budget_plan
 
 __all__ = ["active_block_counts", "block_budgets"]
@@ -37,6 +41,8 @@ def check_model(model):
             f"`inputs = keras.Input(...)`). Received: {model.name!r}"
         )
     layers = gated_layers(model)
+    # One trace setting a layer (budget, input sparsity) serves every call.
+    check_called_once(model, layers, "Export")
     for layer in layers:
         if layer.compute_dtype != "float32":
             raise ValueError(
@@ -229,10 +235,20 @@ def block_budgets(
     result = {}
     for layer in layers:
         value = budget.get(layer.name) if isinstance(budget, dict) else budget
+        batch_scope = getattr(type(layer), "static_budget_scope", "example") == "batch"
         if value is not None:
             result[layer.name] = _check_budget(layer, value, "budget")
+            if batch_scope and batch_size != 1 and result[layer.name] < layer.blocks:
+                warnings.warn(
+                    f"{type(layer).__name__} {layer.name!r}: a budget of "
+                    f"{result[layer.name]} of {layer.blocks} groups counts the groups "
+                    "active in any example of a batch, so with batch_size="
+                    f"{batch_size} an example's output depends on the other examples "
+                    "of its batch. Export with batch_size=1 for a budget per example.",
+                    stacklevel=3,
+                )
             continue
-        if getattr(type(layer), "static_budget_scope", "example") == "batch" and batch_size != 1:
+        if batch_scope and batch_size != 1:
             value = layer.blocks
         elif representative_data is not None:
             if counts is None:

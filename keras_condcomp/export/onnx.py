@@ -48,7 +48,9 @@ def export_onnx(
 
     Raises:
         ValueError: bad arguments, a sampling (`inference="sample"`) or
-            unsupported gated layer.
+            unsupported gated layer, or a graph ONNX cannot hold (an op with
+            no ONNX form, such as gelu's `Erfc`; a layer's state turned
+            into an input, as a Normalization layer's is).
         ImportError: tf2onnx or onnx missing.
         RuntimeError: a backend or Keras version without the ONNX exporter.
 
@@ -100,10 +102,26 @@ def export_onnx(
                 if "format" in str(error) and "onnx" in str(error):
                     raise RuntimeError(
                         "This Keras version has no ONNX exporter "
-                        "(model.export(format='onnx')): upgrade to keras>=3.10."
+                        "(model.export(format='onnx')): upgrade to keras>=3.13."
                     ) from error
                 raise
-        onnx.checker.check_model(staging, full_check=True)
+        try:
+            onnx.checker.check_model(staging, full_check=True)
+        except onnx.checker.ValidationError as error:
+            # tf2onnx wrote an op ONNX does not have (e.g. `Erfc`, of gelu).
+            raise ValueError(
+                f"The ONNX graph of {model.name!r} is not valid ONNX, so it was not "
+                f"written (an op of one of its layers has no ONNX form): {error}"
+            ) from None
+        inputs = [i for i in onnx.load(staging).graph.input]
+        if len(inputs) != len(model.inputs):
+            # e.g. a Normalization layer's statistics, turned into inputs.
+            raise ValueError(
+                f"The ONNX graph of {model.name!r} takes {len(inputs)} inputs "
+                f"({', '.join(i.name for i in inputs)}) where the model takes "
+                f"{len(model.inputs)}, so it was not written: a layer's state became "
+                "an input (a Normalization layer's mean and variance do)."
+            )
     return budgets
 
 

@@ -20,7 +20,9 @@ def gated_layers(model):
     """The gated layers of `model` (nested models included), in order.
 
     Raises a ValueError when two of them share a name (possible in separate
-    nested models): logs, budgets and profiles name each gated layer.
+    nested models): logs, budgets and profiles name each gated layer; and
+    for a gated layer inside a wrapper (`TimeDistributed`, ...), which would
+    decide per time step where the model's costs are per example.
     """
     found = []
 
@@ -28,6 +30,14 @@ def gated_layers(model):
         if isinstance(getattr(layer, "policy", None), BernoulliPolicy):
             if not any(layer is seen for seen in found):
                 found.append(layer)
+        if isinstance(layer, keras.layers.Wrapper) and isinstance(
+            getattr(layer.layer, "policy", None), BernoulliPolicy
+        ):
+            raise ValueError(
+                f"{type(layer.layer).__name__} {layer.layer.name!r} is wrapped in "
+                f"{type(layer).__name__} {layer.name!r}, which keras_condcomp does not "
+                "support: a gated layer decides per example of a (batch, features) input."
+            )
         for child in getattr(layer, "layers", None) or ():
             visit(child)
 
@@ -35,6 +45,52 @@ def gated_layers(model):
         visit(layer)
     check_unique_names(model, found)
     return found
+
+
+def layer_calls(model):
+    """`{layer name: times a forward pass of `model` calls it}`, read from the
+    functional graphs' configs (a nested model's layers count once per call
+    of the nested model). Layers whose graph is not known (a subclassed
+    model's) are absent.
+
+    Examples:
+        >>> import keras
+        >>> inputs = keras.Input((4,))
+        >>> shared = keras.layers.Dense(4, name="shared")
+        >>> model = keras.Model(inputs, shared(shared(inputs)))
+        >>> layer_calls(model)["shared"]
+        2
+    """
+    calls = {}
+
+    def visit(config, times):
+        for entry in config.get("layers") or ():
+            nodes = entry.get("inbound_nodes")
+            count = times * (len(nodes) if nodes else 1)
+            calls[entry["name"]] = calls.get(entry["name"], 0) + count
+            inner = entry.get("config")
+            if isinstance(inner, dict):
+                visit(inner, count)
+
+    try:
+        config = model.get_config()
+    except (NotImplementedError, TypeError):
+        return calls
+    if isinstance(config, dict):
+        visit(config, 1)
+    return calls
+
+
+def check_called_once(model, layers, what):
+    """Refuses gated `layers` that a forward pass of `model` calls more than once."""
+    calls = layer_calls(model)
+    shared = {layer.name: calls[layer.name] for layer in layers if calls.get(layer.name, 1) > 1}
+    if shared:
+        raise ValueError(
+            f"{what} does not support a gated layer called more than once in a forward "
+            f"pass (shared weights). Received: {model.name!r} calling "
+            + ", ".join(f"{name!r} {count} times" for name, count in shared.items())
+        )
 
 
 def gated_layer_inputs(model, x, batch_size=256):
@@ -60,6 +116,8 @@ def gated_layer_inputs(model, x, batch_size=256):
     layers = gated_layers(model)
     if not layers:
         return []
+    # A probe reads `layer.input`, the input of a layer's first call only.
+    check_called_once(model, layers, "gated_layer_inputs")
     try:
         probe = keras.Model(model.inputs, [layer.input for layer in layers])
     except (AttributeError, ValueError) as error:

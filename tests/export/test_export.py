@@ -327,6 +327,42 @@ def test_a_mixed_precision_gated_layer_is_refused_with_the_way_out(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_gated_layer_called_twice_is_refused(tmp_path):
+    # One trace setting a layer serves all its calls: the second call here
+    # (a dense input) would read only the blocks the first call's input has.
+    inputs = keras.Input((8,))
+    first, shared = GatedDense(8, 4, name="first"), GatedDense(8, 4, name="shared")
+    model = keras.Model(inputs, shared(first(inputs)) + shared(inputs))
+    for export, name in ((export_onnx, "m.onnx"), (export_litert, "m.tflite")):
+        with pytest.raises(ValueError, match="Export does not support.*'shared' 2 times"):
+            export(model, tmp_path / name, budget=2)
+    with pytest.raises(ValueError, match="gated_layer_inputs does not support.*'shared' 2"):
+        active_block_counts(model, np.zeros((3, 8), "float32"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("layer, message", [
+    (keras.layers.Activation("gelu"), "not valid ONNX.*Erfc"),
+    (keras.layers.Normalization(mean=0.5, variance=2.0), "takes 3 inputs.*Normalization"),
+])
+def test_graphs_onnx_cannot_hold_are_refused_and_not_written(tmp_path, layer, message):
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, GatedDense(8, 4, name="g")(layer(inputs)))
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model, tmp_path / "m.onnx", budget=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_wrapped_gated_layer_is_refused():
+    from keras_condcomp.models import gated_layers
+
+    inputs = keras.Input((5, 8))
+    wrapped = keras.layers.TimeDistributed(GatedDense(8, 4, name="inner"), name="steps")
+    model = keras.Model(inputs, wrapped(inputs))
+    with pytest.raises(ValueError, match="'inner' is wrapped in TimeDistributed 'steps'"):
+        gated_layers(model)
+
+
 def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypatch):
     from keras_condcomp import speed
 
@@ -430,6 +466,9 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
     op_types = {node.op_type for node in onnx.load(skipping_path).graph.node}
     assert {"TopK", "Gather", "Conv"} <= op_types, op_types
     np.testing.assert_allclose(onnx_predict(skipping_path, x), reference, atol=ATOL)
+    # The same budget with a dynamic batch: batch-wide, and said so.
+    with pytest.warns(UserWarning, match="depends on the other examples of its batch"):
+        block_budgets(model, budget=most, batch_size=None)
 
 
 def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
