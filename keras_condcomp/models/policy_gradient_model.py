@@ -10,6 +10,7 @@ from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling import gated_inputs, profile_macs
+from keras_condcomp.profiling.profiler import layer_calls
 
 __all__ = ["PolicyGradientModel", "gated_layer_inputs", "gated_layers"]
 
@@ -47,44 +48,10 @@ def gated_layers(model):
     return found
 
 
-def layer_calls(model):
-    """`{layer name: times a forward pass of `model` calls it}`, read from the
-    functional graphs' configs (a nested model's layers count once per call
-    of the nested model). Layers whose graph is not known (a subclassed
-    model's) are absent.
-
-    Examples:
-        >>> import keras
-        >>> inputs = keras.Input((4,))
-        >>> shared = keras.layers.Dense(4, name="shared")
-        >>> model = keras.Model(inputs, shared(shared(inputs)))
-        >>> layer_calls(model)["shared"]
-        2
-    """
-    calls = {}
-
-    def visit(config, times):
-        for entry in config.get("layers") or ():
-            nodes = entry.get("inbound_nodes")
-            count = times * (len(nodes) if nodes else 1)
-            calls[entry["name"]] = calls.get(entry["name"], 0) + count
-            inner = entry.get("config")
-            if isinstance(inner, dict):
-                visit(inner, count)
-
-    try:
-        config = model.get_config()
-    except (NotImplementedError, TypeError):
-        return calls
-    if isinstance(config, dict):
-        visit(config, 1)
-    return calls
-
-
 def check_called_once(model, layers, what):
     """Refuses gated `layers` that a forward pass of `model` calls more than once."""
     calls = layer_calls(model)
-    shared = {layer.name: calls[layer.name] for layer in layers if calls.get(layer.name, 1) > 1}
+    shared = {layer.name: calls[id(layer)] for layer in layers if calls.get(id(layer), 1) > 1}
     if shared:
         raise ValueError(
             f"{what} does not support a gated layer called more than once in a forward "

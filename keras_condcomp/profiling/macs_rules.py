@@ -26,8 +26,10 @@ The rules:
   steps: 0 MACs, marked uncounted (`counted=False`) so that the summary
   says so instead of silently under-counting.
 
-A layer (or nested model) that the model calls more than once counts one
-call; a gated one at its density over the calls.
+A layer (or nested model) that the model calls k times counts k calls (read
+from the functional graphs; a subclassed model's calls are not known and
+count once); a gated one at its density over the calls, its inputs counted
+dense.
 """
 
 import dataclasses

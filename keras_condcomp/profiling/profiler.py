@@ -34,6 +34,44 @@ def _profiled_layers(model):
             yield layer
 
 
+def layer_calls(model):
+    """`{id(layer): times a forward pass of model calls it}` for the layers of
+    `model` and of the models nested in it (a nested model's layers count
+    once per call of the nested model), read from the functional graphs'
+    configs; a layer whose graph is not known (in a subclassed model)
+    counts 1.
+
+    Examples:
+        >>> import keras
+        >>> inputs = keras.Input((4,))
+        >>> shared = keras.layers.Dense(4, name="shared")
+        >>> model = keras.Model(inputs, shared(shared(inputs)))
+        >>> layer_calls(model)[id(shared)]
+        2
+    """
+    calls = {}
+
+    def visit(container, times):
+        try:
+            config = container.get_config()
+        except (NotImplementedError, TypeError):
+            config = None
+        entries = {}
+        if isinstance(config, dict):
+            for entry in config.get("layers") or ():
+                if isinstance(entry, dict):
+                    entries[entry.get("name")] = entry
+        for layer in getattr(container, "layers", None) or ():
+            nodes = entries.get(layer.name, {}).get("inbound_nodes")
+            count = times * (len(nodes) if nodes else 1)
+            calls[id(layer)] = calls.get(id(layer), 0) + count
+            if getattr(layer, "layers", None):
+                visit(layer, count)
+
+    visit(model, 1)
+    return calls
+
+
 def _symbolic(layer, attribute):
     try:
         tensor = getattr(layer, attribute)
@@ -54,6 +92,7 @@ def gated_inputs(model):
     """
     layers = list(_profiled_layers(model))
     check_unique_names(model, [layer for layer in layers if is_gated(layer)])
+    calls = layer_calls(model)
     producers = {}
     for layer in layers:
         output = _symbolic(layer, "output")
@@ -63,7 +102,10 @@ def gated_inputs(model):
     for layer in layers:
         if not is_gated(layer):
             continue
-        tensor, upstream = _symbolic(layer, "input"), None
+        # `layer.input` is its first call's only: the calls of a shared
+        # layer count as dense inputs.
+        tensor = _symbolic(layer, "input") if calls.get(id(layer), 1) == 1 else None
+        upstream = None
         while tensor is not None:
             producer = producers.get(id(tensor))
             if producer is None:
@@ -205,14 +247,17 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
             return float(densities[layer.name])
         return float(layer.target_density or 1.0)
 
+    calls = layer_calls(model)
     rows = []
     for layer in layers:
         cost = layer_cost(layer)
+        # A layer the model calls k times (shared weights) costs k calls.
+        times = calls.get(id(layer), 1)
         row = dict(
             name=layer.name,
             kind=type(layer).__name__,
             parameters=int(layer.count_params()) if layer.built else 0,
-            dense_macs=cost.dense_macs,
+            dense_macs=cost.dense_macs * times,
             counted=cost.counted,
         )
         if cost.blocks is not None:
@@ -231,7 +276,7 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
                 fraction = float(per_example.mean())
             row.update(
                 blocks=cost.blocks,
-                policy_macs=cost.policy_macs,
+                policy_macs=cost.policy_macs * times,
                 input_density=input_density,
                 density=density,
                 computed_fraction=fraction,

@@ -142,6 +142,29 @@ def test_nested_sequential_and_subclassed_models():
     assert profile.layer("head").dense_macs == 24
 
 
+def test_layers_called_several_times_count_every_call(rng):
+    shared_gate = GatedDense(16, 4, target_density=0.5, name="shared_gate")
+    shared_dense = keras.layers.Dense(16, name="shared_dense")
+    first = GatedDense(16, 4, target_density=0.25, name="first")
+    inputs = keras.Input((16,))
+    merged = shared_gate(first(inputs)) + shared_gate(shared_dense(shared_dense(inputs)))
+    inner = keras.Model(inputs, merged, name="inner")
+    outer_inputs = keras.Input((16,))
+    outer = keras.Model(outer_inputs, keras.layers.Dense(3, name="head")(
+        inner(inner(outer_inputs))))
+    profile = profile_macs(outer)
+    # inner runs twice: shared_gate 4 calls, shared_dense 4, first 2, head 1.
+    assert profile.layer("shared_gate").dense_macs == 4 * 16 * 16
+    assert profile.layer("shared_gate").policy_macs == 4 * 16 * 4
+    assert profile.layer("shared_dense").dense_macs == 4 * 16 * 16
+    assert profile.layer("first").dense_macs == 2 * 16 * 16
+    assert profile.layer("head").dense_macs == 16 * 3
+    # A shared layer's inputs count as dense (its calls read different ones).
+    assert profile.layer("shared_gate").input_density == 1.0
+    measured = profile_macs(outer, x=rng.normal(size=(9, 16)).astype("float32"))
+    assert measured.dense_macs == profile.dense_macs
+
+
 def test_bad_arguments_name_argument_and_value(rng):
     model = mixed_model()
     with pytest.raises(ValueError, match="densities.*'nope'"):
