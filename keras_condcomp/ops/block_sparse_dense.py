@@ -693,7 +693,11 @@ def _static_capacity(problem, capacity=None):
     outputs = tf.gather_nd(grouped, gather_at)  # (batch, blocks, s)
     if problem.bias is not None:
         outputs = outputs + tf.reshape(problem.bias, [problem.blocks, problem.block_size])
-    outputs = problem.activation(outputs) * tf.cast(kept, outputs.dtype)[:, :, None]
+    # A skipped pair read the zero padding (activation(bias)), which may
+    # overflow: zeroed so that inf * 0 is not NaN.
+    outputs = tf.math.multiply_no_nan(
+        problem.activation(outputs), tf.cast(kept, outputs.dtype)[:, :, None]
+    )
     return tf.reshape(outputs, [batch, problem.units])
 
 

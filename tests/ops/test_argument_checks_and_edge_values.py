@@ -30,6 +30,12 @@ def test_an_overflowing_skipped_block_is_zero_on_every_dense_path(path):
     np.testing.assert_array_equal(y, [[4, 4, 4, 4, 0, 0, 0, 0]])
     np.testing.assert_array_equal(masked_block_dense(x, kernel, None, mask), y)
     np.testing.assert_array_equal(block_dense(x, to_block_kernel(kernel, 2), None, mask), y)
+    # Block 1's activation overflows from its bias alone (static_capacity
+    # computes a skipped pair from its zero padding: activation(bias)).
+    bias = np.array([0, 0, 0, 0, 100, 100, 100, 100], "float32")
+    y = block_sparse_dense(x.astype("float32"), to_block_kernel(kernel.astype("float32"), 2),
+                           bias, mask.astype("float32"), activation=tf.exp, path=path).numpy()
+    np.testing.assert_allclose(y, [[np.exp(4)] * 4 + [0] * 4], rtol=1e-6)
 
 
 @pytest.mark.parametrize("path", CONV2D_EXECUTION_PATHS)
