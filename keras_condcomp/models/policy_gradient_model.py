@@ -222,6 +222,14 @@ class _PolicyGradientTraining:
                 policies' weights, with its own learning rate as in the paper;
                 None updates them with `optimizer`.
         """
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                "PolicyGradientModel trains and evaluates on the TensorFlow backend only "
+                "(its steps use tf.GradientTape and tf.distribute). Received: "
+                f"keras.backend.backend()={keras.backend.backend()!r}; set "
+                "KERAS_BACKEND=tensorflow. (Its predict runs on any backend, the gated "
+                "layers computing densely, then masking.)"
+            )
         if len(getattr(self, "outputs", None) or ()) > 1:
             raise ValueError(
                 "PolicyGradientModel supports models with a single output. Received: "
