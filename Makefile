@@ -3,10 +3,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# A .venv whose Python no longer runs (its interpreter removed) is made anew.
+# A .venv whose Python no longer runs (its interpreter removed), or of
+# another Python version than $(PYTHON), is made anew.
+VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 ifneq ($(wildcard $(VENV)),)
-ifneq ($(shell $(BIN)/python -c 'print("ok")' 2>/dev/null),ok)
+VENV_VERSION := $(call VERSION_OF,$(BIN)/python)
+WANTED_VERSION := $(call VERSION_OF,$(PYTHON))
+ifeq ($(VENV_VERSION),)
 $(info $(VENV) is broken (its python does not run): making it anew)
+$(shell rm -rf $(VENV))
+else ifneq ($(WANTED_VERSION),$(if $(WANTED_VERSION),$(VENV_VERSION)))
+$(info $(VENV) has Python $(VENV_VERSION), $(PYTHON) is $(WANTED_VERSION): making it anew)
 $(shell rm -rf $(VENV))
 endif
 endif
