@@ -4,7 +4,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # A .venv whose Python no longer runs (its interpreter removed), or of
-# another Python version than $(PYTHON), is made anew.
+# another Python version than $(PYTHON), is made anew (removed as the
+# Makefile is read, so by `make -n` too).
 VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 ifneq ($(wildcard $(VENV)),)
 VENV_VERSION := $(call VERSION_OF,$(BIN)/python)

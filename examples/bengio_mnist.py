@@ -37,7 +37,7 @@ trains with constant-rate SGD until early stopping on 50,000 images; the
 default 30 epochs on 8,000 images are a quick run (raise `--epochs`).
 
 Measured with `--epochs 300` on that split (a 2-core machine, two runs side
-by side, 13 minutes each; the numbers of each run are its own):
+by side, 13 minutes each; the `train s` column left out):
 
     model            test error    paper  density no block error, some block
     condnet 16x16        0.0965    0.023    0.067    0.067            0.0456

@@ -43,22 +43,39 @@ SEARCH_OPTIONS = ("dataset", "data_dir", "epochs", "batch_size", "train_examples
                   "units", "macs_weight", "seed")
 
 
-def _check_same_search(parser, args):
-    """Records the search's options in `--directory`, or refuses other ones."""
-    path = os.path.join(args.directory, "speed_accuracy", "search_options.json")
+def _search_options(args):
     options = {name: getattr(args, name) for name in SEARCH_OPTIONS}
-    if os.path.exists(path):
-        with open(path) as f:
-            first = json.load(f)
-        changed = [f"--{name.replace('_', '-')} {first.get(name)!r} -> {options[name]!r}"
-                   for name in SEARCH_OPTIONS if first.get(name) != options[name]]
-        if changed:
-            parser.error(f"{args.directory} holds a search run with other options "
-                         f"({', '.join(changed)}): use another --directory")
+    if options["units"] is not None:
+        options["units"] = sorted(options["units"])  # the same choices in any order
+    return options
+
+
+def _options_path(args):
+    return os.path.join(args.directory, "speed_accuracy", "search_options.json")
+
+
+def _check_same_search(parser, args):
+    """Refuses options other than those the search in `--directory` ran with."""
+    path = _options_path(args)
+    if not os.path.exists(path):
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(options, f, indent=1)
+    with open(path) as f:
+        first = json.load(f)
+    options = _search_options(args)
+    changed = [f"--{name.replace('_', '-')} {first.get(name)!r} -> {options[name]!r}"
+               for name in SEARCH_OPTIONS if first.get(name) != options[name]]
+    if changed:
+        parser.error(f"{args.directory} holds a search run with other options "
+                     f"({', '.join(changed)}): use another --directory")
+
+
+def _record_search(args):
+    """Records the search's options beside its trials (once the tuner exists)."""
+    path = _options_path(args)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(_search_options(args), f, indent=1)
 
 
 def main(argv=None):
@@ -117,6 +134,7 @@ def main(argv=None):
         seed=args.seed,
         overwrite=False,  # run again to continue
     )
+    _record_search(args)
     tuner.search(
         dataset.x_train[train], dataset.y_train[train],
         validation_data=(dataset.x_train[val], dataset.y_train[val]),

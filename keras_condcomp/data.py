@@ -38,8 +38,10 @@ class Dataset:
 
     Attributes:
         name: a human-readable name, used in reports.
-        x_train, y_train, x_test, y_test: float32 `(n, features)` in [0, 1]
-            and int64 `(n,)` labels.
+        x_train: float32 `(n, features)` training images in [0, 1].
+        y_train: int64 `(n,)` training labels.
+        x_test: float32 `(n, features)` test images in [0, 1].
+        y_test: int64 `(n,)` test labels.
         num_classes: number of classes.
     """
 

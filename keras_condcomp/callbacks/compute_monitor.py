@@ -113,7 +113,11 @@ class ComputeMonitor(keras.callbacks.Callback):
         self._writer = None
 
     def measure(self):
-        """`({layer name: (examples, blocks) 0/1 masks}, predicted classes)` on `x`."""
+        """`({layer name: (examples, blocks) masks}, predicted classes)` on `x`.
+
+        The masks are 0/1, or for a layer the model calls several times the
+        mean of its calls' masks.
+        """
         layers = require_gated_layers(self, self.model)
         masks = {layer.name: [] for layer in layers}
         predictions = []
@@ -123,11 +127,15 @@ class ComputeMonitor(keras.callbacks.Callback):
             )
             with DecisionRecorder() as recorder:
                 outputs = self.model(batch, training=False)
+            calls = {}
             for decision in recorder.decisions:
                 if decision.layer.name in masks:
-                    masks[decision.layer.name].append(
-                        keras.ops.convert_to_numpy(decision.mask)
+                    calls.setdefault(decision.layer.name, []).append(
+                        keras.ops.convert_to_numpy(decision.mask).astype("float32")
                     )
+            # A layer called several times (shared): the mean of its calls' masks.
+            for name, values in calls.items():
+                masks[name].append(np.mean(values, axis=0))
             outputs = keras.ops.convert_to_numpy(outputs)
             predictions.append(outputs.argmax(axis=-1) if outputs.ndim == 2 else outputs)
         masks = {name: np.concatenate(values) for name, values in masks.items() if values}

@@ -87,7 +87,7 @@ class GatedDense(GatedLayer):
             `"squared"` (the authors' code): how `L_b` and `L_e` measure a
             deviation from tau. The squared pull fades near tau, so the
             learned density settles above it (on MNIST with tau = 1/16:
-            about 0.15 against 0.07), and fewer examples are left with no
+            about 0.16 against 0.07), and fewer examples are left with no
             active block.
         policy_initializer: initializer of the policy kernel.
         policy_bias_initializer: initializer of the policy bias (zeros: every

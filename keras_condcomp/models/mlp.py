@@ -18,7 +18,9 @@ def build_gated_mlp(
     Args:
         input_dim: features per example.
         num_classes: output logits.
-        units, blocks, activation: of every gated layer.
+        units: units of every gated layer.
+        blocks: blocks of every gated layer.
+        activation: activation of every gated layer.
         layers: number of gated layers.
         **gate_kwargs: passed to every `GatedDense` (target_density, ...).
 

@@ -227,8 +227,8 @@ class _PolicyGradientTraining:
                 "PolicyGradientModel trains and evaluates on the TensorFlow backend only "
                 "(its steps use tf.GradientTape and tf.distribute). Received: "
                 f"keras.backend.backend()={keras.backend.backend()!r}; set "
-                "KERAS_BACKEND=tensorflow. (Its predict runs on any backend, the gated "
-                "layers computing densely, then masking.)"
+                "KERAS_BACKEND=tensorflow. (Its predict runs on other backends too, "
+                "checked on JAX, the gated layers computing densely, then masking.)"
             )
         if len(getattr(self, "outputs", None) or ()) > 1:
             raise ValueError(
@@ -416,9 +416,12 @@ class _PolicyGradientTraining:
         return y_pred, loss, policy_loss / replicas
 
     def fit(self, *args, **kwargs):
-        # Keras skips `on_train_end` when `fit` stops on an exception (Ctrl-C
-        # included): the schedule state callbacks change (PolicyWarmup,
-        # DensityScheduler) is then given back as it was before `fit`.
+        """As `keras.Model.fit`.
+
+        Keras skips `on_train_end` when `fit` stops on an exception (Ctrl-C
+        included): the schedule state that callbacks change (`PolicyWarmup`,
+        `DensityScheduler`) is then given back as it was before `fit`.
+        """
         schedules = [layer._schedule for layer in gated_layers(self)]
         before = [(s.target_density, s.policy_enabled) for s in schedules]
         try:
@@ -515,7 +518,8 @@ class PolicyGradientModel(
             the batch's mean cost, bias-corrected) or None (no baseline, as in
             the paper).
         baseline_momentum: momentum of the moving average, in [0, 1).
-        *args, **kwargs: as `keras.Model`.
+        *args: as `keras.Model` (a functional model's inputs and outputs).
+        **kwargs: as `keras.Model`.
 
     Only training steps move the baseline; `evaluate` and validation read
     it. `.keras` files keep `baseline` and `baseline_momentum`;

@@ -227,8 +227,10 @@ def masked_block_conv2d(
         block_mask: `(batch, blocks)`, 1 for an active group of
             `filters // blocks` output channels, 0 for a skipped one.
         activation: a callable or None.
-        strides, padding, dilation_rate, data_format: as in
-            `keras.layers.Conv2D`.
+        strides: as in `keras.layers.Conv2D`.
+        padding: as in `keras.layers.Conv2D`.
+        dilation_rate: as in `keras.layers.Conv2D`.
+        data_format: as in `keras.layers.Conv2D`.
 
     Returns:
         The convolution's output; exactly 0 in the channels of skipped groups.

@@ -180,7 +180,9 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
     from a gated layer feeding it (see `gated_inputs`). Measured densities
     pair both per example; given or target densities multiply the means.
     Ungated layers count densely; rules per layer kind are in
-    `keras_condcomp.profiling.macs_rules`.
+    `keras_condcomp.profiling.macs_rules`. A layer the model calls k times
+    (shared weights) counts k calls; a shared gated layer's input counts
+    as dense.
 
     Args:
         model: a built Keras model (functional, Sequential or subclassed).

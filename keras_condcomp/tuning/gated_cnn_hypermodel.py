@@ -23,8 +23,8 @@ class GatedCNNHyperModel(GatedHyperModel):
     space (hyperparameter names):
 
     - `conv_layers`: 1 to 3 gated convolutions;
-    - `filters` in (16, 32, 64) and `blocks` (filter groups) in (4, 8), per
-      layer;
+    - `filters` in (16, 32, 64) and `blocks` (filter groups) in (4, 8), the
+      same for every layer;
     - the gating hyperparameters of `GatedMLPHyperModel`: `target_density`,
       `sparsity_weight`, `variance_weight`, `policy_learning_rate`.
 
@@ -44,7 +44,8 @@ class GatedCNNHyperModel(GatedHyperModel):
             (3 convolutions of 64 filters).
         macs_weight: accuracy a halving of compute is worth in the score.
         seed: seed of the gated layers' mask sampling (None: random).
-        name, tunable: as `keras_tuner.HyperModel`.
+        name: as `keras_tuner.HyperModel`.
+        tunable: as `keras_tuner.HyperModel`.
 
     Examples:
         >>> import keras_tuner

@@ -22,7 +22,8 @@ class GatedMLPHyperModel(GatedHyperModel):
     `hyperparameters=` and `tune_new_entries=` can fix or narrow them):
 
     - `layers`: 1 to 3 gated layers;
-    - `units` in (64, 128, 256, 512) and `blocks` in (4, 8, 16), per layer;
+    - `units` in (64, 128, 256, 512) and `blocks` in (4, 8, 16), the same
+      for every layer;
     - `target_density` tau in [0.05, 0.5] (log scale);
     - `sparsity_weight` lambda_s in [0.1, 10] (log), `variance_weight`
       lambda_v in [0, 10];
@@ -45,7 +46,8 @@ class GatedMLPHyperModel(GatedHyperModel):
             (3 layers of 512 units).
         macs_weight: accuracy a halving of compute is worth in the score.
         seed: seed of the gated layers' mask sampling (None: random).
-        name, tunable: as `keras_tuner.HyperModel`.
+        name: as `keras_tuner.HyperModel`.
+        tunable: as `keras_tuner.HyperModel`.
 
     Examples:
         >>> import keras_tuner

@@ -109,3 +109,23 @@ def test_a_model_of_two_inputs(rng, as_dict):
     assert logs["inference_conditional_macs"] == [
         pytest.approx(profile_macs(model, x=x).conditional_macs)
     ]
+
+
+def test_a_gated_layer_called_twice(rng):
+    import keras
+
+    from keras_condcomp import PolicyGradientModel
+    from keras_condcomp.layers import GatedDense
+
+    inputs = keras.Input((8,))
+    shared = GatedDense(8, 4, activation="relu", target_density=0.5, seed=1, name="shared")
+    model = PolicyGradientModel(inputs, keras.layers.Dense(3)(shared(shared(inputs))))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = rng.normal(size=(20, 8)).astype("float32"), np.arange(20) % 3
+    monitor = ComputeMonitor(x, y)
+    logs = model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor]).history
+    first = shared.block_mask(x)
+    second = shared.block_mask(shared(x))
+    expected = (float(np.mean(first)) + float(np.mean(second))) / 2
+    assert logs["shared_inference_density"] == [pytest.approx(expected)]
+    assert set(monitor.block_usage["shared"]) == {0, 1, 2}

@@ -326,8 +326,11 @@ def test_the_example_refuses_to_continue_a_search_with_other_options(tmp_path, c
                       train_examples=None, layers=1, units=[16, 32], macs_weight=0.02, seed=0)
         return argparse.Namespace(directory=directory, **{**values, **changed})
 
-    example._check_same_search(parser, options())
+    example._check_same_search(parser, options())  # nothing recorded: a new search
+    os.makedirs(os.path.join(directory, "speed_accuracy"))
+    example._record_search(options())
     example._check_same_search(parser, options())  # the same search continues
+    example._check_same_search(parser, options(units=[32, 16]))  # the same choices
     with pytest.raises(SystemExit):
         example._check_same_search(parser, options(macs_weight=1.0, units=[64]))
     assert "--units [16, 32] -> [64], --macs-weight 0.02 -> 1.0" in capsys.readouterr().err
