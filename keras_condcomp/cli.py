@@ -711,6 +711,11 @@ def _density_and_speed_line(results):
             f"; batch 1 as one chain (compact_inference): {results['compact_speedup_batch1']:.2f}x"
             if "compact_speedup_batch1" in results else ""
         )
+        + "".join(
+            f"\nwarning: {name} runs no block at inference: its policy closes every "
+            "block on the test set (raise --target-density or train longer)"
+            for name, density in results["layer_densities"].items() if density == 0
+        )
     )
 
 

@@ -180,3 +180,13 @@ def test_help_shows_real_defaults_only(capsys, command):
         assert "examples per training step (default: 32)" in help_text
     else:
         assert "when not given, float32" in help_text
+
+
+def test_a_layer_that_runs_no_block_is_flagged():
+    from keras_condcomp.cli import _density_and_speed_line
+
+    results = dict(layer_densities={"g1": 0.0, "g2": 0.5}, density=0.25, ideal_speedup=3.0,
+                   speedup_batch1=1.0, speedup_batch256=1.0, tuned_speedup_batch1=1.0,
+                   tuned_speedup_batch256=1.0)
+    line = _density_and_speed_line(results)
+    assert "warning: g1 runs no block at inference" in line and "g2 runs" not in line

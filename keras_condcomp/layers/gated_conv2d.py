@@ -105,7 +105,10 @@ class GatedConv2D(GatedLayer):
             mean over the image. A positive int `g`: the means over a
             `g x g` grid of equal cells (`g * g * in_channels` numbers), for
             layers whose input has few channels (a first layer reading a
-            grey image otherwise sees one number).
+            grey image otherwise sees one number). The cells are
+            `rows // g` by `cols // g` from the top left: the last
+            `rows % g` rows and `cols % g` columns are not read, so choose a
+            `g` that divides the input's size.
 
     Call arguments:
         inputs: a 4D tensor.
@@ -404,7 +407,8 @@ class GatedConv2D(GatedLayer):
                     f"`conv` uses {key}, which GatedConv2D does not support. "
                     f"Received: {key}={conv.get_config()[key]!r}"
                 )
-        config.pop("dtype", None)
+        # The layer's dtype policy (mixed precision, float64) is kept.
+        config["dtype"] = getattr(conv, "dtype_policy")
         layer = cls(blocks=blocks, **{**config, **gate_kwargs})
         if conv.built:
             # The weights depend on the channels alone; a policy grid needs

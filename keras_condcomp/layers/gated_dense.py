@@ -295,7 +295,8 @@ class GatedDense(GatedLayer):
                     f"`dense` uses {key}, which GatedDense does not support. "
                     f"Received: {key}={dense.get_config()[key]!r}"
                 )
-        config.pop("dtype", None)
+        # The layer's dtype policy (mixed precision, float64) is kept.
+        config["dtype"] = getattr(dense, "dtype_policy")
         layer = cls(blocks=blocks, **{**config, **gate_kwargs})
         if dense.built:
             layer.build((None, dense.kernel.shape[0]))

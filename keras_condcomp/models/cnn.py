@@ -25,6 +25,34 @@ def default_policy_grid(rows, cols):
     return min(DEFAULT_POLICY_GRID, rows, cols)
 
 
+# Set by the builders for every gated convolution: not accepted in **gate_kwargs.
+BUILDER_ARGUMENTS = ("filters", "kernel_size", "blocks", "padding", "activation",
+                     "policy_grid", "name", "data_format")
+
+
+def _check_arguments(filters, blocks, num_classes, gate_kwargs=None):
+    """`filters` as a tuple, once `blocks`, `num_classes` and the keyword
+    arguments are checked."""
+    if not is_integer(blocks) or blocks <= 0:
+        raise ValueError(f"`blocks` must be a positive integer. Received: blocks={blocks!r}")
+    if not is_integer(num_classes) or num_classes < 2:
+        raise ValueError(
+            f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes!r}"
+        )
+    taken = sorted(set(gate_kwargs or ()) & set(BUILDER_ARGUMENTS))
+    if taken:
+        raise ValueError(
+            f"The builder sets {taken} of every gated convolution itself. "
+            f"Received: {', '.join(f'{k}={gate_kwargs[k]!r}' for k in taken)}"
+        )
+    if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__"):
+        raise ValueError(
+            "`filters` must be a sequence of positive integers, one per convolution. "
+            f"Received: filters={filters!r}"
+        )
+    return tuple(filters)
+
+
 def _check_filters(filters, blocks, input_shape):
     if not filters or any(not is_integer(f) or f <= 0 or f % blocks for f in filters):
         raise ValueError(
@@ -82,7 +110,7 @@ def build_gated_cnn(
         >>> print(" -> ".join(type(layer).__name__ for layer in model.layers[1:]))
         GatedConv2D -> MaxPooling2D -> GatedConv2D -> GlobalAveragePooling2D -> Dense
     """
-    filters = tuple(filters)
+    filters = _check_arguments(filters, blocks, num_classes, gate_kwargs)
     _check_filters(filters, blocks, input_shape)
     seed = gate_kwargs.pop("seed", None)
     inputs = keras.Input(tuple(input_shape), name="inputs")
@@ -108,13 +136,13 @@ def build_gated_cnn(
     hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
         hidden
     )
-    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
     return PolicyGradientModel(inputs, outputs, name="gated_cnn")
 
 
 def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu"):
     """The same-shaped plain Keras CNN, `keras.layers.Conv2D` in place of GatedConv2D."""
-    filters = tuple(filters)
+    filters = _check_arguments(filters, 1, num_classes)
     _check_filters(filters, 1, input_shape)
     inputs = keras.Input(tuple(input_shape), name="inputs")
     hidden = inputs
@@ -130,5 +158,5 @@ def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu
     hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
         hidden
     )
-    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
     return keras.Model(inputs, outputs, name="dense_cnn")

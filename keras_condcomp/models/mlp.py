@@ -44,7 +44,7 @@ def build_gated_mlp(
             name=f"gated_{index + 1}",
             **gate_kwargs,
         )(hidden)
-    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
     return PolicyGradientModel(inputs, outputs, name="gated_mlp")
 
 
@@ -56,7 +56,7 @@ def build_dense_mlp(input_dim, num_classes, units=1024, layers=2, activation="re
         hidden = keras.layers.Dense(units, activation=activation, name=f"dense_{index + 1}")(
             hidden
         )
-    outputs = keras.layers.Dense(num_classes, name="logits")(hidden)
+    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
     return keras.Model(inputs, outputs, name=f"dense_mlp_{units}")
 
 

@@ -1,5 +1,7 @@
 """PolicyGradientModel: trains gated layers' policies with REINFORCE in `fit`."""
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -248,6 +250,20 @@ class _PolicyGradientTraining:
             )
         if self.built:
             self._build_optimizers()
+        if self.built:
+            gated = {layer.name for layer in layers}
+            try:
+                rows = profile_macs(self).layers
+            except ValueError:  # e.g. a custom gated layer without a MACs rule
+                rows = ()
+            unknown = [row.name for row in rows if row.name in gated and not row.counted]
+            if unknown:
+                warnings.warn(
+                    f"The logged conditional_macs leave out the gated layers {unknown}: "
+                    "their MACs per example are not known (an input whose rows and "
+                    "columns are not fixed, as keras.Input((None, None, 3)) gives).",
+                    stacklevel=2,
+                )
         names = [layer.name for layer in layers]
         if self._gate_metrics is None or list(self._gate_metrics.per_layer) != names:
             self._gate_metrics = _GateMetrics(names)

@@ -76,9 +76,9 @@ def format_profile(profile, line_length=None):
         )
         if profile.uncounted:
             console.print(
-                " * no MACs rule for: "
+                " * MACs not known for: "
                 + ", ".join(rich.markup.escape(name) for name in profile.uncounted)
-                + " (counted as 0)"
+                + " (counted as 0: no rule for the layer, or an input size not fixed)"
             )
     return captured.get()
 

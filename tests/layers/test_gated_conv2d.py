@@ -4,7 +4,7 @@ import pytest
 
 import keras_condcomp
 from keras_condcomp import PolicyGradientModel
-from keras_condcomp.layers import BernoulliPolicy, GatedConv2D
+from keras_condcomp.layers import BernoulliPolicy, GatedConv2D, GatedDense
 from keras_condcomp.ops import CONV2D_EXECUTION_PATHS, masked_block_conv2d
 
 
@@ -262,3 +262,17 @@ def test_profile_counts_group_sparsity_through_pooling():
     assert (b.dense_macs, b.policy_macs) == (16 * 9 * 8 * 16, 8 * 4)
     expected = 2 * 4 + 0.5 * a.dense_macs + 8 * 4 + 0.5 * 0.25 * b.dense_macs
     assert profile.conditional_macs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dtype", ["mixed_float16", "float64"])
+def test_from_conv_and_from_dense_keep_the_dtype_policy(dtype):
+    conv = keras.layers.Conv2D(8, 3, dtype=dtype)
+    conv.build((None, 5, 5, 2))
+    gated = GatedConv2D.from_conv(conv, blocks=4)
+    assert gated.dtype_policy.name == dtype
+    all_open(gated)
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 2))
+    np.testing.assert_array_equal(np.asarray(gated(x)), np.asarray(conv(x)))
+    dense = keras.layers.Dense(8, dtype=dtype)
+    dense.build((None, 4))
+    assert GatedDense.from_dense(dense, blocks=4).dtype_policy.name == dtype

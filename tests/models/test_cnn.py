@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from keras_condcomp.models import build_dense_cnn, build_gated_cnn, default_policy_grid
@@ -51,3 +52,35 @@ def test_more_convolutions_than_the_image_can_pool_are_refused():
         build_gated_cnn((8, 8, 1), 10, filters=(8,) * 5, blocks=4)
     with pytest.raises(ValueError, match="input_shape=\\(8, 8\\)"):
         build_dense_cnn((8, 8), 10)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"blocks": 0}, "blocks=0"),
+    ({"blocks": "8"}, "blocks='8'"),
+    ({"filters": 32}, "filters=32"),
+    ({"num_classes": 1}, "num_classes=1"),
+    ({"padding": "valid"}, r"sets \['padding'\].*padding='valid'"),
+])
+def test_builder_arguments_are_checked_by_name(kwargs, message):
+    arguments = {"input_shape": (8, 8, 1), "num_classes": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build_gated_cnn(**arguments)
+
+
+def test_numpy_class_counts_are_taken():
+    model = build_gated_cnn((8, 8, 1), np.int64(10), filters=(8,), blocks=4)
+    assert model.output.shape == (None, 10)
+
+
+def test_compiling_a_model_of_unfixed_image_size_warns_that_its_macs_are_unknown():
+    import keras
+
+    from keras_condcomp import PolicyGradientModel
+    from keras_condcomp.layers import GatedConv2D
+
+    inputs = keras.Input((None, None, 3))
+    hidden = GatedConv2D(8, 3, 4, name="g1")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(hidden)
+    model = PolicyGradientModel(inputs, keras.layers.Dense(3)(pooled))
+    with pytest.warns(UserWarning, match=r"leave out the gated layers \['g1'\]"):
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
