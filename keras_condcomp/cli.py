@@ -438,6 +438,27 @@ def _measure_and_write(gated, dense, x_test, results, args, against):
     return out
 
 
+# The image shapes of the datasets known before loading them.
+KNOWN_IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1)}
+
+
+def _check_cnn_fits(args, filters, shape):
+    """Refuses `--filters` / `--policy-grid` that do not fit `shape` images."""
+    # Each gated convolution but the last is followed by 2x2 max pooling.
+    smallest = min(shape[:2]) // 2 ** (len(filters) - 1)
+    if smallest < 1:
+        raise CommandError(
+            f"--filters ({args.filters}): {len(filters)} convolutions pool the "
+            f"{shape[0]}x{shape[1]} images {len(filters) - 1} times; at most "
+            f"{min(shape[:2]).bit_length()} convolutions fit"
+        )
+    if args.policy_grid is not None and args.policy_grid > smallest:
+        raise CommandError(
+            f"--policy-grid ({args.policy_grid}) must be at most {smallest}, the "
+            f"rows of the last gated convolution's input ({shape[0]}x{shape[1]} images)"
+        )
+
+
 def _image_shape(dataset):
     """`(rows, cols, 1)` of a dataset of flattened square grey images."""
     import math
@@ -475,11 +496,15 @@ def train_cnn(args):
     from keras_condcomp.profiling import profile_macs
 
     filters = _parse_filters(args.filters, args.blocks)
+    if args.dataset in KNOWN_IMAGE_SHAPES:
+        # Checked before loading (a download, for mnist without --data-dir).
+        _check_cnn_fits(args, filters, KNOWN_IMAGE_SHAPES[args.dataset])
     try:
         dataset = data.load_dataset(args.dataset, args.data_dir)
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
     shape = _image_shape(dataset)
+    _check_cnn_fits(args, filters, shape)
     images = lambda x: x.reshape((len(x), *shape))  # noqa: E731
 
     keras.utils.set_random_seed(args.seed)
@@ -495,19 +520,6 @@ def train_cnn(args):
     print(f"Training a gated CNN on {dataset.name}: {len(fit)} train, {n_val} validation, "
           f"{len(x_test)} test examples")
     started = time.perf_counter()
-    # Each gated convolution but the last is followed by 2x2 max pooling.
-    smallest = min(shape[:2]) // 2 ** (len(filters) - 1)
-    if smallest < 1:
-        raise CommandError(
-            f"--filters ({args.filters}): {len(filters)} convolutions pool the "
-            f"{shape[0]}x{shape[1]} images {len(filters) - 1} times; at most "
-            f"{min(shape[:2]).bit_length()} convolutions fit"
-        )
-    if args.policy_grid is not None and args.policy_grid > smallest:
-        raise CommandError(
-            f"--policy-grid ({args.policy_grid}) must be at most {smallest}, the "
-            f"rows of the last gated convolution's input ({shape[0]}x{shape[1]} images)"
-        )
     gated = build_gated_cnn(
         shape, dataset.num_classes, filters=filters, blocks=args.blocks,
         target_density=args.target_density, sparsity_weight=args.sparsity_weight,

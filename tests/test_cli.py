@@ -121,6 +121,9 @@ def test_train_on_mnist_directory(tmp_path, rng):
          "--filters must be comma-separated positive integers divisible by --blocks (8)"),
         (["--model", "cnn", "--filters", "8,8,8,8,8", "--blocks", "4"],
          "5 convolutions pool the 8x8 images 4 times; at most 4 convolutions fit"),
+        # Refused before loading: a missing directory would be reported otherwise.
+        (["--model", "cnn", "--dataset", "mnist", "--data-dir", "/nonexistent",
+          "--policy-grid", "20"], "--policy-grid (20) must be at most 14"),
         (["--sparsity-weight", "nan"], "--sparsity-weight must be a finite number, got 'nan'"),
         (["--learning-rate", "inf"], "--learning-rate must be a finite number, got 'inf'"),
         (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got '-1'"),
