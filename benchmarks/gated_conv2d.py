@@ -65,7 +65,7 @@ import sys
 
 import numpy as np
 
-from run_options import HelpFormatter, check_run_options, fill_defaults, listed
+from run_options import HelpFormatter, add_sweep_options, check_run_options, fill_defaults
 
 INPUT_SHAPE = (32, 32, 3)
 LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
@@ -383,17 +383,7 @@ def _plot(rows, path, stack="cifar"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--densities", nargs="+", type=float,
-                        help=f"default: {listed(DENSITIES)}; --quick: {listed(QUICK['densities'])}")
-    parser.add_argument("--batch-sizes", nargs="+", type=int,
-                        help=f"default: {listed(BATCH_SIZES)}; --quick: "
-                             f"{listed(QUICK['batch_sizes'])}")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
-                        help="execution paths timed (the masked reference, the tuned "
-                             "stack and the bounds are timed always)")
-    parser.add_argument("--threads", nargs="+", type=int,
-                        help="thread settings to run, each in its own process (0: all cores); "
-                             "default: 1 0; --quick: 1")
+    add_sweep_options(parser, DENSITIES, BATCH_SIZES, PATHS, QUICK)
     parser.add_argument("--repeats", type=int, default=40,
                         help="timed calls per path; more below batch 8 (8x at batch 1)")
     parser.add_argument("--stack", choices=sorted(STACKS), default="cifar",

@@ -72,7 +72,7 @@ import sys
 import numpy as np
 
 from controlled_masks import selection_inputs, steer_policies
-from run_options import HelpFormatter, check_run_options, fill_defaults, listed
+from run_options import HelpFormatter, add_sweep_options, check_run_options, fill_defaults
 
 SHAPES = {
     # name: (input_dim, [(units, blocks), ...], head units or None)
@@ -290,17 +290,7 @@ def main(argv=None):
                                      formatter_class=HelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
                         help="default: all; --quick: bengio_cifar10_mlp")
-    parser.add_argument("--densities", nargs="+", type=float,
-                        help=f"default: {listed(DENSITIES)}; --quick: {listed(QUICK['densities'])}")
-    parser.add_argument("--batch-sizes", nargs="+", type=int,
-                        help=f"default: {listed(BATCH_SIZES)}; --quick: "
-                             f"{listed(QUICK['batch_sizes'])}")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
-                        help="execution paths timed (the masked reference, the tuned "
-                             "stack and the bounds are timed always)")
-    parser.add_argument("--threads", nargs="+", type=int,
-                        help="thread settings to run, each in its own process (0: all cores); "
-                             "default: 1 0; --quick: 1")
+    add_sweep_options(parser, DENSITIES, BATCH_SIZES, PATHS, QUICK)
     parser.add_argument("--repeats", type=int, default=30,
                         help="timed calls per path; 8x at batch 1")
     parser.add_argument("--quick", action="store_true",

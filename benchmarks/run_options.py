@@ -25,6 +25,22 @@ def listed(values):
     )
 
 
+def add_sweep_options(parser, densities, batch_sizes, paths, quick):
+    """`--densities`, `--batch-sizes`, `--paths` and `--threads`: what a run
+    sweeps, with their defaults and `--quick`'s (`quick`) in the help."""
+    parser.add_argument("--densities", nargs="+", type=float,
+                        help=f"default: {listed(densities)}; --quick: {listed(quick['densities'])}")
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help=f"default: {listed(batch_sizes)}; --quick: "
+                             f"{listed(quick['batch_sizes'])}")
+    parser.add_argument("--paths", nargs="+", choices=paths, default=list(paths),
+                        help="execution paths timed (the masked reference, the tuned "
+                             "stack and the bounds are timed always)")
+    parser.add_argument("--threads", nargs="+", type=int,
+                        help="thread settings to run, each in its own process (0: all cores); "
+                             "default: 1 0; --quick: 1")
+
+
 def fill_defaults(args, defaults, quick_defaults):
     """Gives each option left unset (None) its value from `quick_defaults`
     under `--quick`, else from `defaults`: an option given on the command

@@ -74,6 +74,23 @@ def _check_filters(filters, blocks, input_shape):
         )
 
 
+def _logits(inputs, filters, convolution, num_classes):
+    """The stack both builders share: `convolution(index, width, hidden)` for
+    each entry of `filters`, 2x2 max pooling after each but the last, global
+    average pooling and the `num_classes` logits."""
+    hidden = inputs
+    for index, width in enumerate(filters):
+        hidden = convolution(index, width, hidden)
+        if index < len(filters) - 1:
+            hidden = keras.layers.MaxPooling2D(
+                name=f"pool_{index + 1}", data_format=CHANNELS_LAST
+            )(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
+        hidden
+    )
+    return keras.layers.Dense(int(num_classes), name="logits")(hidden)
+
+
 def build_gated_cnn(
     input_shape,
     num_classes,
@@ -114,10 +131,10 @@ def build_gated_cnn(
     _check_filters(filters, blocks, input_shape)
     seed = gate_kwargs.pop("seed", None)
     inputs = keras.Input(tuple(input_shape), name="inputs")
-    hidden = inputs
-    for index, width in enumerate(filters):
+
+    def convolution(index, width, hidden):
         rows, cols = hidden.shape[1:3]
-        hidden = GatedConv2D(
+        return GatedConv2D(
             width,
             3,
             blocks,
@@ -129,14 +146,8 @@ def build_gated_cnn(
             data_format=CHANNELS_LAST,
             **gate_kwargs,
         )(hidden)
-        if index < len(filters) - 1:
-            hidden = keras.layers.MaxPooling2D(
-                name=f"pool_{index + 1}", data_format=CHANNELS_LAST
-            )(hidden)
-    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
-        hidden
-    )
-    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
+
+    outputs = _logits(inputs, filters, convolution, num_classes)
     return PolicyGradientModel(inputs, outputs, name="gated_cnn")
 
 
@@ -145,18 +156,12 @@ def build_dense_cnn(input_shape, num_classes, filters=(32, 64), activation="relu
     filters = _check_arguments(filters, 1, num_classes)
     _check_filters(filters, 1, input_shape)
     inputs = keras.Input(tuple(input_shape), name="inputs")
-    hidden = inputs
-    for index, width in enumerate(filters):
-        hidden = keras.layers.Conv2D(
+
+    def convolution(index, width, hidden):
+        return keras.layers.Conv2D(
             width, 3, padding="same", activation=activation, name=f"conv_{index + 1}",
             data_format=CHANNELS_LAST,
         )(hidden)
-        if index < len(filters) - 1:
-            hidden = keras.layers.MaxPooling2D(
-                name=f"pool_{index + 1}", data_format=CHANNELS_LAST
-            )(hidden)
-    hidden = keras.layers.GlobalAveragePooling2D(name="global_pool", data_format=CHANNELS_LAST)(
-        hidden
-    )
-    outputs = keras.layers.Dense(int(num_classes), name="logits")(hidden)
+
+    outputs = _logits(inputs, filters, convolution, num_classes)
     return keras.Model(inputs, outputs, name="dense_cnn")
