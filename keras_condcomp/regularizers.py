@@ -1,7 +1,10 @@
 """The gating regularisers of Bengio et al. (arXiv 1511.06297), eq. L_b, L_e, L_v.
 
 All three take `probabilities`, the policy's block probabilities `sigma` of
-shape `(batch, blocks)`, and return a scalar. `L_b` and `L_e` measure each
+shape `(batch, blocks)`, and return a scalar. With `weights`, one per
+example (`(batch,)`, such as `sample_weight`), every mean and variance over
+the examples is weighted (`sum_i w_i x_i / sum_i w_i`): an example of weight
+k counts as k copies of it, one of weight 0 not at all. `L_b` and `L_e` measure each
 deviation from tau as the paper writes it, `|.|` (`deviation="absolute"`),
 or squared (`deviation="squared"`), as the authors' code does: the squared
 pull fades near tau, so the learned density settles above it.
@@ -42,29 +45,65 @@ def _penalty(difference, deviation):
     return ops.abs(difference) if deviation == "absolute" else ops.square(difference)
 
 
-def block_balance(probabilities, target_density, deviation="absolute"):
+def _example_weights(probabilities, weights):
+    """`weights` as a `(batch, 1)` tensor of the probabilities' dtype, or None."""
+    if weights is None:
+        return None
+    weights = ops.convert_to_tensor(weights)
+    if len(weights.shape) != 1 or (
+        weights.shape[0] is not None
+        and probabilities.shape[0] is not None
+        and weights.shape[0] != probabilities.shape[0]
+    ):
+        raise ValueError(
+            "`weights` must hold one weight per example, of shape "
+            f"({probabilities.shape[0]},). Received: weights.shape={tuple(weights.shape)}"
+        )
+    return ops.expand_dims(ops.cast(weights, probabilities.dtype), -1)
+
+
+def _mean_over_examples(values, weights):
+    """The (weighted) mean over axis 0 of `values`, `(batch, k) -> (k,)`; 0
+    where every weight is 0."""
+    if weights is None:
+        return ops.mean(values, axis=0)
+    return ops.divide_no_nan(ops.sum(weights * values, axis=0), ops.sum(weights))
+
+
+def block_balance(probabilities, target_density, deviation="absolute", weights=None):
     """`L_b = sum_j | mean_i sigma_ij - tau |`: each block's mean near tau
-    (squared deviations with `deviation="squared"`)."""
+    (squared deviations with `deviation="squared"`; the mean weighted by
+    `weights`)."""
     probabilities = ops.convert_to_tensor(probabilities)
-    return ops.sum(_penalty(ops.mean(probabilities, axis=0) - target_density, deviation))
+    weights = _example_weights(probabilities, weights)
+    means = _mean_over_examples(probabilities, weights)
+    return ops.sum(_penalty(means - target_density, deviation))
 
 
-def example_balance(probabilities, target_density, deviation="absolute"):
+def example_balance(probabilities, target_density, deviation="absolute", weights=None):
     """`L_e = mean_i | mean_j sigma_ij - tau |`: each example's mean near tau
-    (squared deviations with `deviation="squared"`)."""
+    (squared deviations with `deviation="squared"`; the mean over examples
+    weighted by `weights`)."""
     probabilities = ops.convert_to_tensor(probabilities)
-    return ops.mean(_penalty(ops.mean(probabilities, axis=1) - target_density, deviation))
+    weights = _example_weights(probabilities, weights)
+    deviations = _penalty(ops.mean(probabilities, axis=1, keepdims=True) - target_density, deviation)
+    return ops.squeeze(_mean_over_examples(deviations, weights), 0)
 
 
-def block_variance(probabilities):
-    """`L_v = - sum_j var_i sigma_ij`: rewards policies that differ across examples."""
+def block_variance(probabilities, weights=None):
+    """`L_v = - sum_j var_i sigma_ij`: rewards policies that differ across
+    examples (the variance weighted by `weights`)."""
     probabilities = ops.convert_to_tensor(probabilities)
-    return -ops.sum(ops.var(probabilities, axis=0))
+    weights = _example_weights(probabilities, weights)
+    if weights is None:
+        return -ops.sum(ops.var(probabilities, axis=0))
+    means = _mean_over_examples(probabilities, weights)
+    return -ops.sum(_mean_over_examples(ops.square(probabilities - means), weights))
 
 
 def gating_regularization(
     probabilities, target_density, sparsity_weight, variance_weight,
-    example_sparsity_weight=None, deviation="absolute",
+    example_sparsity_weight=None, deviation="absolute", weights=None,
 ):
     """`lambda_s (L_b + L_e) + lambda_v L_v`; the sparsity terms are skipped
     when `target_density` is None, the variance term when its weight is 0.
@@ -72,7 +111,7 @@ def gating_regularization(
     `example_sparsity_weight`, when given, weighs `L_e` instead of
     `sparsity_weight` (`lambda_s L_b + lambda_e L_e + lambda_v L_v`), as the
     authors' code weighs the two terms apart. `deviation` is that of `L_b`
-    and `L_e`."""
+    and `L_e`; `weights`, the examples' weights of all three."""
     _check_deviation(deviation)
     probabilities = ops.convert_to_tensor(probabilities)
     total = ops.zeros((), dtype=probabilities.dtype)
@@ -80,12 +119,12 @@ def gating_regularization(
         example_sparsity_weight = sparsity_weight
     if target_density is not None and sparsity_weight:
         total = total + sparsity_weight * block_balance(
-            probabilities, target_density, deviation
+            probabilities, target_density, deviation, weights
         )
     if target_density is not None and example_sparsity_weight:
         total = total + example_sparsity_weight * example_balance(
-            probabilities, target_density, deviation
+            probabilities, target_density, deviation, weights
         )
     if variance_weight:
-        total = total + variance_weight * block_variance(probabilities)
+        total = total + variance_weight * block_variance(probabilities, weights)
     return total

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_condcomp import regularizers
 
@@ -55,3 +56,36 @@ def test_unknown_deviation_is_refused(term):
     with pytest.raises(ValueError, match="deviation='cubed'"):
         regularizers.gating_regularization(np.full((2, 2), 0.5, "float32"), None, 0.0, 1.0,
                                            deviation="cubed")
+
+
+@pytest.mark.parametrize("deviation", ["absolute", "squared"])
+def test_an_example_of_weight_k_counts_as_k_copies(rng, deviation):
+    sigma = rng.uniform(size=(6, 5)).astype("float32")
+    counts = np.array([2, 0, 1, 3, 0, 1])
+    weighted = regularizers.gating_regularization(
+        sigma, 0.2, 3.0, 0.5, 7.0, deviation=deviation, weights=counts.astype("float32")
+    )
+    repeated = regularizers.gating_regularization(
+        np.repeat(sigma, counts, axis=0), 0.2, 3.0, 0.5, 7.0, deviation=deviation
+    )
+    np.testing.assert_allclose(weighted, repeated, rtol=1e-5)
+    l_b, l_e, l_v = numpy_terms(np.repeat(sigma, counts, axis=0), 0.2)
+    weights = counts.astype("float32")
+    np.testing.assert_allclose(regularizers.block_balance(sigma, 0.2, weights=weights), l_b, rtol=1e-5)
+    np.testing.assert_allclose(regularizers.example_balance(sigma, 0.2, weights=weights), l_e, rtol=1e-5)
+    np.testing.assert_allclose(regularizers.block_variance(sigma, weights=weights), l_v, rtol=1e-5)
+
+
+def test_a_batch_of_weight_zero_gives_finite_terms_without_gradient():
+    sigma = tf.Variable(np.full((4, 3), 0.7, "float32"))
+    with tf.GradientTape() as tape:
+        total = regularizers.gating_regularization(sigma, 0.5, 1.0, 1.0, weights=np.zeros(4, "float32"))
+    assert np.isfinite(float(total))
+    np.testing.assert_array_equal(tape.gradient(total, sigma), np.zeros((4, 3)))
+
+
+def test_weights_of_another_batch_size_are_refused():
+    with pytest.raises(ValueError, match=r"weights.shape=\(3,\)"):
+        regularizers.block_balance(np.full((4, 3), 0.5, "float32"), 0.5, weights=np.ones(3))
+    with pytest.raises(ValueError, match=r"weights.shape=\(4, 1\)"):
+        regularizers.block_variance(np.full((4, 3), 0.5, "float32"), weights=np.ones((4, 1)))

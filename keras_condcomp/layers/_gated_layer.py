@@ -317,16 +317,17 @@ class GatedLayer(keras.layers.Layer):
         """The `(batch, blocks)` 0/1 mask the layer uses for `inputs`."""
         return self._decide(self._built_for(inputs), training)[1]
 
-    def gating_regularization(self, probabilities, target_density=None):
+    def gating_regularization(self, probabilities, target_density=None, weights=None):
         """`sparsity_weight (L_b + L_e) + variance_weight L_v` of a batch.
 
-        `target_density` defaults to the layer's `target_density`.
+        `target_density` defaults to the layer's `target_density`; `weights`
+        (`(batch,)`, None for 1) weigh the examples in every term.
         """
         if target_density is None or self.target_density is None:
             target_density = self.target_density
         return regularizers.gating_regularization(
             probabilities, target_density, self.sparsity_weight, self.variance_weight,
-            self.example_sparsity_weight, self.sparsity_deviation,
+            self.example_sparsity_weight, self.sparsity_deviation, weights,
         )
 
     def _scheduled(self, logits, mask):
@@ -349,16 +350,17 @@ class GatedLayer(keras.layers.Layer):
         """
         logits, mask = self._decide(inputs, training)
         recorder = current_recorder()
+        weights = None if recorder is None else recorder.example_weights
         if training or (recorder is not None and recorder.scheduled):
             # Only the training and PolicyGradientModel steps read the
             # schedule; predict, exported graphs and the measuring tools
             # (ComputeMonitor, profile_macs) never do.
             logits, mask, current, enabled = self._scheduled(logits, mask)
             regularization = enabled * self.gating_regularization(
-                ops.sigmoid(logits), current
+                ops.sigmoid(logits), current, weights
             )
         elif recorder is not None:
-            regularization = self.gating_regularization(ops.sigmoid(logits))
+            regularization = self.gating_regularization(ops.sigmoid(logits), weights=weights)
         if training and recorder is None:
             # PolicyGradientModel adds the recorded regulariser to the
             # policy's objective instead, so that its logged `loss` stays the

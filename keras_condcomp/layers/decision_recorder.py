@@ -41,6 +41,9 @@ class DecisionRecorder:
             `DensityScheduler`'s tau) in calls with `training=False`, as
             `PolicyGradientModel`'s evaluation steps do. False (default):
             such calls decide as `predict` does, whatever the schedule.
+        example_weights: None (default), or the `(batch,)` weights of the
+            examples of the calls made inside it (their `sample_weight`),
+            which weigh the examples in the layers' gating regularisers.
 
     Examples:
         >>> import numpy as np
@@ -52,10 +55,11 @@ class DecisionRecorder:
         (3, 2)
     """
 
-    def __init__(self, scheduled=False):
+    def __init__(self, scheduled=False, example_weights=None):
         if not isinstance(scheduled, bool):
             raise ValueError(f"`scheduled` must be a bool. Received: scheduled={scheduled!r}")
         self.scheduled = scheduled
+        self.example_weights = example_weights
         self.decisions = []
 
     def record(self, decision):

@@ -398,7 +398,8 @@ class _PolicyGradientTraining:
 
     def _forward(self, x, y, sample_weight, training):
         """Forward pass with the task loss and the policy objective."""
-        with DecisionRecorder(scheduled=True) as recorder:
+        weights = _example_weights(sample_weight)
+        with DecisionRecorder(scheduled=True, example_weights=weights) as recorder:
             y_pred = self(x, training=training)
         if not isinstance(y_pred, tf.Tensor):
             raise ValueError(
@@ -417,7 +418,7 @@ class _PolicyGradientTraining:
         if decisions:
             costs = ops.stop_gradient(self._per_example_loss(y, y_pred, sample_weight))
             surrogate = self._policy_objective(
-                decisions, costs, _example_weights(sample_weight), update_baseline=training
+                decisions, costs, weights, update_baseline=training
             )
             regularization = ops.sum(
                 ops.stack([ops.cast(d.regularization, "float32") for d in decisions])
@@ -514,8 +515,8 @@ class PolicyGradientModel(
     with `c_i` the per-example task loss, `w_i` its `sample_weight` (1
     without; an example of weight 0 does not move the policies through this
     term) and `b` a baseline, plus the gradients of the layers' regularisers
-    `L_b, L_e, L_v`, which average over every example of the batch,
-    whatever its weight.
+    `L_b, L_e, L_v`, whose means and variances over the batch's examples are
+    weighted by the same `w_i` (`sum_i w_i x_i / sum_i w_i`).
     Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
     outputs)`) or subclassed.
 

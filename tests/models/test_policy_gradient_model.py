@@ -137,7 +137,12 @@ def test_zero_sample_weight_gives_no_policy_gradient(rng):
     assert not np.allclose(moved[0], after[0])
 
 
-def test_examples_of_weight_zero_do_not_move_the_policy(rng):
+@pytest.mark.parametrize(
+    "gating",
+    [{"sparsity_weight": 0.0}, {"sparsity_weight": 2.0, "variance_weight": 3.0}],
+    ids=["reinforce", "with_regularisers"],
+)
+def test_examples_of_weight_zero_do_not_move_the_policy(rng, gating):
     # Two batches that differ only in the inputs of the examples weighted 0.
     x, y = toy_data(rng, n=16)
     other = x.copy()
@@ -146,7 +151,7 @@ def test_examples_of_weight_zero_do_not_move_the_policy(rng):
     kernels = []
     for inputs in (x, other):
         keras.utils.set_random_seed(0)
-        model = tiny_model(sparsity_weight=0.0)
+        model = tiny_model(**gating)
         model.compile(keras.optimizers.SGD(0.1), LOSS, policy_optimizer=keras.optimizers.SGD(1.0))
         model.fit(inputs, y, sample_weight=weights, batch_size=16, shuffle=False, verbose=0)
         kernels.append(model.get_layer("gate").policy.kernel.numpy())
