@@ -10,6 +10,8 @@ JSON-serialisable.
 import math
 import numbers
 
+import numpy as np
+
 __all__ = []
 
 
@@ -52,4 +54,52 @@ def check_bias(bias, units):
     if bias is not None and tuple(bias.shape) != (units,):
         raise ValueError(
             f"`bias` must have shape ({units},) or be None. Received: bias.shape={tuple(bias.shape)}"
+        )
+
+
+def check_positive_int(name, value, allow_none=False):
+    """`value` as an int; a ValueError naming `name` unless it is a positive
+    integer (or None, with `allow_none`).
+
+    >>> import numpy as np
+    >>> check_positive_int("batch_size", np.int64(8))
+    8
+    """
+    if value is None and allow_none:
+        return None
+    if not is_integer(value) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer{' or None' if allow_none else ''}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_non_negative_int(name, value):
+    """`value` as an int; a ValueError naming `name` unless it is an integer >= 0."""
+    if not is_integer(value) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_bool(name, value):
+    """A ValueError naming `name` unless `value` is a bool (numpy's too)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
+
+
+def check_target_density(value, name="target_density"):
+    """A ValueError unless `value` is None or a number in (0, 1]."""
+    if value is not None and not (is_number(value) and 0 < value <= 1):
+        raise ValueError(
+            f"`{name}` must be None or a number in (0, 1]. Received: {name}={value!r}"
+        )
+
+
+def check_non_negative_number(name, value):
+    """A ValueError naming `name` unless `value` is a finite number >= 0."""
+    if not is_number(value) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a finite non-negative number. Received: {name}={value!r}"
         )

@@ -19,7 +19,11 @@ Examples:
     0.16
 """
 
+import numbers
+
 from keras import ops
+
+from keras_condcomp._arguments import check_non_negative_number, check_target_density
 
 __all__ = [
     "DEVIATIONS",
@@ -43,6 +47,20 @@ def _check_deviation(deviation):
 def _penalty(difference, deviation):
     _check_deviation(deviation)
     return ops.abs(difference) if deviation == "absolute" else ops.square(difference)
+
+
+def _probabilities(probabilities, target_density=None):
+    """`probabilities` as a `(batch, blocks)` tensor, with `target_density`
+    checked when it is a number (a tensor, such as a scheduled tau, is not)."""
+    if isinstance(target_density, numbers.Real):
+        check_target_density(target_density)
+    probabilities = ops.convert_to_tensor(probabilities)
+    if len(probabilities.shape) != 2:
+        raise ValueError(
+            "`probabilities` must have shape (batch, blocks). "
+            f"Received: probabilities.shape={tuple(probabilities.shape)}"
+        )
+    return probabilities
 
 
 def _example_weights(probabilities, weights):
@@ -74,7 +92,7 @@ def block_balance(probabilities, target_density, deviation="absolute", weights=N
     """`L_b = sum_j | mean_i sigma_ij - tau |`: each block's mean near tau
     (squared deviations with `deviation="squared"`; the mean weighted by
     `weights`)."""
-    probabilities = ops.convert_to_tensor(probabilities)
+    probabilities = _probabilities(probabilities, target_density)
     weights = _example_weights(probabilities, weights)
     means = _mean_over_examples(probabilities, weights)
     return ops.sum(_penalty(means - target_density, deviation))
@@ -84,7 +102,7 @@ def example_balance(probabilities, target_density, deviation="absolute", weights
     """`L_e = mean_i | mean_j sigma_ij - tau |`: each example's mean near tau
     (squared deviations with `deviation="squared"`; the mean over examples
     weighted by `weights`)."""
-    probabilities = ops.convert_to_tensor(probabilities)
+    probabilities = _probabilities(probabilities, target_density)
     weights = _example_weights(probabilities, weights)
     deviations = _penalty(ops.mean(probabilities, axis=1, keepdims=True) - target_density, deviation)
     return ops.squeeze(_mean_over_examples(deviations, weights), 0)
@@ -93,7 +111,7 @@ def example_balance(probabilities, target_density, deviation="absolute", weights
 def block_variance(probabilities, weights=None):
     """`L_v = - sum_j var_i sigma_ij`: rewards policies that differ across
     examples (the variance weighted by `weights`)."""
-    probabilities = ops.convert_to_tensor(probabilities)
+    probabilities = _probabilities(probabilities)
     weights = _example_weights(probabilities, weights)
     if weights is None:
         return -ops.sum(ops.var(probabilities, axis=0))
@@ -113,7 +131,11 @@ def gating_regularization(
     authors' code weighs the two terms apart. `deviation` is that of `L_b`
     and `L_e`; `weights`, the examples' weights of all three."""
     _check_deviation(deviation)
-    probabilities = ops.convert_to_tensor(probabilities)
+    check_non_negative_number("sparsity_weight", sparsity_weight)
+    check_non_negative_number("variance_weight", variance_weight)
+    if example_sparsity_weight is not None:
+        check_non_negative_number("example_sparsity_weight", example_sparsity_weight)
+    probabilities = _probabilities(probabilities, target_density)
     total = ops.zeros((), dtype=probabilities.dtype)
     if example_sparsity_weight is None:
         example_sparsity_weight = sparsity_weight

@@ -15,17 +15,12 @@ import time
 
 import numpy as np
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_non_negative_int, check_positive_int
 
 __all__ = [
     "evict_caches", "median_latencies", "measure_models_speed", "numpy_calls",
     "paired_latencies", "timed_batches", "tuned_inference",
 ]
-
-
-def _check_positive_int(name, value):
-    if not is_integer(value) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
 
 
 def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, before_call=None):
@@ -53,9 +48,8 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
         ['a', 'b']
     """
     for name, value in (("repeats", repeats), ("consecutive", consecutive)):
-        _check_positive_int(name, value)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"`warmup` must be a non-negative int. Received: warmup={warmup!r}")
+        check_positive_int(name, value)
+    check_non_negative_int("warmup", warmup)
     if not len(inputs):
         raise ValueError("`inputs` must hold at least one input. Received: 0")
     names = list(functions)
@@ -112,8 +106,8 @@ def timed_batches(x, batch_size, repeats):
         >>> [b.tolist() for b in timed_batches(np.arange(3), 4, repeats=10)]
         [[0, 1, 2, 0]]
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("repeats", repeats)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("repeats", repeats)
     if not len(x):
         raise ValueError("`x` must hold at least one example. Received: 0")
     count = min(len(x) // batch_size, repeats)
@@ -293,9 +287,9 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
     if not batch_sizes:
         raise ValueError(f"`batch_sizes` must not be empty. Received: batch_sizes={batch_sizes!r}")
     for batch_size in batch_sizes:
-        _check_positive_int("batch_sizes", batch_size)
-    _check_positive_int("threads", threads)
-    _check_positive_int("repeats", repeats)
+        check_positive_int("batch_sizes", batch_size)
+    check_positive_int("threads", threads)
+    check_positive_int("repeats", repeats)
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "x.npy")
         np.save(data_path, np.asarray(x, "float32"))

@@ -89,3 +89,19 @@ def test_weights_of_another_batch_size_are_refused():
         regularizers.block_balance(np.full((4, 3), 0.5, "float32"), 0.5, weights=np.ones(3))
     with pytest.raises(ValueError, match=r"weights.shape=\(4, 1\)"):
         regularizers.block_variance(np.full((4, 3), 0.5, "float32"), weights=np.ones((4, 1)))
+
+
+def test_numbers_out_of_range_and_other_ranks_are_refused():
+    sigma = np.full((4, 3), 0.5, "float32")
+    with pytest.raises(ValueError, match="target_density=2.0"):
+        regularizers.block_balance(sigma, 2.0)
+    with pytest.raises(ValueError, match="target_density=0"):
+        regularizers.example_balance(sigma, 0)
+    with pytest.raises(ValueError, match="sparsity_weight=-1.0"):
+        regularizers.gating_regularization(sigma, 0.25, -1.0, 0.0)
+    with pytest.raises(ValueError, match="variance_weight=nan"):
+        regularizers.gating_regularization(sigma, 0.25, 1.0, float("nan"))
+    with pytest.raises(ValueError, match=r"probabilities.shape=\(3,\)"):
+        regularizers.block_variance(sigma[0])
+    # A scheduled tau is a tensor, read at call time: taken as it is.
+    assert np.isfinite(float(regularizers.block_balance(sigma, tf.constant(0.25))))

@@ -1,6 +1,6 @@
 """Helpers shared by the callbacks (private)."""
 
-from keras_condcomp._arguments import is_integer, is_number
+from keras_condcomp._arguments import is_number
 from keras_condcomp.models.policy_gradient_model import gated_layers
 
 __all__ = []
@@ -16,13 +16,6 @@ def require_gated_layers(callback, model):
             f"(GatedDense, ...); model {name!r} has none."
         )
     return layers
-
-
-def check_non_negative_int(name, value):
-    if not is_integer(value) or value < 0:
-        raise ValueError(
-            f"`{name}` must be a non-negative integer. Received: {name}={value!r}"
-        )
 
 
 def check_density(name, value, allow_none=False):

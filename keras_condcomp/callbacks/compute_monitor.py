@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from keras_condcomp._arguments import check_positive_int
 from keras_condcomp._inputs import as_model_inputs, example_count
 from keras_condcomp.callbacks._common import require_gated_layers
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
@@ -99,10 +100,7 @@ class ComputeMonitor(keras.callbacks.Callback):
             raise ValueError(
                 f"`plot_path` must end with '.png'. Received: plot_path={plot_path!r}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(
-                f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-            )
+        batch_size = check_positive_int("batch_size", batch_size)
         self.x = x
         self.y = y
         self.log_dir = None if log_dir is None else os.fspath(log_dir)

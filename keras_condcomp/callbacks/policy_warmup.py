@@ -2,7 +2,8 @@
 
 import keras
 
-from keras_condcomp.callbacks._common import check_non_negative_int, require_gated_layers
+from keras_condcomp._arguments import check_non_negative_int
+from keras_condcomp.callbacks._common import require_gated_layers
 
 __all__ = ["PolicyWarmup"]
 

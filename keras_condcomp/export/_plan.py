@@ -9,7 +9,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_positive_int
 from keras_condcomp.models.policy_gradient_model import (
     check_called_once,
     gated_layer_inputs,
@@ -68,13 +68,22 @@ def check_model(model):
     return layers
 
 
-def _as_inputs(model, data):
-    """`data` as the list of input arrays of `model`."""
+def _as_inputs(model, data, name):
+    """`data` (argument `name`: an array, a list or tuple of arrays, or a
+    dict by input name) as the list of input arrays of `model`."""
+    if isinstance(data, dict):
+        names = [spec.name for spec in model.inputs]
+        if sorted(data) != sorted(names):
+            raise ValueError(
+                f"`{name}` as a dict must have one array per input of model "
+                f"{model.name!r}, by name: {sorted(names)}. Received keys: {sorted(data)}"
+            )
+        data = [data[input_name] for input_name in names]
     arrays = list(data) if isinstance(data, (list, tuple)) else [data]
     arrays = [np.asarray(array, dtype="float32") for array in arrays]
     if len(arrays) != len(model.inputs):
         raise ValueError(
-            f"`representative_data` must hold {len(model.inputs)} input array(s) for "
+            f"`{name}` must hold {len(model.inputs)} input array(s) for "
             f"model {model.name!r}. Received: {len(arrays)} array(s)"
         )
     for array, spec in zip(arrays, model.inputs):
@@ -82,7 +91,7 @@ def _as_inputs(model, data):
             size is not None and size != got for size, got in zip(spec.shape[1:], array.shape[1:])
         ) or not len(array):
             raise ValueError(
-                f"`representative_data` must be examples of shape (n, "
+                f"`{name}` must be examples of shape (n, "
                 f"{', '.join(str(s) for s in spec.shape[1:])}) with n > 0. "
                 f"Received: shape {array.shape}"
             )
@@ -98,7 +107,8 @@ def active_block_counts(model, data, batch_size=256):
 
     Args:
         model: a functional or Sequential Keras model with gated layers.
-        data: `(n, ...)` input array (a list of arrays for several inputs).
+        data: `(n, ...)` input array (for several inputs, a list or tuple of
+            arrays, or a dict of them by input name).
         batch_size: examples per forward pass.
 
     Returns:
@@ -113,17 +123,21 @@ def active_block_counts(model, data, batch_size=256):
         >>> counts["g"].shape
         (5,)
     """
+    return _active_block_counts(model, data, batch_size, "data")
+
+
+def _active_block_counts(model, data, batch_size, name, hint=""):
+    """`active_block_counts` of `data`, given as argument `name`; `hint`
+    ends the error raised when the gated layers' inputs cannot be read."""
     batch_size = check_batch_size(batch_size, allow_none=False)
     layers = gated_layers(model)
-    arrays = _as_inputs(model, data)
+    arrays = _as_inputs(model, data, name)
     try:
         seen = gated_layer_inputs(
             model, arrays if len(arrays) > 1 else arrays[0], batch_size=batch_size
         )
     except ValueError as error:
-        raise ValueError(
-            f"{error} Pass `budget` instead of `representative_data` to choose the budgets."
-        ) from error
+        raise ValueError(f"{error}{hint}") from error
     counts = {}
     for layer, layer_inputs in zip(layers, seen):
         masks = [
@@ -252,7 +266,10 @@ def block_budgets(
             value = layer.blocks
         elif representative_data is not None:
             if counts is None:
-                counts = active_block_counts(model, representative_data)
+                counts = _active_block_counts(
+                    model, representative_data, 256, "representative_data",
+                    " Pass `budget` instead of `representative_data` to choose the budgets.",
+                )
             value = max(1, int(counts[layer.name].max()))
         elif layer.target_density is not None:
             value = min(layer.blocks, max(1, math.ceil(2 * layer.target_density * layer.blocks)))
@@ -331,14 +348,7 @@ def input_signature(model, batch_size):
 
 
 def check_batch_size(batch_size, allow_none):
-    if batch_size is None and allow_none:
-        return None
-    if not is_integer(batch_size) or batch_size <= 0:
-        raise ValueError(
-            f"`batch_size` must be a positive int{' or None' if allow_none else ''}. "
-            f"Received: batch_size={batch_size!r}"
-        )
-    return int(batch_size)
+    return check_positive_int("batch_size", batch_size, allow_none)
 
 
 def check_path(path, suffix):

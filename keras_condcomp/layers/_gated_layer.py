@@ -16,7 +16,12 @@ import numpy as np
 from keras import ops
 
 from keras_condcomp import regularizers
-from keras_condcomp._arguments import is_integer, is_number
+from keras_condcomp._arguments import (
+    check_non_negative_number,
+    check_target_density,
+    is_integer,
+    is_number,
+)
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import GateDecision, current_recorder
 from keras_condcomp.ops import EXECUTION_PATHS
@@ -72,22 +77,11 @@ def validate_gating_arguments(
     sparsity_deviation="absolute",
 ):
     """Checks the gating arguments shared by the gated layers."""
-    if target_density is not None and not (is_number(target_density) and 0 < target_density <= 1):
-        raise ValueError(
-            "`target_density` must be None or a number in (0, 1]. "
-            f"Received: target_density={target_density!r}"
-        )
-    for name, value in (
-        ("sparsity_weight", sparsity_weight),
-        ("variance_weight", variance_weight),
-        ("example_sparsity_weight", example_sparsity_weight),
-    ):
-        if name == "example_sparsity_weight" and value is None:
-            continue
-        if not is_number(value) or value < 0:
-            raise ValueError(
-                f"`{name}` must be a finite non-negative number. Received: {name}={value!r}"
-            )
+    check_target_density(target_density)
+    check_non_negative_number("sparsity_weight", sparsity_weight)
+    check_non_negative_number("variance_weight", variance_weight)
+    if example_sparsity_weight is not None:
+        check_non_negative_number("example_sparsity_weight", example_sparsity_weight)
     if sparsity_deviation not in regularizers.DEVIATIONS:
         raise ValueError(
             f"`sparsity_deviation` must be one of {regularizers.DEVIATIONS}. "
@@ -213,8 +207,8 @@ class GatedLayer(keras.layers.Layer):
         self.sparsity_deviation = sparsity_deviation
         self.inference = inference
         self.execution = execution
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = int(seed) if is_integer(seed) else seed
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.policy = BernoulliPolicy(
             self.blocks,
             kernel_initializer=policy_initializer,
@@ -320,10 +314,11 @@ class GatedLayer(keras.layers.Layer):
     def gating_regularization(self, probabilities, target_density=None, weights=None):
         """`sparsity_weight (L_b + L_e) + variance_weight L_v` of a batch.
 
-        `target_density` defaults to the layer's `target_density`; `weights`
-        (`(batch,)`, None for 1) weigh the examples in every term.
+        `target_density` defaults to the layer's `target_density` (None: no
+        `L_b`, `L_e`); `weights` (`(batch,)`, None for 1) weigh the examples
+        in every term.
         """
-        if target_density is None or self.target_density is None:
+        if target_density is None:
             target_density = self.target_density
         return regularizers.gating_regularization(
             probabilities, target_density, self.sparsity_weight, self.variance_weight,
@@ -356,6 +351,9 @@ class GatedLayer(keras.layers.Layer):
             # schedule; predict, exported graphs and the measuring tools
             # (ComputeMonitor, profile_macs) never do.
             logits, mask, current, enabled = self._scheduled(logits, mask)
+            # A layer without a target density has no scheduled one either.
+            if self.target_density is None:
+                current = None
             regularization = enabled * self.gating_regularization(
                 ops.sigmoid(logits), current, weights
             )

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_bool, is_integer
 from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
@@ -220,7 +220,7 @@ class GatedConv2D(GatedLayer):
         self.data_format = data_format
         self.dilation_rate = dilation_rate
         self.activation = elementwise_activation(activation)
-        self.use_bias = use_bias
+        self.use_bias = check_bool("use_bias", use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

@@ -3,18 +3,15 @@
 import keras
 from keras import ops
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_bool, is_integer
 from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
 )
-from keras_condcomp.layers._gated_layer import (  # noqa: F401  (re-exported)
-    INFERENCE_MODES,
+from keras_condcomp.layers._gated_layer import (
     GatedLayer,
     _check_blocks,
-    _GateSchedule,
     elementwise_activation,
-    validate_gating_arguments,
 )
 from keras_condcomp.ops import (
     block_dense,
@@ -177,7 +174,7 @@ class GatedDense(GatedLayer):
         )
         self.units = int(units)
         self.activation = elementwise_activation(activation)
-        self.use_bias = use_bias
+        self.use_bias = check_bool("use_bias", use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_positive_int
 from keras_condcomp.models.policy_gradient_model import gated_layers
 
 __all__ = ["tune_execution"]
@@ -63,9 +63,8 @@ def tune_execution(model, x, batch_size=1, repeats=30):
 
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
-    for name, value in (("batch_size", batch_size), ("repeats", repeats)):
-        if not is_integer(value) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
+    batch_size = check_positive_int("batch_size", batch_size)
+    repeats = check_positive_int("repeats", repeats)
     layers = gated_layers(model)
     if not layers:
         raise ValueError(f"Model {model.name!r} has no gated layers to tune.")

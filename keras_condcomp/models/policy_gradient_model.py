@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_condcomp._arguments import is_number
+from keras_condcomp._arguments import check_positive_int, is_number
 from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
@@ -82,6 +82,7 @@ def gated_layer_inputs(model, x, batch_size=256):
         >>> tuple(a.shape for a in gated_layer_inputs(model, np.random.rand(5, 8)))
         ((5, 8), (5, 16))
     """
+    batch_size = check_positive_int("batch_size", batch_size)
     layers = gated_layers(model)
     if not layers:
         return []

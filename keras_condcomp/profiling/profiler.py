@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_condcomp._arguments import check_positive_int, is_number
 from keras_condcomp._inputs import as_model_inputs, example_count
 from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
@@ -160,9 +161,7 @@ def _check_densities(densities, gated_names):
                 f"model (gated layers: {sorted(gated_names)}). "
                 f"Received: densities={densities!r}"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 <= value <= 1
-        ):
+        if not is_number(value) or not 0 <= value <= 1:
             raise ValueError(
                 f"Densities must be numbers in [0, 1]. Received: densities[{name!r}]={value!r}"
             )
@@ -216,10 +215,7 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
             "Pass `densities` or `x`, not both. "
             f"Received: densities={densities!r} and x of type {type(x).__name__}"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-        )
+    batch_size = check_positive_int("batch_size", batch_size)
     layers = list(_profiled_layers(model))
     upstream = gated_inputs(model)
     gated_names = set(upstream)

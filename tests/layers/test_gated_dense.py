@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -210,3 +212,18 @@ def test_loads_variables_saved_in_the_dense_layout(rng):
     block_kernel = to_block_kernel(kernel, 3)
     layer.load_own_variables({"0": np.asarray(block_kernel) * 2, "1": bias})
     np.testing.assert_array_equal(layer.kernel.numpy(), kernel * 2)
+
+
+def test_an_explicit_target_density_is_used_by_a_layer_without_one():
+    layer = GatedDense(8, blocks=2)
+    sigma = np.full((3, 2), 0.5, "float32")
+    assert float(layer.gating_regularization(sigma)) == 0.0
+    np.testing.assert_allclose(layer.gating_regularization(sigma, 0.25), 2 * 0.25 + 0.25)
+
+
+def test_use_bias_must_be_a_bool_and_numpy_seeds_are_stored_as_ints():
+    with pytest.raises(ValueError, match="use_bias='yes'"):
+        GatedDense(8, blocks=2, use_bias="yes")
+    config = GatedDense(8, blocks=2, seed=np.int64(3)).get_config()
+    assert type(config["seed"]) is int
+    json.dumps(config)
