@@ -2,8 +2,9 @@
 
 import keras
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_positive_int, is_integer
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
+from keras_condcomp.models._builders import check_builder_keywords, check_num_classes
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 
 __all__ = ["DEFAULT_POLICY_GRID", "build_dense_cnn", "build_gated_cnn", "default_policy_grid"]
@@ -33,18 +34,9 @@ BUILDER_ARGUMENTS = ("filters", "kernel_size", "blocks", "padding", "activation"
 def _check_arguments(filters, blocks, num_classes, gate_kwargs=None):
     """`filters` as a tuple, once `blocks`, `num_classes` and the keyword
     arguments are checked."""
-    if not is_integer(blocks) or blocks <= 0:
-        raise ValueError(f"`blocks` must be a positive integer. Received: blocks={blocks!r}")
-    if not is_integer(num_classes) or num_classes < 2:
-        raise ValueError(
-            f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes!r}"
-        )
-    taken = sorted(set(gate_kwargs or ()) & set(BUILDER_ARGUMENTS))
-    if taken:
-        raise ValueError(
-            f"The builder sets {taken} of every gated convolution itself. "
-            f"Received: {', '.join(f'{k}={gate_kwargs[k]!r}' for k in taken)}"
-        )
+    check_positive_int("blocks", blocks)
+    check_num_classes(num_classes)
+    check_builder_keywords(gate_kwargs, BUILDER_ARGUMENTS, "gated convolution")
     if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__"):
         raise ValueError(
             "`filters` must be a sequence of positive integers, one per convolution. "
