@@ -1,6 +1,7 @@
 """ComputeMonitor: densities and conditional MACs per epoch, TensorBoard, a PNG."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -14,13 +15,18 @@ __all__ = ["ComputeMonitor"]
 
 
 def _profile(model, densities=None, x=None, batch_size=256):
-    """`(conditional MACs per example, dense MACs)` or None if not countable."""
+    """`(conditional MACs per example, dense MACs)`, or None (with a
+    warning) if `profile_macs` cannot count them."""
     from keras_condcomp.profiling import profile_macs
 
     try:
         macs = profile_macs(model, densities, x=x, batch_size=batch_size)
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return None  # e.g. a subclassed model: no layer graph to walk
+    except ValueError as error:
+        # A monitor should not end a training run: the MACs are left out.
+        warnings.warn(
+            f"ComputeMonitor leaves the MACs out of the logs: {error}", stacklevel=3
+        )
+        return None
     return float(macs.conditional_macs), float(macs.dense_macs)
 
 
@@ -142,6 +148,8 @@ class ComputeMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         require_gated_layers(self, self.model)
         self.history = []
+        # A fit that raised skipped on_train_end, which closes the writer.
+        self._close_writer()
         if self.log_dir is not None:
             import tensorflow as tf
 
@@ -204,10 +212,13 @@ class ComputeMonitor(keras.callbacks.Callback):
                 )
         self._writer.flush()
 
-    def on_train_end(self, logs=None):
+    def _close_writer(self):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def on_train_end(self, logs=None):
+        self._close_writer()
         if self.plot_path is not None:
             self.plot(self.plot_path)
 

@@ -2,6 +2,7 @@ import copy
 import glob
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -129,3 +130,37 @@ def test_a_gated_layer_called_twice(rng):
     expected = (float(np.mean(first)) + float(np.mean(second))) / 2
     assert logs["shared_inference_density"] == [pytest.approx(expected)]
     assert set(monitor.block_usage["shared"]) == {0, 1, 2}
+
+
+def test_macs_that_cannot_be_counted_are_left_out_with_a_warning(data, monkeypatch):
+    import keras_condcomp.profiling
+
+    def refuse(*args, **kwargs):
+        raise ValueError("not countable here")
+
+    monkeypatch.setattr(keras_condcomp.profiling, "profile_macs", refuse)
+    x, y = data
+    model = make_model()
+    with pytest.warns(UserWarning, match="leaves the MACs out of the logs: not countable here"):
+        history = model.fit(
+            x, y, epochs=1, verbose=0, callbacks=[ComputeMonitor(x)]
+        ).history
+    assert "inference_conditional_macs" not in history
+    assert "inference_density" in history
+
+
+def test_a_fit_that_raised_leaves_no_writer_open_for_the_next(data, tmp_path):
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("stopped")
+
+    x, y = data
+    model = make_model()
+    monitor = ComputeMonitor(x, log_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="stopped"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor, Stop()])
+    first = monitor._writer
+    closed = []
+    first.close = lambda close=first.close: (closed.append(True), close())[1]
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    assert closed and monitor._writer is None
