@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from keras_condcomp.layers.decision_recorder import current_recorder
 from keras_condcomp.ops import forced_execution_path
+from keras_condcomp.ops.block_sparse_conv2d import trace_settings as conv2d_trace_settings
+from keras_condcomp.ops.block_sparse_dense import trace_settings as dense_trace_settings
 from keras_condcomp.ops.static_budget_dense import static_budget_settings
 
 
@@ -48,8 +50,9 @@ def compiled_inference(layer, inputs):
     """`layer.call(inputs, training=False)` as one compiled graph.
 
     One concrete graph per execution path in effect (the layer's
-    `execution` or a `forced_execution`), input dtype and feature shape, and
-    kind of weight values; any batch size.
+    `execution` or a `forced_execution`), input dtype and feature shape,
+    kind of weight values, and settings the engines' `"auto"` rules read
+    (`set_cost_constants`, the thread count); any batch size.
     """
     inputs = tf.convert_to_tensor(inputs)
     weights = layer.weights
@@ -57,6 +60,7 @@ def compiled_inference(layer, inputs):
     key = (
         forced_execution_path(), layer.execution, inputs.dtype, tuple(inputs.shape[1:]),
         tuple((isinstance(v, tf.Variable), v.dtype) for v in values),
+        dense_trace_settings(), conv2d_trace_settings(),
     )
     # Kept out of Keras's attribute tracking (which would wrap the dict): the
     # graphs are a cache, not state to save.

@@ -664,10 +664,21 @@ _PATHS = {
 _compiled = {}
 
 
+def trace_settings():
+    """What `"auto"`'s rules read when a graph is traced: the thread count and
+    the `AUTO_*` constants. Part of every cache key of traced graphs, so that
+    a change reaches the next call."""
+    return (
+        intra_op_threads(), AUTO_MAX_FRACTION, AUTO_LARGE_MAX_FRACTION, AUTO_LARGE_CONV_MACS,
+        AUTO_GROUPED_MAX_GROUPS, AUTO_LARGE_GROUPED_MAX_EXAMPLES, AUTO_LOOP_MIN_MACS,
+        AUTO_WIDE_OUTPUT_MACS, AUTO_MIN_OUTPUT_MACS, AUTO_SINGLE_MIN_MACS,
+    )
+
+
 def _compiled_path(path, activation, input_shape, kernel_shape, blocks, dtype,
                    has_bias, strides, padding, dilation_rate):
     key = (path, activation, input_shape, kernel_shape, blocks, dtype, has_bias,
-           strides, padding, dilation_rate)
+           strides, padding, dilation_rate, trace_settings())
     if key not in _compiled:
         signature = [
             tf.TensorSpec([None, *input_shape], dtype),

@@ -181,7 +181,10 @@ def cost_constants():
 def set_cost_constants(**constants):
     """Changes constants of the `"auto"` cost model (see the module docs).
 
-    Takes effect for graphs traced afterwards. Values must be positive.
+    Takes effect at the next call of the engine or of a gated layer (graphs
+    are traced anew for the new constants), but not inside a `tf.function`
+    already traced, such as a model's compiled `predict`. Values must be
+    positive.
 
     Examples:
         >>> before = cost_constants()
@@ -198,7 +201,13 @@ def set_cost_constants(**constants):
         if not is_number(value) or not value > 0:
             raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     _COSTS.update({name: float(value) for name, value in constants.items()})
-    _compiled.clear()
+
+
+def trace_settings():
+    """What `"auto"`'s cost model reads when a graph is traced (its
+    constants). Part of every cache key of traced graphs, so that a change
+    reaches the next call."""
+    return tuple(sorted(_COSTS.items()))
 
 
 _forced = threading.local()
@@ -925,7 +934,7 @@ _compiled = {}
 
 
 def _compiled_path(path, activation, kernel_shape, dtype, has_bias, capacity):
-    key = (path, activation, kernel_shape, dtype, has_bias, capacity)
+    key = (path, activation, kernel_shape, dtype, has_bias, capacity, trace_settings())
     if key not in _compiled:
         blocks, input_dim, block_size = kernel_shape
         signature = [

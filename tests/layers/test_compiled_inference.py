@@ -1,5 +1,8 @@
 """Eager inference calls of gated layers run as one compiled graph per layer."""
 
+import contextlib
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +11,10 @@ import tensorflow as tf
 import keras_condcomp.layers.gated_conv2d as gated_conv2d_module
 import keras_condcomp.layers.gated_dense as gated_dense_module
 from keras_condcomp.layers import GatedConv2D, GatedDense
-from keras_condcomp.ops import forced_execution
+from keras_condcomp.ops import cost_constants, forced_execution, set_cost_constants
+
+# The module (the package's attribute of that name is its function).
+conv_engine = importlib.import_module("keras_condcomp.ops.block_sparse_conv2d")
 
 
 def graphs(layer):
@@ -78,6 +84,35 @@ def test_execution_path_in_effect_selects_the_graph(rng):
     assert {key[:2] for key in graphs(layer)} == {
         (None, "auto"), ("grouped", "auto"), (None, "masked")
     }
+
+
+@contextlib.contextmanager
+def other_auto_settings(layer):
+    """Other settings of the engine's `"auto"` rules, restored on exit."""
+    if isinstance(layer, GatedConv2D):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(conv_engine, "AUTO_MAX_FRACTION", 0.01)
+            yield
+        return
+    before = cost_constants()
+    set_cost_constants(overhead=1.0)
+    try:
+        yield
+    finally:
+        set_cost_constants(**before)
+
+
+@pytest.mark.parametrize("case", [dense_case, conv_case], ids=["dense", "conv2d"])
+def test_auto_settings_changed_since_a_call_reach_the_next_call(rng, case):
+    layer, inputs = case(rng)
+    random_policy(layer, rng)
+    x = inputs(2)
+    expected = layer(x).numpy()
+    with other_auto_settings(layer):
+        np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-5)
+    assert len(graphs(layer)) == 2  # traced again for the new settings
+    layer(x)
+    assert len(graphs(layer)) == 2  # and the first graph serves the old ones
 
 
 def test_stateless_call_uses_the_values_given(rng):
