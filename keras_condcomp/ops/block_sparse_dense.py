@@ -174,14 +174,34 @@ _IN_PLACE_BLOCKS = 8
 
 
 def cost_constants():
-    """The constants of the `"auto"` cost model, as a dict (a copy)."""
+    """The constants of the `"auto"` cost model, as a dict (a copy).
+
+    Returns:
+        `{name: float}` for `"gemm"`, `"read"`, `"copy"`, `"batched"`,
+        `"overhead"` and `"batched_overhead"` (see the module docs); changing
+        the dict changes nothing, `set_cost_constants` does.
+
+    Examples:
+        >>> sorted(cost_constants())
+        ['batched', 'batched_overhead', 'copy', 'gemm', 'overhead', 'read']
+    """
     return dict(_COSTS)
 
 
 def set_cost_constants(**constants):
     """Changes constants of the `"auto"` cost model (see the module docs).
 
-    Takes effect for graphs traced afterwards. Values must be positive.
+    Takes effect for graphs traced afterwards (the engine's own compiled
+    graphs are dropped). Values must be positive. Process-wide (not per
+    thread); the names not given keep their values.
+
+    Args:
+        **constants: `name=value` for names of `cost_constants()`; each
+            value a positive number.
+
+    Raises:
+        ValueError: an unknown name or a value that is not a positive
+            number (then nothing is changed).
 
     Examples:
         >>> before = cost_constants()
@@ -210,7 +230,14 @@ def forced_execution(path):
 
     Overrides each layer's `execution` argument, for benchmarks and
     debugging. It acts when a graph is traced, so wrap the first call (or
-    build a new `tf.function`) inside the block.
+    build a new `tf.function`) inside the block. It holds for the current
+    thread only; blocks nest, the innermost winning.
+
+    Args:
+        path: one of `EXECUTION_PATHS`.
+
+    Raises:
+        ValueError: `path` not in `EXECUTION_PATHS`.
 
     Examples:
         >>> import numpy as np
@@ -231,7 +258,20 @@ def forced_execution(path):
 
 
 def forced_execution_path():
-    """The path forced by the innermost `forced_execution`, or None."""
+    """The path forced by the innermost `forced_execution`, or None.
+
+    Read by the gated layers when they trace; per thread.
+
+    Returns:
+        One of `EXECUTION_PATHS`, or None outside any `forced_execution`.
+
+    Examples:
+        >>> with forced_execution("grouped"):
+        ...     print(forced_execution_path())
+        grouped
+        >>> print(forced_execution_path())
+        None
+    """
     return getattr(_forced, "path", None)
 
 
