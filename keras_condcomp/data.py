@@ -36,13 +36,24 @@ _IDX_DTYPES = {
 class Dataset:
     """A train/test split of flattened images.
 
-    Attributes:
+    The loaders of this module make it (float32 images scaled to [0, 1],
+    int64 labels, `num_classes` = the largest label + 1); the constructor
+    itself stores its arguments as given, unchecked.
+
+    Args:
         name: a human-readable name, used in reports.
         x_train: float32 `(n, features)` training images in [0, 1].
         y_train: int64 `(n,)` training labels.
         x_test: float32 `(n, features)` test images in [0, 1].
         y_test: int64 `(n,)` test labels.
         num_classes: number of classes.
+
+    Examples:
+        >>> import numpy as np
+        >>> x, y = np.zeros((4, 3), "float32"), np.array([0, 1, 0, 1])
+        >>> toy = Dataset("toy", x, y, x[:2], y[:2], num_classes=2)
+        >>> toy.x_train.shape, toy.num_classes
+        ((4, 3), 2)
     """
 
     name: str
@@ -70,9 +81,27 @@ def _as_dataset(name, x_train, y_train, x_test, y_test, scale):
 def load_digits(test_fraction=0.2, seed=0):
     """scikit-learn's embedded 8x8 digits (1,797 images), split at random.
 
+    The split is stratified by class; pixels (0 to 16) are scaled to [0, 1].
+    No download: the images ship with scikit-learn.
+
     Args:
-        test_fraction: fraction of the images held out for test, in (0, 1).
-        seed: seed of the split.
+        test_fraction: fraction of the images held out for test, a number
+            in (0, 1) (default 0.2).
+        seed: seed of the split (scikit-learn's `random_state`, default 0).
+
+    Returns:
+        A `Dataset` named `"digits (scikit-learn, 8x8)"`: 64 features,
+        10 classes.
+
+    Raises:
+        ValueError: `test_fraction` not in (0, 1).
+
+    Examples:
+        >>> digits = load_digits(test_fraction=0.25, seed=1)
+        >>> len(digits.x_train), len(digits.x_test), digits.x_train.shape[1]
+        (1347, 450, 64)
+        >>> float(digits.x_train.min()), float(digits.x_train.max())
+        (0.0, 1.0)
     """
     if not is_number(test_fraction) or not 0 < test_fraction < 1:
         raise ValueError(
@@ -95,9 +124,36 @@ def load_digits(test_fraction=0.2, seed=0):
 def read_idx(path):
     """Reads an IDX file (gzipped or not) into a NumPy array.
 
+    IDX is the format of the MNIST files: a magic number giving the element
+    type and the number of dimensions, the big-endian dimension sizes, then
+    the data. Element types read: unsigned and signed bytes, 16- and 32-bit
+    integers, 32- and 64-bit floats; the array comes back in native byte
+    order.
+
+    Args:
+        path: the file's path (str or `os.PathLike`); a file starting with
+            the gzip magic bytes is decompressed first.
+
+    Returns:
+        A NumPy array of the shape and type the file's header gives.
+
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: the file is not a well-formed IDX file.
+        ValueError: `path` is not a path, or the file is not a well-formed
+            IDX file (bad magic number, truncated header, or a size that
+            does not match the header's shape).
+
+    Examples:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> array = np.arange(6, dtype="uint8").reshape(2, 3)
+        >>> header = bytes([0, 0, 0x08, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "tiny-idx2-ubyte")
+        ...     with open(path, "wb") as handle:
+        ...         _ = handle.write(header + array.tobytes())
+        ...     read_idx(path).tolist()
+        [[0, 1, 2], [3, 4, 5]]
     """
     _check_path("path", path)
     path = os.fspath(path)
@@ -142,11 +198,45 @@ def _find_idx(data_dir, stem):
 def load_mnist(data_dir, name="MNIST"):
     """MNIST from a directory of the four standard IDX files (gzipped or not).
 
+    No download: the files must be there. Images are flattened and scaled
+    by 1/255; `num_classes` is the largest label + 1. Any such files load
+    (Fashion-MNIST's, for one), whatever their image size.
+
     Args:
         data_dir: directory holding `train-images-idx3-ubyte[.gz]`,
             `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`,
-            `t10k-labels-idx1-ubyte[.gz]`.
-        name: the name to report the data under.
+            `t10k-labels-idx1-ubyte[.gz]` (the uncompressed file is read
+            when both are there).
+        name: the name to report the data under (default `"MNIST"`).
+
+    Returns:
+        A `Dataset`.
+
+    Raises:
+        FileNotFoundError: `data_dir` is not a directory, or a file is
+            missing.
+        ValueError: `data_dir` is not a path; a file is not well-formed IDX
+            (see `read_idx`); a split's images are not uint8 `(n, rows,
+            cols)` with `n > 0` non-negative integer labels; train and test
+            images differ in size; or every label is 0.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> def write_idx(path, array):
+        ...     sizes = b"".join(size.to_bytes(4, "big") for size in array.shape)
+        ...     with open(path, "wb") as handle:
+        ...         handle.write(bytes([0, 0, 0x08, array.ndim]) + sizes + array.tobytes())
+        >>> rng = np.random.default_rng(0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for split, n in (("train", 6), ("t10k", 4)):
+        ...         images = rng.integers(0, 256, (n, 4, 4)).astype("uint8")
+        ...         write_idx(os.path.join(tmp, f"{split}-images-idx3-ubyte"), images)
+        ...         labels = (np.arange(n) % 3).astype("uint8")
+        ...         write_idx(os.path.join(tmp, f"{split}-labels-idx1-ubyte"), labels)
+        ...     tiny = load_mnist(tmp, name="tiny")
+        >>> tiny.x_train.shape, tiny.x_test.shape, tiny.num_classes
+        ((6, 16), (4, 16), 3)
     """
     _check_path("data_dir", data_dir)
     if not os.path.isdir(data_dir):
@@ -198,10 +288,26 @@ def load_mnist(data_dir, name="MNIST"):
 def load_tfds(name, data_dir=None):
     """An image-classification dataset from TensorFlow Datasets (downloads it).
 
+    Downloads and prepares the dataset on first use (then reads TFDS's
+    copy in `data_dir`); images are flattened and scaled by 1/255.
+
     Args:
         name: a TFDS name with `train` and `test` splits and `(image, label)`
             supervised keys, e.g. `"mnist"`, `"fashion_mnist"`, `"cifar10"`.
         data_dir: TFDS data directory (None: its default).
+
+    Returns:
+        A `Dataset` named `"<name> (TFDS)"`.
+
+    Raises:
+        ImportError: `tensorflow_datasets` is not installed.
+        ValueError: TFDS could not load the dataset (an unknown name, no
+            network, no `test` split, ...: the message gives TFDS's error).
+
+    Examples:
+        >>> mnist = load_tfds("mnist")  # doctest: +SKIP
+        >>> mnist.x_train.shape, mnist.num_classes  # doctest: +SKIP
+        ((60000, 784), 10)
     """
     import tensorflow_datasets as tfds
 
@@ -226,9 +332,23 @@ def load_dataset(dataset, data_dir=None):
     """Loads a dataset by the name the command line uses.
 
     Args:
-        dataset: `"digits"`, `"mnist"` (IDX files from `data_dir`, or TFDS
-            when `data_dir` is None) or `"tfds:NAME"`.
-        data_dir: see `dataset`.
+        dataset: `"digits"` (`load_digits()`), `"mnist"` (`load_mnist(data_dir)`,
+            or `load_tfds("mnist")`, a download, when `data_dir` is None) or
+            `"tfds:NAME"` (`load_tfds(NAME, data_dir)`).
+        data_dir: None (default), or for `"mnist"` the directory of its IDX
+            files, for `"tfds:NAME"` the TFDS data directory. Must be None
+            for `"digits"`.
+
+    Returns:
+        A `Dataset`.
+
+    Raises:
+        ValueError: an unknown `dataset`, or a `data_dir` with `"digits"`;
+            and what the loader raises.
+
+    Examples:
+        >>> load_dataset("digits").name
+        'digits (scikit-learn, 8x8)'
     """
     if not isinstance(dataset, str):
         raise ValueError(

@@ -84,6 +84,14 @@ def evict_caches(size_bytes=64 * 2**20):
     the call then reads its weights from memory, as a model larger than the
     caches, or one called rarely, does on any machine. The default, 64 MiB,
     is twice the largest last-level cache of the machines we measure on.
+    The buffer is allocated once and kept for the next call of the same
+    size.
+
+    Args:
+        size_bytes: bytes to write (default 64 MiB).
+
+    Examples:
+        >>> evict_caches(2**20)  # 1 MiB
     """
     buffer = _eviction_buffer(int(size_bytes))
     np.add(buffer, 1.0, out=buffer)
@@ -97,6 +105,20 @@ def timed_batches(x, batch_size, repeats):
     masks: in `benchmarks/gated_conv2d.py`, eight examples at batch 1 had
     masks of 0.30-0.42 density where the calibrated density was 1/4.) When
     `x` has fewer than `batch_size` examples, one batch of them repeated.
+
+    Args:
+        x: an array of at least one example, `(n, ...)`.
+        batch_size: positive int, examples per batch.
+        repeats: positive int, the number of timed calls: at most that many
+            batches are returned.
+
+    Returns:
+        A list of `min(n // batch_size, repeats)` consecutive batches of `x`
+        (slices), or one batch `np.resize`d from `x` when `n < batch_size`.
+
+    Raises:
+        ValueError: `batch_size` or `repeats` not a positive int, or `x`
+            empty.
 
     Examples:
         >>> [b.tolist() for b in timed_batches(np.arange(5), 2, repeats=10)]
@@ -124,12 +146,30 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **optio
     are never timed in one alternation, where a later one would find in
     cache what an earlier one read for the same input.
 
-    `options` (`consecutive`, `before_call`) go to `median_latencies`.
+    Args:
+        functions: `{name: callable(batch)}`, holding `reference` and at
+            least one other function.
+        reference: the name of the function every other one is timed
+            against.
+        inputs: a list of batches, as for `median_latencies`.
+        repeats: timed calls per function and pair.
+        warmup: untimed calls per function and pair first.
+        **options: `consecutive` and `before_call`, passed to
+            `median_latencies`.
 
     Returns:
         `{name: (seconds, reference seconds in its pair)}` for every function
         but the reference, and for the reference the median of its pairs
         (twice).
+
+    Raises:
+        ValueError: `reference` not in `functions`, or no other function;
+            and what `median_latencies` raises.
+
+    Examples:
+        >>> timed = paired_latencies({"ref": abs, "b": round}, "ref", [-1.5], repeats=4)
+        >>> sorted(timed), len(timed["b"])
+        (['b', 'ref'], 2)
     """
     if reference not in functions or len(functions) < 2:
         raise ValueError(
@@ -158,6 +198,15 @@ def numpy_calls(functions):
     call on a 2-core Xeon, as `keras_condcomp.models.compact_inference`'s
     callables do: every graph timed side by side is then called the same
     way.
+
+    Args:
+        functions: `{name: callable}`, each returning a tensor; a
+            `tf.function` (anything with `get_concrete_function`) must have
+            an input signature, since its concrete function is taken with
+            no arguments.
+
+    Returns:
+        `{name: callable(x) -> numpy array}`.
 
     Examples:
         >>> import numpy as np, tensorflow as tf
@@ -190,11 +239,31 @@ def tuned_inference(model, x, batch_size, repeats):
     Runs `keras_condcomp.models.tune_execution(model, x, batch_size,
     repeats)`, traces the model's inference as one graph with those paths,
     then gives each layer back the path it had: the graph keeps the tuned
-    ones, the model is left as it was.
+    ones, the model is left as it was (also when tuning fails).
+
+    Args:
+        model: a built functional or Sequential model with gated layers and
+            one input, as `tune_execution` takes it.
+        x: representative inputs, at least `batch_size` examples.
+        batch_size: the batch size to tune for (positive int).
+        repeats: timed calls per path (positive int).
 
     Returns:
-        `(call, report)`: a callable from a numpy batch to numpy outputs,
-        and `tune_execution`'s report.
+        `(call, report)`: a callable from a numpy batch to numpy outputs
+        (its graph accepts any batch size), and `tune_execution`'s report.
+
+    Raises:
+        ValueError: what `tune_execution` raises.
+
+    Examples:
+        >>> import numpy as np, keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((16,))
+        >>> model = keras.Model(inputs, GatedDense(32, blocks=4, name="g")(inputs))
+        >>> x = np.random.rand(8, 16).astype("float32")
+        >>> call, report = tuned_inference(model, x, batch_size=4, repeats=2)
+        >>> call(x[:4]).shape, sorted(report), model.get_layer("g").execution
+        ((4, 32), ['g'], 'auto')
     """
     from keras_condcomp.models import tune_execution
     from keras_condcomp.models.policy_gradient_model import gated_layers
@@ -261,23 +330,48 @@ def _compact_call(model):
 def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), threads=1, repeats=100):
     """Speedup of a saved gated model over a saved dense one, in a fresh process.
 
-    Args:
-        gated_path, dense_path: `.keras` files.
-        x: example inputs `(n, ...)`, cycled through.
-        batch_sizes: batch sizes to time.
-        threads: TensorFlow intra-op threads (inter-op pinned to 1).
-        repeats: timed calls per model and batch size (medians reported).
-
     The gated model runs as saved (`execution="auto"` by default), as
     `tuned`, with each layer's path chosen by
     `keras_condcomp.models.tune_execution` for that batch size, and at batch
     1 as `compact`, through `keras_condcomp.models.compact_inference` when
-    the gated model is a single chain of layers.
+    the gated model is a single chain of layers. Every model is called as
+    one compiled graph; at each batch size they alternate call by call
+    (`median_latencies`) over the batches of `timed_batches(x, batch_size,
+    repeats)`.
+
+    Args:
+        gated_path: the gated model's `.keras` file.
+        dense_path: the dense model's `.keras` file.
+        x: example inputs `(n, ...)`, cycled through (sent as float32).
+        batch_sizes: non-empty sequence of positive ints, the batch sizes to
+            time (default `(1, 256)`).
+        threads: positive int, TensorFlow intra-op threads (inter-op pinned
+            to 1; default 1).
+        repeats: positive int, timed calls per model and batch size
+            (medians reported; default 100).
 
     Returns:
         `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup",
         "tuned_seconds", "tuned_speedup", "tuned_execution"}}`, plus
         `"compact_seconds"` and `"compact_speedup"` at batch 1 for a chain.
+
+    Raises:
+        ValueError: a path that is not a file, or a bad `batch_sizes`,
+            `threads` or `repeats`.
+        RuntimeError: the measuring process failed (the message ends with
+            its stderr).
+
+    Examples:
+        >>> import os, tempfile, numpy as np
+        >>> from keras_condcomp.models import build_dense_mlp, build_gated_mlp
+        >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
+        ...     gated, dense = os.path.join(tmp, "g.keras"), os.path.join(tmp, "d.keras")
+        ...     build_gated_mlp(64, 10, units=256, blocks=16).save(gated)
+        ...     build_dense_mlp(64, 10, units=256).save(dense)
+        ...     x = np.random.rand(64, 64).astype("float32")
+        ...     results = measure_models_speed(gated, dense, x, batch_sizes=(1,), repeats=5)
+        >>> sorted(results["1"])  # doctest: +SKIP
+        ['compact_seconds', 'compact_speedup', 'dense_seconds', 'gated_seconds', 'speedup', 'tuned_execution', 'tuned_seconds', 'tuned_speedup']
     """
     import tempfile
 

@@ -119,8 +119,29 @@ class ComputeMonitor(keras.callbacks.Callback):
     def measure(self):
         """`({layer name: (examples, blocks) masks}, predicted classes)` on `x`.
 
-        The masks are 0/1, or for a layer the model calls several times the
-        mean of its calls' masks.
+        Runs the model on `x` in batches of `batch_size` with
+        `training=False` (the inference masks). The masks are 0/1, or for a
+        layer the model calls several times the mean of its calls' masks.
+        The predicted classes are the argmax of 2-D outputs; other outputs
+        are returned as they are. Needs `x` and a model set (as during
+        `fit`).
+
+        Returns:
+            `(masks, predictions)`: `{layer name: float32 (examples, blocks)
+            array}` for each gated layer that took a decision, and a numpy
+            array of one prediction per example.
+
+        Raises:
+            ValueError: the model has no gated layers.
+
+        Examples:
+            >>> import numpy as np
+            >>> from keras_condcomp.models import build_gated_mlp
+            >>> monitor = ComputeMonitor(np.random.rand(5, 8).astype("float32"))
+            >>> monitor.set_model(build_gated_mlp(8, 3, units=16, blocks=4, layers=1))
+            >>> masks, predictions = monitor.measure()
+            >>> masks["gated_1"].shape, predictions.shape
+            ((5, 4), (5,))
         """
         layers = require_gated_layers(self, self.model)
         masks = {layer.name: [] for layer in layers}
@@ -223,7 +244,32 @@ class ComputeMonitor(keras.callbacks.Callback):
             self.plot(self.plot_path)
 
     def plot(self, path):
-        """Saves the block-usage heatmaps and the density curves as a PNG."""
+        """Saves the block-usage heatmaps and the density curves as a PNG.
+
+        One heatmap per gated layer of the last epoch's block usage per
+        class on `x` (none without `x`), and the curves of the densities
+        logged each epoch (training, validation, inference on `x`, target)
+        so far. Called with `plot_path` when training ends.
+
+        Args:
+            path: the file to write (its folder is created if missing).
+
+        Returns:
+            `path`.
+
+        Examples:
+            >>> import os, tempfile, numpy as np, keras
+            >>> from keras_condcomp.models import build_gated_mlp
+            >>> model = build_gated_mlp(8, 3, units=16, blocks=4, layers=1, target_density=0.5)
+            >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+            >>> monitor = ComputeMonitor(x, y)
+            >>> _ = model.fit(x, y, epochs=2, callbacks=[monitor], verbose=0)
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     path = monitor.plot(os.path.join(tmp, "compute.png"))
+            ...     os.path.getsize(path) > 0
+            True
+        """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 

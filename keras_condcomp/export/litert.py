@@ -19,7 +19,8 @@ def litert_op_names(model):
     (`"CUSTOM:FlexErf"`).
 
     Args:
-        model: the `.tflite` file's path, or its bytes.
+        model: the `.tflite` file's path (str or `os.PathLike`), or its
+            bytes (`bytes` or `bytearray`).
 
     Returns:
         list of str, one per operator code of the model (sorted, no repeats).
@@ -28,9 +29,10 @@ def litert_op_names(model):
         >>> import os, tempfile, keras
         >>> inputs = keras.Input((4,))
         >>> dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-        >>> path = os.path.join(tempfile.mkdtemp(), "dense.tflite")
-        >>> _ = export_litert(dense, path)
-        >>> litert_op_names(path)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "dense.tflite")
+        ...     _ = export_litert(dense, path)
+        ...     litert_op_names(path)
         ['FULLY_CONNECTED']
     """
     from ai_edge_litert import schema_py_generated as schema
@@ -114,11 +116,12 @@ def export_litert(
         >>> inputs = keras.Input((8,))
         >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
         >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
-        >>> export_litert(model, path, budget=4)
-        {'g': 4}
         >>> x = np.random.rand(5, 8).astype("float32")
-        >>> y = litert_predict(path, x)  # the ai_edge_litert interpreter, batch 1
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "model.tflite")
+        ...     print(export_litert(model, path, budget=4))
+        ...     y = litert_predict(path, x)  # the ai_edge_litert interpreter, batch 1
+        {'g': 4}
         >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
         True
     """
@@ -186,9 +189,9 @@ def litert_predict(path, inputs, num_threads=1):
     delegate) one static batch at a time, padding the last one.
 
     Args:
-        path: the `.tflite` file.
-        inputs: `(n, ...)` float array, `n` >= 0.
-        num_threads: interpreter threads.
+        path: the `.tflite` file (str or `os.PathLike`).
+        inputs: `(n, ...)` float array, `n` >= 0 (converted to float32).
+        num_threads: interpreter threads (default 1).
 
     Returns:
         `(n, ...)` numpy array.
@@ -196,6 +199,18 @@ def litert_predict(path, inputs, num_threads=1):
     Raises:
         ValueError: `inputs` of another shape than the model's input, or a
             model with several inputs or outputs.
+
+    Examples:
+        >>> import os, tempfile, numpy as np, keras
+        >>> inputs = keras.Input((4,))
+        >>> model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        >>> x = np.random.rand(3, 4).astype("float32")
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "dense.tflite")
+        ...     _ = export_litert(model, path, batch_size=2)
+        ...     y = litert_predict(path, x)  # two batches of 2, the last padded
+        >>> y.shape, bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+        ((3, 2), True)
     """
     from ai_edge_litert.interpreter import Interpreter
 

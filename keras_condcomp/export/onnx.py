@@ -60,12 +60,13 @@ def export_onnx(
         >>> inputs = keras.Input((8,))
         >>> hidden = GatedDense(16, blocks=4, activation="relu", name="g")(inputs)
         >>> model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-        >>> export_onnx(model, path, budget=4)
-        {'g': 4}
-        >>> session = onnxruntime.InferenceSession(path)
         >>> x = np.random.rand(5, 8).astype("float32")
-        >>> y = session.run(None, {session.get_inputs()[0].name: x})[0]
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "model.onnx")
+        ...     print(export_onnx(model, path, budget=4))
+        ...     session = onnxruntime.InferenceSession(path)
+        ...     y = session.run(None, {session.get_inputs()[0].name: x})[0]
+        {'g': 4}
         >>> bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
         True
     """
@@ -128,10 +129,15 @@ def export_onnx(
 def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     """Outputs of a single-input, single-output ONNX model over `(n, ...)` inputs.
 
+    Runs onnxruntime's CPU provider (inter-op threads 1); the inputs are
+    converted to float32 and run in batches, the last one padded with zeros
+    (then cut).
+
     Args:
-        path: the `.onnx` file.
+        path: the `.onnx` file (str or `os.PathLike`).
         inputs: `(n, ...)` float array, `n` >= 0.
-        num_threads: onnxruntime intra-op threads.
+        num_threads: onnxruntime intra-op threads (default 1; 0 lets
+            onnxruntime choose).
         batch_size: examples per run, a positive int (None: all at once, for
             a dynamic batch; a static batch size in the file wins).
 
@@ -141,6 +147,18 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     Raises:
         ValueError: `inputs` of another shape than the model's input, a bad
             `batch_size`, or a model with several inputs or outputs.
+
+    Examples:
+        >>> import os, tempfile, numpy as np, keras
+        >>> inputs = keras.Input((4,))
+        >>> model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        >>> x = np.random.rand(5, 4).astype("float32")
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "dense.onnx")
+        ...     _ = export_onnx(model, path)
+        ...     y = onnx_predict(path, x, batch_size=2)
+        >>> y.shape, bool(np.allclose(y, model.predict(x, verbose=0), atol=1e-5))
+        ((5, 2), True)
     """
     import onnxruntime
 

@@ -20,6 +20,18 @@ __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
 def to_block_kernel(kernel, blocks):
     """`(input_dim, units)` kernel -> `(blocks, input_dim, units // blocks)`.
 
+    Block `j` is `kernel[:, j * block_size:(j + 1) * block_size]`.
+
+    Args:
+        kernel: a 2-D `(input_dim, units)` array or tensor.
+        blocks: positive int dividing `units`.
+
+    Returns:
+        A tensor of shape `(blocks, input_dim, units // blocks)`.
+
+    Raises:
+        ValueError: `blocks` not a positive int, or not dividing `units`.
+
     Examples:
         >>> import numpy as np
         >>> kernel = np.arange(12.0).reshape(2, 6)
@@ -40,6 +52,15 @@ def to_block_kernel(kernel, blocks):
 def from_block_kernel(block_kernel):
     """`(blocks, input_dim, block_size)` -> the `(input_dim, units)` kernel.
 
+    The inverse of `to_block_kernel`.
+
+    Args:
+        block_kernel: a 3-D `(blocks, input_dim, block_size)` array or
+            tensor.
+
+    Returns:
+        A tensor of shape `(input_dim, blocks * block_size)`.
+
     Examples:
         >>> import numpy as np
         >>> kernel = np.arange(12.0).reshape(2, 6)
@@ -58,6 +79,23 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
     output is reordered. `bias`, the `(batch, blocks)` `block_mask` (repeated
     over each block's units) and `activation` are optional. Used for training
     and as the dense fallback of the skipping engine.
+
+    Args:
+        inputs: `(batch, input_dim)`.
+        block_kernel: `(blocks, input_dim, block_size)`, the block-major
+            kernel (`to_block_kernel`).
+        bias: `(blocks * block_size,)` or None (default).
+        block_mask: None (default) or `(batch, blocks)`: the units of a
+            block whose mask value is not > 0 are set to exactly 0 (a
+            select, not a product: also where the output is inf or NaN).
+        activation: a callable applied after the bias, or None (default).
+
+    Returns:
+        `(batch, blocks * block_size)` outputs, in the unit order of the
+        Dense kernel `from_block_kernel(block_kernel)`.
+
+    Raises:
+        ValueError: `block_mask`'s last axis is not `blocks`.
 
     Examples:
         >>> import numpy as np

@@ -174,7 +174,17 @@ _IN_PLACE_BLOCKS = 8
 
 
 def cost_constants():
-    """The constants of the `"auto"` cost model, as a dict (a copy)."""
+    """The constants of the `"auto"` cost model, as a dict (a copy).
+
+    Returns:
+        `{name: float}` for `"gemm"`, `"read"`, `"copy"`, `"batched"`,
+        `"overhead"` and `"batched_overhead"` (see the module docs); changing
+        the dict changes nothing, `set_cost_constants` does.
+
+    Examples:
+        >>> sorted(cost_constants())
+        ['batched', 'batched_overhead', 'copy', 'gemm', 'overhead', 'read']
+    """
     return dict(_COSTS)
 
 
@@ -183,8 +193,16 @@ def set_cost_constants(**constants):
 
     Takes effect at the next call of the engine or of a gated layer (graphs
     are traced anew for the new constants), but not inside a `tf.function`
-    already traced, such as a model's compiled `predict`. Values must be
-    positive.
+    already traced, such as a model's compiled `predict`. Process-wide (not
+    per thread); the names not given keep their values.
+
+    Args:
+        **constants: `name=value` for names of `cost_constants()`; each
+            value a positive number.
+
+    Raises:
+        ValueError: an unknown name or a value that is not a positive
+            number (then nothing is changed).
 
     Examples:
         >>> before = cost_constants()
@@ -219,7 +237,14 @@ def forced_execution(path):
 
     Overrides each layer's `execution` argument, for benchmarks and
     debugging. It acts when a graph is traced, so wrap the first call (or
-    build a new `tf.function`) inside the block.
+    build a new `tf.function`) inside the block. It holds for the current
+    thread only; blocks nest, the innermost winning.
+
+    Args:
+        path: one of `EXECUTION_PATHS`.
+
+    Raises:
+        ValueError: `path` not in `EXECUTION_PATHS`.
 
     Examples:
         >>> import numpy as np
@@ -240,7 +265,20 @@ def forced_execution(path):
 
 
 def forced_execution_path():
-    """The path forced by the innermost `forced_execution`, or None."""
+    """The path forced by the innermost `forced_execution`, or None.
+
+    Read by the gated layers when they trace; per thread.
+
+    Returns:
+        One of `EXECUTION_PATHS`, or None outside any `forced_execution`.
+
+    Examples:
+        >>> with forced_execution("grouped"):
+        ...     print(forced_execution_path())
+        grouped
+        >>> print(forced_execution_path())
+        None
+    """
     return getattr(_forced, "path", None)
 
 

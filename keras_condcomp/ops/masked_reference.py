@@ -6,7 +6,25 @@ __all__ = ["masked_block_dense", "expand_block_mask"]
 
 
 def expand_block_mask(block_mask, units):
-    """Repeats a `(batch, blocks)` mask over each block's units: `(batch, units)`."""
+    """Repeats a `(batch, blocks)` mask over each block's units: `(batch, units)`.
+
+    Args:
+        block_mask: `(..., blocks)` array or tensor, the last axis static.
+        units: int, a multiple of `blocks`.
+
+    Returns:
+        A tensor `(..., units)`: each mask value repeated `units // blocks`
+        times.
+
+    Raises:
+        ValueError: the last axis of `block_mask` is unknown or does not
+            divide `units`.
+
+    Examples:
+        >>> import numpy as np
+        >>> np.asarray(expand_block_mask(np.array([[1, 0]]), 4)).tolist()
+        [[1, 1, 0, 0]]
+    """
     blocks = block_mask.shape[-1]
     if blocks is None or units % blocks:
         raise ValueError(
@@ -43,7 +61,20 @@ def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
         activation: a callable or None.
 
     Returns:
-        `(batch, units)`; exactly 0 in the units of skipped blocks.
+        `(batch, units)`; exactly 0 in the units of skipped blocks (a
+        select: any mask value not > 0 skips, and a skipped unit is 0 even
+        where the product is inf or NaN).
+
+    Raises:
+        ValueError: `blocks` does not divide `units` (see
+            `expand_block_mask`).
+
+    Examples:
+        >>> import numpy as np
+        >>> x, kernel = np.ones((2, 3), "float32"), np.ones((3, 4), "float32")
+        >>> mask = np.array([[1, 0], [0, 1]], "float32")
+        >>> np.asarray(masked_block_dense(x, kernel, None, mask)).tolist()
+        [[3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 3.0, 3.0]]
     """
     outputs = ops.matmul(inputs, kernel)
     if bias is not None:

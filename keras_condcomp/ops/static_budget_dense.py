@@ -83,7 +83,23 @@ def static_budget_plan(settings):
 
 
 def static_budget_settings(layer):
-    """The static-budget keyword arguments planned for `layer`, or None."""
+    """The static-budget keyword arguments planned for `layer`, or None.
+
+    Args:
+        layer: a gated layer (looked up by `id(layer)`).
+
+    Returns:
+        The layer's dict of the innermost `static_budget_plan` in this
+        thread, or None outside any plan or when the plan has none for it.
+
+    Examples:
+        >>> layer = object()
+        >>> with static_budget_plan({id(layer): {"budget": 2}}):
+        ...     static_budget_settings(layer)
+        {'budget': 2}
+        >>> static_budget_settings(layer) is None
+        True
+    """
     settings = getattr(_plan, "settings", None)
     if settings is None:
         return None

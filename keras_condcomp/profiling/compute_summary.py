@@ -20,7 +20,25 @@ def _macs(value):
 
 
 def format_profile(profile, line_length=None):
-    """The text of `summary`'s table for a `ModelProfile`."""
+    """The text of `summary`'s table for a `ModelProfile`.
+
+    The table, then notes: where the densities come from, the totals and
+    ideal speedup, and the layers whose MACs are not counted (marked `*`).
+
+    Args:
+        profile: a `ModelProfile` (from `profile_macs`).
+        line_length: None (default: as wide as the content) or the table's
+            total width in characters.
+
+    Returns:
+        str, ending with a newline.
+
+    Examples:
+        >>> from keras_condcomp.profiling import LayerProfile, ModelProfile
+        >>> profile = ModelProfile("mlp", (LayerProfile("logits", "Dense", 650, 640),))
+        >>> print(format_profile(profile).splitlines()[-1])
+         Dense MACs: 640   Conditional MACs: 640 (policies included)   Ideal speedup: 1.00x
+    """
     names = [f"{row.name} ({row.kind}) *" for row in profile.layers]
     table = rich.table.Table(
         rich.table.Column(

@@ -9,7 +9,10 @@ __all__ = ["LayerProfile"]
 class LayerProfile:
     """Parameters and multiply-adds (MACs) per example of one layer.
 
-    Attributes:
+    Made by `keras_condcomp.profiling.profile_macs`; the fields are stored
+    as given, unchecked.
+
+    Args:
         name: layer name.
         kind: layer class name (`"GatedDense"`, `"Dense"`, `"Conv2D"`, ...).
         parameters: the layer's weight count (a gated layer's policy included).

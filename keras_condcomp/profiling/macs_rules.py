@@ -46,7 +46,22 @@ __all__ = ["GATED_RULES", "RULES", "LayerCost", "is_gated", "layer_cost"]
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
-    """MACs per example of a layer with every block open."""
+    """MACs per example of a layer with every block open.
+
+    What a rule returns; `profile_macs` multiplies it by the layer's calls
+    and densities.
+
+    Args:
+        dense_macs: MACs per example of the layer's products, every block
+            open.
+        policy_macs: MACs per example of its gating policy (0 if ungated).
+        blocks: its number of gated blocks, None if ungated.
+        counted: False when no rule knows the layer's MACs (they read 0).
+
+    Examples:
+        >>> LayerCost(6400, policy_macs=400, blocks=4)
+        LayerCost(dense_macs=6400, policy_macs=400, blocks=4, counted=True)
+    """
 
     dense_macs: int
     policy_macs: int = 0
@@ -55,7 +70,21 @@ class LayerCost:
 
 
 def is_gated(layer):
-    """Whether a policy switches `layer`'s blocks."""
+    """Whether a policy switches `layer`'s blocks.
+
+    Args:
+        layer: any object; gated when its `policy` attribute is a
+            `BernoulliPolicy`.
+
+    Returns:
+        bool.
+
+    Examples:
+        >>> import keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> is_gated(GatedDense(8, blocks=2)), is_gated(keras.layers.Dense(8))
+        (True, False)
+    """
     return isinstance(getattr(layer, "policy", None), BernoulliPolicy)
 
 
@@ -181,7 +210,28 @@ RULES = [
 
 
 def layer_cost(layer):
-    """The `LayerCost` of a built `layer` (see the module's rules)."""
+    """The `LayerCost` of a built `layer` (see the module's rules).
+
+    A layer no rule matches costs 0 MACs, counted when it has no weights,
+    uncounted (`counted=False`) when it has some.
+
+    Args:
+        layer: a built Keras layer.
+
+    Returns:
+        A `LayerCost`, per call of the layer.
+
+    Raises:
+        ValueError: a gated layer of a kind `GATED_RULES` has no rule for.
+
+    Examples:
+        >>> import keras
+        >>> inputs = keras.Input((100,))
+        >>> dense = keras.layers.Dense(10)
+        >>> _ = dense(inputs)
+        >>> layer_cost(dense)
+        LayerCost(dense_macs=1000, policy_macs=0, blocks=None, counted=True)
+    """
     table = GATED_RULES if is_gated(layer) else RULES
     for classes, rule in table:
         if isinstance(layer, classes):

@@ -14,13 +14,16 @@ class ModelProfile:
     Made by `keras_condcomp.profiling.profile_macs`, printed by
     `keras_condcomp.summary`.
 
-    Attributes:
+    Args:
         name: model name.
         layers: tuple of `LayerProfile`, in the model's layer order.
         density_source: where the gated layers' densities come from:
             `"measured"` (on examples), `"given"` (by the caller) or
             `"targets"` (each layer's `target_density`, 1 without one).
         examples: number of examples measured on, None unless measured.
+
+    Raises:
+        ValueError: an unknown `density_source`.
 
     Examples:
         >>> from keras_condcomp.profiling import LayerProfile
@@ -46,7 +49,23 @@ class ModelProfile:
             )
 
     def layer(self, name):
-        """The `LayerProfile` of the layer called `name`."""
+        """The `LayerProfile` of the layer called `name`.
+
+        Args:
+            name: a layer name.
+
+        Returns:
+            The first `LayerProfile` of that name.
+
+        Raises:
+            ValueError: no layer of that name in the profile.
+
+        Examples:
+            >>> from keras_condcomp.profiling import LayerProfile
+            >>> profile = ModelProfile("mlp", (LayerProfile("logits", "Dense", 650, 640),))
+            >>> profile.layer("logits").dense_macs
+            640
+        """
         for row in self.layers:
             if row.name == name:
                 return row

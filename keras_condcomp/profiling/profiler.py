@@ -89,7 +89,26 @@ def gated_inputs(model):
     `MaxPooling2D` or `AveragePooling2D`
     (which keep zeros zero). Only functional and Sequential graphs are
     followed, and not across the boundary of a nested model: elsewhere the
-    input counts as dense.
+    input counts as dense, and so do the inputs of a gated layer the model
+    calls more than once.
+
+    Args:
+        model: a built Keras model; nested models' layers are included.
+
+    Returns:
+        `{name: upstream name or None}` for every gated layer.
+
+    Raises:
+        ValueError: two gated layers share a name.
+
+    Examples:
+        >>> import keras
+        >>> from keras_condcomp.layers import GatedDense
+        >>> inputs = keras.Input((16,))
+        >>> first = GatedDense(32, blocks=4, activation="relu", name="first")(inputs)
+        >>> second = GatedDense(32, blocks=4, name="second")(keras.layers.Dropout(0.5)(first))
+        >>> gated_inputs(keras.Model(inputs, second))
+        {'first': None, 'second': 'first'}
     """
     layers = list(_profiled_layers(model))
     check_unique_names(model, [layer for layer in layers if is_gated(layer)])

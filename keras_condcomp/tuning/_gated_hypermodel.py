@@ -32,6 +32,31 @@ class GatedHyperModel(keras_tuner.HyperModel):
     `sparsity_weight` lambda_s in [0.1, 10] (log), `variance_weight`
     lambda_v in [0, 10], `policy_learning_rate` in [1e-4, 1e-1] (log); their
     defaults (the values of those a search does not tune) are `DEFAULTS`.
+
+    Args:
+        input_shape: shape of one example, a tuple (or list) of positive
+            ints (a single int for 1-D examples), of length `input_rank`
+            when the subclass sets one.
+        num_classes: int >= 2, the number of classes.
+        learning_rate: positive, the network's Adam learning rate
+            (default 1e-3).
+        reference_macs: positive MACs per example that the score compares
+            against, or None (default) for `widest_dense_macs()`.
+        macs_weight: non-negative accuracy a halving of compute is worth in
+            the score (default 0.02).
+        seed: None (default: random) or a non-negative int; gated layer `i`
+            (0-based) samples its masks with seed `seed + i`.
+        name: as `keras_tuner.HyperModel`.
+        tunable: as `keras_tuner.HyperModel`.
+
+    Raises:
+        ValueError: an argument out of its range above.
+
+    Examples:
+        >>> from keras_condcomp.tuning import GatedMLPHyperModel
+        >>> hypermodel = GatedMLPHyperModel(64, 10, seed=7)
+        >>> hypermodel.input_shape, hypermodel.reference_macs, hypermodel.layer_seed(1)
+        ((64,), 562176.0, 8)
     """
 
     model_name = "gated"
@@ -73,15 +98,55 @@ class GatedHyperModel(keras_tuner.HyperModel):
         self.seed = None if seed is None else int(seed)
 
     def architecture(self, hp):
+        """Registers the architecture's hyperparameters in `hp`; returns their values.
+
+        Called first by `build`, so that these names come first in a search.
+        Subclasses implement it.
+
+        Args:
+            hp: a `keras_tuner.HyperParameters`.
+
+        Returns:
+            The architecture, in whatever form `hidden` takes it.
+        """
         raise NotImplementedError
 
     def hidden(self, inputs, architecture, gate_kwargs):
+        """Builds the hidden layers on `inputs`; returns the tensor the logits read.
+
+        Subclasses implement it.
+
+        Args:
+            inputs: the model's `keras.Input` of shape `input_shape`.
+            architecture: what `architecture(hp)` returned.
+            gate_kwargs: the gating arguments (`target_density`,
+                `sparsity_weight`, `variance_weight`) for every gated layer.
+
+        Returns:
+            A symbolic tensor, the input of the `Dense` logits layer.
+        """
         raise NotImplementedError
 
     def widest_dense_macs(self):
+        """Dense MACs per example of the widest network of the space.
+
+        The default `reference_macs`. Subclasses implement it; it is called
+        in `__init__`, once `input_shape` and `num_classes` are set.
+
+        Returns:
+            int, MACs per example with every block open.
+        """
         raise NotImplementedError
 
     def layer_seed(self, index):
+        """The mask-sampling seed of gated layer `index`: `seed + index`, or None.
+
+        Args:
+            index: 0-based position of the gated layer.
+
+        Returns:
+            int, or None when the hypermodel has no `seed`.
+        """
         return None if self.seed is None else self.seed + index
 
     def build(self, hp):
@@ -116,7 +181,21 @@ class GatedHyperModel(keras_tuner.HyperModel):
         return model
 
     def fit(self, hp, model, *args, **kwargs):
-        """`model.fit`, with a `ComputeAwareScore` first among the callbacks."""
+        """`model.fit`, with a `ComputeAwareScore` first among the callbacks.
+
+        A `ComputeAwareScore` among `callbacks` is used (moved first);
+        otherwise one with this hypermodel's `reference_macs` and
+        `macs_weight` is added. KerasTuner calls it for each trial.
+
+        Args:
+            hp: the trial's `keras_tuner.HyperParameters` (unused).
+            model: the model `build(hp)` returned.
+            *args: passed to `model.fit`.
+            **kwargs: passed to `model.fit`, `callbacks` included.
+
+        Returns:
+            The `History` of `model.fit`.
+        """
         callbacks = list(kwargs.pop("callbacks", None) or [])
         scores = [c for c in callbacks if isinstance(c, ComputeAwareScore)]
         if not scores:

@@ -38,6 +38,20 @@ def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=
     reference scores its accuracy; at half the reference, accuracy plus
     `macs_weight`).
 
+    Args:
+        accuracy: the accuracy (any number; not checked).
+        conditional_macs: positive MACs per example of the model scored.
+        reference_macs: positive MACs per example of the reference.
+        macs_weight: non-negative accuracy a halving of compute is worth
+            (default 0.02).
+
+    Returns:
+        float, the score.
+
+    Raises:
+        ValueError: `conditional_macs` or `reference_macs` not a finite
+            positive number, or `macs_weight` not a finite non-negative one.
+
     Examples:
         >>> round(compute_aware_score(0.90, 25_000, 100_000, macs_weight=0.02), 4)
         0.94
@@ -50,6 +64,13 @@ def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=
 
 def compute_aware_objective(name=DEFAULT_NAME):
     """The KerasTuner objective maximising the validation score `val_<name>`.
+
+    Args:
+        name: the score's name in the logs, a non-empty string (default
+            `"compute_aware_score"`, as `ComputeAwareScore` logs it).
+
+    Returns:
+        `keras_tuner.Objective(f"val_{name}", direction="max")`.
 
     Examples:
         >>> compute_aware_objective().name

@@ -62,6 +62,18 @@ class GatedCNNHyperModel(GatedHyperModel):
     input_rank = 3
 
     def widest_dense_macs(self):
+        """Dense MACs per example of 3 convolutions of 64 filters and the logits.
+
+        The widest network of the space with plain `Conv2D` layers, counted
+        by `keras_condcomp.profiling.profile_macs`.
+
+        Returns:
+            int.
+
+        Examples:
+            >>> GatedCNNHyperModel((8, 8, 1), 10).widest_dense_macs()
+            774784
+        """
         inputs = keras.Input(self.input_shape)
         hidden = self._convolutions(
             inputs, max(CONV_LAYERS),
@@ -71,6 +83,19 @@ class GatedCNNHyperModel(GatedHyperModel):
         return profile_macs(widest).dense_macs
 
     def architecture(self, hp):
+        """Registers `conv_layers`, `filters` and `blocks` in `hp`.
+
+        Args:
+            hp: a `keras_tuner.HyperParameters`.
+
+        Returns:
+            `(conv_layers, filters, blocks)`.
+
+        Examples:
+            >>> import keras_tuner
+            >>> GatedCNNHyperModel((8, 8, 1), 10).architecture(keras_tuner.HyperParameters())
+            (2, 32, 8)
+        """
         return (
             hp.Int("conv_layers", *CONV_LAYERS, default=2),
             hp.Choice("filters", list(FILTERS), default=32),
@@ -78,6 +103,28 @@ class GatedCNNHyperModel(GatedHyperModel):
         )
 
     def hidden(self, inputs, architecture, gate_kwargs):
+        """`conv_layers` gated 3x3 convolutions with pooling, then global pooling.
+
+        Layer `i` (from 1) is `gated_conv_i`, a ReLU `GatedConv2D(filters,
+        3, blocks, padding="same")` with the default policy grid of its
+        input, followed by `pool_i` (2x2 max pooling) while the feature map
+        is at least 2x2; `global_pool` averages the last one.
+
+        Args:
+            inputs: the model's `keras.Input`.
+            architecture: `(conv_layers, filters, blocks)`.
+            gate_kwargs: gating arguments for every `GatedConv2D`.
+
+        Returns:
+            The `(batch, filters)` output of the global pooling.
+
+        Examples:
+            >>> import keras
+            >>> hypermodel = GatedCNNHyperModel((8, 8, 1), 10)
+            >>> hidden = hypermodel.hidden(keras.Input((8, 8, 1)), (1, 16, 4), {})
+            >>> tuple(hidden.shape)
+            (None, 16)
+        """
         conv_layers, filters, blocks = architecture
         return self._convolutions(
             inputs, conv_layers,

@@ -63,11 +63,37 @@ class GatedMLPHyperModel(GatedHyperModel):
     model_name = "gated_mlp"
 
     def widest_dense_macs(self):
+        """Dense MACs per example of 3 gated layers of 512 units and the logits.
+
+        Returns:
+            int, `512 * (features + 2 * 512 + num_classes)`.
+
+        Examples:
+            >>> GatedMLPHyperModel((64,), 10).widest_dense_macs()
+            562176
+        """
         width, depth = max(UNITS), max(LAYERS)
         features = math.prod(self.input_shape)
         return width * (features + (depth - 1) * width + self.num_classes)
 
     def architecture(self, hp):
+        """Registers `layers`, `units` and `blocks` in `hp`.
+
+        Args:
+            hp: a `keras_tuner.HyperParameters`.
+
+        Returns:
+            `(layers, units, blocks)`.
+
+        Raises:
+            ValueError: `blocks` (as fixed in `hp`) not a positive int, or
+                not dividing `units`.
+
+        Examples:
+            >>> import keras_tuner
+            >>> GatedMLPHyperModel((64,), 10).architecture(keras_tuner.HyperParameters())
+            (2, 256, 8)
+        """
         layers = hp.Int("layers", *LAYERS, default=2)
         units = hp.Choice("units", list(UNITS), default=256)
         blocks = hp.Choice("blocks", list(BLOCKS), default=8)
@@ -80,6 +106,25 @@ class GatedMLPHyperModel(GatedHyperModel):
         return layers, units, blocks
 
     def hidden(self, inputs, architecture, gate_kwargs):
+        """`layers` ReLU `GatedDense(units, blocks)` layers, `gated_1`, ...
+
+        Inputs of more than one dimension are flattened first.
+
+        Args:
+            inputs: the model's `keras.Input`.
+            architecture: `(layers, units, blocks)`.
+            gate_kwargs: gating arguments for every `GatedDense`.
+
+        Returns:
+            The last gated layer's output.
+
+        Examples:
+            >>> import keras
+            >>> hypermodel = GatedMLPHyperModel((64,), 10)
+            >>> hidden = hypermodel.hidden(keras.Input((64,)), (2, 32, 4), {})
+            >>> tuple(hidden.shape)
+            (None, 32)
+        """
         layers, units, blocks = architecture
         hidden = keras.layers.Flatten()(inputs) if len(self.input_shape) > 1 else inputs
         for index in range(layers):

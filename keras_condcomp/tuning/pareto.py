@@ -14,13 +14,18 @@ class TrialResult:
     """Accuracy and MACs per example of one completed trial.
 
     Both are taken from the same epoch: the trial's best epoch for the
-    tuner's objective, as KerasTuner records it.
+    tuner's objective, as KerasTuner records it. Made by `trial_results`.
 
-    Attributes:
+    Args:
         trial_id: KerasTuner's trial id.
         accuracy: the trial's accuracy metric (e.g. `val_accuracy`).
         conditional_macs: its MACs per example (e.g. `val_conditional_macs`).
-        hyperparameters: `{name: value}` of the trial.
+        hyperparameters: `{name: value}` of the trial (not part of the hash).
+
+    Examples:
+        >>> result = TrialResult("0001", 0.95, 3000.0, {"units": 128})
+        >>> result.accuracy, result.hyperparameters["units"]
+        (0.95, 128)
     """
 
     trial_id: str
@@ -29,7 +34,21 @@ class TrialResult:
     hyperparameters: dict = dataclasses.field(hash=False)
 
     def dominates(self, other):
-        """At least as accurate and as cheap as `other`, and better in one."""
+        """At least as accurate and as cheap as `other`, and better in one.
+
+        Args:
+            other: another `TrialResult`.
+
+        Returns:
+            bool.
+
+        Examples:
+            >>> cheap = TrialResult("a", 0.90, 1000.0, {})
+            >>> cheap.dominates(TrialResult("b", 0.90, 2000.0, {}))
+            True
+            >>> cheap.dominates(TrialResult("c", 0.95, 2000.0, {}))
+            False
+        """
         return (
             self.accuracy >= other.accuracy
             and self.conditional_macs <= other.conditional_macs
@@ -39,6 +58,15 @@ class TrialResult:
 
 def pareto_front(results):
     """The results no other result dominates, from cheapest to dearest.
+
+    Args:
+        results: an iterable of `TrialResult` (e.g. `trial_results(tuner)`).
+
+    Returns:
+        A list of `TrialResult`, sorted by MACs (ties: most accurate first).
+
+    Raises:
+        ValueError: a result with an accuracy or MACs that is not finite.
 
     Examples:
         >>> points = [TrialResult("a", 0.90, 1000.0, {}), TrialResult("b", 0.95, 3000.0, {}),
@@ -77,6 +105,40 @@ def trial_results(tuner, accuracy="val_accuracy", macs="val_conditional_macs"):
     """A `TrialResult` for every completed trial of `tuner` (or its oracle).
 
     A trial whose accuracy or MACs is not finite (a diverged one) is left out.
+    Each value is the last KerasTuner recorded for the trial, which is that
+    of its best epoch for the objective.
+
+    Args:
+        tuner: a KerasTuner tuner or oracle; in a distributed search, the
+            chief's.
+        accuracy: name of the accuracy metric in the trials (default
+            `"val_accuracy"`).
+        macs: name of the MACs metric in the trials (default
+            `"val_conditional_macs"`).
+
+    Returns:
+        A list of `TrialResult`, in the oracle's order of trials.
+
+    Raises:
+        ValueError: `tuner` is neither a tuner nor an oracle, or is a
+            distributed search's worker; or a completed trial recorded no
+            `accuracy` or no `macs`.
+
+    Examples:
+        A search whose trials return their metrics directly (a stand-in for
+        a search of `GatedMLPHyperModel`, which logs both):
+
+        >>> import tempfile, keras_tuner
+        >>> class Search(keras_tuner.GridSearch):
+        ...     def run_trial(self, trial, *args, **kwargs):
+        ...         units = trial.hyperparameters.Choice("units", [64, 128])
+        ...         return {"val_accuracy": 0.8 + units / 1000, "val_conditional_macs": 100.0 * units}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     tuner = Search(objective=keras_tuner.Objective("val_accuracy", "max"), directory=tmp)
+        ...     tuner.search(verbose=0)
+        ...     results = trial_results(tuner)
+        >>> [(r.hyperparameters["units"], round(r.accuracy, 3), r.conditional_macs) for r in results]
+        [(64, 0.864, 6400.0), (128, 0.928, 12800.0)]
     """
     results = []
     for trial in _oracle(tuner).trials.values():
@@ -136,13 +198,36 @@ def print_pareto_front(
     Args:
         tuner: a KerasTuner tuner (or its oracle) whose trials logged
             `accuracy` and `macs`, e.g. a search of `GatedMLPHyperModel`.
-        plot_path: where to write a PNG of all trials and the front.
+        plot_path: None (default), or where to write a PNG of all trials
+            and the front (its folder must exist).
         accuracy: name of the accuracy metric in the trials.
         macs: name of the MACs metric in the trials.
         print_fn: called with the table as one string (default `print`).
 
     Returns:
         the front, a list of `TrialResult` from cheapest to dearest.
+
+    Raises:
+        ValueError: `print_fn` not callable, no completed trial, or what
+            `trial_results` raises.
+        OSError: the plot could not be written (after the table is printed).
+
+    Examples:
+        >>> import tempfile, keras_tuner
+        >>> class Search(keras_tuner.GridSearch):
+        ...     def run_trial(self, trial, *args, **kwargs):
+        ...         units = trial.hyperparameters.Choice("units", [64, 128, 256])
+        ...         accuracy = {64: 0.85, 128: 0.80, 256: 0.90}[units]
+        ...         return {"val_accuracy": accuracy, "val_conditional_macs": 100.0 * units}
+        >>> lines = []
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     tuner = Search(objective=keras_tuner.Objective("val_accuracy", "max"), directory=tmp)
+        ...     tuner.search(verbose=0)
+        ...     front = print_pareto_front(tuner, print_fn=lines.append)
+        >>> print(lines[0].splitlines()[0].strip())
+        Pareto front: 2 of 3 completed trials
+        >>> [r.hyperparameters["units"] for r in front]
+        [64, 256]
     """
     if print_fn is not None and not callable(print_fn):
         raise ValueError(f"`print_fn` must be callable. Received: print_fn={print_fn!r}")
