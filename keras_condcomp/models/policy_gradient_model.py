@@ -170,6 +170,24 @@ def _is_functional_call(args, kwargs):
     )
 
 
+def _rebase_on_functional(cls):
+    """`cls` (or an ancestor) deriving from `FunctionalPolicyGradientModel`
+    where it derived from `PolicyGradientModel`.
+
+    keras.Model, called as a functional model, makes the class of the model
+    functional by rewriting the bases of the class and of every ancestor up
+    to `keras.Model`. A subclass of `PolicyGradientModel` used so would
+    rewrite `PolicyGradientModel` itself, and every subclassed model of it
+    created afterwards would fail. Its functional twin takes the rewrite
+    instead.
+    """
+    if cls is PolicyGradientModel:
+        return FunctionalPolicyGradientModel
+    if PolicyGradientModel in cls.__mro__:
+        cls.__bases__ = tuple(_rebase_on_functional(base) for base in cls.__bases__)
+    return cls
+
+
 class _GateMetrics:
     """The metrics a PolicyGradientModel logs besides the compiled ones.
 
@@ -191,6 +209,8 @@ class _PolicyGradientTraining:
 
 
     def __init__(self, *args, baseline="moving_average", baseline_momentum=0.9, **kwargs):
+        if _is_functional_call(args, kwargs):
+            _rebase_on_functional(type(self))
         super().__init__(*args, **kwargs)
         if baseline not in BASELINES:
             raise ValueError(

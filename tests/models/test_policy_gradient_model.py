@@ -94,6 +94,31 @@ class SubclassedNet(PolicyGradientModel):
         return self.head(self.gate(inputs, training=training))
 
 
+def test_a_subclass_used_as_a_functional_model_leaves_the_others_subclassable(rng):
+    bases = PolicyGradientModel.__bases__
+
+    class Built(PolicyGradientModel):
+        # Keras's pattern: a graph built in __init__, handed to super().__init__.
+        def __init__(self, **kwargs):
+            inputs = keras.Input((8,))
+            hidden = GatedDense(16, 4, activation="relu", target_density=0.5)(inputs)
+            super().__init__(inputs=inputs, outputs=keras.layers.Dense(3)(hidden), **kwargs)
+
+    class Called(PolicyGradientModel):
+        pass
+
+    x, y = toy_data(rng)
+    inputs = keras.Input((8,))
+    for model in (Built(baseline_momentum=0.5), Called(inputs, tiny_model()(inputs))):
+        assert isinstance(model, PolicyGradientModel)
+        model.compile("adam", LOSS, policy_optimizer="adam")
+        assert "density" in model.fit(x, y, epochs=1, verbose=0).history
+    assert PolicyGradientModel.__bases__ == bases
+    model = SubclassedNet()
+    model.compile("adam", LOSS, policy_optimizer="adam")
+    assert "g_density" in model.fit(x, y, epochs=1, verbose=0).history
+
+
 def test_subclassed_model_trains_and_logs(rng):
     model = SubclassedNet(baseline=None)
     model.compile("adam", LOSS, policy_optimizer="sgd")
