@@ -63,3 +63,16 @@ def test_inputs_by_name(two_inputs):
     assert block_budgets(two_inputs, representative_data={"a": a, "b": b})["g"] >= 1
     with pytest.raises(ValueError, match=r"by name: \['a', 'b'\]. Received keys: \['a', 'c'\]"):
         active_block_counts(two_inputs, {"a": a, "c": b})
+
+
+def test_runtime_thread_counts_are_checked(tmp_path, model):
+    from keras_condcomp.export import litert_predict, onnx_predict
+    from keras_condcomp.tuning import print_pareto_front
+
+    x = np.zeros((2, 8), "float32")
+    with pytest.raises(ValueError, match="num_threads=-1"):
+        onnx_predict(tmp_path / "absent.onnx", x, num_threads=-1)
+    with pytest.raises(ValueError, match="num_threads=0"):
+        litert_predict(tmp_path / "absent.tflite", x, num_threads=0)
+    with pytest.raises(ValueError, match="plot_path=3"):
+        print_pareto_front(None, plot_path=3)

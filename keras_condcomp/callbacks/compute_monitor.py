@@ -132,7 +132,7 @@ class ComputeMonitor(keras.callbacks.Callback):
             array of one prediction per example.
 
         Raises:
-            ValueError: the model has no gated layers.
+            ValueError: the model has no gated layers, or the monitor no `x`.
 
         Examples:
             >>> import numpy as np
@@ -143,6 +143,8 @@ class ComputeMonitor(keras.callbacks.Callback):
             >>> masks["gated_1"].shape, predictions.shape
             ((5, 4), (5,))
         """
+        if self.x is None:
+            raise ValueError("ComputeMonitor.measure needs examples: create the monitor with `x`.")
         layers = require_gated_layers(self, self.model)
         masks = {layer.name: [] for layer in layers}
         predictions = []

@@ -138,7 +138,9 @@ class DensityScheduler(keras.callbacks.Callback):
                 raise ValueError(f"{error} (epoch={epoch})") from None
             return float(value)
         end = target_density if self.end is None else self.end
-        progress = min(1.0, max(0, epoch - self.start_epoch) / self.epochs)
+        progress = max(0, epoch - self.start_epoch) / self.epochs
+        if progress >= 1:
+            return float(end)  # exactly, not within a rounding error of it
         return self.start + (end - self.start) * progress
 
     def _scheduled_layers(self):

@@ -4,6 +4,7 @@ import importlib.util
 import os
 import re
 
+from keras_condcomp._arguments import check_positive_int
 from keras_condcomp.export import _plan
 
 __all__ = ["export_litert", "litert_op_names", "litert_predict"]
@@ -191,7 +192,7 @@ def litert_predict(path, inputs, num_threads=1):
     Args:
         path: the `.tflite` file (str or `os.PathLike`).
         inputs: `(n, ...)` float array, `n` >= 0 (converted to float32).
-        num_threads: interpreter threads (default 1).
+        num_threads: interpreter threads, a positive int (default 1).
 
     Returns:
         `(n, ...)` numpy array.
@@ -214,6 +215,7 @@ def litert_predict(path, inputs, num_threads=1):
     """
     from ai_edge_litert.interpreter import Interpreter
 
+    num_threads = check_positive_int("num_threads", num_threads)
     interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
     interpreter.allocate_tensors()
     _plan.check_single_io(

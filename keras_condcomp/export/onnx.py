@@ -3,7 +3,7 @@
 import importlib.util
 import os
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_non_negative_int, is_integer
 from keras_condcomp.export import _plan
 
 __all__ = ["export_onnx", "onnx_predict"]
@@ -163,6 +163,7 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     import onnxruntime
 
     batch_size = _plan.check_batch_size(batch_size, allow_none=True)
+    num_threads = check_non_negative_int("num_threads", num_threads)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1

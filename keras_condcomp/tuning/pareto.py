@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 
 import rich.console
 import rich.table
@@ -231,6 +232,8 @@ def print_pareto_front(
     """
     if print_fn is not None and not callable(print_fn):
         raise ValueError(f"`print_fn` must be callable. Received: print_fn={print_fn!r}")
+    if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
+        raise ValueError(f"`plot_path` must be a path or None. Received: plot_path={plot_path!r}")
     results = trial_results(tuner, accuracy, macs)
     if not results:
         raise ValueError("The search has no completed trial: there is no front to show.")

@@ -164,3 +164,10 @@ def test_a_fit_that_raised_leaves_no_writer_open_for_the_next(data, tmp_path):
     first.close = lambda close=first.close: (closed.append(True), close())[1]
     model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
     assert closed and monitor._writer is None
+
+
+def test_measure_without_examples_says_so():
+    monitor = ComputeMonitor()
+    monitor.set_model(make_model())
+    with pytest.raises(ValueError, match="create the monitor with `x`"):
+        monitor.measure()

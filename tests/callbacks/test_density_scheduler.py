@@ -12,6 +12,8 @@ def test_linear_schedule_values():
     values = [scheduler.target_at(epoch, 0.2) for epoch in range(8)]
     np.testing.assert_allclose(values, [0.8, 0.8, 0.8, 0.65, 0.5, 0.35, 0.2, 0.2])
     assert DensityScheduler(start=0.6, end=0.3, epochs=3).target_at(1, 0.1) == pytest.approx(0.5)
+    # The anneal ends on the target itself, not a rounding error from it.
+    assert DensityScheduler(start=1.0, epochs=4).target_at(4, 0.2) == 0.2
 
 
 def test_the_schedule_reaches_the_compiled_train_step(data):
