@@ -297,8 +297,16 @@ class GatedLayer(keras.layers.Layer):
             active = logits > 0
         return ops.cast(active, logits.dtype)
 
-    def _built_for(self, inputs):
+    def _float_inputs(self, inputs):
+        """`inputs` as a tensor, cast to the compute dtype when they are not
+        floating point (integer pixels, as `keras.layers.Dense` takes them)."""
         inputs = ops.convert_to_tensor(inputs)
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            inputs = ops.cast(inputs, self.compute_dtype)
+        return inputs
+
+    def _built_for(self, inputs):
+        inputs = self._float_inputs(inputs)
         if not self.built:
             self.build(inputs.shape)
         return inputs

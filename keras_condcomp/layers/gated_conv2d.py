@@ -312,6 +312,7 @@ class GatedConv2D(GatedLayer):
 
     def call(self, inputs, training=None):
         self.compute_output_shape(inputs.shape)  # refuses inputs too small, before any op
+        inputs = self._float_inputs(inputs)
         if compiled_inference_applies(self, training):
             return compiled_inference(self, inputs)
         mask = self._gate(inputs, training)

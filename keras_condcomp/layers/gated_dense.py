@@ -237,6 +237,7 @@ class GatedDense(GatedLayer):
     export_skip_limit = 0.4
 
     def call(self, inputs, training=None):
+        inputs = self._float_inputs(inputs)
         if compiled_inference_applies(self, training):
             return compiled_inference(self, inputs)
         mask = self._gate(inputs, training)

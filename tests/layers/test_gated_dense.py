@@ -227,3 +227,24 @@ def test_use_bias_must_be_a_bool_and_numpy_seeds_are_stored_as_ints():
     config = GatedDense(8, blocks=2, seed=np.int64(3)).get_config()
     assert type(config["seed"]) is int
     json.dumps(config)
+
+
+def test_integer_inputs_are_read_as_floats_on_every_path(rng):
+    from keras_condcomp import PolicyGradientModel
+    from keras_condcomp.layers import GatedConv2D
+
+    x = rng.integers(0, 16, size=(32, 8)).astype("int32")
+    y = np.arange(32) % 3
+    inputs = keras.Input((8,), dtype="int32")
+    hidden = GatedDense(16, blocks=4, target_density=0.5, name="g")(inputs)
+    model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, validation_data=(x, y), verbose=0)
+    assert np.isfinite(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
+    layer = model.get_layer("g")
+    expected = layer(x.astype("float32")).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model.predict(x.astype("float32"), verbose=0), atol=1e-6)
+    conv = GatedConv2D(4, 3, blocks=2)
+    pixels = rng.integers(0, 255, size=(2, 6, 6, 1)).astype("uint8")
+    np.testing.assert_allclose(conv(pixels).numpy(), conv(pixels.astype("float32")).numpy(), rtol=1e-5)
