@@ -268,8 +268,9 @@ def masked_block_conv2d(
         ]
         shape = (0, *sizes, filters) if channel_axis == -1 else (0, filters, *sizes)
         return ops.zeros(shape, inputs.dtype)
-    # TensorFlow's CPU Conv2D kernel refuses NCHW (2.21; Keras's own
-    # channels_first Conv2D fails there too): convolve channels-last.
+    # TensorFlow's CPU Conv2D kernel refuses NCHW without oneDNN (2.21;
+    # Keras's own channels_first Conv2D fails there too): convolve
+    # channels-last.
     transposed = channel_axis == 1 and keras.backend.backend() == "tensorflow"
     outputs = ops.conv(
         ops.transpose(inputs, (0, 2, 3, 1)) if transposed else inputs, kernel,
@@ -457,6 +458,11 @@ def _example_loop(problem):
 
 def _single_or(problem, batched):
     """One convolution at batch 1, else `batched()` (called, not inlined)."""
+    static_batch = problem.inputs.shape[0]
+    if static_batch is not None and static_batch != 1:
+        # No batch-1 branch: its static batch of 1 would not take the
+        # gradient of a larger batch (a tape around an inference call).
+        return called_branch(batched)()
     return tf.cond(
         tf.equal(problem.batch, 1),
         # A gather, not `[0]`: a graph traced for a static empty batch builds.
