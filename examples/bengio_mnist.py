@@ -10,10 +10,12 @@ Translating the paper's rates to Keras takes three conversions (m = batch size,
 n = 16 blocks):
 
 - The paper's cost is the minibatch's negative log-likelihood `-log P(Y | X)`,
-  a sum over examples (the authors' code differentiates `T.sum(loss)` and sums
-  `c_i grad log pi` over the minibatch); Keras averages. The same updates are
-  `SGD(1e-3 * m)` on the mean loss with an L2 weight of `0.005 / m`, and a
-  policy rate of `5e-5 * m`.
+  a sum over examples (the authors' code differentiates the sum of the
+  per-example costs); Keras averages. The same updates are `SGD(1e-3 * m)`
+  on the mean loss with an L2 weight of `0.005 / m`, and a policy rate of
+  `5e-5 * m`, reading the REINFORCE rate as applying to a sum over the
+  minibatch too (the paper writes that estimate with `1/m`; the authors'
+  code sums it and scales it by `0.1 / n_in`, `n_in` the input size).
 - The paper's policy update is `theta <- theta - alpha_pi * c * grad log p -
   alpha * grad L`: REINFORCE at alpha_pi, the regularisers (L_b, L_e, L_v,
   the policy's L2) at alpha. `PolicyGradientModel` applies one policy
@@ -26,8 +28,11 @@ n = 16 blocks):
   when every block follows the same input direction, so with one lambda_s the
   policies can give some examples every block and others none. The authors'
   code (`mlp.py` in bengioe/condnet) measures the example term on the *count*
-  of blocks, `sum_j sigma_ij - n tau`: that is `example_sparsity_weight =
-  n * lambda_s` here.
+  of blocks, `sum_j sigma_ij - n tau`: with absolute deviations that is
+  `example_sparsity_weight = n * lambda_s` here. `--sparsity-deviation
+  squared` squares both terms and keeps these weights: the authors' code
+  squares them too, but its example term is then `n^2` times the squared
+  `L_e` and its block term a mean over blocks, `1/n` of the squared `L_b`.
 
     python examples/bengio_mnist.py --data-dir ../shared/data/mnist-t10k-split --epochs 300
 
@@ -44,7 +49,7 @@ by side, 13 minutes each; the `train s` column left out):
     dense 256            0.0410    0.019        1        -                 -
     dense 32             0.0465    0.028        1        -                 -
 
-and with `--sparsity-deviation squared` (the authors' code):
+and with `--sparsity-deviation squared` (the same weights):
 
     condnet 16x16        0.0595    0.023    0.158    0.018            0.0479
     dense 256            0.0405    0.019        1        -                 -
@@ -81,7 +86,7 @@ import numpy as np
 
 from keras_condcomp import PolicyGradientModel
 from keras_condcomp.data import load_mnist
-from keras_condcomp.layers import GatedDense
+from keras_condcomp.layers import DecisionRecorder, GatedDense
 from keras_condcomp.regularizers import DEVIATIONS
 
 NETWORK_LR, POLICY_LR = 1e-3, 5e-5
@@ -98,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sparsity-deviation", choices=DEVIATIONS, default="absolute",
                         help="how L_b and L_e measure a deviation from tau: absolute (the "
-                             "paper's equations) or squared (the authors' code)")
+                             "paper's equations) or squared (as the authors' code; same weights)")
     args = parser.parse_args(argv)
     for option in ("epochs", "batch_size"):
         if getattr(args, option) <= 0:
@@ -114,7 +119,7 @@ def main(argv=None):
     inputs = keras.Input((data.x_train.shape[1],))
 
     gate = GatedDense(
-        256, BLOCKS, activation="tanh", target_density=TAU,
+        256, blocks=BLOCKS, activation="tanh", target_density=TAU,
         sparsity_weight=LAMBDA_S * scale, variance_weight=LAMBDA_V * scale,
         # L_e on the count of blocks, as the authors' code (see the docstring).
         example_sparsity_weight=BLOCKS * LAMBDA_S * scale,
@@ -146,18 +151,25 @@ def main(argv=None):
         start = time.perf_counter()
         model.fit(data.x_train, data.y_train, epochs=args.epochs, batch_size=m, verbose=0)
         seconds = time.perf_counter() - start
-        logs = model.evaluate(data.x_test, data.y_test, verbose=0, return_dict=True)
         density, empty, rest = "1", "-", "-"
-        if "density" in logs:
-            density = f"{logs['density']:.3f}"
-            # One sampled mask per test example: the examples that sampled no
-            # block (output bias only) and the error on the others.
-            features = np.asarray(gate(data.x_test))
+        if model is condnet:
+            # Every column from one sampled mask per test example: the error,
+            # the density, the examples that sampled no block (output bias
+            # only) and the error on the others.
+            with DecisionRecorder() as recorder:
+                features = gate(data.x_test)
+            mask = np.asarray(recorder.decisions[0].mask)
             wrong = np.asarray(head(features)).argmax(axis=1) != data.y_test
-            no_block = ~np.any(features != 0, axis=1)
+            no_block = mask.sum(axis=1) == 0
+            error = wrong.mean()
+            density = f"{mask.mean():.3f}"
             empty = f"{no_block.mean():.3f}"
             rest = f"{wrong[~no_block].mean():.4f}"
-        print(f"{name:<16} {1 - logs['accuracy']:>10.4f} {PAPER_ERRORS[name]:>8.3f} "
+        else:
+            error = 1 - model.evaluate(data.x_test, data.y_test, verbose=0, return_dict=True)[
+                "accuracy"
+            ]
+        print(f"{name:<16} {error:>10.4f} {PAPER_ERRORS[name]:>8.3f} "
               f"{density:>8} {empty:>8} {rest:>17} {seconds:>8.0f}")
 
 

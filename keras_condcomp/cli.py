@@ -173,7 +173,7 @@ def _parser():
     train.add_argument(
         "--sparsity-deviation", choices=DEVIATIONS, default="absolute",
         help="how L_b and L_e measure a deviation from the target: absolute (the paper) "
-             "or squared (the authors' code: the density settles above the target)",
+             "or squared (as the authors' code squares them: the density settles above the target)",
     )
     train.add_argument(
         "--learning-rate", type=_number("--learning-rate", 0, inf, True, True), default=1e-3,

@@ -13,7 +13,9 @@ class PolicyWarmup(keras.callbacks.Callback):
 
     During the warm-up each gated layer runs all its blocks in training and in
     `PolicyGradientModel.evaluate` (so `val_*` logs describe the dense
-    network), and its policy gets no gradient and no regulariser; from epoch
+    network), and its policy gets no REINFORCE gradient and no gating
+    regulariser (a `policy_regularizer`, a Keras weight penalty, still
+    applies); from epoch
     `epochs` on (0-based, counting from `fit`'s `initial_epoch` as Keras does)
     the policy decides as usual. It works by `GatedDense.set_policy_enabled`,
     read at call time, so no retracing is needed. The policy is switched on
