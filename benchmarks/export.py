@@ -91,8 +91,8 @@ def _models(seed=0):
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((INPUT_DIM,), name="inputs")
-    gated = GatedDense(UNITS, BLOCKS, activation="relu", name="gated_1")(inputs)
-    gated = GatedDense(UNITS, BLOCKS, activation="relu", name="gated_2")(gated)
+    gated = GatedDense(UNITS, blocks=BLOCKS, activation="relu", name="gated_1")(inputs)
+    gated = GatedDense(UNITS, blocks=BLOCKS, activation="relu", name="gated_2")(gated)
     gated = keras.layers.Dense(CLASSES, name="logits")(gated)
     dense = keras.layers.Dense(UNITS, activation="relu", name="dense_1")(inputs)
     dense = keras.layers.Dense(UNITS, activation="relu", name="dense_2")(dense)

@@ -88,7 +88,7 @@ def _build(seed=0, stack="cifar"):
     inputs = keras.Input(INPUT_SHAPE)
     gated, dense = inputs, inputs
     for i, (filters, blocks) in enumerate(LAYERS):
-        gated = GatedConv2D(filters, 3, blocks, padding="same", activation="relu", seed=seed)(gated)
+        gated = GatedConv2D(filters, 3, blocks=blocks, padding="same", activation="relu", seed=seed)(gated)
         dense = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(dense)
         if i in STACKS[stack]:
             gated = keras.layers.MaxPooling2D()(gated)

@@ -98,7 +98,7 @@ def _build(shape, seed=0):
     inputs = keras.Input((input_dim,))
     gated, dense = inputs, inputs
     for units, blocks in layers:
-        gated = GatedDense(units, blocks, activation="relu", seed=seed)(gated)
+        gated = GatedDense(units, blocks=blocks, activation="relu", seed=seed)(gated)
         dense = keras.layers.Dense(units, activation="relu")(dense)
     if head:
         gated = keras.layers.Dense(head)(gated)

@@ -3,7 +3,7 @@
 Called eagerly (`layer(x)`, `model(x)` outside any `tf.function`), a Keras
 layer runs each op of its `call`, and its policy sub-layer's `__call__`, from
 Python, one by one. For a gated layer that costs more than the skipping saves
-at small batches: Bengio CIFAR-10 MLP (3072 -> 2 x GatedDense(1536, 24) ->
+at small batches: Bengio CIFAR-10 MLP (3072 -> 2 x GatedDense(1536, blocks=24) ->
 10), batch 1, density 1/16, one thread, eager `model(x)` against the
 same-width Dense model called eagerly, in one process: 0.72x-0.75x as fast
 op by op, 1.24x-1.28x run as one compiled graph per layer (the policy, the

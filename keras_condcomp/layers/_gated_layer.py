@@ -268,8 +268,9 @@ class GatedLayer(keras.layers.Layer):
         """Switches the policy on or off for the next training steps.
 
         With the policy off every block runs in training and in
-        `PolicyGradientModel.evaluate`, and the policy gets no gradient (its
-        regulariser is 0): a dense warm-up
+        `PolicyGradientModel.evaluate`, and the policy gets no REINFORCE
+        gradient (its gating regulariser is 0; a `policy_regularizer` still
+        applies): a dense warm-up
         (`keras_condcomp.callbacks.PolicyWarmup`). `predict` and exported
         graphs always use the policy.
         """

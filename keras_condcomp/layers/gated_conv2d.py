@@ -68,16 +68,25 @@ class GatedConv2D(GatedLayer):
     Args:
         filters: positive int, the number of output channels.
         kernel_size: int or tuple of 2 ints, the convolution window.
-        blocks: positive int dividing `filters`: the number of gated groups.
-        strides: int or tuple of 2 ints, as in `keras.layers.Conv2D`; so are
-            `padding` (`"valid"` or `"same"`), `data_format`
-            (`"channels_last"`, `"channels_first"` or None for
-            `keras.config.image_data_format()`), `dilation_rate`,
-            `activation`, `use_bias`, `kernel_initializer`,
-            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
-            `activity_regularizer`, `kernel_constraint` and `bias_constraint`.
-            Grouped convolutions (`groups`) are not supported; the
-            activation must be element-wise (`"softmax"` is refused).
+        strides: int or tuple of 2 ints, as in `keras.layers.Conv2D`.
+        padding: `"valid"` or `"same"`.
+        data_format: `"channels_last"`, `"channels_first"` or None for
+            `keras.config.image_data_format()`.
+        dilation_rate: int or tuple of 2 ints (not with `strides > 1`).
+        groups: 1, `Conv2D`'s default: grouped convolutions are not
+            supported (accepted so that a `Conv2D` config passes).
+        activation: activation function; it must act on each value alone
+            (`"softmax"` is refused).
+        use_bias: bool, whether the layer has a bias.
+        kernel_initializer: initializer of the kernel.
+        bias_initializer: initializer of the bias.
+        kernel_regularizer: regularizer of the kernel.
+        bias_regularizer: regularizer of the bias.
+        activity_regularizer: regularizer of the output.
+        kernel_constraint: constraint of the kernel.
+        bias_constraint: constraint of the bias.
+        blocks: positive int dividing `filters`: the number of gated groups
+            (keyword only, as every gating argument below).
         target_density: the target fraction of active groups tau in (0, 1],
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
@@ -99,8 +108,6 @@ class GatedConv2D(GatedLayer):
         seed: int seed of the mask sampling.
         example_sparsity_weight: None (default: `sparsity_weight`) or the
             weight of `L_e` alone, as in GatedDense.
-        sparsity_deviation: `"absolute"` (default) or `"squared"`: how
-            `L_b` and `L_e` measure a deviation from tau, as in GatedDense.
         policy_grid: None (default): the policy reads each input channel's
             mean over the image. A positive int `g`: the means over a
             `g x g` grid of equal cells (`g * g * in_channels` numbers), for
@@ -109,6 +116,9 @@ class GatedConv2D(GatedLayer):
             `rows // g` by `cols // g` from the top left: the last
             `rows % g` rows and `cols % g` columns are not read, so choose a
             `g` that divides the input's size.
+        sparsity_deviation: `"absolute"` (default) or `"squared"`: how
+            `L_b` and `L_e` measure a deviation from tau, as in GatedDense.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
         inputs: a 4D tensor.
@@ -138,11 +148,11 @@ class GatedConv2D(GatedLayer):
         self,
         filters,
         kernel_size,
-        blocks,
         strides=(1, 1),
         padding="valid",
         data_format=None,
         dilation_rate=(1, 1),
+        groups=1,
         activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -152,6 +162,8 @@ class GatedConv2D(GatedLayer):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        *,
+        blocks,
         target_density=None,
         sparsity_weight=1.0,
         variance_weight=0.0,
@@ -175,6 +187,11 @@ class GatedConv2D(GatedLayer):
             raise ValueError(
                 "`filters` must be divisible by `blocks`. "
                 f"Received: filters={filters}, blocks={blocks}"
+            )
+        if groups != 1:
+            raise ValueError(
+                "GatedConv2D does not support grouped convolutions: `groups` must be 1. "
+                f"Received: groups={groups!r}"
             )
         kernel_size = _pair(kernel_size, "kernel_size")
         strides = _pair(strides, "strides")

@@ -63,29 +63,23 @@ class GatedDense(GatedLayer):
 
     Args:
         units: positive int, output dimension.
-        blocks: positive int dividing `units`: the number of gated blocks.
-        activation: as in `keras.layers.Dense`, and so are `use_bias`,
-            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
-            `bias_regularizer`, `activity_regularizer`, `kernel_constraint`
-            and `bias_constraint`. The activation must be element-wise
-            (`"softmax"` is refused): inference computes each active block
-            apart.
+        activation: activation function, as in `keras.layers.Dense`; it must
+            act on each value alone (`"softmax"` is refused): inference
+            computes each active block apart.
+        use_bias: bool, whether the layer has a bias (as `Dense`).
+        kernel_initializer: initializer of the `(input_dim, units)` kernel.
+        bias_initializer: initializer of the bias.
+        kernel_regularizer: regularizer of the kernel.
+        bias_regularizer: regularizer of the bias.
+        activity_regularizer: regularizer of the output.
+        kernel_constraint: constraint of the kernel.
+        bias_constraint: constraint of the bias.
+        blocks: positive int dividing `units`: the number of gated blocks
+            (keyword only, as every gating argument below).
         target_density: the target fraction of active blocks tau in (0, 1],
             or None to disable the `L_b`, `L_e` terms.
         sparsity_weight: lambda_s, weight of `L_b + L_e`.
         variance_weight: lambda_v, weight of `L_v`.
-        example_sparsity_weight: None (default: `sparsity_weight`) or the
-            weight of `L_e` alone, which keeps each example's fraction of
-            active blocks near tau (the authors' code weighs `L_b` and `L_e`
-            apart). `L_e` averages over blocks, so with many blocks it is weak
-            next to `L_b` and `L_v`: a larger weight stops the policy from
-            giving some examples every block and others none.
-        sparsity_deviation: `"absolute"` (default, the paper's `|.|`) or
-            `"squared"` (the authors' code): how `L_b` and `L_e` measure a
-            deviation from tau. The squared pull fades near tau, so the
-            learned density settles above it (on MNIST with tau = 1/16:
-            about 0.16 against 0.07), and fewer examples are left with no
-            active block.
         policy_initializer: initializer of the policy kernel.
         policy_bias_initializer: initializer of the policy bias (zeros: every
             block starts with probability 0.5).
@@ -99,6 +93,19 @@ class GatedDense(GatedLayer):
             `"masked"` is the reference. `keras_condcomp.ops.forced_execution`
             overrides it for every layer traced in its block.
         seed: int seed of the mask sampling.
+        example_sparsity_weight: None (default: `sparsity_weight`) or the
+            weight of `L_e` alone, which keeps each example's fraction of
+            active blocks near tau (the authors' code weighs `L_b` and `L_e`
+            apart). `L_e` averages over blocks, so with many blocks it is weak
+            next to `L_b` and `L_v`: a larger weight stops the policy from
+            giving some examples every block and others none.
+        sparsity_deviation: `"absolute"` (default, the paper's `|.|`) or
+            `"squared"` (as the authors' code squares them): how `L_b` and `L_e` measure a
+            deviation from tau. The squared pull fades near tau, so the
+            learned density settles above it (on MNIST with tau = 1/16:
+            about 0.16 against 0.07), and fewer examples are left with no
+            active block.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
         inputs: `(batch, input_dim)` tensor.
@@ -123,7 +130,6 @@ class GatedDense(GatedLayer):
     def __init__(
         self,
         units,
-        blocks,
         activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -133,6 +139,8 @@ class GatedDense(GatedLayer):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        *,
+        blocks,
         target_density=None,
         sparsity_weight=1.0,
         variance_weight=0.0,

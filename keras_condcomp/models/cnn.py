@@ -92,7 +92,7 @@ def build_gated_cnn(
     policy_grid=None,
     **gate_kwargs,
 ):
-    """`input -> [GatedConv2D(f, 3, blocks) -> MaxPooling2D] ... -> GAP -> Dense` logits.
+    """`input -> [GatedConv2D(f, 3, blocks=blocks) -> MaxPooling2D] ... -> GAP -> Dense` logits.
 
     One 3x3 "same" gated convolution per entry of `filters`, each but the
     last followed by 2x2 max pooling (which keeps the skipped groups' zero
@@ -129,7 +129,7 @@ def build_gated_cnn(
         return GatedConv2D(
             width,
             3,
-            blocks,
+            blocks=blocks,
             padding="same",
             activation=activation,
             policy_grid=default_policy_grid(rows, cols) if policy_grid is None else policy_grid,

@@ -28,7 +28,7 @@ def _check_shape(input_dim, num_classes, units, layers):
 def build_gated_mlp(
     input_dim, num_classes, units=1024, blocks=16, layers=2, activation="relu", **gate_kwargs
 ):
-    """`input -> layers x GatedDense(units, blocks) -> Dense(num_classes)` logits.
+    """`input -> layers x GatedDense(units, blocks=blocks) -> Dense(num_classes)` logits.
 
     Args:
         input_dim: features per example.
@@ -57,7 +57,7 @@ def build_gated_mlp(
     for index in range(layers):
         hidden = GatedDense(
             units,
-            blocks,
+            blocks=blocks,
             activation=activation,
             seed=None if seed is None else seed + index,
             name=f"gated_{index + 1}",

@@ -541,8 +541,9 @@ class PolicyGradientModel(
     Use it like `keras.Model`: functional (`PolicyGradientModel(inputs,
     outputs)`) or subclassed.
 
-    Besides `loss` (the task loss plus the network's Keras losses; the gating
-    regularisers, `L_v` negative, are not in it) and the compiled metrics,
+    Besides `loss` (the task loss plus the Keras losses of every weight,
+    such as L2 penalties, the policies' `policy_regularizer` included; the
+    gating regularisers, `L_v` negative, are not in it) and the compiled metrics,
     `fit` and `evaluate` log `policy_loss` (the policy's surrogate objective
     plus its regularisers),
     `density` (mean fraction of active blocks over the gated layers),
@@ -571,7 +572,7 @@ class PolicyGradientModel(
         >>> from keras_condcomp import PolicyGradientModel
         >>> from keras_condcomp.layers import GatedDense
         >>> inputs = keras.Input((8,))
-        >>> hidden = GatedDense(32, 4, activation="relu", target_density=0.25, name="gate")(inputs)
+        >>> hidden = GatedDense(32, blocks=4, activation="relu", target_density=0.25, name="gate")(inputs)
         >>> model = PolicyGradientModel(inputs, keras.layers.Dense(3)(hidden))
         >>> model.compile(
         ...     "adam",

@@ -106,7 +106,7 @@ class GatedCNNHyperModel(GatedHyperModel):
         """`conv_layers` gated 3x3 convolutions with pooling, then global pooling.
 
         Layer `i` (from 1) is `gated_conv_i`, a ReLU `GatedConv2D(filters,
-        3, blocks, padding="same")` with the default policy grid of its
+        3, blocks=blocks, padding="same")` with the default policy grid of its
         input, followed by `pool_i` (2x2 max pooling) while the feature map
         is at least 2x2; `global_pool` averages the last one.
 
@@ -129,7 +129,7 @@ class GatedCNNHyperModel(GatedHyperModel):
         return self._convolutions(
             inputs, conv_layers,
             lambda index, grid: GatedConv2D(
-                filters, 3, blocks, padding="same", activation="relu",
+                filters, 3, blocks=blocks, padding="same", activation="relu",
                 policy_grid=grid, name=f"gated_conv_{index + 1}",
                 seed=self.layer_seed(index), **gate_kwargs,
             ),

@@ -106,7 +106,7 @@ class GatedMLPHyperModel(GatedHyperModel):
         return layers, units, blocks
 
     def hidden(self, inputs, architecture, gate_kwargs):
-        """`layers` ReLU `GatedDense(units, blocks)` layers, `gated_1`, ...
+        """`layers` ReLU `GatedDense(units, blocks=blocks)` layers, `gated_1`, ...
 
         Inputs of more than one dimension are flattened first.
 
@@ -129,7 +129,7 @@ class GatedMLPHyperModel(GatedHyperModel):
         hidden = keras.layers.Flatten()(inputs) if len(self.input_shape) > 1 else inputs
         for index in range(layers):
             hidden = GatedDense(
-                units, blocks, activation="relu", name=f"gated_{index + 1}",
+                units, blocks=blocks, activation="relu", name=f"gated_{index + 1}",
                 seed=self.layer_seed(index), **gate_kwargs,
             )(hidden)
         return hidden

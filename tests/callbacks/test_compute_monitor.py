@@ -97,7 +97,7 @@ def test_a_model_of_two_inputs(rng, as_dict):
 
     left, right = keras.Input((8,), name="left"), keras.Input((4,), name="right")
     joined = keras.layers.Concatenate()([left, right])
-    hidden = GatedDense(16, 4, activation="relu", target_density=0.5, seed=1)(joined)
+    hidden = GatedDense(16, blocks=4, activation="relu", target_density=0.5, seed=1)(joined)
     model = PolicyGradientModel([left, right], keras.layers.Dense(3)(hidden))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     inputs = [rng.normal(size=(20, 8)), rng.normal(size=(20, 4))]
@@ -119,7 +119,7 @@ def test_a_gated_layer_called_twice(rng):
     from keras_condcomp.layers import GatedDense
 
     inputs = keras.Input((8,))
-    shared = GatedDense(8, 4, activation="relu", target_density=0.5, seed=1, name="shared")
+    shared = GatedDense(8, blocks=4, activation="relu", target_density=0.5, seed=1, name="shared")
     model = PolicyGradientModel(inputs, keras.layers.Dense(3)(shared(shared(inputs))))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = rng.normal(size=(20, 8)).astype("float32"), np.arange(20) % 3

@@ -34,7 +34,7 @@ def _stack(seed, input_dim, layers, head, dense_first=False):
     if dense_first:
         hidden = keras.layers.Dense(12, activation="tanh")(hidden)
     for units, blocks in layers:
-        layer = GatedDense(units, blocks, activation="relu")
+        layer = GatedDense(units, blocks=blocks, activation="relu")
         hidden = layer(hidden)
         # Biases from mostly-off to mostly-on blocks: several densities.
         layer.policy.bias.assign(rng.normal(-0.5, 1.0, blocks).astype("float32"))
@@ -209,11 +209,11 @@ class _SampledTwin(GatedDense):
 @pytest.mark.parametrize(
     "make, kwargs, error, message",
     [
-        (lambda: GatedDense(8, 2, inference="sample"), {}, ValueError, "inference='sample'"),
-        (lambda: _SampledTwin(8, 2), {}, ValueError, "without an export path"),
-        (lambda: GatedDense(8, 2), {"batch_size": 0}, ValueError, "batch_size=0"),
-        (lambda: GatedDense(8, 2), {"quantize": "int4"}, ValueError, "quantize='int4'"),
-        (lambda: GatedDense(8, 2), {"budget": 3}, ValueError, "budget=3"),
+        (lambda: GatedDense(8, blocks=2, inference="sample"), {}, ValueError, "inference='sample'"),
+        (lambda: _SampledTwin(8, blocks=2), {}, ValueError, "without an export path"),
+        (lambda: GatedDense(8, blocks=2), {"batch_size": 0}, ValueError, "batch_size=0"),
+        (lambda: GatedDense(8, blocks=2), {"quantize": "int4"}, ValueError, "quantize='int4'"),
+        (lambda: GatedDense(8, blocks=2), {"budget": 3}, ValueError, "budget=3"),
     ],
 )
 def test_litert_errors_leave_nothing_at_path(tmp_path, make, kwargs, error, message):
@@ -233,7 +233,7 @@ def test_non_builtin_op_is_named_and_nothing_is_written(tmp_path):
             return tf.math.erfinv(inputs)
 
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, Erfinv()(GatedDense(8, 2)(inputs)))
+    model = keras.Model(inputs, Erfinv()(GatedDense(8, blocks=2)(inputs)))
     with pytest.raises(ValueError, match="not LiteRT builtins: Erfinv"):
         export_litert(model, tmp_path / "flex.tflite", budget=2)
     assert os.listdir(tmp_path) == []
@@ -241,7 +241,7 @@ def test_non_builtin_op_is_named_and_nothing_is_written(tmp_path):
 
 def test_onnx_errors(tmp_path, monkeypatch):
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, GatedDense(8, 2)(inputs))
+    model = keras.Model(inputs, GatedDense(8, blocks=2)(inputs))
     with pytest.raises(ValueError, match="must end with '.onnx'"):
         export_onnx(model, tmp_path / "model.tflite")
     for opset in (3, 7, 99, 9.0):
@@ -269,7 +269,7 @@ def test_onnx_errors(tmp_path, monkeypatch):
 def test_exports_have_the_usual_permissions_and_both_formats_take_several_inputs(tmp_path):
     keras.utils.set_random_seed(0)
     first, second = keras.Input((4,), name="first"), keras.Input((4,), name="second")
-    hidden = GatedDense(8, 2, activation="relu")(keras.layers.Concatenate()([first, second]))
+    hidden = GatedDense(8, blocks=2, activation="relu")(keras.layers.Concatenate()([first, second]))
     model = keras.Model([first, second], keras.layers.Dense(3)(hidden))
     x = [np.random.default_rng(1).normal(size=(1, 4)).astype("float32") for _ in range(2)]
     expected = model.predict(x, verbose=0)
@@ -319,7 +319,7 @@ def test_predict_helpers_take_no_examples_and_refuse_a_wrong_shape(exported):
 
 def test_a_mixed_precision_gated_layer_is_refused_with_the_way_out(tmp_path):
     inputs = keras.Input((4,))
-    layer = GatedDense(8, 2, dtype="mixed_float16")
+    layer = GatedDense(8, blocks=2, dtype="mixed_float16")
     model = keras.Model(inputs, layer(inputs))
     for export, name in ((export_onnx, "m.onnx"), (export_litert, "m.tflite")):
         with pytest.raises(ValueError, match="computes in float16.*mixed_float16.*set_weights"):
@@ -331,7 +331,7 @@ def test_a_gated_layer_called_twice_is_refused(tmp_path):
     # One trace setting a layer serves all its calls: the second call here
     # (a dense input) would read only the blocks the first call's input has.
     inputs = keras.Input((8,))
-    first, shared = GatedDense(8, 4, name="first"), GatedDense(8, 4, name="shared")
+    first, shared = GatedDense(8, blocks=4, name="first"), GatedDense(8, blocks=4, name="shared")
     model = keras.Model(inputs, shared(first(inputs)) + shared(inputs))
     for export, name in ((export_onnx, "m.onnx"), (export_litert, "m.tflite")):
         with pytest.raises(ValueError, match="Export does not support.*'shared' 2 times"):
@@ -347,7 +347,7 @@ def test_a_gated_layer_called_twice_is_refused(tmp_path):
 ])
 def test_graphs_onnx_cannot_hold_are_refused_and_not_written(tmp_path, layer, message):
     inputs = keras.Input((8,))
-    model = keras.Model(inputs, GatedDense(8, 4, name="g")(layer(inputs)))
+    model = keras.Model(inputs, GatedDense(8, blocks=4, name="g")(layer(inputs)))
     with pytest.raises(ValueError, match=message):
         export_onnx(model, tmp_path / "m.onnx", budget=2)
     assert os.listdir(tmp_path) == []
@@ -357,7 +357,7 @@ def test_a_wrapped_gated_layer_is_refused():
     from keras_condcomp.models import gated_layers
 
     inputs = keras.Input((5, 8))
-    wrapped = keras.layers.TimeDistributed(GatedDense(8, 4, name="inner"), name="steps")
+    wrapped = keras.layers.TimeDistributed(GatedDense(8, blocks=4, name="inner"), name="steps")
     model = keras.Model(inputs, wrapped(inputs))
     with pytest.raises(ValueError, match="'inner' is wrapped in TimeDistributed 'steps'"):
         gated_layers(model)

@@ -37,7 +37,7 @@ def random_policy(layer, rng):
 
 
 def dense_case(rng):
-    layer = GatedDense(48, 6, activation="relu")
+    layer = GatedDense(48, blocks=6, activation="relu")
     layer.build((None, 20))
     return layer, lambda batch: rng.normal(size=(batch, 20)).astype("float32")
 
@@ -137,7 +137,7 @@ def test_training_sampling_and_mixed_precision_run_op_by_op(rng, setting):
     if setting == "mixed_precision":
         keras.config.set_dtype_policy("mixed_float16")
     inference = "sample" if setting == "sample" else "threshold"
-    layer = GatedDense(8, 4, activation="relu", inference=inference, seed=3)
+    layer = GatedDense(8, blocks=4, activation="relu", inference=inference, seed=3)
     x = rng.normal(size=(64, 3)).astype("float32")
     if setting == "training":
         with pytest.warns(UserWarning):
@@ -160,7 +160,7 @@ def test_loaded_model_eager_call_equals_its_graph_call(rng, tmp_path):
     hidden = GatedConv2D(32, 3, blocks=4, padding="same", activation="relu")(inputs)
     hidden = keras.layers.MaxPooling2D()(hidden)
     hidden = GatedConv2D(32, 3, blocks=4, activation="relu")(hidden)
-    hidden = GatedDense(24, 4, activation="relu")(keras.layers.Flatten()(hidden))
+    hidden = GatedDense(24, blocks=4, activation="relu")(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, keras.layers.Dense(5)(hidden))
     for layer in model.layers:
         if hasattr(layer, "policy"):

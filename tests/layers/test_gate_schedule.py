@@ -13,7 +13,7 @@ TAU = 0.5
 def built_layer(**kwargs):
     kwargs.setdefault("target_density", TAU)
     layer = GatedDense(
-        16, 4, activation="relu", sparsity_weight=1.0, seed=1,
+        16, blocks=4, activation="relu", sparsity_weight=1.0, seed=1,
         policy_initializer="zeros", **kwargs,
     )
     layer.build((None, 8))
@@ -66,7 +66,7 @@ def test_policy_off_opens_every_block_and_stops_the_policy_gradient(rng):
 
 def test_schedule_state_is_not_a_weight_and_survives_saving(tmp_path, rng):
     inputs = keras.Input((8,))
-    layer = GatedDense(16, 4, activation="relu", target_density=0.25, name="g")
+    layer = GatedDense(16, blocks=4, activation="relu", target_density=0.25, name="g")
     model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
     assert len(layer.weights) == 4 and len(model.weights) == 6
     layer.set_current_target_density(0.9)

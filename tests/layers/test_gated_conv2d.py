@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_condcomp
 from keras_condcomp import PolicyGradientModel
@@ -108,7 +109,7 @@ def test_output_shapes_match_conv2d(rng, strides, padding, dilation_rate):
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_policy_grid_reads_the_means_of_grid_cells(rng, data_format):
-    layer = GatedConv2D(8, 3, 4, padding="same", policy_grid=2, data_format=data_format)
+    layer = GatedConv2D(8, 3, blocks=4, padding="same", policy_grid=2, data_format=data_format)
     image = rng.normal(size=(3, 7, 9, 2)).astype("float32")  # rows 7 -> 2 cells of 3
     x = image if data_format == "channels_last" else image.transpose(0, 3, 1, 2)
     layer(x)
@@ -124,7 +125,7 @@ def test_policy_grid_reads_the_means_of_grid_cells(rng, data_format):
 
 def test_config_round_trip():
     layer = GatedConv2D(
-        16, (3, 2), 4, strides=(2, 1), padding="same", activation="relu",
+        16, (3, 2), blocks=4, strides=(2, 1), padding="same", activation="relu",
         target_density=0.3, sparsity_weight=3.0, variance_weight=0.5,
         inference="sample", execution="grouped", seed=9, kernel_regularizer="l2",
         policy_regularizer="l2", example_sparsity_weight=5.0, policy_grid=2,
@@ -140,10 +141,10 @@ def test_keras_save_load_gives_identical_outputs(rng, tmp_path):
     inputs = keras.Input((8, 8, 3))
     # The masked path (traced fastest): the skipping paths have their own tests.
     hidden = GatedConv2D(
-        8, 3, 4, padding="same", activation="relu", target_density=0.5, execution="masked"
+        8, 3, blocks=4, padding="same", activation="relu", target_density=0.5, execution="masked"
     )(inputs)
     hidden = keras.layers.MaxPooling2D()(hidden)
-    hidden = GatedConv2D(8, 3, 2, activation="relu", execution="masked")(hidden)
+    hidden = GatedConv2D(8, 3, blocks=2, activation="relu", execution="masked")(hidden)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(hidden))
     model = keras.Model(inputs, outputs)
     path = tmp_path / "model.keras"
@@ -156,7 +157,7 @@ def test_keras_save_load_gives_identical_outputs(rng, tmp_path):
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_dtypes(rng, policy):
     keras.config.set_dtype_policy(policy)
-    layer = GatedConv2D(6, 3, 3, activation="relu")
+    layer = GatedConv2D(6, 3, blocks=3, activation="relu")
     x = rng.normal(size=(2, 5, 5, 2)).astype("float32")
     assert layer(x).dtype == layer.compute_dtype
     assert layer.block_probabilities(x).dtype == "float32"
@@ -166,12 +167,12 @@ def test_dtypes(rng, policy):
 def test_training_lowers_density_toward_target(rng):
     inputs = keras.Input((8, 8, 1))
     hidden = GatedConv2D(
-        8, 3, 4, padding="same", activation="relu", target_density=0.25,
+        8, 3, blocks=4, padding="same", activation="relu", target_density=0.25,
         sparsity_weight=10.0, name="gate_a", seed=1,
     )(inputs)
     hidden = keras.layers.MaxPooling2D()(hidden)
     hidden = GatedConv2D(
-        8, 3, 4, activation="relu", target_density=0.25, sparsity_weight=10.0,
+        8, 3, blocks=4, activation="relu", target_density=0.25, sparsity_weight=10.0,
         name="gate_b", seed=2,
     )(hidden)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(hidden))
@@ -224,13 +225,13 @@ def test_bad_arguments_name_argument_and_value(kwargs, message):
 
 def test_bad_inputs_and_layers_are_refused(rng):
     with pytest.raises(ValueError, match=r"policy_grid=4. needs inputs whose rows"):
-        GatedConv2D(4, 3, 2, policy_grid=4)(rng.normal(size=(1, 3, 5, 3)).astype("float32"))
-    layer = GatedConv2D(4, 3, 2)
+        GatedConv2D(4, 3, blocks=2, policy_grid=4)(rng.normal(size=(1, 3, 5, 3)).astype("float32"))
+    layer = GatedConv2D(4, 3, blocks=2)
     layer(rng.normal(size=(1, 5, 5, 3)).astype("float32"))
     with pytest.raises(ValueError, match="axis -1"):
         layer(rng.normal(size=(1, 5, 5, 4)).astype("float32"))
     with pytest.raises(ValueError, match="ndim=4"):
-        GatedConv2D(4, 3, 2)(rng.normal(size=(2, 5, 3)).astype("float32"))
+        GatedConv2D(4, 3, blocks=2)(rng.normal(size=(2, 5, 3)).astype("float32"))
     with pytest.raises(ValueError, match="conv=Dense"):
         GatedConv2D.from_conv(keras.layers.Dense(4), blocks=2)
     with pytest.raises(ValueError, match="groups=2"):
@@ -238,10 +239,10 @@ def test_bad_inputs_and_layers_are_refused(rng):
     # Inputs smaller than the kernel (valid padding), symbolic or eager, or than
     # the policy grid in a later call.
     with pytest.raises(ValueError, match=r"Inputs of 2x2 are too small.*\(None, 2, 2, 1\)"):
-        GatedConv2D(4, 3, 2)(keras.Input((2, 2, 1)))
+        GatedConv2D(4, 3, blocks=2)(keras.Input((2, 2, 1)))
     with pytest.raises(ValueError, match="Inputs of 2x2 are too small"):
-        GatedConv2D(4, 3, 2)(np.zeros((1, 2, 2, 1), "float32"))
-    grid = GatedConv2D(4, 3, 2, padding="same", policy_grid=3)
+        GatedConv2D(4, 3, blocks=2)(np.zeros((1, 2, 2, 1), "float32"))
+    grid = GatedConv2D(4, 3, blocks=2, padding="same", policy_grid=3)
     grid(rng.normal(size=(1, 7, 7, 2)).astype("float32"))
     with pytest.raises(ValueError, match="Inputs of 2x2 are too small.*policy_grid=3"):
         grid(rng.normal(size=(1, 2, 2, 2)).astype("float32"))
@@ -251,9 +252,9 @@ def test_profile_counts_group_sparsity_through_pooling():
     from keras_condcomp.profiling import gated_inputs, profile_macs
 
     inputs = keras.Input((8, 8, 2))
-    hidden = GatedConv2D(8, 3, 4, padding="same", name="a")(inputs)
+    hidden = GatedConv2D(8, 3, blocks=4, padding="same", name="a")(inputs)
     hidden = keras.layers.MaxPooling2D()(hidden)
-    hidden = GatedConv2D(16, 3, 4, padding="same", name="b")(hidden)
+    hidden = GatedConv2D(16, 3, blocks=4, padding="same", name="b")(hidden)
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(hidden))
     assert gated_inputs(model) == {"a": None, "b": "a"}
     profile = profile_macs(model, densities={"a": 0.5, "b": 0.25})
@@ -276,3 +277,37 @@ def test_from_conv_and_from_dense_keep_the_dtype_policy(dtype):
     dense = keras.layers.Dense(8, dtype=dtype)
     dense.build((None, 4))
     assert GatedDense.from_dense(dense, blocks=4).dtype_policy.name == dtype
+
+
+@pytest.mark.parametrize("execution", ["per_example", "grouped", "masked"])
+def test_a_gradient_through_an_inference_call_of_a_static_batch(rng, execution):
+    # Saliency maps: a tape around model(x, training=False) in a tf.function.
+    x = tf.constant(rng.normal(size=(5, 8, 8, 4)).astype("float32"))
+    layer = GatedConv2D(8, 3, blocks=4, execution=execution)
+    reference = GatedConv2D(8, 3, blocks=4, execution="masked")
+    layer(x)
+    reference(x)
+    reference.set_weights(layer.get_weights())
+
+    @tf.function
+    def saliency(inputs, gated):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            total = tf.reduce_sum(gated(inputs, training=False) ** 2)
+        return tf.convert_to_tensor(tape.gradient(total, inputs))  # grouped: IndexedSlices
+
+    np.testing.assert_allclose(saliency(x, layer), saliency(x, reference), atol=1e-5)
+
+
+def test_the_keras_arguments_come_first_and_blocks_is_a_keyword():
+    # Conv2D(16, 3, 2) means strides 2; so does GatedConv2D's third argument.
+    layer = GatedConv2D(16, 3, 2, blocks=4)
+    assert layer.strides == (2, 2) and layer.blocks == 4
+    with pytest.raises(TypeError, match="blocks"):
+        GatedConv2D(16, 3, 4)
+    with pytest.raises(TypeError, match="blocks"):
+        GatedDense(16, 4)
+    conv = keras.layers.Conv2D(8, 3, padding="same")
+    assert GatedConv2D(**conv.get_config(), blocks=2).get_config()["padding"] == "same"
+    with pytest.raises(ValueError, match="groups=2"):
+        GatedConv2D(8, 3, groups=2, blocks=2)

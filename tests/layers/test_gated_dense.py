@@ -23,7 +23,7 @@ def test_equals_dense_with_every_block_open(rng):
 
 
 def test_inactive_blocks_are_exactly_zero_and_mask_is_threshold(rng):
-    layer = GatedDense(32, 8, activation="sigmoid")
+    layer = GatedDense(32, blocks=8, activation="sigmoid")
     x = rng.normal(size=(20, 6)).astype("float32")
     y = layer(x).numpy().reshape(20, 8, 4)
     sigma = layer.block_probabilities(x).numpy()
@@ -36,7 +36,7 @@ def test_inactive_blocks_are_exactly_zero_and_mask_is_threshold(rng):
 
 @pytest.mark.parametrize("execution", EXECUTION_PATHS)
 def test_every_execution_path_matches_masked_reference(rng, execution):
-    layer = GatedDense(24, 6, activation="relu", execution=execution)
+    layer = GatedDense(24, blocks=6, activation="relu", execution=execution)
     for batch in (1, 2, 7, 64):
         x = rng.normal(size=(batch, 10)).astype("float32")
         mask = layer.block_mask(x)
@@ -45,7 +45,7 @@ def test_every_execution_path_matches_masked_reference(rng, execution):
 
 
 def test_sampled_masks_follow_probabilities(rng):
-    layer = GatedDense(8, 4, inference="sample", seed=1)
+    layer = GatedDense(8, blocks=4, inference="sample", seed=1)
     x = np.repeat(rng.normal(size=(1, 3)).astype("float32"), 4000, axis=0)
     sigma = layer.block_probabilities(x[:1]).numpy()[0]
     frequency = layer.block_mask(x, training=True).numpy().mean(axis=0)
@@ -55,7 +55,7 @@ def test_sampled_masks_follow_probabilities(rng):
 
 
 def test_regularization_added_in_training_only(rng):
-    layer = GatedDense(8, 4, target_density=0.25, sparsity_weight=2.0, variance_weight=1.0)
+    layer = GatedDense(8, blocks=4, target_density=0.25, sparsity_weight=2.0, variance_weight=1.0)
     x = rng.normal(size=(6, 3)).astype("float32")
     layer(x, training=False)
     assert not layer.losses
@@ -67,7 +67,7 @@ def test_regularization_added_in_training_only(rng):
 
 def test_config_round_trip():
     layer = GatedDense(
-        16, 4, activation="relu", target_density=0.3, sparsity_weight=3.0,
+        16, blocks=4, activation="relu", target_density=0.3, sparsity_weight=3.0,
         variance_weight=0.5, inference="sample", execution="grouped", seed=9,
         kernel_regularizer="l2", policy_regularizer="l2",
     )
@@ -78,8 +78,8 @@ def test_config_round_trip():
 
 def test_keras_save_load_gives_identical_outputs(rng, tmp_path):
     inputs = keras.Input((10,))
-    hidden = GatedDense(32, 4, activation="relu", target_density=0.5)(inputs)
-    hidden = GatedDense(16, 4, activation="relu")(hidden)
+    hidden = GatedDense(32, blocks=4, activation="relu", target_density=0.5)(inputs)
+    hidden = GatedDense(16, blocks=4, activation="relu")(hidden)
     model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
     x = rng.normal(size=(9, 10)).astype("float32")
     model.save(tmp_path / "m.keras")
@@ -90,7 +90,7 @@ def test_keras_save_load_gives_identical_outputs(rng, tmp_path):
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_shapes_and_dtypes(rng, policy):
     keras.config.set_dtype_policy(policy)
-    layer = GatedDense(12, 3, activation="relu")
+    layer = GatedDense(12, blocks=3, activation="relu")
     x = rng.normal(size=(4, 5)).astype("float32")
     y = layer(x)
     assert tuple(y.shape) == (4, 12)
@@ -130,7 +130,7 @@ def test_bad_arguments_name_argument_and_value(kwargs, message):
 
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
     layer = GatedDense(
-        np.int64(8), np.int32(2), target_density=np.float32(0.25),
+        np.int64(8), blocks=np.int32(2), target_density=np.float32(0.25),
         sparsity_weight=np.float64(2), variance_weight=np.int64(1),
         example_sparsity_weight=np.float32(0.5),
     )
@@ -146,12 +146,12 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
 
 
 def test_bad_input_shape_is_refused(rng):
-    layer = GatedDense(8, 2)
+    layer = GatedDense(8, blocks=2)
     layer(rng.normal(size=(2, 4)).astype("float32"))
     with pytest.raises(ValueError, match="axis -1"):
         layer(rng.normal(size=(2, 5)).astype("float32"))
     with pytest.raises(ValueError, match="ndim=2"):
-        GatedDense(8, 2)(rng.normal(size=(2, 3, 4)).astype("float32"))
+        GatedDense(8, blocks=2)(rng.normal(size=(2, 3, 4)).astype("float32"))
 
 
 @pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax", "glu"])
@@ -159,16 +159,16 @@ def test_activations_not_element_wise_are_refused(activation):
     # Inference activates each active block apart: softmax over a block is
     # not softmax over the units, as training computed it.
     with pytest.raises(ValueError, match=f"element-wise.*activation='{activation}'"):
-        GatedDense(8, 2, activation=activation)
+        GatedDense(8, blocks=2, activation=activation)
     with pytest.raises(ValueError, match="activation=<function"):
-        GatedDense(8, 2, activation=lambda x: keras.ops.softmax(x, axis=-1))
+        GatedDense(8, blocks=2, activation=lambda x: keras.ops.softmax(x, axis=-1))
     with pytest.raises(ValueError, match="element-wise"):
         GatedDense.from_dense(keras.layers.Dense(8, activation=activation), blocks=2)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "sigmoid", "selu", "hard_silu"])
 def test_element_wise_activations_are_kept(activation):
-    layer = GatedDense(8, 2, activation=activation)
+    layer = GatedDense(8, blocks=2, activation=activation)
     assert layer.activation is keras.activations.get(activation)
     assert GatedDense.from_config(layer.get_config()).activation is layer.activation
 
@@ -184,7 +184,7 @@ def test_block_major_storage_keeps_dense_semantics(rng):
 
     regularizer = keras.regularizers.OrthogonalRegularizer(0.1, mode="columns")
     constraint = keras.constraints.MaxNorm(0.5, axis=0)
-    gated = GatedDense(12, 3, kernel_initializer=seeded(), kernel_regularizer=regularizer,
+    gated = GatedDense(12, blocks=3, kernel_initializer=seeded(), kernel_regularizer=regularizer,
                        kernel_constraint=constraint)
     dense = keras.layers.Dense(12, kernel_initializer=seeded())
     x = rng.normal(size=(2, 5)).astype("float32")
@@ -202,7 +202,7 @@ def test_block_major_storage_keeps_dense_semantics(rng):
 
 
 def test_loads_variables_saved_in_the_dense_layout(rng):
-    layer = GatedDense(6, 3)
+    layer = GatedDense(6, blocks=3)
     layer.build((None, 4))
     kernel = rng.normal(size=(4, 6)).astype("float32")
     bias = rng.normal(size=(6,)).astype("float32")

@@ -79,7 +79,7 @@ def test_compiling_a_model_of_unfixed_image_size_warns_that_its_macs_are_unknown
     from keras_condcomp.layers import GatedConv2D
 
     inputs = keras.Input((None, None, 3))
-    hidden = GatedConv2D(8, 3, 4, name="g1")(inputs)
+    hidden = GatedConv2D(8, 3, blocks=4, name="g1")(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(hidden)
     model = PolicyGradientModel(inputs, keras.layers.Dense(3)(pooled))
     with pytest.warns(UserWarning, match=r"leave out the gated layers \['g1'\]"):

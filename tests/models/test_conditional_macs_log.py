@@ -10,9 +10,9 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def two_gate_model():
     inputs = keras.Input((12,))
-    h = GatedDense(24, 4, activation="relu", target_density=0.5, name="g1", seed=1)(inputs)
+    h = GatedDense(24, blocks=4, activation="relu", target_density=0.5, name="g1", seed=1)(inputs)
     h = keras.layers.Dropout(0.2)(h)
-    h = GatedDense(16, 8, activation="relu", target_density=0.25, name="g2", seed=2)(h)
+    h = GatedDense(16, blocks=8, activation="relu", target_density=0.25, name="g2", seed=2)(h)
     return PolicyGradientModel(inputs, keras.layers.Dense(3, name="head")(h))
 
 

@@ -17,7 +17,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 def tiny_model(input_dim=8, units=16, blocks=4, classes=3, **gate_kwargs):
     gate_kwargs.setdefault("target_density", 0.25)
     inputs = keras.Input((input_dim,))
-    hidden = GatedDense(units, blocks, activation="relu", name="gate", seed=3, **gate_kwargs)(
+    hidden = GatedDense(units, blocks=blocks, activation="relu", name="gate", seed=3, **gate_kwargs)(
         inputs
     )
     return PolicyGradientModel(inputs, keras.layers.Dense(classes, name="head")(hidden))
@@ -87,7 +87,7 @@ def test_trains_on_digits_to_accuracy_and_density(digits):
 class SubclassedNet(PolicyGradientModel):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.gate = GatedDense(16, 4, activation="relu", target_density=0.5, name="g")
+        self.gate = GatedDense(16, blocks=4, activation="relu", target_density=0.5, name="g")
         self.head = keras.layers.Dense(3)
 
     def call(self, inputs, training=None):
@@ -101,7 +101,7 @@ def test_a_subclass_used_as_a_functional_model_leaves_the_others_subclassable(rn
         # Keras's pattern: a graph built in __init__, handed to super().__init__.
         def __init__(self, **kwargs):
             inputs = keras.Input((8,))
-            hidden = GatedDense(16, 4, activation="relu", target_density=0.5)(inputs)
+            hidden = GatedDense(16, blocks=4, activation="relu", target_density=0.5)(inputs)
             super().__init__(inputs=inputs, outputs=keras.layers.Dense(3)(hidden), **kwargs)
 
     class Called(PolicyGradientModel):
@@ -220,7 +220,7 @@ def test_the_policy_cost_is_the_custom_loss_itself(rng):
 def test_gated_layers_of_one_name_in_two_nested_models_are_refused():
     def block(name):
         inputs = keras.Input((8,))
-        return keras.Model(inputs, GatedDense(8, 2, name="g")(inputs), name=name)
+        return keras.Model(inputs, GatedDense(8, blocks=2, name="g")(inputs), name=name)
 
     inputs = keras.Input((8,))
     model = PolicyGradientModel(inputs, block("first")(block("second")(inputs)))
@@ -423,7 +423,7 @@ def test_compile_errors():
     plain = PolicyGradientModel(inputs, keras.layers.Dense(2)(inputs))
     with pytest.raises(ValueError, match="no gated layer"):
         plain.compile("adam", LOSS)
-    gated = GatedDense(4, 2)(inputs)
+    gated = GatedDense(4, blocks=2)(inputs)
     two = PolicyGradientModel(inputs, [keras.layers.Dense(2)(gated), keras.layers.Dense(3)(gated)])
     with pytest.raises(ValueError, match="single output.*2 outputs"):
         two.compile("adam", LOSS)

@@ -14,10 +14,10 @@ def mixed_model(seed=0):
     h = keras.layers.MaxPooling2D(name="pool")(h)
     h = keras.layers.BatchNormalization(name="norm")(h)
     h = keras.layers.Flatten(name="flat")(h)
-    h = GatedDense(32, 4, activation="relu", target_density=0.5, name="g1",
+    h = GatedDense(32, blocks=4, activation="relu", target_density=0.5, name="g1",
                    policy_bias_initializer=keras.initializers.RandomNormal(0, 0.5, seed=seed))(h)
     h = keras.layers.Dropout(0.1, name="drop")(h)
-    h = GatedDense(32, 8, activation="relu", target_density=0.25, name="g2",
+    h = GatedDense(32, blocks=8, activation="relu", target_density=0.25, name="g2",
                    policy_bias_initializer=keras.initializers.RandomNormal(0, 0.5, seed=seed + 1))(h)
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="mixed")
 
@@ -114,8 +114,8 @@ def test_other_layer_kinds():
 
 def test_nested_sequential_and_subclassed_models():
     block = keras.Sequential(
-        [keras.Input((16,)), GatedDense(16, 4, target_density=0.5, name="a"),
-         GatedDense(8, 2, target_density=0.5, name="b")], name="block",
+        [keras.Input((16,)), GatedDense(16, blocks=4, target_density=0.5, name="a"),
+         GatedDense(8, blocks=2, target_density=0.5, name="b")], name="block",
     )
     inputs = keras.Input((16,))
     outer = keras.Model(inputs, keras.layers.Dense(3, name="head")(block(inputs)))
@@ -126,8 +126,8 @@ def test_nested_sequential_and_subclassed_models():
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
-            self.a = GatedDense(16, 4, target_density=0.5, name="a")
-            self.b = GatedDense(8, 2, target_density=0.5, name="b")
+            self.a = GatedDense(16, blocks=4, target_density=0.5, name="a")
+            self.b = GatedDense(8, blocks=2, target_density=0.5, name="b")
             self.head = keras.layers.Dense(3, name="head")
 
         def call(self, x):
@@ -143,9 +143,9 @@ def test_nested_sequential_and_subclassed_models():
 
 
 def test_layers_called_several_times_count_every_call(rng):
-    shared_gate = GatedDense(16, 4, target_density=0.5, name="shared_gate")
+    shared_gate = GatedDense(16, blocks=4, target_density=0.5, name="shared_gate")
     shared_dense = keras.layers.Dense(16, name="shared_dense")
-    first = GatedDense(16, 4, target_density=0.25, name="first")
+    first = GatedDense(16, blocks=4, target_density=0.25, name="first")
     inputs = keras.Input((16,))
     merged = shared_gate(first(inputs)) + shared_gate(shared_dense(shared_dense(inputs)))
     inner = keras.Model(inputs, merged, name="inner")
@@ -176,7 +176,7 @@ def test_bad_arguments_name_argument_and_value(rng):
     with pytest.raises(ValueError, match="batch_size=0"):
         profile_macs(model, x=np.zeros((2, 8, 8, 1), "float32"), batch_size=0)
     with pytest.raises(ValueError, match="unbuilt"):
-        profile_macs(keras.Sequential([GatedDense(4, 2)]))
+        profile_macs(keras.Sequential([GatedDense(4, blocks=2)]))
     with pytest.raises(ValueError, match="print_fn=3"):
         summary(model, print_fn=3)
     with pytest.raises(ValueError, match="density_source='guess'"):
