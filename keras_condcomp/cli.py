@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -113,7 +114,11 @@ def _parser():
         "--dataset", default="digits",
         help="'digits' (embedded), 'mnist' (IDX files from --data-dir, else TFDS) or 'tfds:NAME'",
     )
-    train.add_argument("--data-dir", default=None, help="directory of the dataset's files")
+    train.add_argument(
+        "--data-dir", default=None,
+        help="directory of the dataset's files (for tfds:NAME, TFDS's own data directory, "
+             "which it writes to)",
+    )
     train.add_argument(
         "--epochs", type=_positive_int("--epochs"), default=None,
         help=f"default: {MODEL_DEFAULTS['mlp']['epochs']} for mlp, "
@@ -225,7 +230,9 @@ def _add_export_parser(commands):
     export.add_argument(
         "--budget", type=_positive_int("--budget"), default=None,
         help="blocks computed per example by every gated layer (at most its blocks); when "
-             "not given, the most active blocks of a training example, else 2 x target density",
+             "not given, the most active blocks of a training example, else 2 x target density "
+             "x blocks, and every block where that is above the layer's export skip limit "
+             "(skipping would be slower than the dense export; guide 'Deploying')",
     )
     export.add_argument(
         "--dataset", default=None,
@@ -379,9 +386,14 @@ def _existing_ancestor(path):
     return path
 
 
+# The files the train job writes into --out, the last one last.
+OUT_FILES = ("model.keras", "results.json")
+
+
 def _check_out_folder(out):
     """Refuses an `--out` that cannot become a folder we can write, before
-    any training (the job writes it only at the end)."""
+    any training (the job writes it only at the end): a staging folder is
+    made and removed where the job will stage its files."""
     if not out:
         raise CommandError("--out must name a folder, got ''")
     out = os.path.abspath(out)
@@ -390,22 +402,32 @@ def _check_out_folder(out):
         raise CommandError(f"--out ({out}) exists and is not a folder")
     if not os.path.isdir(ancestor):
         raise CommandError(f"--out ({out}): {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CommandError(f"--out ({out}): {ancestor} is not writable")
+    for name in OUT_FILES:
+        if os.path.isdir(os.path.join(out, name)):
+            raise CommandError(f"--out ({out}) holds a folder named {name}, which the job writes")
+    try:
+        os.rmdir(_staging_folder(out))
+    except OSError as error:
+        raise CommandError(f"--out ({out}): cannot write in {ancestor} ({error.strerror})") from None
+
+
+def _staging_folder(out):
+    """A new folder on the file system `out`'s files will be on: inside `out`
+    when it exists (a mount point, or a folder in a read-only parent), else
+    in its nearest existing folder (where `out` will be made)."""
+    return tempfile.mkdtemp(prefix=".keras-condcomp-", dir=_existing_ancestor(out))
 
 
 def _measure_and_write(gated, dense, x_test, results, args, against):
     """Times `gated` against `dense` in a fresh process (one thread), adds the
     speedups to `results`, and writes `model.keras` and `results.json` to
-    `args.out` (from a staging folder in its nearest existing folder:
-    nothing half-written, no folder made unless it all succeeds). Returns
-    the output folder."""
+    `args.out` (from a staging folder on the same file system: nothing
+    half-written, no folder made unless it all succeeds). Returns the output
+    folder."""
     from keras_condcomp.speed import measure_models_speed
 
     out = os.path.abspath(args.out)
-    staging = tempfile.mkdtemp(
-        prefix=".keras-condcomp-", dir=_existing_ancestor(os.path.dirname(out))
-    )
+    staging = _staging_folder(out)
     try:
         gated_path = os.path.join(staging, "model.keras")
         dense_path = os.path.join(staging, "dense.keras")
@@ -431,8 +453,12 @@ def _measure_and_write(gated, dense, x_test, results, args, against):
         with open(os.path.join(staging, "results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         os.makedirs(out, exist_ok=True)
-        for name in ("model.keras", "results.json"):
+        for name in OUT_FILES:
             os.replace(os.path.join(staging, name), os.path.join(out, name))
+        stale = [name for name in ("model.onnx", "model.tflite") if os.path.exists(
+            os.path.join(out, name))]
+        if stale:
+            print(f"Note: {', '.join(stale)} in {out} were exported from an earlier model.")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -460,17 +486,13 @@ def _check_cnn_fits(args, filters, shape):
 
 
 def _image_shape(dataset):
-    """`(rows, cols, 1)` of a dataset of flattened square grey images."""
-    import math
-
-    features = dataset.x_train.shape[1]
-    side = math.isqrt(features)
-    if dataset.x_train.ndim != 2 or side * side != features:
+    """`(rows, cols, channels)` of a dataset of flattened images."""
+    if dataset.image_shape is None:
         raise CommandError(
-            f"--model cnn needs square grey images; {dataset.name} has examples "
-            f"of shape {dataset.x_train.shape[1:]}"
+            f"--model cnn needs images; {dataset.name} has examples of shape "
+            f"{dataset.x_train.shape[1:]} and no image shape"
         )
-    return (side, side, 1)
+    return tuple(dataset.image_shape)
 
 
 def _parse_filters(text, blocks):
@@ -619,7 +641,13 @@ def export(args):
                 f"cannot read the dataset from {results_path} ({type(error).__name__}: "
                 f"{error}): pass --dataset"
             ) from None
-        data_dir = data_dir or config.get("data_dir")
+        if data_dir is None and config.get("data_dir") is not None:
+            data_dir = config["data_dir"]
+            if not os.path.isdir(data_dir):
+                raise CommandError(
+                    f"the data directory recorded in {results_path} ({data_dir}) is not "
+                    "found from here: pass --data-dir (or --dataset)"
+                )
     dataset = None
     if dataset_name is not None:
         try:
@@ -656,6 +684,8 @@ def export(args):
             predict = litert_predict
     except (ValueError, ImportError, RuntimeError) as error:
         raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(f"cannot write --out ({args.out}): {error.strerror or error}") from None
     report = {
         "format": args.format, "path": os.path.abspath(args.out),
         "bytes": os.path.getsize(args.out), "budgets": budgets, "quantize": args.quantize,
@@ -748,9 +778,19 @@ def _print_table(results, args):
     print(_density_and_speed_line(results))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.data_dir:
+        # Recorded in results.json, which export may read from elsewhere.
+        args.data_dir = os.path.abspath(args.data_dir)
+    # A SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: staging
+    # files removed, the speed measurement's process stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "train":
             train(args)
@@ -759,4 +799,10 @@ def main(argv=None):
     except CommandError as error:
         print(f"keras-condcomp: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(signal.Signals, str(interrupt), signal.SIGINT)
+        print(f"keras-condcomp: interrupted ({signum.name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

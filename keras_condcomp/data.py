@@ -14,11 +14,12 @@ import dataclasses
 import gzip
 import math
 import os
+import warnings
 import zlib
 
 import numpy as np
 
-from keras_condcomp._arguments import is_number
+from keras_condcomp._arguments import is_integer, is_number
 
 __all__ = ["Dataset", "load_dataset", "load_digits", "load_mnist", "load_tfds", "read_idx"]
 
@@ -37,8 +38,8 @@ class Dataset:
     """A train/test split of flattened images.
 
     The loaders of this module make it (float32 images scaled to [0, 1],
-    int64 labels, `num_classes` = the largest label + 1); the constructor
-    itself stores its arguments as given, unchecked.
+    int64 labels 0 to `num_classes - 1`); the constructor itself stores its
+    arguments as given, unchecked.
 
     Args:
         name: a human-readable name, used in reports.
@@ -47,6 +48,8 @@ class Dataset:
         x_test: float32 `(n, features)` test images in [0, 1].
         y_test: int64 `(n,)` test labels.
         num_classes: number of classes.
+        image_shape: `(rows, cols, channels)` of the images before they
+            were flattened, or None (not images, or not known).
 
     Examples:
         >>> import numpy as np
@@ -62,12 +65,19 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    image_shape: tuple = None
 
 
-def _as_dataset(name, x_train, y_train, x_test, y_test, scale):
+def _as_dataset(name, x_train, y_train, x_test, y_test, scale, image_shape=None):
+    """A `Dataset` of the images flattened and divided by `scale`; labels
+    run from 0 to `num_classes - 1`, each class in the training split (a
+    warning names those missing; an error when most are, a stray label)."""
     def images(x):
         return (np.asarray(x, "float32").reshape(len(x), -1) / scale).astype("float32")
 
+    if image_shape is None and np.ndim(x_train) >= 3:
+        image_shape = tuple(np.shape(x_train)[1:])
+        image_shape = image_shape if len(image_shape) == 3 else (*image_shape, 1)
     y_train = np.asarray(y_train, "int64").reshape(-1)
     y_test = np.asarray(y_test, "int64").reshape(-1)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -75,7 +85,22 @@ def _as_dataset(name, x_train, y_train, x_test, y_test, scale):
         raise ValueError(
             f"Dataset {name!r} has labels of one class only (0): a classifier needs two or more."
         )
-    return Dataset(name, images(x_train), y_train, images(x_test), y_test, num_classes)
+    # A stray label (200 among digits) would otherwise make a 201-way classifier.
+    present = np.unique(y_train)
+    missing = num_classes - len(present)
+    if missing:
+        absent = np.setdiff1d(np.arange(min(num_classes, len(present) + 6)), present)[:5]
+        message = (
+            f"Dataset {name!r} has labels up to {num_classes - 1}, but no training example "
+            f"of class {', '.join(map(str, absent))}{' ...' if missing > 5 else ''} "
+            f"({missing} of {num_classes} classes missing)"
+        )
+        if 2 * missing > num_classes:
+            raise ValueError(f"{message}: labels must be 0 to k - 1.")
+        warnings.warn(message, stacklevel=3)
+    return Dataset(
+        name, images(x_train), y_train, images(x_test), y_test, num_classes, image_shape
+    )
 
 
 def load_digits(test_fraction=0.2, seed=0):
@@ -87,14 +112,15 @@ def load_digits(test_fraction=0.2, seed=0):
     Args:
         test_fraction: fraction of the images held out for test, a number
             in (0, 1) (default 0.2).
-        seed: seed of the split (scikit-learn's `random_state`, default 0).
+        seed: seed of the split, a non-negative integer (scikit-learn's
+            `random_state`, default 0), or None for another split each call.
 
     Returns:
         A `Dataset` named `"digits (scikit-learn, 8x8)"`: 64 features,
         10 classes.
 
     Raises:
-        ValueError: `test_fraction` not in (0, 1).
+        ValueError: `test_fraction` not in (0, 1), or a bad `seed`.
 
     Examples:
         >>> digits = load_digits(test_fraction=0.25, seed=1)
@@ -107,6 +133,8 @@ def load_digits(test_fraction=0.2, seed=0):
         raise ValueError(
             f"`test_fraction` must be in (0, 1). Received: test_fraction={test_fraction!r}"
         )
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise ValueError(f"`seed` must be a non-negative integer or None. Received: seed={seed!r}")
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -114,11 +142,13 @@ def load_digits(test_fraction=0.2, seed=0):
     x_train, x_test, y_train, y_test = train_test_split(
         digits.data,
         digits.target,
-        test_size=test_fraction,
-        random_state=seed,
+        test_size=float(test_fraction),
+        random_state=None if seed is None else int(seed),
         stratify=digits.target,
     )
-    return _as_dataset("digits (scikit-learn, 8x8)", x_train, y_train, x_test, y_test, 16.0)
+    return _as_dataset(
+        "digits (scikit-learn, 8x8)", x_train, y_train, x_test, y_test, 16.0, (8, 8, 1)
+    )
 
 
 def read_idx(path):
@@ -157,17 +187,23 @@ def read_idx(path):
     """
     _check_path("path", path)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"IDX file {path} is not a regular file")
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
+    except OSError as error:
+        raise ValueError(f"Cannot read IDX file {path}: {error.strerror or error}") from None
+    try:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"Corrupt IDX file {path}: {error}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"Corrupt IDX file {path}: bad magic number {raw[:4].hex()}")
+        found = raw[:4].hex() or "none (empty file)"
+        raise ValueError(f"Corrupt IDX file {path}: bad magic number {found}")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -195,19 +231,28 @@ def _find_idx(data_dir, stem):
     raise FileNotFoundError(f"MNIST file {stem}[.gz] not found in {data_dir}")
 
 
-def load_mnist(data_dir, name="MNIST"):
+# The sizes of the official MNIST training and test sets.
+MNIST_SIZES = (60_000, 10_000)
+
+
+def load_mnist(data_dir, name=None):
     """MNIST from a directory of the four standard IDX files (gzipped or not).
 
     No download: the files must be there. Images are flattened and scaled
-    by 1/255; `num_classes` is the largest label + 1. Any such files load
-    (Fashion-MNIST's, for one), whatever their image size.
+    by 1/255 (`image_shape` keeps their size); labels run from 0 to
+    `num_classes - 1` (a warning names classes with no training example, an
+    error when most have none). Any such files load (Fashion-MNIST's, for
+    one), whatever their image size.
 
     Args:
         data_dir: directory holding `train-images-idx3-ubyte[.gz]`,
             `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`,
             `t10k-labels-idx1-ubyte[.gz]` (the uncompressed file is read
             when both are there).
-        name: the name to report the data under (default `"MNIST"`).
+        name: the name to report the data under. None (default):
+            `"MNIST"` for the official 60,000/10,000 images, else
+            `"MNIST (<train>/<test> images from <folder>)"`, so that a
+            subset is not reported as MNIST.
 
     Returns:
         A `Dataset`.
@@ -258,13 +303,14 @@ def load_mnist(data_dir, name="MNIST"):
         # Pixels are bytes (scaled by 1/255 below), labels non-negative integers.
         problem = (
             images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels)
-            or len(labels) == 0 or images.dtype != np.uint8
+            or len(labels) == 0 or 0 in images.shape or images.dtype != np.uint8
             or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
         )
         if problem:
             raise ValueError(
                 f"Corrupt MNIST split {split!r} in {data_dir}: expected uint8 images "
-                "(n, rows, cols) and n non-negative integer labels, n > 0. Received: "
+                "(n, rows, cols) and n non-negative integer labels, n, rows and cols > 0. "
+                "Received: "
                 f"images {images.dtype} {images.shape}, labels {labels.dtype} {labels.shape}"
                 + (f" from {labels.min()} to {labels.max()}" if len(labels) else "")
             )
@@ -274,6 +320,12 @@ def load_mnist(data_dir, name="MNIST"):
         raise ValueError(
             f"Corrupt MNIST files in {data_dir}: train images are {train_shape}, "
             f"test images {test_shape}"
+        )
+    sizes = (len(arrays["train-labels-idx1-ubyte"]), len(arrays["t10k-labels-idx1-ubyte"]))
+    if name is None:
+        folder = os.path.basename(os.path.normpath(os.fspath(data_dir)))
+        name = "MNIST" if sizes == MNIST_SIZES else (
+            f"MNIST ({sizes[0]:,}/{sizes[1]:,} images from {folder})"
         )
     return _as_dataset(
         name,

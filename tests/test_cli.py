@@ -102,7 +102,10 @@ def test_train_on_mnist_directory(tmp_path, rng):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--dataset", "mnist", "--data-dir", str(tmp_path),
                  "--out", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text())["dataset"] == "MNIST"
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == f"MNIST (12/5 images from {tmp_path.name})"
+    # Absolute, so that export finds the data from any folder.
+    assert results["config"]["data_dir"] == str(tmp_path.resolve())
 
 
 @pytest.mark.parametrize(
@@ -193,3 +196,56 @@ def test_a_layer_that_runs_no_block_is_flagged():
                    tuned_speedup_batch256=1.0)
     line = _density_and_speed_line(results)
     assert "warning: g1 runs no block at inference" in line and "g2 runs" not in line
+
+
+def test_sigterm_stops_train_like_ctrl_c_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keras_condcomp", "train", "--epochs", "2000", "--units", "32",
+         "--blocks", "4", "--layers", "1", "--verbose", "0", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    # Stopped once training has begun (its first line is printed before fit).
+    first = process.stdout.readline()
+    assert first, process.stderr.read()
+    process.terminate()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + 15, stderr
+    assert "interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_existing_out_folder_holds_the_staging_files(tmp_path, monkeypatch):
+    # A mount point or a folder in a read-only parent: stage inside it.
+    import tempfile
+
+    out = tmp_path / "mounted"
+    out.mkdir()
+    staged = []
+    made = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        if kwargs.get("prefix") == ".keras-condcomp-":
+            staged.append(kwargs["dir"])
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    assert staged and set(staged) == {str(out)}
+    assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
+
+
+def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    import keras_condcomp.export
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+
+    def unwritable(model, path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(keras_condcomp.export, "export_onnx", unwritable)
+    assert main(["export", str(out / "model.keras"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "cannot write --out" in capsys.readouterr().err

@@ -147,3 +147,48 @@ def test_tfds_builders_can_locate_their_code():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset='cifar'"):
         data.load_dataset("cifar")
+
+
+def test_a_stray_label_is_refused_and_missing_classes_named(tmp_path, rng):
+    fake_mnist(tmp_path, rng, False)
+    labels = np.arange(12) % 10
+    labels[3] = 200  # one stray label
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError, match=r"labels up to 200, but no training example of class 3, "
+                                         r"10, 11, 12, 13 \.\.\. \(191 of 201 classes missing\)"):
+        data.load_mnist(tmp_path)
+    labels[3] = 0  # class 3 absent from training, 9 of 10 classes present
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.warns(UserWarning, match=r"no training example of class 3 \(1 of 10"):
+        assert data.load_mnist(tmp_path).num_classes == 10
+
+
+def test_a_subset_is_not_named_mnist_and_images_keep_their_shape(tmp_path, rng):
+    for split, n in (("train", 10), ("t10k", 4)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 14, 56)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 2)
+    dataset = data.load_mnist(tmp_path)
+    assert dataset.name == f"MNIST (10/4 images from {tmp_path.name})"
+    assert dataset.image_shape == (14, 56, 1) and dataset.x_train.shape == (10, 784)
+    assert data.load_mnist(tmp_path, name="mine").name == "mine"
+    assert data.load_digits().image_shape == (8, 8, 1)
+
+
+def test_files_that_cannot_be_read_as_idx_are_named(tmp_path, rng):
+    with pytest.raises(ValueError, match="is not a regular file"):
+        data.read_idx(tmp_path)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"bad magic number none \(empty file\)"):
+        data.read_idx(tmp_path / "empty")
+    fake_mnist(tmp_path, rng, False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 0, 0)))
+    with pytest.raises(ValueError, match=r"rows and cols > 0.*\(5, 0, 0\)"):
+        data.load_mnist(tmp_path)
+
+
+def test_digits_seeds_are_checked_and_numpy_numbers_taken():
+    split = data.load_digits(test_fraction=np.float32(0.25), seed=np.int64(1))
+    assert len(split.x_test) == 450
+    for seed in (True, -1, 1.5, "a"):
+        with pytest.raises(ValueError, match=f"seed={seed!r}"):
+            data.load_digits(seed=seed)
