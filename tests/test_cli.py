@@ -75,8 +75,6 @@ def test_train_cnn_writes_results_and_model(tmp_path):
 def test_export_of_a_cnn_budget_with_a_dynamic_batch_is_checked_one_example_a_call(
     tmp_path, capsys
 ):
-    import numpy as np
-
     from keras_condcomp.data import load_dataset
     from keras_condcomp.export import onnx_predict
 

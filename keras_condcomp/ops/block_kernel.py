@@ -11,7 +11,8 @@ layout their rows lie `units` floats apart.
 
 from keras import ops
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_activation, is_integer
+from keras_condcomp.ops._block_masks import check_mask_rows
 from keras_condcomp.ops.masked_reference import zero_skipped_blocks
 
 __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
@@ -104,6 +105,9 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
         >>> bool(np.allclose(y, x @ kernel))
         True
     """
+    check_activation(activation)
+    if block_mask is not None:
+        check_mask_rows(ops.convert_to_tensor(block_mask), ops.convert_to_tensor(inputs))
     blocks, input_dim, block_size = block_kernel.shape
     outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)
     outputs = ops.reshape(ops.transpose(outputs, (1, 0, 2)), (-1, blocks * block_size))

@@ -2,6 +2,9 @@
 
 from keras import ops
 
+from keras_condcomp._arguments import check_activation
+from keras_condcomp.ops._block_masks import check_mask_rows
+
 __all__ = ["masked_block_dense", "expand_block_mask"]
 
 
@@ -76,6 +79,9 @@ def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
         >>> np.asarray(masked_block_dense(x, kernel, None, mask)).tolist()
         [[3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 3.0, 3.0]]
     """
+    check_activation(activation)
+    inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
+    check_mask_rows(block_mask, inputs)
     outputs = ops.matmul(inputs, kernel)
     if bias is not None:
         outputs = outputs + bias

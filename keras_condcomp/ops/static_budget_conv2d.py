@@ -23,7 +23,7 @@ batch 1, where that is the example's own number of active groups.
 
 import tensorflow as tf
 
-from keras_condcomp._arguments import is_integer
+from keras_condcomp._arguments import check_activation, check_bias, is_integer
 from keras_condcomp.ops._block_masks import check_mask_rows
 from keras_condcomp.ops.block_sparse_conv2d import _check_padding, _pair
 
@@ -68,6 +68,11 @@ def static_budget_conv2d(
     dtype = inputs.dtype
     kernel = tf.convert_to_tensor(kernel, dtype)
     scores = tf.cast(tf.convert_to_tensor(block_mask), tf.float32)
+    if kernel.shape.rank != 4:
+        raise ValueError(
+            "`kernel` must have shape (rows, cols, in_channels, filters). "
+            f"Received: kernel.shape={tuple(kernel.shape)}"
+        )
     rows, cols, channels, filters = kernel.shape
     blocks = scores.shape[-1]
     if inputs.shape.rank != 4 or inputs.shape[-1] != channels:
@@ -86,7 +91,14 @@ def static_budget_conv2d(
         )
     budget = int(budget)
     check_mask_rows(scores, inputs)
+    check_activation(activation)
+    check_bias(bias, filters)
     strides, dilation_rate = _pair(strides, "strides"), _pair(dilation_rate, "dilation_rate")
+    if max(strides) > 1 and max(dilation_rate) > 1:
+        raise ValueError(
+            "`strides > 1` is not supported with `dilation_rate > 1`. "
+            f"Received: strides={strides}, dilation_rate={dilation_rate}"
+        )
     padding = _check_padding(padding)
     activation = activation or _identity
     size = filters // blocks

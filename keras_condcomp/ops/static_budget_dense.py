@@ -44,7 +44,7 @@ import threading
 
 import tensorflow as tf
 
-from keras_condcomp._arguments import check_bias, is_integer
+from keras_condcomp._arguments import check_activation, check_bias, is_integer
 from keras_condcomp.ops._block_masks import check_mask_rows
 from keras_condcomp.ops.masked_reference import expand_block_mask
 
@@ -175,6 +175,7 @@ def static_budget_dense(
         )
     check_mask_rows(scores, inputs)
     check_bias(bias, units)
+    check_activation(activation)
     _check_positive("budget", budget, blocks, "blocks")
     if (input_blocks is None) != (input_budget is None):
         raise ValueError(

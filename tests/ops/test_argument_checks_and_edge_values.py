@@ -106,3 +106,34 @@ def test_static_budget_ops_check_mask_rows_strides_kernel_and_bias():
     with pytest.raises(ValueError, match=r"kernel.shape=\(2, 4, 6\)"):
         static_budget_dense(dense_x, np.ones((2, 4, 6), "float32"), None,
                             np.ones((2, 3), "float32"), budget=1)
+
+
+def test_every_dense_op_refuses_a_named_activation_and_a_mask_of_other_rows():
+    x, kernel = np.ones((4, 6), "float32"), np.ones((6, 8), "float32")
+    mask, short = np.ones((4, 2), "float32"), np.ones((3, 2), "float32")
+    calls = {
+        "masked_block_dense": lambda m, a: masked_block_dense(x, kernel, None, m, a),
+        "block_dense": lambda m, a: block_dense(x, to_block_kernel(kernel, 2), None, m, a),
+        "block_sparse_dense": lambda m, a: block_sparse_dense(
+            x, to_block_kernel(kernel, 2), None, m, a
+        ),
+        "static_budget_dense": lambda m, a: static_budget_dense(x, kernel, None, m, a, budget=1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="activation='relu'"):
+            call(mask, "relu")
+        with pytest.raises(ValueError, match="one row per example"):
+            call(short, None)
+
+
+def test_the_static_budget_convolution_checks_its_kernel_bias_and_steps():
+    x = np.ones((1, 6, 6, 2), "float32")
+    kernel, mask = np.ones((3, 3, 2, 4), "float32"), np.ones((1, 2), "float32")
+    with pytest.raises(ValueError, match=r"kernel.shape=\(3, 2, 4\)"):
+        static_budget_conv2d(x, kernel[0], None, mask, budget=1)
+    with pytest.raises(ValueError, match=r"bias.shape=\(3,\)"):
+        static_budget_conv2d(x, kernel, np.ones(3, "float32"), mask, budget=1)
+    with pytest.raises(ValueError, match="dilation_rate > 1"):
+        static_budget_conv2d(x, kernel, None, mask, budget=1, strides=2, dilation_rate=2)
+    with pytest.raises(ValueError, match="activation='relu'"):
+        static_budget_conv2d(x, kernel, None, mask, "relu", budget=1)

@@ -8,7 +8,6 @@ import sys
 
 import keras
 import keras_tuner
-import numpy as np
 import pytest
 
 from keras_condcomp import tuning
