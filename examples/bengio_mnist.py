@@ -42,34 +42,36 @@ trains with constant-rate SGD until early stopping on 50,000 images; the
 default 30 epochs on 8,000 images are a quick run (raise `--epochs`).
 
 Measured with `--epochs 300` on that split (a 2-core machine, two runs side
-by side, 13 minutes each; the `train s` column left out):
+by side, 13 minutes each; the `train s` column left out; the condnet's
+columns from one sampled mask per test example):
 
     model            test error    paper  density no block error, some block
-    condnet 16x16        0.0965    0.023    0.067    0.067            0.0456
-    dense 256            0.0410    0.019        1        -                 -
-    dense 32             0.0465    0.028        1        -                 -
+    condnet 16x16        0.0995    0.023    0.068    0.067            0.0445
+    dense 256            0.0385    0.019        1        -                 -
+    dense 32             0.0475    0.028        1        -                 -
 
 and with `--sparsity-deviation squared` (the same weights):
 
-    condnet 16x16        0.0595    0.023    0.158    0.018            0.0479
-    dense 256            0.0405    0.019        1        -                 -
-    dense 32             0.0445    0.028        1        -                 -
+    condnet 16x16        0.0550    0.023    0.159    0.013            0.0476
+    dense 256            0.0420    0.019        1        -                 -
+    dense 32             0.0450    0.028        1        -                 -
 
-With the paper's absolute deviations the conditional net is 5.6 points
+With the paper's absolute deviations the conditional net is 6.1 points
 behind dense 256 (the paper: 0.4), at the paper's tau (0.0625). Most of the
 gap is the 6.7% of test examples whose sampled mask has no block at all,
-classified by the output bias alone: on the others the error is 4.6%, level
-with dense 32 (4.7%, about the same multiply-adds). Squared deviations pull
-less near tau: the density settles at 0.158 (the paper reports about 18%
-at tau = 1/16 on CIFAR-10), 1.8% of the examples sample no block, and the
-gap to dense 256 shrinks to 1.9 points; at that density the net does about
+classified by the output bias alone: on the others the error is 4.5%, level
+with dense 32 (4.8%, about the same multiply-adds). Squared deviations pull
+less near tau: the density settles at 0.159 (the paper reports about 18%
+at tau = 1/16 on CIFAR-10), 1.3% of the examples sample no block, and the
+gap to dense 256 shrinks to 1.3 points; at that density the net does about
 1.8 times the multiply-adds of dense 32 (policy included), which is still
-more accurate. An earlier run with absolute deviations gave 9.30% (density
-0.067, 7.1% with no block). The dense nets themselves are twice the paper's
-errors here: 8,000 training images instead of 50,000. Before the three
-conversions above (the paper's rates on mean losses and one lambda_s for
-both sparsity terms) the same run gave 42.3% test error at density 0.082,
-and the dense nets 6.45%.
+more accurate (4.5%). Earlier runs, whose error and density came from
+another draw than the last two columns: 9.65% and 9.30% with absolute
+deviations (density 0.067), 5.95% squared (0.158). The dense nets
+themselves are twice the paper's errors here: 8,000 training images
+instead of 50,000. Before the three conversions above (the paper's rates
+on mean losses and one lambda_s for both sparsity terms) the same run gave
+42.3% test error at density 0.082, and the dense nets 6.45%.
 
 The conditional net samples its mask at test time, as the paper does: with
 tau = 1/16 most probabilities sit near 0 and each example's chosen block near
