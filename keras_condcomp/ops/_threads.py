@@ -1,5 +1,6 @@
 """The thread count the execution engines' rules read when a graph is traced."""
 
+import functools
 import os
 
 import tensorflow as tf
@@ -15,6 +16,24 @@ def intra_op_threads():
         True
     """
     configured = tf.config.threading.get_intra_op_parallelism_threads()
+    if configured:
+        return configured
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@functools.cache
+def _setting_once_running():
+    # TensorFlow refuses to change it once it has run an op.
+    return tf.config.threading.get_intra_op_parallelism_threads()
+
+
+def intra_op_threads_key():
+    """`intra_op_threads()` for the caches of traced graphs, without its cost
+    (about 9 us a call for TensorFlow's setting, read here once): called only
+    after TensorFlow has run an op, when the setting can no longer change."""
+    configured = _setting_once_running()
     if configured:
         return configured
     if hasattr(os, "sched_getaffinity"):

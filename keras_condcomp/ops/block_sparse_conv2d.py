@@ -150,7 +150,7 @@ from keras_condcomp._arguments import check_activation, check_bias, is_integer
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
-from keras_condcomp.ops._threads import intra_op_threads
+from keras_condcomp.ops._threads import intra_op_threads, intra_op_threads_key
 
 __all__ = [
     "AUTO_GROUPED_MAX_GROUPS",
@@ -673,9 +673,9 @@ _compiled = {}
 def trace_settings():
     """What `"auto"`'s rules read when a graph is traced: the thread count and
     the `AUTO_*` constants. Part of every cache key of traced graphs, so that
-    a change reaches the next call."""
+    a change reaches the next call (made only once TensorFlow runs)."""
     return (
-        intra_op_threads(), AUTO_MAX_FRACTION, AUTO_LARGE_MAX_FRACTION, AUTO_LARGE_CONV_MACS,
+        intra_op_threads_key(), AUTO_MAX_FRACTION, AUTO_LARGE_MAX_FRACTION, AUTO_LARGE_CONV_MACS,
         AUTO_GROUPED_MAX_GROUPS, AUTO_LARGE_GROUPED_MAX_EXAMPLES, AUTO_LOOP_MIN_MACS,
         AUTO_WIDE_OUTPUT_MACS, AUTO_MIN_OUTPUT_MACS, AUTO_SINGLE_MIN_MACS,
     )

@@ -219,13 +219,18 @@ def set_cost_constants(**constants):
         if not is_number(value) or not value > 0:
             raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     _COSTS.update({name: float(value) for name, value in constants.items()})
+    global _COSTS_KEY
+    _COSTS_KEY = tuple(sorted(_COSTS.items()))
+
+
+_COSTS_KEY = tuple(sorted(_COSTS.items()))
 
 
 def trace_settings():
     """What `"auto"`'s cost model reads when a graph is traced (its
     constants). Part of every cache key of traced graphs, so that a change
     reaches the next call."""
-    return tuple(sorted(_COSTS.items()))
+    return _COSTS_KEY
 
 
 _forced = threading.local()
