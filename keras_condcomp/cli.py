@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 from keras_condcomp.models.cnn import DEFAULT_POLICY_GRID
@@ -789,8 +790,10 @@ def main(argv=None):
         # Recorded in results.json, which export may read from elsewhere.
         args.data_dir = os.path.abspath(args.data_dir)
     # A SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: staging
-    # files removed, the speed measurement's process stopped.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # files removed, the speed measurement's process stopped. Python lets
+    # only the main thread set a handler.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         if args.command == "train":
             train(args)
@@ -804,5 +807,6 @@ def main(argv=None):
         print(f"keras-condcomp: interrupted ({signum.name})", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -247,3 +247,15 @@ def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, cap
     assert main(["export", str(out / "model.keras"), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 1
     assert "cannot write --out" in capsys.readouterr().err
+
+
+def test_main_runs_outside_the_main_thread(tmp_path):
+    import threading
+
+    codes = []
+    worker = threading.Thread(
+        target=lambda: codes.append(main(["train", *TINY, "--out", str(tmp_path / "run")]))
+    )
+    worker.start()
+    worker.join()
+    assert codes == [0]
