@@ -214,26 +214,6 @@ def test_sigterm_stops_train_like_ctrl_c_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_existing_out_folder_holds_the_staging_files(tmp_path, monkeypatch):
-    # A mount point or a folder in a read-only parent: stage inside it.
-    import tempfile
-
-    out = tmp_path / "mounted"
-    out.mkdir()
-    staged = []
-    made = tempfile.mkdtemp
-
-    def mkdtemp(*args, **kwargs):
-        if kwargs.get("prefix") == ".keras-condcomp-":
-            staged.append(kwargs["dir"])
-        return made(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    assert staged and set(staged) == {str(out)}
-    assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
-
-
 def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
     import keras_condcomp.export
 
@@ -249,13 +229,29 @@ def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, cap
     assert "cannot write --out" in capsys.readouterr().err
 
 
-def test_main_runs_outside_the_main_thread(tmp_path):
+def test_an_existing_out_folder_holds_the_staging_files_and_main_runs_in_a_thread(
+    tmp_path, monkeypatch
+):
+    # A mount point or a folder in a read-only parent: stage inside it.
+    # From a worker thread, where Python refuses to set a signal handler.
+    import tempfile
     import threading
 
+    out = tmp_path / "mounted"
+    out.mkdir()
+    staged = []
+    made = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        if kwargs.get("prefix") == ".keras-condcomp-":
+            staged.append(kwargs["dir"])
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     codes = []
-    worker = threading.Thread(
-        target=lambda: codes.append(main(["train", *TINY, "--out", str(tmp_path / "run")]))
-    )
+    worker = threading.Thread(target=lambda: codes.append(main(["train", *TINY, "--out", str(out)])))
     worker.start()
     worker.join()
     assert codes == [0]
+    assert staged and set(staged) == {str(out)}
+    assert sorted(os.listdir(out)) == ["model.keras", "results.json"]
