@@ -1,5 +1,5 @@
 import sys
 
-from keras_condcomp.cli import main
+from keras_condcomp.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

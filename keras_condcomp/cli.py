@@ -17,13 +17,12 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 from keras_condcomp.models.cnn import DEFAULT_POLICY_GRID
 from keras_condcomp.regularizers import DEVIATIONS
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
 
 SPEED_BATCH_SIZES = (1, 256)
 # Gating defaults per --model. The cnn ones: on digits, targets below 0.5
@@ -784,16 +783,14 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None):
+    """Runs `keras-condcomp` with `argv` (default `sys.argv[1:]`) in this
+    process; returns the exit status (0, or 1 after a one-line error on
+    stderr). An interrupt propagates, its staging files removed."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.data_dir:
         # Recorded in results.json, which export may read from elsewhere.
         args.data_dir = os.path.abspath(args.data_dir)
-    # A SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: staging
-    # files removed, the speed measurement's process stopped. Python lets
-    # only the main thread set a handler.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         if args.command == "train":
             train(args)
@@ -802,11 +799,18 @@ def main(argv=None):
     except CommandError as error:
         print(f"keras-condcomp: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def console_main():
+    """The `keras-condcomp` command: `main()`, with a SIGTERM (kill, timeout,
+    a scheduler) unwinding as Ctrl-C does (staging files removed, the speed
+    measurement's process stopped), and an interrupt reported in one line
+    with the shell's status (130, 143)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return main()
     except KeyboardInterrupt as interrupt:
         signum = getattr(signal.Signals, str(interrupt), signal.SIGINT)
         print(f"keras-condcomp: interrupted ({signum.name})", file=sys.stderr)
         return 128 + signum
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    return 0

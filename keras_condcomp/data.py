@@ -69,15 +69,24 @@ class Dataset:
 
 
 def _as_dataset(name, x_train, y_train, x_test, y_test, scale, image_shape=None):
-    """A `Dataset` of the images flattened and divided by `scale`; labels
-    run from 0 to `num_classes - 1`, each class in the training split (a
-    warning names those missing; an error when most are, a stray label)."""
+    """A `Dataset` of the images flattened and divided by `scale`; labels,
+    one non-negative integer per example, run from 0 to `num_classes - 1` (a
+    warning names the classes with no training example; more classes than
+    training examples is an error: a stray label)."""
     def images(x):
         return (np.asarray(x, "float32").reshape(len(x), -1) / scale).astype("float32")
 
     if image_shape is None and np.ndim(x_train) >= 3:
         image_shape = tuple(np.shape(x_train)[1:])
         image_shape = image_shape if len(image_shape) == 3 else (*image_shape, 1)
+    for split, labels, x in (("train", y_train, x_train), ("test", y_test, x_test)):
+        labels = np.asarray(labels)
+        if labels.size != len(x) or (labels.size and labels.min() < 0):
+            raise ValueError(
+                f"Dataset {name!r}: the {split} labels must be one non-negative integer per "
+                f"example ({len(x)}; not one-hot). Received: labels of shape {labels.shape}"
+                + (f" from {labels.min()} to {labels.max()}" if labels.size else "")
+            )
     y_train = np.asarray(y_train, "int64").reshape(-1)
     y_test = np.asarray(y_test, "int64").reshape(-1)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -95,8 +104,11 @@ def _as_dataset(name, x_train, y_train, x_test, y_test, scale, image_shape=None)
             f"of class {', '.join(map(str, absent))}{' ...' if missing > 5 else ''} "
             f"({missing} of {num_classes} classes missing)"
         )
-        if 2 * missing > num_classes:
-            raise ValueError(f"{message}: labels must be 0 to k - 1.")
+        if num_classes > len(y_train):
+            raise ValueError(
+                f"{message}: more classes than the {len(y_train)} training examples "
+                "(a stray label?); labels must be 0 to k - 1."
+            )
         warnings.warn(message, stacklevel=3)
     return Dataset(
         name, images(x_train), y_train, images(x_test), y_test, num_classes, image_shape
@@ -240,9 +252,9 @@ def load_mnist(data_dir, name=None):
 
     No download: the files must be there. Images are flattened and scaled
     by 1/255 (`image_shape` keeps their size); labels run from 0 to
-    `num_classes - 1` (a warning names classes with no training example, an
-    error when most have none). Any such files load (Fashion-MNIST's, for
-    one), whatever their image size.
+    `num_classes - 1` (a warning names classes with no training example;
+    more classes than training examples is an error). Any such files load
+    (Fashion-MNIST's, for one), whatever their image size.
 
     Args:
         data_dir: directory holding `train-images-idx3-ubyte[.gz]`,

@@ -64,7 +64,8 @@ def _probabilities(probabilities, target_density=None):
 
 
 def _example_weights(probabilities, weights):
-    """`weights` as a `(batch, 1)` tensor of the probabilities' dtype, or None."""
+    """`weights` as a `(batch, 1)` tensor of the probabilities' dtype (at
+    least float32: sums of weights overflow float16), or None."""
     if weights is None:
         return None
     weights = ops.convert_to_tensor(weights)
@@ -77,7 +78,11 @@ def _example_weights(probabilities, weights):
             "`weights` must hold one weight per example, of shape "
             f"({probabilities.shape[0]},). Received: weights.shape={tuple(weights.shape)}"
         )
-    return ops.expand_dims(ops.cast(weights, probabilities.dtype), -1)
+    return ops.expand_dims(ops.cast(weights, _at_least_float32(probabilities.dtype)), -1)
+
+
+def _at_least_float32(dtype):
+    return "float64" if dtype == "float64" else "float32"
 
 
 def _mean_over_examples(values, weights):
@@ -85,6 +90,7 @@ def _mean_over_examples(values, weights):
     where every weight is 0."""
     if weights is None:
         return ops.mean(values, axis=0)
+    values = ops.cast(values, weights.dtype)
     return ops.divide_no_nan(ops.sum(weights * values, axis=0), ops.sum(weights))
 
 
@@ -115,6 +121,7 @@ def block_variance(probabilities, weights=None):
     weights = _example_weights(probabilities, weights)
     if weights is None:
         return -ops.sum(ops.var(probabilities, axis=0))
+    probabilities = ops.cast(probabilities, weights.dtype)
     means = _mean_over_examples(probabilities, weights)
     return -ops.sum(_mean_over_examples(ops.square(probabilities - means), weights))
 

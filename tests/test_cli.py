@@ -233,7 +233,7 @@ def test_an_existing_out_folder_holds_the_staging_files_and_main_runs_in_a_threa
     tmp_path, monkeypatch
 ):
     # A mount point or a folder in a read-only parent: stage inside it.
-    # From a worker thread, where Python refuses to set a signal handler.
+    # And main() from a worker thread.
     import tempfile
     import threading
 

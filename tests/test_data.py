@@ -130,9 +130,9 @@ def test_digits():
 def test_tfds_loader_with_mock_data():
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=6):
+    with tfds.testing.mock_data(num_examples=30):
         dataset = data.load_dataset("tfds:mnist")
-    assert dataset.x_train.shape == (6, 784) and dataset.x_test.shape == (6, 784)
+    assert dataset.x_train.shape == (30, 784) and dataset.x_test.shape == (30, 784)
     assert dataset.x_train.max() <= 1.0
 
 
@@ -152,15 +152,23 @@ def test_unknown_dataset():
 def test_a_stray_label_is_refused_and_missing_classes_named(tmp_path, rng):
     fake_mnist(tmp_path, rng, False)
     labels = np.arange(12) % 10
-    labels[3] = 200  # one stray label
+    labels[3] = 200  # one stray label among 12 examples
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
-    with pytest.raises(ValueError, match=r"labels up to 200, but no training example of class 3, "
-                                         r"10, 11, 12, 13 \.\.\. \(191 of 201 classes missing\)"):
+    with pytest.raises(ValueError, match=r"no training example of class 3, 10, 11, 12, 13 \.\.\. "
+                                         r"\(191 of 201 classes missing\): more classes than"):
         data.load_mnist(tmp_path)
     labels[3] = 0  # class 3 absent from training, 9 of 10 classes present
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
     with pytest.warns(UserWarning, match=r"no training example of class 3 \(1 of 10"):
         assert data.load_mnist(tmp_path).num_classes == 10
+
+
+def test_labels_must_be_one_non_negative_integer_an_example():
+    x = np.zeros((4, 3))
+    with pytest.raises(ValueError, match=r"one non-negative integer per example.*from -1 to 1"):
+        data._as_dataset("toy", x, [0, 1, -1, 1], x, [0, 1, 0, 1], 1.0)
+    with pytest.raises(ValueError, match=r"not one-hot.*shape \(4, 2\)"):
+        data._as_dataset("toy", x, np.eye(2)[[0, 1, 0, 1]], x, [0, 1, 0, 1], 1.0)
 
 
 def test_a_subset_is_not_named_mnist_and_images_keep_their_shape(tmp_path, rng):

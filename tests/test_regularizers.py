@@ -105,3 +105,16 @@ def test_numbers_out_of_range_and_other_ranks_are_refused():
         regularizers.block_variance(sigma[0])
     # A scheduled tau is a tensor, read at call time: taken as it is.
     assert np.isfinite(float(regularizers.block_balance(sigma, tf.constant(0.25))))
+
+
+def test_weighted_terms_of_float16_probabilities_do_not_overflow(rng):
+    sigma = rng.uniform(size=(1024, 4)).astype("float32")
+    weights = np.full(1024, 100.0, "float32")
+    for term in (regularizers.block_balance, regularizers.example_balance):
+        np.testing.assert_allclose(
+            term(sigma.astype("float16"), 0.25, weights=weights), term(sigma, 0.25), rtol=1e-3
+        )
+    np.testing.assert_allclose(
+        regularizers.block_variance(sigma.astype("float16"), weights=weights),
+        regularizers.block_variance(sigma), rtol=1e-2,
+    )

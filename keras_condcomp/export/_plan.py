@@ -381,11 +381,12 @@ def staged_file(path, suffix):
             os.remove(staging)
 
 
-def predict_inputs(inputs, model_shape, name):
-    """`inputs` as a float32 array checked against a single-input exported
-    model's input shape `model_shape` (`(batch, ...)`, ints or names for
-    dynamic sizes), for the `*_predict` helpers."""
-    inputs = np.asarray(inputs, dtype="float32")
+def predict_inputs(inputs, model_shape, name, dtype="float32"):
+    """`inputs` as an array of the exported model's input `dtype` (float32,
+    or the integers of a model taking pixels), checked against its input
+    shape `model_shape` (`(batch, ...)`, ints or names for dynamic sizes),
+    for the `*_predict` helpers."""
+    inputs = np.asarray(inputs, dtype=dtype)
     features = tuple(model_shape[1:])
     if inputs.ndim != len(model_shape) or any(
         isinstance(size, int) and size != given for size, given in zip(features, inputs.shape[1:])
@@ -404,7 +405,7 @@ def run_in_batches(run, inputs, step):
     results = []
     for start in range(0, max(len(inputs), 1), step):
         chunk = inputs[start:start + step]
-        padding = np.zeros((step - len(chunk),) + inputs.shape[1:], "float32")
+        padding = np.zeros((step - len(chunk),) + inputs.shape[1:], inputs.dtype)
         results.append(run(np.concatenate([chunk, padding]))[: len(chunk)])
     return np.concatenate(results)
 

@@ -191,8 +191,9 @@ def litert_predict(path, inputs, num_threads=1):
 
     Args:
         path: the `.tflite` file (str or `os.PathLike`).
-        inputs: `(n, ...)` float array, `n` >= 0 (converted to float32).
-        num_threads: interpreter threads, a positive int (default 1).
+        inputs: `(n, ...)` array, `n` >= 0 (converted to the model's input type).
+        num_threads: interpreter threads, a positive int (default 1), or
+            None for the interpreter's default.
 
     Returns:
         `(n, ...)` numpy array.
@@ -215,7 +216,7 @@ def litert_predict(path, inputs, num_threads=1):
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    num_threads = check_positive_int("num_threads", num_threads)
+    num_threads = check_positive_int("num_threads", num_threads, allow_none=True)
     interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
     interpreter.allocate_tensors()
     _plan.check_single_io(
@@ -223,7 +224,9 @@ def litert_predict(path, inputs, num_threads=1):
     )
     detail = interpreter.get_input_details()[0]
     output = interpreter.get_output_details()[0]["index"]
-    inputs = _plan.predict_inputs(inputs, [int(size) for size in detail["shape"]], path)
+    inputs = _plan.predict_inputs(
+        inputs, [int(size) for size in detail["shape"]], path, detail["dtype"]
+    )
 
     def run(batch):
         interpreter.set_tensor(detail["index"], batch)

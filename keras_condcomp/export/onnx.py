@@ -130,12 +130,13 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     """Outputs of a single-input, single-output ONNX model over `(n, ...)` inputs.
 
     Runs onnxruntime's CPU provider (inter-op threads 1); the inputs are
-    converted to float32 and run in batches, the last one padded with zeros
+    converted to the model's input type (float32, or the integers of a model
+    taking pixels) and run in batches, the last one padded with zeros
     (then cut).
 
     Args:
         path: the `.onnx` file (str or `os.PathLike`).
-        inputs: `(n, ...)` float array, `n` >= 0.
+        inputs: `(n, ...)` array, `n` >= 0 (converted to the model's input type).
         num_threads: onnxruntime intra-op threads (default 1; 0 lets
             onnxruntime choose).
         batch_size: examples per run, a positive int (None: all at once, for
@@ -172,7 +173,10 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     )
     _plan.check_single_io(session.get_inputs(), session.get_outputs(), path)
     detail = session.get_inputs()[0]
-    inputs = _plan.predict_inputs(inputs, detail.shape, path)
+    # onnxruntime names types as ONNX does: tensor(float), tensor(uint8), ...
+    element = detail.type[len("tensor("):-1]
+    dtype = {"float": "float32", "double": "float64"}.get(element, element)
+    inputs = _plan.predict_inputs(inputs, detail.shape, path, dtype)
     if isinstance(detail.shape[0], int):
         batch_size = detail.shape[0]
     step = batch_size or max(len(inputs), 1)

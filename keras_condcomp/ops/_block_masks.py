@@ -4,13 +4,17 @@ import numpy as np
 import tensorflow as tf
 
 
-def check_mask_rows(block_mask, inputs):
+def check_mask_rows(block_mask, inputs, broadcast=False):
     """Raises `ValueError` unless `block_mask` has one row per example of
-    `inputs`, where both batch sizes are known."""
+    `inputs` (or, with `broadcast`, one row for all), where both batch sizes
+    are known."""
     rows, examples = block_mask.shape[0], inputs.shape[0]
-    if rows is not None and examples is not None and rows != examples:
+    if rows is not None and examples is not None and rows != examples and not (
+        broadcast and rows == 1
+    ):
         raise ValueError(
-            "`block_mask` must have one row per example of `inputs`. Received: "
+            "`block_mask` must have one row per example of `inputs`"
+            f"{' (or one row for all)' if broadcast else ''}. Received: "
             f"block_mask.shape={tuple(block_mask.shape)}, inputs.shape={tuple(inputs.shape)}"
         )
 

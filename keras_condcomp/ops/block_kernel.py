@@ -107,7 +107,9 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
     """
     check_activation(activation)
     if block_mask is not None:
-        check_mask_rows(ops.convert_to_tensor(block_mask), ops.convert_to_tensor(inputs))
+        check_mask_rows(
+            ops.convert_to_tensor(block_mask), ops.convert_to_tensor(inputs), broadcast=True
+        )
     blocks, input_dim, block_size = block_kernel.shape
     outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)
     outputs = ops.reshape(ops.transpose(outputs, (1, 0, 2)), (-1, blocks * block_size))

@@ -221,6 +221,7 @@ def set_cost_constants(**constants):
     _COSTS.update({name: float(value) for name, value in constants.items()})
     global _COSTS_KEY
     _COSTS_KEY = tuple(sorted(_COSTS.items()))
+    _compiled.clear()  # the old constants' graphs: a sweep would otherwise pile them up
 
 
 _COSTS_KEY = tuple(sorted(_COSTS.items()))

@@ -81,7 +81,7 @@ def masked_block_dense(inputs, kernel, bias, block_mask, activation=None):
     """
     check_activation(activation)
     inputs, block_mask = ops.convert_to_tensor(inputs), ops.convert_to_tensor(block_mask)
-    check_mask_rows(block_mask, inputs)
+    check_mask_rows(block_mask, inputs, broadcast=True)
     outputs = ops.matmul(inputs, kernel)
     if bias is not None:
         outputs = outputs + bias

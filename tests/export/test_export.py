@@ -502,3 +502,17 @@ def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
     ops = litert_op_names(path)
     assert not {"TOPK_V2", "GATHER"} & set(ops) and "CONV_2D" in ops, ops
     np.testing.assert_allclose(litert_predict(path, x), model.predict(x, verbose=0), atol=ATOL)
+
+
+def test_a_model_of_integer_inputs_exports_and_runs(tmp_path):
+    inputs = keras.Input((6,), dtype="uint8")
+    hidden = GatedDense(8, blocks=2, activation="relu", target_density=0.5, seed=1)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    x = np.random.default_rng(0).integers(0, 255, size=(5, 6)).astype("uint8")
+    expected = model.predict(x, verbose=0)
+    export_onnx(model, tmp_path / "m.onnx", budget=2)
+    np.testing.assert_allclose(onnx_predict(tmp_path / "m.onnx", x), expected, rtol=1e-5, atol=1e-4)
+    export_litert(model, tmp_path / "m.tflite", budget=2)
+    np.testing.assert_allclose(
+        litert_predict(tmp_path / "m.tflite", x), expected, rtol=1e-5, atol=1e-4
+    )

@@ -124,6 +124,10 @@ def test_every_dense_op_refuses_a_named_activation_and_a_mask_of_other_rows():
             call(mask, "relu")
         with pytest.raises(ValueError, match="one row per example"):
             call(short, None)
+    # The references broadcast one row over the batch, as they always did.
+    np.testing.assert_allclose(
+        masked_block_dense(x, kernel, None, mask[:1]), masked_block_dense(x, kernel, None, mask)
+    )
 
 
 def test_the_static_budget_convolution_checks_its_kernel_bias_and_steps():
