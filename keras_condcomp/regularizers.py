@@ -110,6 +110,10 @@ def example_balance(probabilities, target_density, deviation="absolute", weights
     weighted by `weights`)."""
     probabilities = _probabilities(probabilities, target_density)
     weights = _example_weights(probabilities, weights)
+    if weights is None:
+        # This form, not the weighted one with unit weights: its gradient
+        # rounds as before, so earlier runs (the README's) reproduce exactly.
+        return ops.mean(_penalty(ops.mean(probabilities, axis=1) - target_density, deviation))
     deviations = _penalty(ops.mean(probabilities, axis=1, keepdims=True) - target_density, deviation)
     return ops.squeeze(_mean_over_examples(deviations, weights), 0)
 
