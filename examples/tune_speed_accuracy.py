@@ -40,7 +40,9 @@ def _is_worker():
 
 # The options that define the search: a continued search must keep them.
 SEARCH_OPTIONS = ("dataset", "data_dir", "epochs", "batch_size", "train_examples", "layers",
-                  "units", "macs_weight", "seed")
+                  "units", "macs_weight", "min_accuracy", "seed")
+# The values of options that searches recorded before the option existed.
+OPTION_DEFAULTS = {"min_accuracy": 0.0}
 
 
 def _search_options(args):
@@ -62,8 +64,9 @@ def _check_same_search(parser, args):
     with open(path) as f:
         first = json.load(f)
     options = _search_options(args)
-    changed = [f"--{name.replace('_', '-')} {first.get(name)!r} -> {options[name]!r}"
-               for name in SEARCH_OPTIONS if first.get(name) != options[name]]
+    recorded = {name: first.get(name, OPTION_DEFAULTS.get(name)) for name in SEARCH_OPTIONS}
+    changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {options[name]!r}"
+               for name in SEARCH_OPTIONS if recorded[name] != options[name]]
     if changed:
         parser.error(f"{args.directory} holds a search run with other options "
                      f"({', '.join(changed)}): use another --directory")
@@ -93,6 +96,8 @@ def main(argv=None):
                         help="the widths to choose from")
     parser.add_argument("--macs-weight", type=float, default=0.02,
                         help="accuracy a halving of compute is worth")
+    parser.add_argument("--min-accuracy", type=float, default=0.0,
+                        help="accuracy below which a trial's compute earns nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="PNG of the Pareto front")
     args = parser.parse_args(argv)
@@ -104,6 +109,8 @@ def main(argv=None):
         parser.error(f"--units must be positive integers, got {args.units}")
     if not math.isfinite(args.macs_weight) or args.macs_weight < 0:
         parser.error(f"--macs-weight must be a finite non-negative number, got {args.macs_weight}")
+    if not 0 <= args.min_accuracy <= 1:
+        parser.error(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     _check_same_search(parser, args)
@@ -124,7 +131,7 @@ def main(argv=None):
     tuner = keras_tuner.RandomSearch(
         tuning.GatedMLPHyperModel(
             dataset.x_train.shape[1:], dataset.num_classes,
-            macs_weight=args.macs_weight, seed=args.seed,
+            macs_weight=args.macs_weight, seed=args.seed, min_accuracy=args.min_accuracy,
         ),
         objective=tuning.compute_aware_objective(),
         max_trials=args.max_trials,

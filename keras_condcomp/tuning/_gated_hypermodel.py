@@ -8,6 +8,7 @@ from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 from keras_condcomp.tuning.compute_aware_score import (
     DEFAULT_MACS_WEIGHT,
     ComputeAwareScore,
+    _check_min_accuracy,
     _check_positive,
     _check_weight,
 )
@@ -48,6 +49,9 @@ class GatedHyperModel(keras_tuner.HyperModel):
             (0-based) samples its masks with seed `seed + i`.
         name: as `keras_tuner.HyperModel`.
         tunable: as `keras_tuner.HyperModel`.
+        min_accuracy: the accuracy below which a trial's compute earns
+            nothing in the score, in [0, 1] (default 0: no floor; see
+            `compute_aware_score`).
 
     Raises:
         ValueError: an argument out of its range above.
@@ -64,7 +68,7 @@ class GatedHyperModel(keras_tuner.HyperModel):
 
     def __init__(
         self, input_shape, num_classes, learning_rate=1e-3, reference_macs=None,
-        macs_weight=DEFAULT_MACS_WEIGHT, seed=None, name=None, tunable=True,
+        macs_weight=DEFAULT_MACS_WEIGHT, seed=None, name=None, tunable=True, min_accuracy=0.0,
     ):
         super().__init__(name=name, tunable=tunable)
         if is_integer(input_shape):
@@ -85,6 +89,7 @@ class GatedHyperModel(keras_tuner.HyperModel):
             )
         _check_positive("learning_rate", learning_rate)
         _check_weight(macs_weight)
+        _check_min_accuracy(min_accuracy)
         if seed is not None and (not is_integer(seed) or seed < 0):
             raise ValueError(f"`seed` must be None or a non-negative int. Received: seed={seed!r}")
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -95,6 +100,7 @@ class GatedHyperModel(keras_tuner.HyperModel):
         _check_positive("reference_macs", reference_macs)
         self.reference_macs = float(reference_macs)
         self.macs_weight = float(macs_weight)
+        self.min_accuracy = float(min_accuracy)
         self.seed = None if seed is None else int(seed)
 
     def architecture(self, hp):
@@ -184,8 +190,8 @@ class GatedHyperModel(keras_tuner.HyperModel):
         """`model.fit`, with a `ComputeAwareScore` first among the callbacks.
 
         A `ComputeAwareScore` among `callbacks` is used (moved first);
-        otherwise one with this hypermodel's `reference_macs` and
-        `macs_weight` is added. KerasTuner calls it for each trial.
+        otherwise one with this hypermodel's `reference_macs`, `macs_weight`
+        and `min_accuracy` is added. KerasTuner calls it for each trial.
 
         Args:
             hp: the trial's `keras_tuner.HyperParameters` (unused).
@@ -199,7 +205,9 @@ class GatedHyperModel(keras_tuner.HyperModel):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         scores = [c for c in callbacks if isinstance(c, ComputeAwareScore)]
         if not scores:
-            scores = [ComputeAwareScore(self.reference_macs, self.macs_weight)]
+            scores = [ComputeAwareScore(
+                self.reference_macs, self.macs_weight, min_accuracy=self.min_accuracy
+            )]
         # First, so the callbacks reading the score (the tuner's, an
         # EarlyStopping on it) see it whatever order they were given in.
         callbacks = scores + [c for c in callbacks if not isinstance(c, ComputeAwareScore)]

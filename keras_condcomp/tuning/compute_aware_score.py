@@ -25,40 +25,59 @@ def _check_weight(macs_weight):
         )
 
 
+def _check_min_accuracy(min_accuracy):
+    if not is_number(min_accuracy) or not 0 <= min_accuracy <= 1:
+        raise ValueError(
+            "`min_accuracy` must be a number in [0, 1]. "
+            f"Received: min_accuracy={min_accuracy!r}"
+        )
+
+
 def _check_text(argument, value):
     if not isinstance(value, str) or not value:
         raise ValueError(f"`{argument}` must be a non-empty string. Received: {argument}={value!r}")
 
 
-def compute_aware_score(accuracy, conditional_macs, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT):
+def compute_aware_score(
+    accuracy, conditional_macs, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT, min_accuracy=0.0
+):
     """`accuracy - macs_weight * log2(conditional_macs / reference_macs)`.
 
     Scale-free: MACs enter only as a ratio, and each halving of the compute
     is worth `macs_weight` of accuracy wherever it happens (a model at the
     reference scores its accuracy; at half the reference, accuracy plus
-    `macs_weight`).
+    `macs_weight`). Below `min_accuracy` a model gets no credit for its
+    compute: it scores its accuracy alone, so it ranks below every model
+    that reaches the floor at no more than the reference's MACs (a policy
+    that closed every block, at chance accuracy, cannot win on its MACs).
 
     Args:
-        accuracy: the accuracy (any number; not checked).
-        conditional_macs: positive MACs per example of the model scored.
+        accuracy: the model's accuracy, in [0, 1].
+        conditional_macs: positive MACs per example the model computes.
         reference_macs: positive MACs per example of the reference.
         macs_weight: non-negative accuracy a halving of compute is worth
             (default 0.02).
+        min_accuracy: the accuracy below which compute earns nothing, in
+            [0, 1] (default 0: no floor).
 
     Returns:
-        float, the score.
+        The score, a float.
 
     Raises:
-        ValueError: `conditional_macs` or `reference_macs` not a finite
-            positive number, or `macs_weight` not a finite non-negative one.
+        ValueError: an argument out of its range.
 
     Examples:
         >>> round(compute_aware_score(0.90, 25_000, 100_000, macs_weight=0.02), 4)
         0.94
+        >>> compute_aware_score(0.10, 1_000, 100_000, min_accuracy=0.5)  # a collapsed policy
+        0.1
     """
     _check_positive("conditional_macs", conditional_macs)
     _check_positive("reference_macs", reference_macs)
     _check_weight(macs_weight)
+    _check_min_accuracy(min_accuracy)
+    if float(accuracy) < min_accuracy:
+        return float(accuracy)
     return float(accuracy) - macs_weight * math.log2(conditional_macs / reference_macs)
 
 
@@ -103,6 +122,8 @@ class ComputeAwareScore(keras.callbacks.Callback):
         macs_weight: accuracy a halving of compute is worth (default 0.02).
         accuracy: name of the logged accuracy metric (default `"accuracy"`).
         name: name of the score in the logs.
+        min_accuracy: the accuracy below which compute earns nothing (see
+            `compute_aware_score`; default 0: no floor).
 
     Examples:
         >>> score = ComputeAwareScore(reference_macs=100_000)
@@ -114,15 +135,17 @@ class ComputeAwareScore(keras.callbacks.Callback):
 
     def __init__(
         self, reference_macs, macs_weight=DEFAULT_MACS_WEIGHT, accuracy="accuracy",
-        name=DEFAULT_NAME,
+        name=DEFAULT_NAME, min_accuracy=0.0,
     ):
         super().__init__()
         _check_positive("reference_macs", reference_macs)
         _check_weight(macs_weight)
+        _check_min_accuracy(min_accuracy)
         _check_text("accuracy", accuracy)
         _check_text("name", name)
         self.reference_macs = float(reference_macs)
         self.macs_weight = float(macs_weight)
+        self.min_accuracy = float(min_accuracy)
         self.accuracy = accuracy
         self.name = name
 
@@ -140,5 +163,6 @@ class ComputeAwareScore(keras.callbacks.Callback):
             macs = logs.get(prefix + "conditional_macs")
             if accuracy is not None and macs is not None:
                 logs[prefix + self.name] = compute_aware_score(
-                    accuracy, float(macs), self.reference_macs, self.macs_weight
+                    accuracy, float(macs), self.reference_macs, self.macs_weight,
+                    self.min_accuracy,
                 )

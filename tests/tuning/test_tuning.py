@@ -1,5 +1,6 @@
 import argparse
 import copy
+import json
 import math
 import os
 import socket
@@ -45,6 +46,27 @@ def test_score_formula_is_scale_free():
     for name in ("", 3):
         with pytest.raises(ValueError, match=f"name={name!r}"):
             tuning.compute_aware_objective(name)
+
+
+def test_below_the_accuracy_floor_compute_earns_nothing():
+    # A collapsed policy: chance accuracy at a sliver of the compute.
+    collapsed = dict(accuracy=0.10, conditional_macs=900, reference_macs=500_000, macs_weight=0.2)
+    useful = dict(accuracy=0.93, conditional_macs=250_000, reference_macs=500_000, macs_weight=0.2)
+    assert compute_aware_score(**collapsed) > compute_aware_score(**useful)  # no floor
+    assert compute_aware_score(**collapsed, min_accuracy=0.5) == 0.10
+    assert compute_aware_score(**collapsed, min_accuracy=0.5) < compute_aware_score(
+        **useful, min_accuracy=0.5
+    )
+    callback = ComputeAwareScore(reference_macs=500_000, macs_weight=0.2, min_accuracy=0.5)
+    logs = {"accuracy": 0.10, "conditional_macs": 900.0}
+    callback.on_epoch_end(0, logs)
+    assert logs["compute_aware_score"] == 0.10
+    with pytest.raises(ValueError, match="min_accuracy=1.5"):
+        compute_aware_score(0.5, 1, 1, min_accuracy=1.5)
+    with pytest.raises(ValueError, match="min_accuracy=-0.1"):
+        tuning.GatedMLPHyperModel(8, 3, min_accuracy=-0.1)
+    hypermodel = tuning.GatedMLPHyperModel(8, 3, min_accuracy=0.4)
+    assert hypermodel.min_accuracy == 0.4
 
 
 def test_callback_writes_scores_validates_and_deep_copies():
@@ -322,7 +344,8 @@ def test_the_example_refuses_to_continue_a_search_with_other_options(tmp_path, c
 
     def options(**changed):
         values = dict(dataset="digits", data_dir=None, epochs=2, batch_size=32,
-                      train_examples=None, layers=1, units=[16, 32], macs_weight=0.02, seed=0)
+                      train_examples=None, layers=1, units=[16, 32], macs_weight=0.02,
+                      min_accuracy=0.0, seed=0)
         return argparse.Namespace(directory=directory, **{**values, **changed})
 
     example._check_same_search(parser, options())  # nothing recorded: a new search
@@ -333,12 +356,23 @@ def test_the_example_refuses_to_continue_a_search_with_other_options(tmp_path, c
     with pytest.raises(SystemExit):
         example._check_same_search(parser, options(macs_weight=1.0, units=[64]))
     assert "--units [16, 32] -> [64], --macs-weight 0.02 -> 1.0" in capsys.readouterr().err
+    # A search recorded before --min-accuracy existed ran without a floor.
+    path = example._options_path(options())
+    with open(path) as f:
+        recorded = json.load(f)
+    del recorded["min_accuracy"]
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    example._check_same_search(parser, options())
+    with pytest.raises(SystemExit):
+        example._check_same_search(parser, options(min_accuracy=0.5))
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("--macs-weight", "-1", "--macs-weight must be a finite non-negative number"),
     ("--units", "0", "--units must be positive integers"),
     ("--seed", "-1", "--seed must be in [0, 2**32)"),
+    ("--min-accuracy", "2", "--min-accuracy must be in [0, 1]"),
 ])
 def test_the_example_refuses_bad_options(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit):
