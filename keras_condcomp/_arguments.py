@@ -89,11 +89,15 @@ def check_bool(name, value):
     return bool(value)
 
 
-def check_target_density(value, name="target_density"):
-    """A ValueError unless `value` is None or a number in (0, 1]."""
-    if value is not None and not (is_number(value) and 0 < value <= 1):
+def check_density(name, value, allow_none=False):
+    """A ValueError naming `name` unless `value` is a number in (0, 1] (or
+    None, with `allow_none`)."""
+    if value is None and allow_none:
+        return
+    if not is_number(value) or not 0 < value <= 1:
         raise ValueError(
-            f"`{name}` must be None or a number in (0, 1]. Received: {name}={value!r}"
+            f"`{name}` must be a number in (0, 1]"
+            f"{' or None' if allow_none else ''}. Received: {name}={value!r}"
         )
 
 

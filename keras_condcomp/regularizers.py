@@ -23,7 +23,7 @@ import numbers
 
 from keras import ops
 
-from keras_condcomp._arguments import check_non_negative_number, check_target_density
+from keras_condcomp._arguments import check_density, check_non_negative_number
 
 __all__ = [
     "DEVIATIONS",
@@ -53,7 +53,7 @@ def _probabilities(probabilities, target_density=None):
     """`probabilities` as a `(batch, blocks)` tensor, with `target_density`
     checked when it is a number (a tensor, such as a scheduled tau, is not)."""
     if isinstance(target_density, numbers.Real):
-        check_target_density(target_density)
+        check_density("target_density", target_density, allow_none=True)
     probabilities = ops.convert_to_tensor(probabilities)
     if len(probabilities.shape) != 2:
         raise ValueError(

@@ -3,8 +3,8 @@
 import keras
 
 from keras_condcomp._arguments import is_integer
-from keras_condcomp._arguments import check_non_negative_int
-from keras_condcomp.callbacks._common import check_density, require_gated_layers
+from keras_condcomp._arguments import check_density, check_non_negative_int
+from keras_condcomp.callbacks._common import require_gated_layers
 
 __all__ = ["DensityScheduler"]
 

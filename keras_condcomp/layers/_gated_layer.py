@@ -18,7 +18,7 @@ from keras import ops
 from keras_condcomp import regularizers
 from keras_condcomp._arguments import (
     check_non_negative_number,
-    check_target_density,
+    check_density,
     is_integer,
     is_number,
 )
@@ -77,7 +77,7 @@ def validate_gating_arguments(
     sparsity_deviation="absolute",
 ):
     """Checks the gating arguments shared by the gated layers."""
-    check_target_density(target_density)
+    check_density("target_density", target_density, allow_none=True)
     check_non_negative_number("sparsity_weight", sparsity_weight)
     check_non_negative_number("variance_weight", variance_weight)
     if example_sparsity_weight is not None:

@@ -15,7 +15,11 @@ def intra_op_threads():
         >>> intra_op_threads() >= 1
         True
     """
-    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    return _threads(tf.config.threading.get_intra_op_parallelism_threads())
+
+
+def _threads(configured):
+    """`configured`, or for 0 the CPUs this process may run on."""
     if configured:
         return configured
     if hasattr(os, "sched_getaffinity"):
@@ -33,9 +37,4 @@ def intra_op_threads_key():
     """`intra_op_threads()` for the caches of traced graphs, without its cost
     (about 9 us a call for TensorFlow's setting, read here once): called only
     after TensorFlow has run an op, when the setting can no longer change."""
-    configured = _setting_once_running()
-    if configured:
-        return configured
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return _threads(_setting_once_running())

@@ -4,6 +4,7 @@ import keras
 import keras_tuner
 
 from keras_condcomp._arguments import is_integer
+from keras_condcomp.models._builders import check_num_classes
 from keras_condcomp.models.policy_gradient_model import PolicyGradientModel
 from keras_condcomp.tuning.compute_aware_score import (
     DEFAULT_MACS_WEIGHT,
@@ -83,17 +84,14 @@ class GatedHyperModel(keras_tuner.HyperModel):
                 f"`input_shape` must be a tuple{rank} of positive integers. "
                 f"Received: input_shape={input_shape!r}"
             )
-        if not is_integer(num_classes) or num_classes < 2:
-            raise ValueError(
-                f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes!r}"
-            )
+        num_classes = check_num_classes(num_classes)
         _check_positive("learning_rate", learning_rate)
         _check_weight(macs_weight)
         _check_min_accuracy(min_accuracy)
         if seed is not None and (not is_integer(seed) or seed < 0):
             raise ValueError(f"`seed` must be None or a non-negative int. Received: seed={seed!r}")
         self.input_shape = tuple(int(d) for d in input_shape)
-        self.num_classes = int(num_classes)
+        self.num_classes = num_classes
         self.learning_rate = float(learning_rate)
         if reference_macs is None:
             reference_macs = self.widest_dense_macs()
