@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from keras_condcomp import _interrupts
 from keras_condcomp.models.cnn import DEFAULT_POLICY_GRID
 from keras_condcomp.regularizers import DEVIATIONS
 
@@ -243,14 +244,16 @@ def _add_export_parser(commands):
 
 
 def _fit(model, args, x_train, y_train, x_val, y_val):
-    return model.fit(
-        x_train,
-        y_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_data=(x_val, y_val),
-        verbose=args.verbose,
-    )
+    with _interrupts.stops_at_batch_ends() as stop_on_signal:
+        return model.fit(
+            x_train,
+            y_train,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_data=(x_val, y_val),
+            verbose=args.verbose,
+            callbacks=[stop_on_signal],
+        )
 
 
 def _learning_rate(rate, args, train_size):
@@ -778,10 +781,6 @@ def _print_table(results, args):
     print(_density_and_speed_line(results))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv=None):
     """Runs `keras-condcomp` with `argv` (default `sys.argv[1:]`) in this
     process; returns the exit status (0, or 1 after a one-line error on
@@ -803,14 +802,17 @@ def main(argv=None):
 
 
 def console_main():
-    """The `keras-condcomp` command: `main()`, with a SIGTERM (kill, timeout,
-    a scheduler) unwinding as Ctrl-C does (staging files removed, the speed
-    measurement's process stopped), and an interrupt reported in one line
-    with the shell's status (130, 143)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """The `keras-condcomp` command: `main()`, with Ctrl-C and a SIGTERM (kill,
+    timeout, a scheduler) unwinding alike (staging files removed, the speed
+    measurement's process stopped; training stops at a batch end), and an
+    interrupt reported in one line with the shell's status (130, 143)."""
+    _interrupts.install()
     try:
         return main()
-    except KeyboardInterrupt as interrupt:
-        signum = getattr(signal.Signals, str(interrupt), signal.SIGINT)
+    except BaseException as error:
+        # An interrupt raised inside native code can surface as another error.
+        if not isinstance(error, KeyboardInterrupt) and _interrupts.pending() is None:
+            raise
+        signum = signal.Signals[_interrupts.pending() or "SIGINT"]
         print(f"keras-condcomp: interrupted ({signum.name})", file=sys.stderr)
         return 128 + signum

@@ -214,6 +214,76 @@ def test_sigterm_stops_train_like_ctrl_c_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture
+def command_signal_handlers():
+    """console_main's handlers for the test, the process's own back after."""
+    import signal
+
+    from keras_condcomp import _interrupts
+
+    before = {signum: signal.getsignal(signum) for signum in _interrupts.SIGNALS}
+    _interrupts.install()
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handlers):
+    import signal
+
+    import numpy as np
+
+    from keras_condcomp import _interrupts
+
+    ended = []
+
+    class SignalAtBatchTwo(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
+
+        def on_train_batch_end(self, batch, logs=None):
+            ended.append(batch)
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((64, 4)), np.zeros((64, 2))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with _interrupts.stops_at_batch_ends() as stop:
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                      callbacks=[SignalAtBatchTwo(), stop])
+    # Batch 2 ran to its end: the signal was not raised inside it.
+    assert ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
+    # Outside fit, and for a second signal, it is raised at once.
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_error_after_a_signal_is_reported_as_the_interrupt(
+    command_signal_handlers, monkeypatch, capsys
+):
+    import signal
+
+    from keras_condcomp import _interrupts, cli
+
+    def interrupted_in_native_code(argv=None):
+        with _interrupts.stops_at_batch_ends():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise TypeError("Failed to convert elements of (None,) to Tensor")
+
+    monkeypatch.setattr(cli, "main", interrupted_in_native_code)
+    assert cli.console_main() == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "keras-condcomp: interrupted (SIGTERM)\n"
+
+    # Without a signal, an error is not hidden.
+    def broken(argv=None):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "main", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.console_main()
+
+
 def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
     import keras_condcomp.export
 

@@ -1,0 +1,63 @@
+"""SIGINT / SIGTERM for the `keras-condcomp` command, stopped where it is safe.
+
+Python raises a signal's `KeyboardInterrupt` wherever the main thread is. Inside
+TensorFlow (tracing, a Python callback of native code, a finaliser) that
+exception can be swallowed, so the job runs on, or turned into an unrelated
+`TypeError` / `SystemError`. So during `fit`, where nearly all of a job's time
+goes, a signal only marks the stop, and a callback raises it at the next batch
+end. Elsewhere it is raised at once; a second signal is always raised at once.
+"""
+
+import contextlib
+import signal
+
+import keras
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"pending": None, "deferring": 0}
+
+
+def pending():
+    """The name of the signal received (`"SIGTERM"`), or None."""
+    return _state["pending"]
+
+
+def _raise_pending():
+    raise KeyboardInterrupt(_state["pending"])
+
+
+def _on_signal(signum, frame):
+    again = _state["pending"] is not None
+    _state["pending"] = signal.Signals(signum).name
+    if again or not _state["deferring"]:
+        _raise_pending()
+
+
+def install():
+    """Makes SIGINT and SIGTERM raise `KeyboardInterrupt(signal name)`,
+    deferred to the next batch end inside `stops_at_batch_ends()`."""
+    _state["pending"] = None
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
+
+
+class _StopAtBatchEnd(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if _state["pending"]:
+            _raise_pending()
+
+    on_test_batch_end = on_train_batch_end
+
+
+@contextlib.contextmanager
+def stops_at_batch_ends():
+    """Yields a callback for `fit`; within the block a signal (installed by
+    `install()`) is raised by that callback at the next batch end, and at the
+    block's end at the latest."""
+    _state["deferring"] += 1
+    try:
+        yield _StopAtBatchEnd()
+    finally:
+        _state["deferring"] -= 1
+    if _state["pending"]:
+        _raise_pending()
