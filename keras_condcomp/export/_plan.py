@@ -16,6 +16,7 @@ from keras_condcomp.models.policy_gradient_model import (
     gated_layers,
 )
 from keras_condcomp.ops.static_budget_dense import static_budget_plan
+from keras_condcomp.profiling.profiler import gated_inputs
 
 __all__ = ["active_block_counts", "block_budgets"]
 
@@ -287,29 +288,18 @@ def block_budgets(
     return result
 
 
-def _upstream(layer, layers):
-    """The gated layer whose output is `layer`'s input, or None."""
-    try:
-        tensor = layer.input
-    except (AttributeError, ValueError):
-        return None
-    for other in layers:
-        try:
-            if other is not layer and other.output is tensor:
-                return other
-        except (AttributeError, ValueError):
-            continue
-    return None
-
-
-def trace_settings(layers, budgets):
+def trace_settings(model, layers, budgets):
     """The `static_budget_plan` settings: budgets and input-sparsity hints."""
+    by_name = {layer.name: layer for layer in layers}
+    upstream_names = gated_inputs(model)
     settings = {}
     for layer in layers:
         entry = {"budget": budgets[layer.name]}
-        upstream = _upstream(layer, layers)
+        upstream = by_name.get(upstream_names.get(layer.name))
         # The upstream layer's output has at most its budget of non-zero
-        # blocks: read only those (GatedDense inputs are (batch, features)).
+        # blocks, and so has this input (`gated_inputs` follows only layers
+        # that keep zeros zero): read only those. GatedDense inputs are
+        # (batch, features).
         if (
             upstream is not None
             and hasattr(upstream, "units")
@@ -324,9 +314,9 @@ def trace_settings(layers, budgets):
 
 
 @contextlib.contextmanager
-def traced_with_budgets(layers, budgets):
+def traced_with_budgets(model, layers, budgets):
     """Gated layers traced inside the block run their static-budget path."""
-    with static_budget_plan(trace_settings(layers, budgets)):
+    with static_budget_plan(trace_settings(model, layers, budgets)):
         yield
 
 

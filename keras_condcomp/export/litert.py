@@ -150,7 +150,7 @@ def export_litert(
         options["optimizations"] = [tf.lite.Optimize.DEFAULT]
 
     with _plan.staged_file(path, ".tflite") as staging:
-        with _plan.traced_with_budgets(layers, budgets):
+        with _plan.traced_with_budgets(model, layers, budgets):
             try:
                 model.export(
                     staging, format="litert", input_signature=signature, verbose=False,

@@ -93,7 +93,7 @@ def export_onnx(
     import onnx
 
     with _plan.staged_file(path, ".onnx") as staging:
-        with _plan.traced_with_budgets(layers, budgets):
+        with _plan.traced_with_budgets(model, layers, budgets):
             try:
                 model.export(
                     staging, format="onnx", input_signature=signature,

@@ -130,6 +130,41 @@ def test_weights_of_inactive_blocks_are_not_read(tmp_path):
         np.testing.assert_allclose(outputs[keep], reference[keep], atol=ATOL)
 
 
+def test_input_sparsity_is_read_through_layers_that_keep_zeros(tmp_path):
+    """Gated -> Dropout -> ReLU -> gated: the second reads only its budget's input blocks."""
+    from keras_condcomp.export import _plan
+
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((10,))
+    first = GatedDense(32, blocks=8, activation="tanh", name="first")
+    second = GatedDense(12, blocks=4, name="second")
+    hidden = keras.layers.ReLU()(keras.layers.Dropout(0.3)(first(inputs)))
+    model = keras.Model(inputs, second(hidden))
+    first.policy.bias.assign(np.linspace(-2, 1, 8).astype("float32"))
+    second.policy.bias.assign(np.array([1, 1, -2, -2], "float32"))
+    x = np.random.default_rng(11).normal(size=(9, 10)).astype("float32")
+    budgets = {"first": 3, "second": 2}
+    settings = _plan.trace_settings(model, [first, second], budgets)
+    assert settings[id(second)] == {"budget": 2, "input_blocks": 8, "input_budget": 3}
+    # A layer between them that does not keep zeros zero: no hint.
+    other = keras.Model(inputs, second(keras.layers.Dense(32)(first(inputs))))
+    assert "input_blocks" not in _plan.trace_settings(other, [first, second], budgets)[
+        id(second)
+    ]
+    counts = active_block_counts(model, x)
+    keep = (counts["first"] <= 3) & (counts["second"] <= 2)
+    assert 0 < keep.sum() < len(x), counts
+    reference = model.predict(x, verbose=0)
+    onnx_path, litert_path = tmp_path / "through.onnx", tmp_path / "through.tflite"
+    export_onnx(model, onnx_path, budget=budgets)
+    export_litert(model, litert_path, budget=budgets)
+    top_ks = [n for n in onnx.load(onnx_path).graph.node if n.op_type == "TopK"]
+    # first's blocks; second's blocks and its input blocks
+    assert len(top_ks) == 3, [n.name for n in top_ks]
+    for outputs in (onnx_predict(onnx_path, x), litert_predict(litert_path, x)):
+        np.testing.assert_allclose(outputs[keep], reference[keep], atol=ATOL)
+
+
 def test_budget_drops_the_active_blocks_of_highest_index():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(6, 5)).astype("float32")
