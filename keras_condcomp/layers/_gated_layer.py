@@ -23,7 +23,8 @@ from keras_condcomp._arguments import (
     is_number,
 )
 from keras_condcomp.layers.bernoulli_policy import BernoulliPolicy
-from keras_condcomp.layers.decision_recorder import GateDecision, current_recorder
+from keras_condcomp.layers.decision_recorder import current_recorder
+from keras_condcomp.layers.gate_decision import GateDecision
 from keras_condcomp.ops import EXECUTION_PATHS
 
 INFERENCE_MODES = ("threshold", "sample")

@@ -7,29 +7,11 @@ objective without layers knowing about models. The stack is thread-local
 because `tf.distribute.MirroredStrategy` traces each replica in its own thread.
 """
 
-import dataclasses
 import threading
 
-__all__ = ["DecisionRecorder", "GateDecision", "current_recorder"]
+__all__ = ["DecisionRecorder", "current_recorder"]
 
 _state = threading.local()
-
-
-@dataclasses.dataclass(frozen=True)
-class GateDecision:
-    """What one gated layer decided for a batch.
-
-    Attributes:
-        layer: the gated layer.
-        logits: `(batch, blocks)` policy logits, `sigma = sigmoid(logits)`.
-        mask: `(batch, blocks)` 0/1 mask actually used.
-        regularization: scalar gating regulariser of the batch.
-    """
-
-    layer: object
-    logits: object
-    mask: object
-    regularization: object
 
 
 class DecisionRecorder:
