@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_condcomp.layers._gated_layer import elementwise_activation
+from keras_condcomp.layers._keeps_zeros import ACTIVATION_LAYERS, maps_zero_to_zero
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops._threads import intra_op_threads
@@ -74,9 +74,6 @@ _POOLING = (
     keras.layers.GlobalMaxPooling2D,
 )
 # Layers that act on each value alone; kept compact when they map 0 to 0.
-_ACTIVATIONS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
-
-
 class _Blocks:
     """A value held as some of its blocks along the last axis.
 
@@ -276,17 +273,6 @@ def _conv2d(layer, value):
     return layer.activation(outputs) if layer.activation is not None else outputs
 
 
-def _maps_zero_to_zero(layer):
-    """An activation layer whose output is 0 where its input is (an
-    `Activation` must also act element-wise)."""
-    if isinstance(layer, keras.layers.Activation):
-        try:
-            elementwise_activation(layer.activation)
-        except ValueError:
-            return False
-    return bool(ops.convert_to_numpy(layer(ops.zeros((1, 1))))[0, 0] == 0)
-
-
 def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
@@ -326,7 +312,7 @@ def _step(layer):
         return channelwise
     if kind is keras.layers.Flatten and _channels_last(layer) and None not in layer.input.shape[1:]:
         return flatten
-    if kind in (*_ACTIVATIONS, keras.layers.Activation) and _maps_zero_to_zero(layer):
+    if kind in ACTIVATION_LAYERS and maps_zero_to_zero(layer):
         return channelwise
     if kind is keras.layers.Dense and not _quantized(layer):
         return reading_rows(_dense)

@@ -6,23 +6,13 @@ import numpy as np
 from keras_condcomp._arguments import check_positive_int, is_number
 from keras_condcomp._inputs import as_model_inputs, example_count
 from keras_condcomp.layers._gated_layer import check_unique_names
+from keras_condcomp.layers._keeps_zeros import keeps_zeros
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling.layer_profile import LayerProfile
 from keras_condcomp.profiling.macs_rules import is_gated, layer_cost
 from keras_condcomp.profiling.model_profile import ModelProfile
 
 __all__ = ["gated_inputs", "profile_macs"]
-
-# Layers that map 0 to 0 elementwise, or pool within a channel (an all-zero
-# channel stays all zero): a block-sparse input stays block-sparse.
-_ZERO_PRESERVING = (
-    keras.layers.Dropout,
-    keras.layers.Identity,
-    keras.layers.ReLU,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-)
-
 
 def _profiled_layers(model):
     """The model's layers, nested models flattened, input layers left out."""
@@ -85,9 +75,10 @@ def gated_inputs(model):
     """`{gated layer name: name of the gated layer feeding it, or None}`.
 
     A gated layer reads a block-sparse input when its input is the output of
-    another gated layer, directly or through `Dropout`, `Identity`, `ReLU`,
-    `MaxPooling2D` or `AveragePooling2D`
-    (which keep zeros zero). Only functional and Sequential graphs are
+    another gated layer, directly or through layers that keep zeros zero:
+    `Dropout`, `Identity`, `MaxPooling2D`, `AveragePooling2D`, and `ReLU`,
+    `LeakyReLU`, `ELU` or element-wise `Activation` layers that map 0 to 0
+    (not `ReLU(threshold=0.5, negative_slope=0.1)`, nor a sigmoid). Only functional and Sequential graphs are
     followed, and not across the boundary of a nested model: elsewhere the
     input counts as dense, and so do the inputs of a gated layer the model
     calls more than once.
@@ -133,7 +124,7 @@ def gated_inputs(model):
             if is_gated(producer):
                 upstream = producer.name
                 break
-            if not isinstance(producer, _ZERO_PRESERVING):
+            if not keeps_zeros(producer):
                 break
             tensor = _symbolic(producer, "input")
         found[layer.name] = upstream

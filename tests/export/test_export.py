@@ -146,11 +146,14 @@ def test_input_sparsity_is_read_through_layers_that_keep_zeros(tmp_path):
     budgets = {"first": 3, "second": 2}
     settings = _plan.trace_settings(model, [first, second], budgets)
     assert settings[id(second)] == {"budget": 2, "input_blocks": 8, "input_budget": 3}
-    # A layer between them that does not keep zeros zero: no hint.
-    other = keras.Model(inputs, second(keras.layers.Dense(32)(first(inputs))))
-    assert "input_blocks" not in _plan.trace_settings(other, [first, second], budgets)[
-        id(second)
-    ]
+    # A layer between them that does not keep zeros zero (relu(0) = -0.05
+    # for that one): no hint.
+    for between in (keras.layers.Dense(32), keras.layers.ReLU(negative_slope=0.1, threshold=0.5),
+                    keras.layers.Activation("sigmoid")):
+        a, b = GatedDense(32, blocks=8, name="first"), GatedDense(12, blocks=4, name="second")
+        other = keras.Model(inputs, b(between(a(inputs))))
+        settings = _plan.trace_settings(other, [a, b], budgets)
+        assert "input_blocks" not in settings[id(b)], between
     counts = active_block_counts(model, x)
     keep = (counts["first"] <= 3) & (counts["second"] <= 2)
     assert 0 < keep.sum() < len(x), counts
