@@ -702,17 +702,23 @@ def export(args):
     if dataset is not None:
         keras_logits = model.predict(dataset.x_test, batch_size=256, verbose=0)
         # A budget below every group of a GatedConv2D counts the groups of a
-        # whole batch: checked one example a call, as such a model is served.
+        # whole batch: a dynamic batch is checked one example a call, as such
+        # a model is served; a static one takes its batch.
         batch_wide = any(
             getattr(type(layer), "static_budget_scope", "example") == "batch"
             and budgets[layer.name] < layer.blocks for layer in _gated(model)
         )
-        if batch_wide and args.format == "onnx" and args.batch_size != 1:
+        if batch_wide and args.format == "onnx" and args.batch_size is None:
             exported = predict(args.out, dataset.x_test, batch_size=1)
             print("Checked one example a call: a GatedConv2D budget counts the groups "
                   "of a whole batch (export with --batch-size 1 for budgets per example).")
         else:
             exported = predict(args.out, dataset.x_test)
+            if batch_wide and (args.batch_size or 1) > 1:
+                print(f"Checked {args.batch_size} examples a call (the file's batch): a "
+                      "GatedConv2D budget counts the groups of the whole batch, so an "
+                      "example's output depends on the others of its call (export with "
+                      "--batch-size 1 for budgets per example).")
         counts = active_block_counts(model, dataset.x_test)
         over = {
             name: float(np.mean(counts[name] > budgets[name])) for name in budgets

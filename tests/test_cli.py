@@ -93,6 +93,12 @@ def test_export_of_a_cnn_budget_with_a_dynamic_batch_is_checked_one_example_a_ca
     one_by_one = onnx_predict(exported, digits.x_test.reshape(-1, 8, 8, 1), batch_size=1)
     accuracy = float((one_by_one.argmax(1) == digits.y_test).mean())
     assert f"exported (onnx) {accuracy:.4f}" in printed
+    # A static batch of 4 cannot be run one example a call: said so.
+    with pytest.warns(UserWarning, match="depends on the other examples of its batch"):
+        assert main(["export", str(out / "model.keras"), "--format", "onnx", "--budget", "1",
+                     "--batch-size", "4", "--out", str(tmp_path / "cnn4.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "Checked 4 examples a call" in printed and "one example a call" not in printed
 
 
 def test_train_on_mnist_directory(tmp_path, rng):

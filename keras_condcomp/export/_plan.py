@@ -390,12 +390,16 @@ def predict_inputs(inputs, model_shape, name, dtype="float32"):
 
 def run_in_batches(run, inputs, step):
     """`run(batch of step examples)` over `inputs`, the last batch padded
-    with zeros; with no examples, one padded batch cut to none, so the
-    result has the output's shape."""
+    with copies of its last example (zeros could take a place in a
+    GatedConv2D budget, which counts the groups of the whole batch); with
+    no examples, one batch of zeros cut to none, so the result has the
+    output's shape."""
     results = []
     for start in range(0, max(len(inputs), 1), step):
         chunk = inputs[start:start + step]
-        padding = np.zeros((step - len(chunk),) + inputs.shape[1:], inputs.dtype)
+        shape = (step - len(chunk),) + inputs.shape[1:]
+        padding = (np.broadcast_to(chunk[-1:], shape) if len(chunk)
+                   else np.zeros(shape, inputs.dtype))
         results.append(run(np.concatenate([chunk, padding]))[: len(chunk)])
     return np.concatenate(results)
 

@@ -187,7 +187,8 @@ def litert_predict(path, inputs, num_threads=1):
     """Outputs of a single-input, single-output LiteRT model over `(n, ...)` inputs.
 
     Runs the `ai_edge_litert` interpreter (with its default XNNPACK
-    delegate) one static batch at a time, padding the last one.
+    delegate) one static batch at a time, the last one padded with copies
+    of its last example (then cut).
 
     Args:
         path: the `.tflite` file (str or `os.PathLike`).

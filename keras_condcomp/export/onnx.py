@@ -131,8 +131,8 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
 
     Runs onnxruntime's CPU provider (inter-op threads 1); the inputs are
     converted to the model's input type (float32, or the integers of a model
-    taking pixels) and run in batches, the last one padded with zeros
-    (then cut).
+    taking pixels) and run in batches, the last one padded with copies of
+    its last example (then cut).
 
     Args:
         path: the `.onnx` file (str or `os.PathLike`).

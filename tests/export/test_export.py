@@ -509,6 +509,31 @@ def test_gated_conv2d_stack_exports_and_matches(tmp_path):
         block_budgets(model, budget=most, batch_size=None)
 
 
+def test_the_padding_of_a_last_batch_takes_no_group_of_a_batch_wide_budget(tmp_path):
+    """5 examples, a static batch of 4: the padding must not claim a GatedConv2D group."""
+    from keras_condcomp.layers import GatedConv2D
+
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((8, 8, 1))
+    conv = GatedConv2D(8, 3, padding="same", blocks=4, bias_initializer="ones", name="c")
+    model = keras.Model(
+        inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    )
+    # Bright images run group 3 only; an all-zero image would run group 0.
+    conv.policy.kernel.assign(np.array([[-10.0, 0.0, 0.0, 10.0]], "float32"))
+    conv.policy.bias.assign(np.array([1.0, -9.0, -9.0, -1.0], "float32"))
+    x = np.random.default_rng(13).random((5, 8, 8, 1)).astype("float32") + 0.5
+    assert active_block_counts(model, x)["c"].tolist() == [1] * 5
+    reference = model.predict(x, verbose=0)
+    onnx_path, litert_path = tmp_path / "padded.onnx", tmp_path / "padded.tflite"
+    with pytest.warns(UserWarning, match="other examples of its batch"):
+        export_onnx(model, onnx_path, batch_size=4, budget=1)
+    with pytest.warns(UserWarning, match="other examples of its batch"):
+        export_litert(model, litert_path, batch_size=4, budget=1)
+    for outputs in (onnx_predict(onnx_path, x), litert_predict(litert_path, x)):
+        np.testing.assert_allclose(outputs, reference, atol=ATOL)
+
+
 def test_budgets_above_the_skip_limit_export_the_masked_dense_graph(tmp_path):
     """Every block: one product with constant weights and the mask; no top-k, no gather."""
     from keras_condcomp.layers import GatedConv2D
