@@ -14,10 +14,15 @@ class PolicyWarmup(keras.callbacks.Callback):
     During the warm-up each gated layer runs all its blocks in training and in
     `PolicyGradientModel.evaluate` (so `val_*` logs describe the dense
     network), and its policy gets no REINFORCE gradient and no gating
-    regulariser (a `policy_regularizer`, a Keras weight penalty, still
-    applies); from epoch
-    `epochs` on (0-based, counting from `fit`'s `initial_epoch` as Keras does)
-    the policy decides as usual. It works by `GatedDense.set_policy_enabled`,
+    regulariser (a `policy_regularizer` still applies). When it switches the
+    policies on, it sets the step count of a separate `policy_optimizer`
+    (`PolicyGradientModel.compile`) back to 0, so that optimizer's
+    learning-rate schedule and Adam's bias correction start with the
+    policies, not before (one optimizer for both keeps counting the
+    network's steps). From epoch `epochs` on (the
+    epoch index Keras gives, which starts at `fit`'s `initial_epoch`: a `fit`
+    resumed at `initial_epoch >= epochs` has no warm-up) the policy decides
+    as usual. It works by `GatedDense.set_policy_enabled`,
     read at call time, so no retracing is needed. The policy is switched on
     again when training ends, whenever that happens (a
     `PolicyGradientModel.fit` stopped by an exception or Ctrl-C gives every
@@ -59,10 +64,15 @@ class PolicyWarmup(keras.callbacks.Callback):
         require_gated_layers(self, self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
-        enabled = epoch >= self.epochs
-        if self.verbose and epoch == self.epochs and self.epochs > 0:
-            print(f"\nPolicyWarmup: epoch {epoch + 1}: policies switched on.")
-        self._set(enabled)
+        if epoch == self.epochs and self.epochs > 0:
+            if self.verbose:
+                print(f"\nPolicyWarmup: epoch {epoch + 1}: policies switched on.")
+            # Its steps on the warm-up's zero gradients would leave Adam's bias
+            # correction as for a long-trained policy: larger first steps.
+            policy_optimizer = getattr(self.model, "policy_optimizer", None)
+            if policy_optimizer is not None:
+                policy_optimizer.iterations.assign(0)
+        self._set(epoch >= self.epochs)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -243,7 +243,10 @@ class _PolicyGradientTraining:
         Args:
             policy_optimizer: optimizer (instance, name or config) for the
                 policies' weights, with its own learning rate as in the paper;
-                None updates them with `optimizer`.
+                None updates them with `optimizer`. A `PolicyWarmup` sets its
+                step count back to 0 when it switches the policies on, so its
+                learning-rate schedule and Adam's bias correction start with
+                them.
         """
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
@@ -460,6 +463,11 @@ class _PolicyGradientTraining:
         included): the schedule state that callbacks change (`PolicyWarmup`,
         `DensityScheduler`) is then given back as it was before `fit`.
         """
+        if self.built and self.compiled:
+            # A model built after compile: optimizers built now, before
+            # `BackupAndRestore` (at train begin) loads their saved state.
+            with self.distribute_strategy.scope():
+                self._build_optimizers()
         schedules = [layer._schedule for layer in gated_layers(self)]
         before = [(s.target_density, s.policy_enabled) for s in schedules]
         try:

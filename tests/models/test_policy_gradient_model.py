@@ -267,7 +267,8 @@ def test_both_optimizers_survive_save_and_load(rng, tmp_path):
     restored.fit(x, y, epochs=1, verbose=0)
 
 
-def test_backup_and_restore_resumes_both_optimizers(rng, tmp_path):
+@pytest.mark.parametrize("style", ["functional", "subclassed, built after compile"])
+def test_backup_and_restore_resumes_both_optimizers(rng, tmp_path, style):
     x, y = toy_data(rng)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
 
@@ -277,8 +278,9 @@ def test_backup_and_restore_resumes_both_optimizers(rng, tmp_path):
                 raise RuntimeError("preempted")
 
     def compiled():
-        model = tiny_model()
+        model = tiny_model() if style == "functional" else SubclassedNet()
         model.compile("adam", LOSS, policy_optimizer="adam")
+        model(x[:2])  # BackupAndRestore needs a built model
         return model
 
     with pytest.raises(RuntimeError, match="preempted"):
