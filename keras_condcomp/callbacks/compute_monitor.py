@@ -30,6 +30,13 @@ def _profile(model, densities=None, x=None, batch_size=256):
     return float(macs.conditional_macs), float(macs.dense_macs)
 
 
+def _classes(outputs):
+    """Predicted classes of 2-D outputs of several columns; other outputs as they are."""
+    if outputs.ndim == 2 and outputs.shape[1] > 1:
+        return outputs.argmax(axis=-1)
+    return outputs
+
+
 class ComputeMonitor(keras.callbacks.Callback):
     """Logs what a gated model computes each epoch, and draws it at the end.
 
@@ -50,14 +57,15 @@ class ComputeMonitor(keras.callbacks.Callback):
     blocks run (the indices of the active blocks over `x`). With
     `plot_path` it saves a PNG when training ends: a heatmap per gated layer
     of block usage per class on `x` (classes from `y`, else the model's
-    predicted classes) and the density curves over the epochs.
+    predicted classes: the argmax of an output of several columns; one row
+    "all" for other outputs) and the density curves over the epochs.
 
     Args:
         x: optional inputs to measure inference densities and block usage
             on, typically validation data: an array, or a dict, list or
             tuple of arrays for a model of several inputs.
-        y: optional integer labels (or one-hot) of `x`, to group block usage
-            by class in the heatmap.
+        y: optional integer labels of `x` (shape `(n,)` or `(n, 1)`, or
+            one-hot rows), to group block usage by class in the heatmap.
         log_dir: optional TensorBoard log directory.
         plot_path: optional path of the PNG written at the end of training
             (must end with `.png`).
@@ -91,7 +99,8 @@ class ComputeMonitor(keras.callbacks.Callback):
                 raise ValueError("`y` needs `x`: the labels of the inputs. Received: x=None")
             y = np.asarray(y)
             if y.ndim == 2:
-                y = y.argmax(axis=-1)
+                # (n, 1): labels in a column, as keras.datasets.cifar10 gives them.
+                y = y[:, 0] if y.shape[1] == 1 else y.argmax(axis=-1)
             examples = example_count(x)
             if y.ndim != 1 or len(y) != examples or not np.issubdtype(y.dtype, np.integer):
                 raise ValueError(
@@ -122,8 +131,9 @@ class ComputeMonitor(keras.callbacks.Callback):
         Runs the model on `x` in batches of `batch_size` with
         `training=False` (the inference masks). The masks are 0/1, or for a
         layer the model calls several times the mean of its calls' masks.
-        The predicted classes are the argmax of 2-D outputs; other outputs
-        are returned as they are. Needs `x` and a model set (as during
+        The predicted classes are the argmax of 2-D outputs of several
+        columns; other outputs (one unit, sequences) are returned as they
+        are. Needs `x` and a model set (as during
         `fit`).
 
         Returns:
@@ -164,7 +174,7 @@ class ComputeMonitor(keras.callbacks.Callback):
             for name, values in calls.items():
                 masks[name].append(np.mean(values, axis=0))
             outputs = keras.ops.convert_to_numpy(outputs)
-            predictions.append(outputs.argmax(axis=-1) if outputs.ndim == 2 else outputs)
+            predictions.append(_classes(outputs))
         masks = {name: np.concatenate(values) for name, values in masks.items() if values}
         return masks, np.concatenate(predictions)
 
@@ -195,8 +205,11 @@ class ComputeMonitor(keras.callbacks.Callback):
                 if profile is not None:
                     logs.setdefault(f"{prefix}conditional_macs", profile[0])
                     logs.setdefault("dense_macs", profile[1])
-        if "target_density" in logs:
-            record["target_density"] = float(logs["target_density"])
+        # Read from the layers, whatever the order of a DensityScheduler.
+        targets = [layer.current_target_density for layer in layers
+                   if layer.current_target_density is not None]
+        if targets:
+            record["target_density"] = float(np.mean(targets))
         masks = None
         if self.x is not None:
             masks, predictions = self.measure()
@@ -210,13 +223,13 @@ class ComputeMonitor(keras.callbacks.Callback):
             if profile is not None:
                 logs["inference_conditional_macs"] = profile[0]
             classes = self.y if self.y is not None else predictions
-            self.block_usage = {
-                name: {
-                    int(c): mask[classes == c].mean(axis=0)
-                    for c in np.unique(classes)
+            if classes.ndim != 1:  # no classes: the usage over all of x
+                self.block_usage = {name: {"all": mask.mean(axis=0)} for name, mask in masks.items()}
+            else:
+                self.block_usage = {
+                    name: {int(c): mask[classes == c].mean(axis=0) for c in np.unique(classes)}
+                    for name, mask in masks.items()
                 }
-                for name, mask in masks.items()
-            }
         self.history.append(record)
         if self._writer is not None:
             self._write_tensorboard(epoch, logs, masks)
@@ -250,8 +263,8 @@ class ComputeMonitor(keras.callbacks.Callback):
 
         One heatmap per gated layer of the last epoch's block usage per
         class on `x` (none without `x`), and the curves of the densities
-        logged each epoch (training, validation, inference on `x`, target)
-        so far. Called with `plot_path` when training ends.
+        of each epoch so far (training, validation, inference on `x`, and
+        the mean of the layers' current target densities). Called with `plot_path` when training ends.
 
         Args:
             path: the file to write (its folder is created if missing).
@@ -288,7 +301,8 @@ class ComputeMonitor(keras.callbacks.Callback):
             )
             axis.set_yticks(range(len(classes)), [str(c) for c in classes])
             axis.set_xlabel("block")
-            axis.set_ylabel("class" if self.y is not None else "predicted class")
+            axis.set_ylabel("class" if self.y is not None else
+                            "predicted class" if "all" not in by_class else "")
             axis.set_title(f"{name}: block usage")
             figure.colorbar(image, ax=axis, label="fraction of examples")
         axis = axes[-1]
@@ -299,9 +313,11 @@ class ComputeMonitor(keras.callbacks.Callback):
             ("inference_density", "inference on x"),
             ("target_density", "target"),
         ):
-            values = [record.get(key) for record in self.history]
-            if values and all(v is not None for v in values):
-                axis.plot(epochs, values, marker=".", label=label)
+            # Epochs without a value (validation_freq > 1) are left out.
+            points = [(epoch, record[key]) for epoch, record in zip(epochs, self.history)
+                      if record.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=label)
         axis.set_xlabel("epoch")
         axis.set_ylabel("fraction of blocks active")
         axis.set_ylim(0, 1.02)

@@ -171,3 +171,38 @@ def test_measure_without_examples_says_so():
     monitor.set_model(make_model())
     with pytest.raises(ValueError, match="create the monitor with `x`"):
         monitor.measure()
+
+
+def test_labels_in_a_column_and_curves_whatever_the_order_and_validation_freq(data, tmp_path):
+    x, y = data
+    model = make_model(target_density=0.5)
+    # (n, 1) labels, as keras.datasets.cifar10 gives them: classes, not one-hot.
+    monitor = ComputeMonitor(x, y[:, None], plot_path=tmp_path / "plot.png")
+    history = model.fit(
+        x, y, epochs=2, batch_size=16, validation_data=(x, y), validation_freq=2, verbose=0,
+        callbacks=[monitor, DensityScheduler(start=1.0, epochs=1)],  # monitor first
+    ).history
+    assert sorted(monitor.block_usage["gated_1"]) == [0, 1, 2]
+    assert [record["target_density"] for record in monitor.history] == pytest.approx(
+        history["target_density"]
+    )
+    assert ["val_density" in record for record in monitor.history] == [False, True]
+    assert os.path.getsize(tmp_path / "plot.png") > 5000
+
+
+def test_an_output_of_one_unit_has_no_predicted_classes(rng, tmp_path):
+    from keras_condcomp.layers import GatedDense
+    from keras_condcomp.models import PolicyGradientModel
+
+    inputs = keras.Input((8,))
+    hidden = GatedDense(16, blocks=4, activation="relu", target_density=0.5, name="g")(inputs)
+    model = PolicyGradientModel(inputs, keras.layers.Dense(1)(hidden))
+    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True), policy_optimizer="adam")
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    monitor = ComputeMonitor(x, plot_path=tmp_path / "plot.png")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    mask = np.asarray(model.get_layer("g").block_mask(x))
+    assert list(monitor.block_usage["g"]) == ["all"]
+    np.testing.assert_allclose(monitor.block_usage["g"]["all"], mask.mean(axis=0))
+    assert os.path.exists(tmp_path / "plot.png")
