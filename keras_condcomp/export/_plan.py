@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_condcomp._arguments import check_positive_int
+from keras_condcomp._inputs import as_model_inputs
 from keras_condcomp.models.policy_gradient_model import (
     check_called_once,
     gated_layer_inputs,
@@ -72,6 +73,14 @@ def check_model(model):
 def _as_inputs(model, data, name):
     """`data` (argument `name`: an array, a list or tuple of arrays, or a
     dict by input name) as the list of input arrays of `model`."""
+    if not isinstance(data, (dict, list, tuple)) and not hasattr(data, "__array__"):
+        raise ValueError(
+            f"`{name}` must be arrays of examples (an array, a list or tuple of arrays, or a "
+            f"dict by input name). Received: a {type(data).__name__} (collect a dataset's "
+            "examples first, e.g. `np.concatenate([x for x, _ in dataset])`)"
+        )
+    # A list of examples (nested numbers) is one array, as Keras reads it.
+    data = as_model_inputs(data)
     if isinstance(data, dict):
         names = [spec.name for spec in model.inputs]
         if sorted(data) != sorted(names):
@@ -80,8 +89,11 @@ def _as_inputs(model, data, name):
                 f"{model.name!r}, by name: {sorted(names)}. Received keys: {sorted(data)}"
             )
         data = [data[input_name] for input_name in names]
-    arrays = list(data) if isinstance(data, (list, tuple)) else [data]
-    arrays = [np.asarray(array, dtype="float32") for array in arrays]
+    arrays = list(data) if isinstance(data, tuple) else [data]
+    try:
+        arrays = [np.asarray(array, dtype="float32") for array in arrays]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`{name}` must hold numbers. Received: {error}") from None
     if len(arrays) != len(model.inputs):
         raise ValueError(
             f"`{name}` must hold {len(model.inputs)} input array(s) for "
@@ -200,15 +212,17 @@ def block_budgets(
     Layers whose budget counts the groups active in some example of the
     batch (class attribute `static_budget_scope = "batch"`: GatedConv2D)
     default to every group when `batch_size` is not 1 (None: dynamic), so
-    that a batch never drops any; they still skip the groups no example of
-    the batch uses, and at batch 1 the defaults above apply.
+    that a batch never drops any (they are then exported as their masked
+    product, skipping nothing, whatever `representative_data`); at batch 1
+    the defaults above apply.
 
     Args:
         model: the Keras model.
         budget: None (the defaults), an int for every gated layer, or a dict
             `{layer name: int}` (layers not named get the default).
-        representative_data: None or `(n, ...)` inputs (a list of arrays for
-            several inputs).
+        representative_data: None or `(n, ...)` inputs: an array (or
+            nested lists of numbers), or a list, tuple or dict by input name
+            of arrays for several inputs; not a `tf.data.Dataset`.
         batch_size: the exported batch size (None: dynamic).
         export_format: `"litert"` or `"onnx"`, whose skip limits apply.
 
@@ -357,8 +371,11 @@ def check_path(path, suffix):
 
 @contextlib.contextmanager
 def staged_file(path, suffix):
-    """A temporary file beside `path`, moved onto `path` only if the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path))
+    """A temporary file beside `path`, moved onto `path` only if the block
+    succeeds. A `path` that is a symbolic link has the file it names
+    rewritten, as writing to it would, not the link replaced."""
+    path = os.path.realpath(path)
+    parent = os.path.dirname(path)
     # Made with the usual permissions of a new file (0666 less the umask),
     # as Keras's own `model.export` writes it: `tempfile.mkstemp` makes 0600.
     staging = os.path.join(parent, f".keras-condcomp-export-{uuid.uuid4().hex}{suffix}")

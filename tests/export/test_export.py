@@ -238,6 +238,17 @@ def test_block_budgets_defaults_and_checks():
         active_block_counts(model, np.zeros((2, model.inputs[0].shape[1]), "float32"), batch_size=0)
     with pytest.raises(ValueError, match="not gated layers"):
         block_budgets(model, {"nope": 1})
+    # Data in other forms: a list of examples is one array, as Keras reads it;
+    # a dataset or a generator is named.
+    examples = np.random.default_rng(0).normal(size=(5, model.inputs[0].shape[1]))
+    np.testing.assert_array_equal(
+        active_block_counts(model, examples.tolist())["first"],
+        active_block_counts(model, examples)["first"],
+    )
+    dataset = tf.data.Dataset.from_tensor_slices(examples).batch(2)
+    for data, kind in ((dataset, "_BatchDataset"), ((row for row in examples), "generator")):
+        with pytest.raises(ValueError, match=f"representative_data.*a {kind}"):
+            block_budgets(model, representative_data=data)
 
 
 class _SampledTwin(GatedDense):
@@ -319,6 +330,12 @@ def test_exports_have_the_usual_permissions_and_both_formats_take_several_inputs
         os.umask(umask)
     for name in ("two.onnx", "two.tflite"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+    # Exporting onto a symbolic link rewrites the file it names.
+    os.symlink("two.onnx", tmp_path / "latest.onnx")
+    export_onnx(model, tmp_path / "latest.onnx", budget=1)
+    assert os.readlink(tmp_path / "latest.onnx") == "two.onnx"
+    assert sorted(os.listdir(tmp_path)) == ["latest.onnx", "two.onnx", "two.tflite"]
+    export_onnx(model, tmp_path / "two.onnx", budget=2)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(tmp_path / "two.onnx"))
