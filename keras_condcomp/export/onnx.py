@@ -137,8 +137,9 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     Args:
         path: the `.onnx` file (str or `os.PathLike`).
         inputs: `(n, ...)` array, `n` >= 0 (converted to the model's input type).
-        num_threads: onnxruntime intra-op threads (default 1; 0 lets
-            onnxruntime choose).
+        num_threads: onnxruntime intra-op threads, a positive int (default
+            1), or None (or 0) for onnxruntime's default, as
+            `litert_predict` takes None.
         batch_size: examples per run, a positive int (None: all at once, for
             a dynamic batch; a static batch size in the file wins).
 
@@ -164,7 +165,7 @@ def onnx_predict(path, inputs, num_threads=1, batch_size=None):
     import onnxruntime
 
     batch_size = _plan.check_batch_size(batch_size, allow_none=True)
-    num_threads = check_non_negative_int("num_threads", num_threads)
+    num_threads = 0 if num_threads is None else check_non_negative_int("num_threads", num_threads)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1

@@ -370,6 +370,9 @@ def test_predict_helpers_take_no_examples_and_refuse_a_wrong_shape(exported):
         onnx_predict(onnx_path, x, batch_size=np.int64(5)), model.predict(x, verbose=0),
         atol=ATOL,
     )
+    # Both take None for the runtime's own thread count.
+    for predict, path in ((onnx_predict, onnx_path), (litert_predict, litert_path)):
+        np.testing.assert_allclose(predict(path, x, num_threads=None), predict(path, x))
 
 
 def test_a_mixed_precision_gated_layer_is_refused_with_the_way_out(tmp_path):
