@@ -101,7 +101,10 @@ class GatedMLPHyperModel(GatedHyperModel):
             raise ValueError(f"`blocks` must be a positive int. Received: blocks={blocks!r}")
         if units % blocks:
             raise ValueError(
-                f"`blocks` must divide `units`. Received: units={units}, blocks={blocks}"
+                f"`blocks` must divide `units`. Received: units={units}, blocks={blocks}. "
+                "When narrowing `units` with `hyperparameters=`, narrow `blocks` to values "
+                "that divide every `units` choice (KerasTuner builds the first choices "
+                "once when the tuner is made)."
             )
         return layers, units, blocks
 
