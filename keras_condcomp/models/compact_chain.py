@@ -487,7 +487,8 @@ def compact_inference(model):
     limit = None if first is None or None in output.shape[1:] else _loop_limit(chain)
     if limit is None:
         batched = tf.function(
-            lambda x: model(x, training=False), input_signature=[batch_spec], autograph=False
+            lambda x: keras.tree.flatten(model(x, training=False))[0],
+            input_signature=[batch_spec], autograph=False,
         )
     else:
         example_spec = tf.TensorSpec(output.shape[1:], output.dtype)
@@ -519,6 +520,14 @@ def compact_inference(model):
     single, batched = single.get_concrete_function(), batched.get_concrete_function()
 
     expected = tuple(source.shape)
+    # The chain's one output tensor, returned in the structure the model
+    # returns it in (a dict; Keras gives a one-item list as the tensor).
+    try:
+        structure = model.output
+    except AttributeError:  # a Sequential model built without an Input: a tensor
+        structure = None
+    if isinstance(structure, (list, tuple)) and len(structure) == 1:
+        structure = structure[0]
 
     def predict(x):
         shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
@@ -529,6 +538,8 @@ def compact_inference(model):
                 f"`x` must have shape (batch, {', '.join(map(str, expected[1:]))}) to match "
                 f"the model's input. Received: x.shape={shape}"
             )
-        return single(x) if shape[0] == 1 else batched(x)
+        result = single(x) if shape[0] == 1 else batched(x)
+        return keras.tree.pack_sequence_as(structure, [result]) if keras.tree.is_nested(
+            structure) else result
 
     return predict

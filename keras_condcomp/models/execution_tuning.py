@@ -33,7 +33,7 @@ def tune_execution(model, x, batch_size=1, repeats=30):
 
     Args:
         model: a built functional or Sequential model with gated layers
-            (one input).
+            (one input; any outputs).
         x: representative inputs, at least `batch_size` examples.
         batch_size: the batch size to tune for (positive int).
         repeats: timed calls per path (positive int).
@@ -68,7 +68,13 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     layers = gated_layers(model)
     if not layers:
         raise ValueError(f"Model {model.name!r} has no gated layers to tune.")
-    if len(getattr(model, "inputs", None) or ()) != 1:
+    if getattr(model, "inputs", None) is None:
+        raise ValueError(
+            f"tune_execution needs a functional or Sequential model; {model.name!r} is "
+            "subclassed (or not built), with no symbolic inputs: wrap it, "
+            "`keras.Model(inputs, subclassed(inputs))` with `inputs = keras.Input(...)`."
+        )
+    if len(model.inputs) != 1:
         raise ValueError(
             f"tune_execution needs a built model with one input. Received: model "
             f"{model.name!r} with {len(getattr(model, 'inputs', None) or ())} inputs"
@@ -101,7 +107,9 @@ def tune_execution(model, x, batch_size=1, repeats=30):
                 layer.execution = path
                 function = tf.function(lambda t: model(t, training=False), input_signature=[spec])
                 function.get_concrete_function()
-                calls[path] = lambda batch, function=function: function(batch).numpy()
+                calls[path] = lambda batch, function=function: keras.tree.map_structure(
+                    np.asarray, function(batch)
+                )
             seconds = median_latencies(calls, batches, repeats=repeats)
             layer.execution = min(seconds, key=seconds.get)
             report[layer.name] = {"execution": layer.execution, "seconds": seconds}

@@ -292,6 +292,18 @@ def test_models_that_are_not_a_single_chain_are_refused():
         compact_inference(nested)
 
 
+def test_an_output_in_a_dict_is_returned_in_the_dict_at_every_batch_size(rng):
+    inputs = keras.Input((20,))
+    hidden = GatedDense(32, blocks=4, activation="relu", name="g")(inputs)
+    model = keras.Model(inputs, {"logits": keras.layers.Dense(3)(hidden)})
+    predict = compact_inference(model)
+    x = rng.normal(size=(3, 20)).astype("float32")
+    for batch in (x[:1], x):
+        got, expected = predict(batch), model(batch, training=False)
+        assert list(got) == ["logits"]
+        np.testing.assert_allclose(got["logits"], expected["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_an_input_of_the_wrong_shape_is_refused_naming_it(rng):
     predict = compact_inference(_mlp())
     with pytest.raises(ValueError, match=r"\(batch, 20\).*x.shape=\(1, 21\)"):

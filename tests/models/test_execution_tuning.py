@@ -96,3 +96,24 @@ def test_tune_execution_needs_gated_layers_and_one_input(rng):
     two = keras.Model([a, b], gated, name="two")
     with pytest.raises(ValueError, match="'two' with 2 inputs"):
         tune_execution(two, [rng.random((4, 4))] * 2)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.gated = GatedDense(8, blocks=2)
+
+        def call(self, x):
+            return self.gated(x)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 4), "float32"))
+    with pytest.raises(ValueError, match="'sub' is subclassed"):
+        tune_execution(subclassed, rng.random((4, 4)))
+
+
+def test_a_model_of_two_outputs_is_tuned(rng):
+    inputs = keras.Input((4,))
+    gated = GatedDense(8, blocks=2, name="g")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(3)(gated), keras.layers.Dense(2)(gated)])
+    report = tune_execution(model, rng.random((4, 4)).astype("float32"), batch_size=2, repeats=2)
+    assert report["g"]["execution"] == model.get_layer("g").execution
