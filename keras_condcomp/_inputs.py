@@ -19,6 +19,18 @@ def as_model_inputs(x):
     return np.asarray(x)
 
 
+def check_arrays(name, x):
+    """A ValueError naming `name` unless `x` is arrays of inputs (an array,
+    nested lists of numbers, or a dict, list or tuple of them): not a
+    `tf.data.Dataset` or a generator, which cannot be read twice."""
+    if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "__array__"):
+        raise ValueError(
+            f"`{name}` must be arrays of inputs (an array, or a dict, list or tuple of "
+            f"arrays). Received: a {type(x).__name__} (collect a dataset's examples first, "
+            "e.g. `np.concatenate([x for x, _ in dataset])`)"
+        )
+
+
 def example_count(x):
     """The number of examples in a batch of model inputs."""
     return len(keras.tree.flatten(x)[0])

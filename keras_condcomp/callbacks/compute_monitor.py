@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 from keras_condcomp._arguments import check_positive_int
-from keras_condcomp._inputs import as_model_inputs, example_count
+from keras_condcomp._inputs import as_model_inputs, check_arrays, example_count
 from keras_condcomp.callbacks._common import require_gated_layers
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 
@@ -85,6 +85,7 @@ class ComputeMonitor(keras.callbacks.Callback):
     def __init__(self, x=None, y=None, log_dir=None, plot_path=None, batch_size=256):
         super().__init__()
         if x is not None:
+            check_arrays("x", x)
             x = as_model_inputs(x)
             shapes = [np.shape(a) for a in keras.tree.flatten(x)]
             if not shapes or min(len(shape) for shape in shapes) < 2 \

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from keras_condcomp._arguments import check_positive_int
-from keras_condcomp._inputs import as_model_inputs
+from keras_condcomp._inputs import as_model_inputs, check_arrays
 from keras_condcomp.models.policy_gradient_model import (
     check_called_once,
     gated_layer_inputs,
@@ -73,12 +73,7 @@ def check_model(model):
 def _as_inputs(model, data, name):
     """`data` (argument `name`: an array, a list or tuple of arrays, or a
     dict by input name) as the list of input arrays of `model`."""
-    if not isinstance(data, (dict, list, tuple)) and not hasattr(data, "__array__"):
-        raise ValueError(
-            f"`{name}` must be arrays of examples (an array, a list or tuple of arrays, or a "
-            f"dict by input name). Received: a {type(data).__name__} (collect a dataset's "
-            "examples first, e.g. `np.concatenate([x for x, _ in dataset])`)"
-        )
+    check_arrays(name, data)
     # A list of examples (nested numbers) is one array, as Keras reads it.
     data = as_model_inputs(data)
     if isinstance(data, dict):

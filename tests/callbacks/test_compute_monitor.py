@@ -63,6 +63,7 @@ def test_logs_tensorboard_and_png(data, tmp_path):
         ({"plot_path": "usage.pdf"}, "plot_path='usage.pdf'"),
         ({"log_dir": 3}, "log_dir=3"),
         ({"batch_size": 0}, "batch_size=0"),
+        ({"x": (row for row in np.zeros((3, 8)))}, "a generator"),
     ],
 )
 def test_bad_arguments(kwargs, message):
