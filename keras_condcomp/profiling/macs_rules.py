@@ -3,8 +3,9 @@
 A rule maps a built layer to a `LayerCost`. The profiler tries `GATED_RULES`
 first (layers whose blocks a policy switches), then `RULES` in order; the
 first rule whose class matches wins. To count a new kind of layer (a
-`GatedConv2D`, say), write a function `layer -> LayerCost` and add
-`(LayerClass, function)` to the right table.
+`GatedConv2D`, say), write a function `(layer, input_shape, output_shape)
+-> LayerCost` (the shapes of one call, with the batch dimension; None where
+unknown) and add `(LayerClass, function)` to the right table.
 
 The rules:
 
@@ -26,10 +27,11 @@ The rules:
   steps: 0 MACs, marked uncounted (`counted=False`) so that the summary
   says so instead of silently under-counting.
 
-A layer (or nested model) that the model calls k times counts k calls (read
-from the functional graphs; a subclassed model's calls are not known and
-count once); a gated one at its density over the calls, its inputs counted
-dense.
+A layer (or nested model) that the model calls k times counts k calls, each
+at its own shapes (read from the functional graphs, so a layer first called
+in another model counts at this model's shapes; a subclassed model's calls
+are not known and count once, at the first call's shapes); a gated one at
+its density over the calls, its inputs counted dense.
 """
 
 import dataclasses
@@ -97,12 +99,33 @@ def _tensor(layer, attribute):
         return None
 
 
-def _positions(layer, attribute, channels_last=True):
-    """Spatial (or step) positions per example of `layer.input`/`output`."""
-    tensor = _tensor(layer, attribute)
-    if tensor is None or isinstance(tensor, (list, tuple, dict)):
+def _shape(value):
+    """A single tensor's (or shape's) dimensions as a tuple, else None."""
+    shape = getattr(value, "shape", value)
+    if not isinstance(shape, (tuple, list)) or any(
+        not (dim is None or isinstance(dim, int)) for dim in shape
+    ):
         return None
-    shape = tuple(tensor.shape)
+    return tuple(shape)
+
+
+def call_shapes(layer, input_shape=None):
+    """`(input shape, output shape)` of one call of `layer`: from
+    `input_shape` (that call's, read from the model's graph) when given, else
+    from the layer's first call (`layer.input`, `layer.output`: possibly in
+    another model); None where unknown."""
+    if input_shape is not None:
+        try:
+            return tuple(input_shape), _shape(layer.compute_output_shape(tuple(input_shape)))
+        except (NotImplementedError, ValueError, TypeError, AttributeError):
+            pass
+    return _shape(_tensor(layer, "input")), _shape(_tensor(layer, "output"))
+
+
+def _positions(shape, channels_last=True):
+    """Spatial (or step) positions per example of a tensor of `shape`."""
+    if shape is None:
+        return None
     inner = shape[1:-1] if channels_last else shape[2:]
     if any(dim is None for dim in inner):
         return None
@@ -117,37 +140,37 @@ def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") != "channels_first"
 
 
-def _dense(layer):
-    positions = _positions(layer, "output")
-    if positions is None and _tensor(layer, "output") is not None:
+def _dense(layer, input_shape, output_shape):
+    positions = _positions(output_shape)
+    if positions is None and output_shape is not None:
         return LayerCost(0, counted=False)  # (batch, steps, features), steps unknown
     # Without a symbolic output (subclassed models) a Dense reads (batch, features).
     return LayerCost(_size(layer.kernel) * (1 if positions is None else positions))
 
 
-def _convolution(layer):
-    positions = _positions(layer, "output", _channels_last(layer))
+def _convolution(layer, input_shape, output_shape):
+    positions = _positions(output_shape, _channels_last(layer))
     if positions is None:
         return LayerCost(0, counted=False)
     return LayerCost(_size(layer.kernel) * positions)
 
 
-def _separable_convolution(layer):
-    positions = _positions(layer, "output", _channels_last(layer))
+def _separable_convolution(layer, input_shape, output_shape):
+    positions = _positions(output_shape, _channels_last(layer))
     if positions is None:
         return LayerCost(0, counted=False)
     kernels = _size(layer.depthwise_kernel) + _size(layer.pointwise_kernel)
     return LayerCost(kernels * positions)
 
 
-def _transposed_convolution(layer):
-    positions = _positions(layer, "input", _channels_last(layer))
+def _transposed_convolution(layer, input_shape, output_shape):
+    positions = _positions(input_shape, _channels_last(layer))
     if positions is None:
         return LayerCost(0, counted=False)
     return LayerCost(_size(layer.kernel) * positions)
 
 
-def _gated_dense(layer):
+def _gated_dense(layer, input_shape, output_shape):
     return LayerCost(
         dense_macs=_size(layer.block_kernel),
         policy_macs=_size(layer.policy.kernel),
@@ -155,8 +178,8 @@ def _gated_dense(layer):
     )
 
 
-def _gated_conv2d(layer):
-    positions = _positions(layer, "output", _channels_last(layer))
+def _gated_conv2d(layer, input_shape, output_shape):
+    positions = _positions(output_shape, _channels_last(layer))
     if positions is None:
         return LayerCost(0, counted=False)
     return LayerCost(
@@ -166,7 +189,7 @@ def _gated_conv2d(layer):
     )
 
 
-def _zero(layer):
+def _zero(layer, input_shape, output_shape):
     return LayerCost(0)
 
 
@@ -209,14 +232,16 @@ RULES = [
 ]
 
 
-def layer_cost(layer):
-    """The `LayerCost` of a built `layer` (see the module's rules).
+def layer_cost(layer, input_shape=None):
+    """The `LayerCost` of one call of a built `layer` (see the module's rules).
 
     A layer no rule matches costs 0 MACs, counted when it has no weights,
     uncounted (`counted=False`) when it has some.
 
     Args:
         layer: a built Keras layer.
+        input_shape: the call's input shape (`profile_macs` reads it from
+            the model's graph); None: the layer's first call's.
 
     Returns:
         A `LayerCost`, per call of the layer.
@@ -235,7 +260,7 @@ def layer_cost(layer):
     table = GATED_RULES if is_gated(layer) else RULES
     for classes, rule in table:
         if isinstance(layer, classes):
-            return rule(layer)
+            return rule(layer, *call_shapes(layer, input_shape))
     if is_gated(layer):
         raise ValueError(
             f"No MACs rule for the gated layer {layer.name!r} "

@@ -25,22 +25,23 @@ def _profiled_layers(model):
             yield layer
 
 
-def layer_calls(model):
-    """`{id(layer): times a forward pass of model calls it}` for the layers of
-    `model` and of the models nested in it (a nested model's layers count
-    once per call of the nested model), read from the functional graphs'
-    configs; a layer whose graph is not known (in a subclassed model)
-    counts 1.
+def layer_call_inputs(model):
+    """`{id(layer): [input shape of each call]}`: the calls a forward pass of
+    `model` makes of its layers and of the layers of the models nested in it
+    (a nested model's layers are called once per call of the nested model),
+    read from the functional graphs' configs. A shape is None where it is
+    not known (a call on several tensors; a layer of a subclassed model,
+    which counts one call).
 
     Examples:
         >>> import keras
         >>> inputs = keras.Input((4,))
         >>> shared = keras.layers.Dense(4, name="shared")
         >>> model = keras.Model(inputs, shared(shared(inputs)))
-        >>> layer_calls(model)[id(shared)]
-        2
+        >>> layer_call_inputs(model)[id(shared)]
+        [(None, 4), (None, 4)]
     """
-    calls = {}
+    found = {}
 
     def visit(container, times):
         try:
@@ -54,13 +55,39 @@ def layer_calls(model):
                     entries[entry.get("name")] = entry
         for layer in getattr(container, "layers", None) or ():
             nodes = entries.get(layer.name, {}).get("inbound_nodes")
-            count = times * (len(nodes) if nodes else 1)
-            calls[id(layer)] = calls.get(id(layer), 0) + count
+            shapes = [_first_argument_shape(node) for node in nodes] if nodes else [None]
+            found.setdefault(id(layer), []).extend(shapes * times)
             if getattr(layer, "layers", None):
-                visit(layer, count)
+                visit(layer, times * len(shapes))
 
     visit(model, 1)
-    return calls
+    return found
+
+
+def _first_argument_shape(node):
+    """The shape of a serialised call's one tensor argument, else None."""
+    arguments = node.get("args") if isinstance(node, dict) else None
+    if not arguments or not isinstance(arguments[0], dict):
+        return None
+    if arguments[0].get("class_name") != "__keras_tensor__" or len(arguments) > 1:
+        return None
+    shape = arguments[0].get("config", {}).get("shape")
+    return tuple(shape) if isinstance(shape, (list, tuple)) else None
+
+
+def layer_calls(model):
+    """`{id(layer): times a forward pass of model calls it}` (see
+    `layer_call_inputs`).
+
+    Examples:
+        >>> import keras
+        >>> inputs = keras.Input((4,))
+        >>> shared = keras.layers.Dense(4, name="shared")
+        >>> model = keras.Model(inputs, shared(shared(inputs)))
+        >>> layer_calls(model)[id(shared)]
+        2
+    """
+    return {key: len(shapes) for key, shapes in layer_call_inputs(model).items()}
 
 
 def _symbolic(layer, attribute):
@@ -190,8 +217,9 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
     pair both per example; given or target densities multiply the means.
     Ungated layers count densely; rules per layer kind are in
     `keras_condcomp.profiling.macs_rules`. A layer the model calls k times
-    (shared weights) counts k calls; a shared gated layer's input counts
-    as dense.
+    (shared weights) counts k calls, each at its input shape in this model
+    (also for a layer first called in another model); a shared gated
+    layer's input counts as dense.
 
     Args:
         model: a built Keras model (functional, Sequential or subclassed).
@@ -255,18 +283,19 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
             return float(densities[layer.name])
         return float(layer.target_density or 1.0)
 
-    calls = layer_calls(model)
+    call_inputs = layer_call_inputs(model)
     rows = []
     for layer in layers:
-        cost = layer_cost(layer)
-        # A layer the model calls k times (shared weights) costs k calls.
-        times = calls.get(id(layer), 1)
+        # A layer the model calls k times (shared weights) costs k calls,
+        # each at its own input shape.
+        costs = [layer_cost(layer, shape) for shape in call_inputs.get(id(layer), [None])]
+        cost = costs[0]
         row = dict(
             name=layer.name,
             kind=type(layer).__name__,
             parameters=int(layer.count_params()) if layer.built else 0,
-            dense_macs=cost.dense_macs * times,
-            counted=cost.counted,
+            dense_macs=sum(call.dense_macs for call in costs),
+            counted=all(call.counted for call in costs),
         )
         if cost.blocks is not None:
             source_name = upstream.get(layer.name)
@@ -284,7 +313,7 @@ def profile_macs(model, densities=None, x=None, batch_size=256):
                 fraction = float(per_example.mean())
             row.update(
                 blocks=cost.blocks,
-                policy_macs=cost.policy_macs * times,
+                policy_macs=sum(call.policy_macs for call in costs),
                 input_density=input_density,
                 density=density,
                 computed_fraction=fraction,

@@ -142,6 +142,25 @@ def test_nested_sequential_and_subclassed_models():
     assert profile.layer("head").dense_macs == 24
 
 
+def test_each_call_counts_at_its_own_shapes_in_this_model():
+    from keras_condcomp.layers import GatedConv2D
+
+    # First called in another model, on 32x32 images; here on 8x8.
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
+    gated = GatedConv2D(8, 3, blocks=4, padding="same", target_density=0.5, name="gated")
+    big = keras.Input((32, 32, 3))
+    keras.Model(big, gated(conv(big)))
+    small = keras.Input((8, 8, 3))
+    profile = profile_macs(keras.Model(small, gated(conv(small))))
+    assert profile.layer("conv").dense_macs == 8 * 8 * (3 * 3 * 3 * 4)
+    assert profile.layer("gated").dense_macs == 8 * 8 * (3 * 3 * 4 * 8)
+    # A shared layer called on an 8x8 map and on a pooled 4x4 one.
+    shared = keras.layers.Conv2D(4, 3, padding="same", name="shared")
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, [shared(inputs), shared(keras.layers.MaxPooling2D()(inputs))])
+    assert profile_macs(model).layer("shared").dense_macs == (64 + 16) * (3 * 3 * 3 * 4)
+
+
 def test_layers_called_several_times_count_every_call(rng):
     shared_gate = GatedDense(16, blocks=4, target_density=0.5, name="shared_gate")
     shared_dense = keras.layers.Dense(16, name="shared_dense")
