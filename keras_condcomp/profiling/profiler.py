@@ -44,18 +44,10 @@ def layer_call_inputs(model):
     found = {}
 
     def visit(container, times):
-        try:
-            config = container.get_config()
-        except (NotImplementedError, TypeError):
-            config = None
-        entries = {}
-        if isinstance(config, dict):
-            for entry in config.get("layers") or ():
-                if isinstance(entry, dict):
-                    entries[entry.get("name")] = entry
+        entries = _graph_entries(container)
         for layer in getattr(container, "layers", None) or ():
             nodes = entries.get(layer.name, {}).get("inbound_nodes")
-            shapes = [_first_argument_shape(node) for node in nodes] if nodes else [None]
+            shapes = [_shape_of(_first_argument(node)) for node in nodes] if nodes else [None]
             found.setdefault(id(layer), []).extend(shapes * times)
             if getattr(layer, "layers", None):
                 visit(layer, times * len(shapes))
@@ -64,14 +56,34 @@ def layer_call_inputs(model):
     return found
 
 
-def _first_argument_shape(node):
-    """The shape of a serialised call's one tensor argument, else None."""
+def _graph_entries(container):
+    """`{layer name: its config entry}` of a functional model's graph (each
+    with its `inbound_nodes`, the calls made in this model, indexed within
+    it); empty for other containers."""
+    try:
+        config = container.get_config()
+    except (NotImplementedError, TypeError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {
+        entry.get("name"): entry for entry in config.get("layers") or ()
+        if isinstance(entry, dict)
+    }
+
+
+def _first_argument(node):
+    """The config of a serialised call's one tensor argument, else None."""
     arguments = node.get("args") if isinstance(node, dict) else None
-    if not arguments or not isinstance(arguments[0], dict):
+    if not arguments or len(arguments) > 1 or not isinstance(arguments[0], dict):
         return None
-    if arguments[0].get("class_name") != "__keras_tensor__" or len(arguments) > 1:
+    if arguments[0].get("class_name") != "__keras_tensor__":
         return None
-    shape = arguments[0].get("config", {}).get("shape")
+    return arguments[0].get("config") or None
+
+
+def _shape_of(argument):
+    shape = (argument or {}).get("shape")
     return tuple(shape) if isinstance(shape, (list, tuple)) else None
 
 
@@ -88,14 +100,6 @@ def layer_calls(model):
         2
     """
     return {key: len(shapes) for key, shapes in layer_call_inputs(model).items()}
-
-
-def _symbolic(layer, attribute):
-    try:
-        tensor = getattr(layer, attribute)
-    except (AttributeError, ValueError):
-        return None
-    return None if isinstance(tensor, (list, tuple, dict)) else tensor
 
 
 def gated_inputs(model):
@@ -131,31 +135,54 @@ def gated_inputs(model):
     layers = list(_profiled_layers(model))
     check_unique_names(model, [layer for layer in layers if is_gated(layer)])
     calls = layer_calls(model)
-    producers = {}
-    for layer in layers:
-        output = _symbolic(layer, "output")
-        if output is not None:
-            producers[id(output)] = layer
     found = {}
-    for layer in layers:
-        if not is_gated(layer):
-            continue
-        # `layer.input` is its first call's only: the calls of a shared
-        # layer count as dense inputs.
-        tensor = _symbolic(layer, "input") if calls.get(id(layer), 1) == 1 else None
-        upstream = None
-        while tensor is not None:
-            producer = producers.get(id(tensor))
-            if producer is None:
-                break
-            if is_gated(producer):
-                upstream = producer.name
-                break
-            if not keeps_zeros(producer):
-                break
-            tensor = _symbolic(producer, "input")
-        found[layer.name] = upstream
+
+    def visit(container):
+        members = [layer for layer in getattr(container, "layers", None) or ()
+                   if not isinstance(layer, keras.layers.InputLayer)]
+        producer_of = _producers(container, members)
+        for layer in members:
+            if getattr(layer, "layers", None):
+                visit(layer)
+                continue
+            if not is_gated(layer):
+                continue
+            upstream = None
+            # The calls of a shared layer count as dense inputs.
+            producer, node = producer_of(layer, 0) if calls.get(id(layer), 1) == 1 else (None, 0)
+            while producer is not None:
+                if is_gated(producer):
+                    upstream = producer.name
+                    break
+                if not keeps_zeros(producer):
+                    break
+                producer, node = producer_of(producer, node)
+            found[layer.name] = upstream
+
+    visit(model)
     return found
+
+
+def _producers(container, members):
+    """`(layer, call index) -> (layer of `container` whose output that call
+    reads, its call index)`, or `(None, 0)`: from a functional graph's
+    config (this model's calls, not a layer's first call anywhere), the
+    previous layer in a Sequential model; nothing in a subclassed one."""
+    if isinstance(container, keras.Sequential):
+        previous = {id(layer): before for before, layer in zip(members, members[1:])}
+        return lambda layer, node: (previous.get(id(layer)), 0)
+    entries = _graph_entries(container)
+    by_name = {layer.name: layer for layer in members}
+
+    def producer_of(layer, node):
+        nodes = entries.get(layer.name, {}).get("inbound_nodes") or ()
+        argument = _first_argument(nodes[node]) if node < len(nodes) else None
+        history = (argument or {}).get("keras_history")
+        if not isinstance(history, (list, tuple)) or len(history) < 2:
+            return None, 0
+        return by_name.get(history[0]), history[1]
+
+    return producer_of
 
 
 def _batches(x, batch_size):

@@ -161,6 +161,20 @@ def test_each_call_counts_at_its_own_shapes_in_this_model():
     assert profile_macs(model).layer("shared").dense_macs == (64 + 16) * (3 * 3 * 3 * 4)
 
 
+def test_gated_inputs_follow_this_models_graph_not_a_first_call_elsewhere():
+    first = GatedDense(16, blocks=4, activation="relu", name="first")
+    second = GatedDense(8, blocks=2, name="second")
+    inputs = keras.Input((16,))
+    direct = keras.Model(inputs, second(keras.layers.Dropout(0.5)(first(inputs))))
+    assert profiling.gated_inputs(direct) == {"first": None, "second": "first"}
+    # The same layers, a Dense between them: second's input is dense here.
+    other = keras.Model(inputs, second(keras.layers.Dense(16)(first(inputs))))
+    assert profiling.gated_inputs(other) == {"first": None, "second": None}
+    assert profile_macs(other).layer("second").input_density == 1.0
+    sequential = keras.Sequential([keras.Input((16,)), first, keras.layers.ReLU(), second])
+    assert profiling.gated_inputs(sequential) == {"first": None, "second": "first"}
+
+
 def test_layers_called_several_times_count_every_call(rng):
     shared_gate = GatedDense(16, blocks=4, target_density=0.5, name="shared_gate")
     shared_dense = keras.layers.Dense(16, name="shared_dense")
