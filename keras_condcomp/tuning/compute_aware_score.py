@@ -1,6 +1,7 @@
 """A scale-free score trading accuracy against conditional MACs, for any tuner."""
 
 import math
+import warnings
 
 import keras
 
@@ -148,6 +149,7 @@ class ComputeAwareScore(keras.callbacks.Callback):
         self.min_accuracy = float(min_accuracy)
         self.accuracy = accuracy
         self.name = name
+        self._validated = False
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -166,3 +168,17 @@ class ComputeAwareScore(keras.callbacks.Callback):
                     accuracy, float(macs), self.reference_macs, self.macs_weight,
                     self.min_accuracy,
                 )
+                self._validated = self._validated or bool(prefix)
+
+    def on_train_begin(self, logs=None):
+        self._validated = False
+
+    def on_train_end(self, logs=None):
+        if not self._validated:
+            # KerasTuner then fails with a bare KeyError on the objective.
+            warnings.warn(
+                f"ComputeAwareScore wrote no `val_{self.name}`: the fit had no validation "
+                "data, which `compute_aware_objective()` reads (pass validation_data or "
+                "validation_split to the search).",
+                stacklevel=2,
+            )

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import keras
 import keras_tuner
@@ -78,6 +79,16 @@ def test_callback_writes_scores_validates_and_deep_copies():
     assert logs["val_compute_aware_score"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="conditional_macs.*Logged: \\['accuracy'"):
         callback.on_epoch_end(0, {"accuracy": 0.5})
+    # A fit without validation data says why the objective will be missing.
+    callback.on_train_begin()
+    callback.on_epoch_end(0, {"accuracy": 0.5, "conditional_macs": 1000.0})
+    with pytest.warns(UserWarning, match="no `val_compute_aware_score`"):
+        callback.on_train_end()
+    callback.on_train_begin()
+    callback.on_epoch_end(0, dict(logs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_train_end()
     for kwargs, message in (
         ({"reference_macs": -3}, "reference_macs=-3"),
         ({"reference_macs": 5, "accuracy": ""}, "accuracy=''"),
