@@ -84,7 +84,7 @@ def _as_inputs(model, data, name):
                 f"{model.name!r}, by name: {sorted(names)}. Received keys: {sorted(data)}"
             )
         data = [data[input_name] for input_name in names]
-    arrays = list(data) if isinstance(data, tuple) else [data]
+    arrays = list(data) if isinstance(data, (list, tuple)) else [data]
     try:
         arrays = [np.asarray(array, dtype="float32") for array in arrays]
     except (TypeError, ValueError) as error:
