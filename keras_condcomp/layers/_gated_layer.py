@@ -217,6 +217,8 @@ class GatedLayer(keras.layers.Layer):
             kernel_regularizer=policy_regularizer,
             name="policy",
         )
+        # Made after the base layer took `trainable`: a frozen layer's policy too.
+        self.policy.trainable = self.trainable
         self.supports_masking = False
         # Data-dependent shapes (tf.where) do not compile under XLA.
         self.supports_jit = False
@@ -301,8 +303,9 @@ class GatedLayer(keras.layers.Layer):
 
     def _float_inputs(self, inputs):
         """`inputs` as a tensor, cast to the compute dtype when they are not
-        floating point (integer pixels, as `keras.layers.Dense` takes them)."""
-        inputs = ops.convert_to_tensor(inputs)
+        floating point (integer pixels, as `keras.layers.Dense` takes them);
+        a sparse tensor densified."""
+        inputs = ops.convert_to_tensor(inputs, sparse=False)  # sparse: densified
         if not keras.backend.is_float_dtype(inputs.dtype):
             inputs = ops.cast(inputs, self.compute_dtype)
         return inputs

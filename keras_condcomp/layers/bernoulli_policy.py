@@ -84,6 +84,15 @@ class BernoulliPolicy(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.blocks,)
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # `Model.quantize` calls the leaf layers only and warns with this
+        # message: without it, the only word of a skipped gated layer.
+        raise NotImplementedError(
+            "Keras's quantize() leaves keras_condcomp's gated layers (GatedDense, "
+            "GatedConv2D) and their policies in float. For int8 weights, export with "
+            "keras_condcomp.export.export_litert(model, path, quantize='int8')."
+        )
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -189,7 +189,6 @@ class GatedDense(GatedLayer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.input_spec = keras.layers.InputSpec(ndim=2)
 
     @property
     def block_size(self):
@@ -203,7 +202,16 @@ class GatedDense(GatedLayer):
             raise AttributeError("`kernel` is created when the layer is built.")
         return from_block_kernel(self.block_kernel)
 
+    def _check_rank(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"GatedDense {self.name!r} takes inputs of shape (batch, features). Received: "
+                f"input_shape={tuple(input_shape)}. For sequences or images, Flatten or "
+                "Reshape them first, or wrap the layer in keras.layers.TimeDistributed."
+            )
+
     def build(self, input_shape):
+        self._check_rank(input_shape)
         input_dim = input_shape[-1]
         dense_shape = (input_dim, self.units)
 
@@ -266,6 +274,7 @@ class GatedDense(GatedLayer):
         )
 
     def compute_output_shape(self, input_shape):
+        self._check_rank(input_shape)
         return tuple(input_shape[:-1]) + (self.units,)
 
     def load_own_variables(self, store):

@@ -150,8 +150,36 @@ def test_bad_input_shape_is_refused(rng):
     layer(rng.normal(size=(2, 4)).astype("float32"))
     with pytest.raises(ValueError, match="axis -1"):
         layer(rng.normal(size=(2, 5)).astype("float32"))
-    with pytest.raises(ValueError, match="ndim=2"):
+    with pytest.raises(ValueError, match=r"\(batch, features\).*input_shape=\(2, 3, 4\).*TimeDistr"):
         GatedDense(8, blocks=2)(rng.normal(size=(2, 3, 4)).astype("float32"))
+    with pytest.raises(ValueError, match=r"input_shape=\(None, 5, 16\)"):
+        GatedDense(8, blocks=2).compute_output_shape((None, 5, 16))
+
+
+def test_trainable_false_freezes_the_policy_too(rng, tmp_path):
+    layer = GatedDense(8, blocks=2, trainable=False, name="frozen")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(layer(inputs)))
+    assert [w.path for w in model.trainable_weights] == ["head/kernel", "head/bias"]
+    reloaded = GatedDense.from_config(layer.get_config())
+    assert not reloaded.policy.trainable
+
+
+def test_sparse_inputs_are_read_as_dense_ones(rng):
+    import tensorflow as tf
+
+    layer = GatedDense(8, blocks=2)
+    dense = np.where(rng.random((3, 4)) < 0.5, 0, rng.normal(size=(3, 4))).astype("float32")
+    np.testing.assert_allclose(
+        layer(tf.sparse.from_dense(dense)).numpy(), layer(dense).numpy(), rtol=1e-6
+    )
+
+
+def test_keras_quantize_says_it_leaves_the_gated_layers_in_float(rng):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(GatedDense(8, blocks=2)(inputs)))
+    with pytest.warns(UserWarning, match="leaves keras_condcomp's gated layers"):
+        model.quantize("int8")
 
 
 @pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sparsemax", "glu"])
