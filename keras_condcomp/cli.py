@@ -802,6 +802,8 @@ def main(argv=None):
         elif args.command == "export":
             export(args)
     except CommandError as error:
+        if _interrupts.pending():  # an error a signal caused inside native code
+            raise KeyboardInterrupt(_interrupts.pending()) from None
         print(f"keras-condcomp: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -280,6 +280,18 @@ def test_an_error_after_a_signal_is_reported_as_the_interrupt(
     monkeypatch.setattr(cli, "main", interrupted_in_native_code)
     assert cli.console_main() == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "keras-condcomp: interrupted (SIGTERM)\n"
+    monkeypatch.undo()
+
+    # Also when main() turned that error into a one-line CommandError.
+    def export_broken_by_a_signal(args):
+        with _interrupts.stops_at_batch_ends():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise cli.CommandError("the exporter failed")
+
+    monkeypatch.setattr(cli, "train", export_broken_by_a_signal)
+    monkeypatch.setattr(sys, "argv", ["keras-condcomp", "train"])
+    assert cli.console_main() == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "keras-condcomp: interrupted (SIGTERM)\n"
 
     # Without a signal, an error is not hidden.
     def broken(argv=None):

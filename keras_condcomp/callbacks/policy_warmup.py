@@ -16,10 +16,13 @@ class PolicyWarmup(keras.callbacks.Callback):
     network), and its policy gets no REINFORCE gradient and no gating
     regulariser (a `policy_regularizer` still applies). When it switches the
     policies on, it sets the step count of a separate `policy_optimizer`
-    (`PolicyGradientModel.compile`) back to 0, so that optimizer's
-    learning-rate schedule and Adam's bias correction start with the
-    policies, not before (one optimizer for both keeps counting the
-    network's steps). From epoch `epochs` on (the
+    (`PolicyGradientModel.compile`) back to what it was when this callback
+    saw the warm-up begin (0 for a new model; a `fit` resumed at the switch
+    with the same callback included), so that optimizer's learning-rate
+    schedule and Adam's bias correction do not count the warm-up's steps on
+    zero gradients (Adam's moments keep what a `policy_regularizer` put in
+    them; one optimizer for both keeps counting the network's steps). From
+    epoch `epochs` on (the
     epoch index Keras gives, which starts at `fit`'s `initial_epoch`: a `fit`
     resumed at `initial_epoch >= epochs` has no warm-up) the policy decides
     as usual. It works by `GatedDense.set_policy_enabled`,
@@ -55,6 +58,7 @@ class PolicyWarmup(keras.callbacks.Callback):
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
         self.epochs = int(epochs)
         self.verbose = verbose
+        self._steps_before = None
 
     def _set(self, enabled):
         for layer in require_gated_layers(self, self.model):
@@ -64,14 +68,17 @@ class PolicyWarmup(keras.callbacks.Callback):
         require_gated_layers(self, self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
+        policy_optimizer = getattr(self.model, "policy_optimizer", None)
+        if epoch < self.epochs and self._steps_before is None and policy_optimizer is not None:
+            self._steps_before = int(policy_optimizer.iterations)
         if epoch == self.epochs and self.epochs > 0:
             if self.verbose:
                 print(f"\nPolicyWarmup: epoch {epoch + 1}: policies switched on.")
-            # Its steps on the warm-up's zero gradients would leave Adam's bias
-            # correction as for a long-trained policy: larger first steps.
-            policy_optimizer = getattr(self.model, "policy_optimizer", None)
-            if policy_optimizer is not None:
-                policy_optimizer.iterations.assign(0)
+            # Counting the warm-up's steps on zero gradients would leave Adam's
+            # bias correction as for a trained policy: larger first steps.
+            if self._steps_before is not None:
+                policy_optimizer.iterations.assign(self._steps_before)
+                self._steps_before = None
         self._set(epoch >= self.epochs)
 
     def on_epoch_end(self, epoch, logs=None):

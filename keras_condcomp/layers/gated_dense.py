@@ -207,7 +207,7 @@ class GatedDense(GatedLayer):
             raise ValueError(
                 f"GatedDense {self.name!r} takes inputs of shape (batch, features). Received: "
                 f"input_shape={tuple(input_shape)}. For sequences or images, Flatten or "
-                "Reshape them first, or wrap the layer in keras.layers.TimeDistributed."
+                "Reshape them first."
             )
 
     def build(self, input_shape):

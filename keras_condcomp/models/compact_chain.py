@@ -18,9 +18,13 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
-from keras_condcomp.layers._keeps_zeros import ACTIVATION_LAYERS, maps_zero_to_zero
+from keras_condcomp.layers._keeps_zeros import (
+    ACTIVATION_LAYERS,
+    CHANNELWISE_POOLING,
+    INFERENCE_IDENTITY,
+    maps_zero_to_zero,
+)
 from keras_condcomp.layers.gated_conv2d import GatedConv2D
 from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops._threads import intra_op_threads
@@ -53,27 +57,7 @@ LOOP_LARGE_MACS = 5e7
 LOOP_MAX_FRACTION = 0.5
 LOOP_LARGE_MAX_FRACTION = 0.9
 
-# Layers that are the identity at inference.
-_INFERENCE_IDENTITY = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
-)
-# Layers that act on each channel of the last axis alone and keep a zero
-# channel zero, given channels_last data.
-_POOLING = (
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-)
-# Layers that act on each value alone; kept compact when they map 0 to 0.
+
 class _Blocks:
     """A value held as some of its blocks along the last axis.
 
@@ -306,9 +290,9 @@ def _step(layer):
         return lambda value: _gated_conv2d(layer, value)
     if isinstance(layer, GatedDense):
         return lambda value: _gated_dense(layer, value)
-    if kind in _INFERENCE_IDENTITY:
+    if kind in INFERENCE_IDENTITY:
         return lambda value: value
-    if kind in _POOLING and _channels_last(layer):
+    if kind in CHANNELWISE_POOLING and _channels_last(layer):
         return channelwise
     if kind is keras.layers.Flatten and _channels_last(layer) and None not in layer.input.shape[1:]:
         return flatten

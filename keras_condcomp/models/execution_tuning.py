@@ -69,15 +69,20 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     if not layers:
         raise ValueError(f"Model {model.name!r} has no gated layers to tune.")
     if getattr(model, "inputs", None) is None:
+        if isinstance(model, keras.Sequential):
+            raise ValueError(
+                f"tune_execution needs a built model: give Sequential model {model.name!r} "
+                "an `Input` or call it once."
+            )
         raise ValueError(
             f"tune_execution needs a functional or Sequential model; {model.name!r} is "
-            "subclassed (or not built), with no symbolic inputs: wrap it, "
+            "subclassed, with no symbolic inputs: wrap it, "
             "`keras.Model(inputs, subclassed(inputs))` with `inputs = keras.Input(...)`."
         )
     if len(model.inputs) != 1:
         raise ValueError(
             f"tune_execution needs a built model with one input. Received: model "
-            f"{model.name!r} with {len(getattr(model, 'inputs', None) or ())} inputs"
+            f"{model.name!r} with {len(model.inputs)} inputs"
         )
     x = np.asarray(x, dtype="float32")
     expected = tuple(model.inputs[0].shape[1:])

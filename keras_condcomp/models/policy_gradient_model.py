@@ -243,10 +243,10 @@ class _PolicyGradientTraining:
         Args:
             policy_optimizer: optimizer (instance, name or config) for the
                 policies' weights, with its own learning rate as in the paper;
-                None updates them with `optimizer`. A `PolicyWarmup` sets its
-                step count back to 0 when it switches the policies on, so its
-                learning-rate schedule and Adam's bias correction start with
-                them.
+                None updates them with `optimizer`. A `PolicyWarmup` takes
+                the warm-up's steps (on zero gradients) back out of its step
+                count when it switches the policies on, so its learning-rate
+                schedule and Adam's bias correction start with them.
         """
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(

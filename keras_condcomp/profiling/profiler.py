@@ -9,7 +9,7 @@ from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers._keeps_zeros import keeps_zeros
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling.layer_profile import LayerProfile
-from keras_condcomp.profiling.macs_rules import is_gated, layer_cost
+from keras_condcomp.profiling.macs_rules import call_shapes, is_gated, layer_cost
 from keras_condcomp.profiling.model_profile import ModelProfile
 
 __all__ = ["gated_inputs", "profile_macs"]
@@ -45,15 +45,37 @@ def layer_call_inputs(model):
 
     def visit(container, times):
         entries = _graph_entries(container)
+        chain = _sequential_input_shapes(container)
         for layer in getattr(container, "layers", None) or ():
             nodes = entries.get(layer.name, {}).get("inbound_nodes")
-            shapes = [_shape_of(_first_argument(node)) for node in nodes] if nodes else [None]
+            if nodes:
+                shapes = [_shape_of(_first_argument(node)) for node in nodes]
+            else:
+                shapes = [chain.get(id(layer))]
             found.setdefault(id(layer), []).extend(shapes * times)
             if getattr(layer, "layers", None):
                 visit(layer, times * len(shapes))
 
     visit(model, 1)
     return found
+
+
+def _sequential_input_shapes(container):
+    """`{id(layer): its input shape}` along a built Sequential model (each
+    layer's output shape is the next one's input), else `{}`."""
+    if not isinstance(container, keras.Sequential):
+        return {}
+    try:
+        shape = tuple(container.inputs[0].shape)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return {}
+    shapes = {}
+    for layer in container.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        shapes[id(layer)] = shape
+        shape = call_shapes(layer, shape)[1] if shape is not None else None
+    return shapes
 
 
 def _graph_entries(container):
@@ -172,6 +194,9 @@ def _producers(container, members):
         previous = {id(layer): before for before, layer in zip(members, members[1:])}
         return lambda layer, node: (previous.get(id(layer)), 0)
     entries = _graph_entries(container)
+    if not entries:
+        # No config (a layer without `get_config`): each layer's first call.
+        return _first_call_producers(members)
     by_name = {layer.name: layer for layer in members}
 
     def producer_of(layer, node):
@@ -181,6 +206,27 @@ def _producers(container, members):
         if not isinstance(history, (list, tuple)) or len(history) < 2:
             return None, 0
         return by_name.get(history[0]), history[1]
+
+    return producer_of
+
+
+def _first_call_producers(members):
+    """`_producers` read from each layer's first call (`layer.input`,
+    `layer.output`), wherever it was made."""
+
+    def tensor(layer, attribute):
+        try:
+            value = getattr(layer, attribute)
+        except (AttributeError, ValueError):
+            return None
+        return None if isinstance(value, (list, tuple, dict)) else value
+
+    producers = {id(tensor(layer, "output")): layer for layer in members
+                 if tensor(layer, "output") is not None}
+
+    def producer_of(layer, node):
+        value = tensor(layer, "input")
+        return (None if value is None else producers.get(id(value))), 0
 
     return producer_of
 

@@ -34,6 +34,9 @@ def test_blocks_open_and_policy_frozen_during_warmup_then_on(data):
     # The policy optimizer's step count (Adam's bias correction, a schedule)
     # started with the policy: 2 epochs of 4 steps, not the warm-up's too.
     assert int(model.optimizer.iterations) == 16 and int(model.policy_optimizer.iterations) == 8
+    # A later warm-up takes its own steps back out, not the trained ones.
+    model.fit(x, y, epochs=2, batch_size=16, callbacks=[PolicyWarmup(1)], verbose=0)
+    assert int(model.policy_optimizer.iterations) == 8 + 4
     assert max(history.history["density"]) < 0.9
     assert not np.allclose(policy_before[0], layer.policy.kernel.numpy())
 

@@ -150,7 +150,7 @@ def test_bad_input_shape_is_refused(rng):
     layer(rng.normal(size=(2, 4)).astype("float32"))
     with pytest.raises(ValueError, match="axis -1"):
         layer(rng.normal(size=(2, 5)).astype("float32"))
-    with pytest.raises(ValueError, match=r"\(batch, features\).*input_shape=\(2, 3, 4\).*TimeDistr"):
+    with pytest.raises(ValueError, match=r"\(batch, features\).*input_shape=\(2, 3, 4\).*Flatten"):
         GatedDense(8, blocks=2)(rng.normal(size=(2, 3, 4)).astype("float32"))
     with pytest.raises(ValueError, match=r"input_shape=\(None, 5, 16\)"):
         GatedDense(8, blocks=2).compute_output_shape((None, 5, 16))

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 
 from keras_condcomp import PolicyGradientModel
 from keras_condcomp.layers import GatedDense
@@ -8,16 +9,20 @@ from keras_condcomp.profiling import profile_macs
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def two_gate_model():
+def two_gate_model(between=None):
     inputs = keras.Input((12,))
     h = GatedDense(24, blocks=4, activation="relu", target_density=0.5, name="g1", seed=1)(inputs)
-    h = keras.layers.Dropout(0.2)(h)
+    h = (between or keras.layers.Dropout(0.2))(h)
     h = GatedDense(16, blocks=8, activation="relu", target_density=0.25, name="g2", seed=2)(h)
     return PolicyGradientModel(inputs, keras.layers.Dense(3, name="head")(h))
 
 
-def test_conditional_macs_logged_and_equal_to_the_profile(rng):
-    model = two_gate_model()
+# A layer between the gated ones that keeps zeros zero: the step (a traced
+# graph) profiles the model, testing that layer eagerly.
+@pytest.mark.parametrize("between", ["dropout", "relu", "activation"])
+def test_conditional_macs_logged_and_equal_to_the_profile(rng, between):
+    model = two_gate_model({"dropout": None, "relu": keras.layers.ReLU(),
+                            "activation": keras.layers.Activation("relu")}[between])
     model.compile("adam", LOSS, metrics=["accuracy"], policy_optimizer="adam")
     x = rng.normal(size=(96, 12)).astype("float32")
     y = (np.arange(96) % 3).astype("int64")

@@ -159,6 +159,9 @@ def test_each_call_counts_at_its_own_shapes_in_this_model():
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, [shared(inputs), shared(keras.layers.MaxPooling2D()(inputs))])
     assert profile_macs(model).layer("shared").dense_macs == (64 + 16) * (3 * 3 * 3 * 4)
+    # In a Sequential model, at its shapes too.
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.MaxPooling2D(), conv])
+    assert profile_macs(sequential).layer("conv").dense_macs == 4 * 4 * (3 * 3 * 3 * 4)
 
 
 def test_gated_inputs_follow_this_models_graph_not_a_first_call_elsewhere():
@@ -173,6 +176,18 @@ def test_gated_inputs_follow_this_models_graph_not_a_first_call_elsewhere():
     assert profile_macs(other).layer("second").input_density == 1.0
     sequential = keras.Sequential([keras.Input((16,)), first, keras.layers.ReLU(), second])
     assert profiling.gated_inputs(sequential) == {"first": None, "second": "first"}
+
+    class Scaled(keras.layers.Layer):  # no get_config: the model has no config
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = np.asarray(factor)
+
+        def call(self, x):
+            return x * self.factor
+
+    a, b = GatedDense(16, blocks=4, name="a"), GatedDense(8, blocks=2, name="b")
+    unserialisable = keras.Model(inputs, Scaled([2.0])(b(keras.layers.ReLU()(a(inputs)))))
+    assert profiling.gated_inputs(unserialisable) == {"a": None, "b": "a"}
 
 
 def test_layers_called_several_times_count_every_call(rng):
