@@ -20,8 +20,8 @@ INFERENCE_IDENTITY = (
     keras.layers.ActivityRegularization,
     keras.layers.Identity,
 )
-# Layers that act on each channel of the last axis alone and keep a zero
-# channel zero, given channels_last data.
+# Layers that pool within each channel: a zero channel stays zero (compact
+# chains take them on channels_last data only).
 CHANNELWISE_POOLING = (
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
@@ -59,10 +59,7 @@ def maps_zero_to_zero(layer):
 
 def keeps_zeros(layer):
     """Whether `layer`'s output at inference is zero in every block (of
-    features, or of channels last) where its input is."""
-    if isinstance(layer, INFERENCE_IDENTITY) or (
-        isinstance(layer, CHANNELWISE_POOLING)
-        and getattr(layer, "data_format", "channels_last") == "channels_last"
-    ):
+    features, or of channels) where its input is."""
+    if isinstance(layer, (*INFERENCE_IDENTITY, *CHANNELWISE_POOLING)):
         return True
     return isinstance(layer, ACTIVATION_LAYERS) and maps_zero_to_zero(layer)
