@@ -225,7 +225,9 @@ class ComputeMonitor(keras.callbacks.Callback):
                 logs["inference_conditional_macs"] = profile[0]
             classes = self.y if self.y is not None else predictions
             if classes.ndim != 1:  # no classes: the usage over all of x
-                self.block_usage = {name: {"all": mask.mean(axis=0)} for name, mask in masks.items()}
+                self.block_usage = {
+                    name: {"all": mask.mean(axis=0)} for name, mask in masks.items()
+                }
             else:
                 self.block_usage = {
                     name: {int(c): mask[classes == c].mean(axis=0) for c in np.unique(classes)}
@@ -265,7 +267,8 @@ class ComputeMonitor(keras.callbacks.Callback):
         One heatmap per gated layer of the last epoch's block usage per
         class on `x` (none without `x`), and the curves of the densities
         of each epoch so far (training, validation, inference on `x`, and
-        the mean of the layers' current target densities). Called with `plot_path` when training ends.
+        the mean of the layers' current target densities). Called with
+        `plot_path` when training ends.
 
         Args:
             path: the file to write (its folder is created if missing).

@@ -84,7 +84,8 @@ def _graph_entries(container):
     it); empty for other containers."""
     try:
         config = container.get_config()
-    except (NotImplementedError, TypeError):
+    except (NotImplementedError, TypeError, ValueError, AttributeError):
+        # A layer that cannot give its config (custom, without get_config).
         return {}
     if not isinstance(config, dict):
         return {}
@@ -129,12 +130,15 @@ def gated_inputs(model):
 
     A gated layer reads a block-sparse input when its input is the output of
     another gated layer, directly or through layers that keep zeros zero:
-    `Dropout`, `Identity`, `MaxPooling2D`, `AveragePooling2D`, and `ReLU`,
-    `LeakyReLU`, `ELU` or element-wise `Activation` layers that map 0 to 0
-    (not `ReLU(threshold=0.5, negative_slope=0.1)`, nor a sigmoid). Only functional and Sequential graphs are
-    followed, and not across the boundary of a nested model: elsewhere the
-    input counts as dense, and so do the inputs of a gated layer the model
-    calls more than once.
+    the identity at inference (`Dropout` and the other dropouts and noises,
+    `Identity`), pooling within channels (`MaxPooling2D`,
+    `AveragePooling2D` and their global forms), and `ReLU`, `LeakyReLU`,
+    `ELU` or element-wise `Activation` layers that map 0 to 0 (not
+    `ReLU(threshold=0.5, negative_slope=0.1)`, nor a sigmoid). The graph is
+    this model's (its functional graph, or a Sequential model's order), not
+    across the boundary of a nested model: elsewhere the input counts as
+    dense, and so do the inputs of a gated layer the model calls more than
+    once.
 
     Args:
         model: a built Keras model; nested models' layers are included.

@@ -198,7 +198,9 @@ def test_an_output_of_one_unit_has_no_predicted_classes(rng, tmp_path):
     inputs = keras.Input((8,))
     hidden = GatedDense(16, blocks=4, activation="relu", target_density=0.5, name="g")(inputs)
     model = PolicyGradientModel(inputs, keras.layers.Dense(1)(hidden))
-    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True), policy_optimizer="adam")
+    model.compile(
+        "adam", keras.losses.BinaryCrossentropy(from_logits=True), policy_optimizer="adam"
+    )
     x = rng.normal(size=(32, 8)).astype("float32")
     y = (x[:, 0] > 0).astype("float32")
     monitor = ComputeMonitor(x, plot_path=tmp_path / "plot.png")
