@@ -90,16 +90,18 @@ def is_gated(layer):
     return isinstance(getattr(layer, "policy", None), BernoulliPolicy)
 
 
-def _tensor(layer, attribute):
-    """`layer.input` or `layer.output` of a functional graph, else None."""
+def first_call_tensor(layer, attribute):
+    """`layer.input` or `layer.output` (its first call's, in whichever model)
+    when that is one tensor, else None."""
     try:
-        return getattr(layer, attribute)
+        value = getattr(layer, attribute)
     except (AttributeError, ValueError):
         # A layer of a subclassed model has no symbolic input or output.
         return None
+    return None if isinstance(value, (list, tuple, dict)) else value
 
 
-def _shape(value):
+def static_shape(value):
     """A single tensor's (or shape's) dimensions as a tuple, else None."""
     shape = getattr(value, "shape", value)
     if not isinstance(shape, (tuple, list)) or any(
@@ -116,10 +118,12 @@ def call_shapes(layer, input_shape=None):
     another model); None where unknown."""
     if input_shape is not None:
         try:
-            return tuple(input_shape), _shape(layer.compute_output_shape(tuple(input_shape)))
+            output_shape = layer.compute_output_shape(tuple(input_shape))
+            return tuple(input_shape), static_shape(output_shape)
         except (NotImplementedError, ValueError, TypeError, AttributeError):
             pass
-    return _shape(_tensor(layer, "input")), _shape(_tensor(layer, "output"))
+    return (static_shape(first_call_tensor(layer, "input")),
+            static_shape(first_call_tensor(layer, "output")))
 
 
 def _positions(shape, channels_last=True):

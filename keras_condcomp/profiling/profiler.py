@@ -9,7 +9,13 @@ from keras_condcomp.layers._gated_layer import check_unique_names
 from keras_condcomp.layers._keeps_zeros import keeps_zeros
 from keras_condcomp.layers.decision_recorder import DecisionRecorder
 from keras_condcomp.profiling.layer_profile import LayerProfile
-from keras_condcomp.profiling.macs_rules import call_shapes, is_gated, layer_cost
+from keras_condcomp.profiling.macs_rules import (
+    call_shapes,
+    first_call_tensor,
+    is_gated,
+    layer_cost,
+    static_shape,
+)
 from keras_condcomp.profiling.model_profile import ModelProfile
 
 __all__ = ["gated_inputs", "profile_macs"]
@@ -49,7 +55,8 @@ def layer_call_inputs(model):
         for layer in getattr(container, "layers", None) or ():
             nodes = entries.get(layer.name, {}).get("inbound_nodes")
             if nodes:
-                shapes = [_shape_of(_first_argument(node)) for node in nodes]
+                shapes = [static_shape((_first_argument(node) or {}).get("shape"))
+                          for node in nodes]
             else:
                 shapes = [chain.get(id(layer))]
             found.setdefault(id(layer), []).extend(shapes * times)
@@ -103,11 +110,6 @@ def _first_argument(node):
     if arguments[0].get("class_name") != "__keras_tensor__":
         return None
     return arguments[0].get("config") or None
-
-
-def _shape_of(argument):
-    shape = (argument or {}).get("shape")
-    return tuple(shape) if isinstance(shape, (list, tuple)) else None
 
 
 def layer_calls(model):
@@ -217,19 +219,10 @@ def _producers(container, members):
 def _first_call_producers(members):
     """`_producers` read from each layer's first call (`layer.input`,
     `layer.output`), wherever it was made."""
-
-    def tensor(layer, attribute):
-        try:
-            value = getattr(layer, attribute)
-        except (AttributeError, ValueError):
-            return None
-        return None if isinstance(value, (list, tuple, dict)) else value
-
-    producers = {id(tensor(layer, "output")): layer for layer in members
-                 if tensor(layer, "output") is not None}
+    producers = {id(first_call_tensor(layer, "output")): layer for layer in members}
 
     def producer_of(layer, node):
-        value = tensor(layer, "input")
+        value = first_call_tensor(layer, "input")
         return (None if value is None else producers.get(id(value))), 0
 
     return producer_of
