@@ -6,12 +6,19 @@ median of many calls (the `dense` row is the median of its pairs):
 
 - `dense`: the same-width `keras.layers.Dense` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
-- `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`,
+- `auto` and every forced path of `keras_condcomp.ops.EXECUTION_PATHS`
+  (`native`: the native kernels' op, `keras_condcomp.ops.native_kernels`),
+- `auto_tf`: `auto` traced without the native kernels (its TensorFlow
+  paths, as where no compiler builds them),
 - `tuned`: the gated stack with each layer's path chosen by
   `keras_condcomp.models.tune_execution` for that batch size,
-- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`,
-  the layers run as one chain, each gated layer's active blocks passed to
+- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`:
+  on the native kernels, one eager op call per layer (no graph), else the
+  layers as one graph chain, each gated layer's active blocks passed to
   the next without being placed among zeros,
+- `dense_ops`: the Dense stack as eager TensorFlow ops (matmul, bias,
+  ReLU), no graph: what the Dense stack gains from skipping the graph call
+  that `compact`'s native chain skips,
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
   layer then runs as one compiled graph), timed against the Dense stack
   called eagerly (its speedup is over that, not over `dense`),
@@ -82,7 +89,7 @@ SHAPES = {
 }
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
 BATCH_SIZES = (1, 50, 256)
-PATHS = ("auto", "per_example", "grouped", "static_capacity")
+PATHS = ("auto", "native", "per_example", "grouped", "static_capacity")
 QUICK = {"shapes": ("bengio_cifar10_mlp",), "densities": (1 / 16, 3 / 4), "batch_sizes": (1, 50),
          "threads": (1,)}
 # Forced per_example gathers every pair's tiles: skip it when that is huge.
@@ -146,6 +153,16 @@ def _weight_bytes(model):
     return int(sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
 
 
+def _dense_ops(dense, x):
+    """The Dense stack's inference as eager TensorFlow ops."""
+    import tensorflow as tf
+
+    for layer in dense.layers[1:]:
+        x = tf.nn.bias_add(tf.matmul(x, layer.kernel.value), layer.bias.value)
+        x = layer.activation(x)
+    return x
+
+
 def _worker(args):
     import tensorflow as tf
 
@@ -154,6 +171,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
+    from keras_condcomp.ops.native_kernels import _turned_off
     from keras_condcomp.speed import (
         median_latencies, numpy_calls, paired_latencies, timed_batches, tuned_inference,
     )
@@ -180,6 +198,11 @@ def _worker(args):
                     batches = [tf.constant(b) for b in batches]
                 spec = tf.TensorSpec([None, input_dim], "float32")
                 functions = {"dense": tf.function(lambda x: dense(x, training=False), input_signature=[spec])}
+                with _turned_off("auto_tf"):
+                    auto_tf = tf.function(lambda x: gated(x, training=False),
+                                          input_signature=[spec])
+                    auto_tf.get_concrete_function()
+                functions["auto_tf"] = auto_tf
                 # Bounds: the fixed cost of a call, and of streaming every kernel once.
                 functions["floor_call"] = tf.function(lambda x: x[:, :1], input_signature=[spec])
                 kernels = [layer.kernel for layer in dense.layers[1:]]
@@ -200,6 +223,7 @@ def _worker(args):
                     # The model's layers as one chain, their active blocks passed on.
                     functions["compact"] = compact_inference(gated)
                 calls = numpy_calls(functions)
+                calls["dense_ops"] = lambda x: _dense_ops(dense, x).numpy()
                 # Each layer's path chosen by timing for this batch size.
                 calls["tuned"], _ = tuned_inference(
                     gated, data[: max(64, batch)], batch, repeats=20
@@ -231,8 +255,10 @@ def _worker(args):
 
 def _table(rows):
     lines = [f"{'shape':20} {'thr':>3} {'batch':>5} {'density':>7} {'dense ms':>9} "
-             f"{'auto':>6} {'tuned':>6} {'compact':>7} {'per_ex':>6} {'grouped':>7} {'static':>6} {'masked':>6} "
-             f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6} {'eager':>6}"]
+             f"{'auto':>6} {'tuned':>6} {'compact':>7} {'native':>6} {'auto_tf':>7} {'per_ex':>6} "
+             f"{'grouped':>7} {'static':>6} {'masked':>6} "
+             f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6} {'eager':>6} "
+             f"{'dense_ops':>9}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["shape"], r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -243,12 +269,13 @@ def _table(rows):
         lines.append(
             f"{shape:20} {threads!s:>3} {batch:>5} {density:>7.3f} "
             f"{paths['dense']['seconds'] * 1e3:>9.3f} {sp('auto'):>6} {sp('tuned'):>6} "
-            f"{sp('compact'):>7} "
+            f"{sp('compact'):>7} {sp('native'):>6} {sp('auto_tf'):>7} "
             f"{sp('per_example'):>6} "
             f"{sp('grouped'):>7} {sp('static_capacity'):>6} {sp('masked'):>6} "
             f"{ideal:>5.1f}x "
             f"{paths['auto']['speedup'] / ideal if 'auto' in paths else float('nan'):>10.2f} "
-            f"{sp('floor_call'):>6} {sp('floor_stream'):>6} {sp('eager'):>6}"
+            f"{sp('floor_call'):>6} {sp('floor_stream'):>6} {sp('eager'):>6} "
+            f"{sp('dense_ops'):>9}"
         )
     return "\n".join(lines)
 

@@ -57,3 +57,13 @@ def digits():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def tensorflow_paths():
+    """The engine without the native kernels: `"auto"` on its TensorFlow
+    paths, as where no compiler builds them."""
+    from keras_condcomp.ops.native_kernels import _turned_off
+
+    with _turned_off("turned off for this test"):
+        yield

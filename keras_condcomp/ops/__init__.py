@@ -15,6 +15,11 @@ from keras_condcomp.ops.block_sparse_dense import (
     set_cost_constants,
 )
 from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_dense
+from keras_condcomp.ops.native_kernels import (
+    build_native_kernels,
+    load_native_kernels,
+    native_kernels_error,
+)
 
 __all__ = [
     "CONV2D_EXECUTION_PATHS",
@@ -22,13 +27,16 @@ __all__ = [
     "block_dense",
     "block_sparse_conv2d",
     "block_sparse_dense",
+    "build_native_kernels",
     "cost_constants",
     "expand_block_mask",
     "forced_execution",
     "forced_execution_path",
     "from_block_kernel",
+    "load_native_kernels",
     "masked_block_conv2d",
     "masked_block_dense",
+    "native_kernels_error",
     "set_cost_constants",
     "to_block_kernel",
 ]

@@ -10,9 +10,11 @@ from keras_condcomp.ops import (
 
 
 @pytest.fixture(autouse=True)
-def engine_costs():
+def engine_costs(tensorflow_paths):
     """The engine's cost constants, yielded; meanwhile a batch-1 fixed cost
-    of 1 ns. These tests' GatedDense layers are small: at the engine's
+    of 1 ns, and no native kernels: this module tests the graph chain (a
+    chain of dense layers runs on the native ops where they are built,
+    `tests/ops/test_native_kernels.py`). These tests' GatedDense layers are small: at the engine's
     constants each would compute its dense product in the chain (see
     `test_a_small_gated_dense_hands_on_only_its_active_blocks`), never the
     skipping products the other tests check."""

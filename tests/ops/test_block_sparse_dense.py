@@ -29,6 +29,20 @@ from keras_condcomp.ops.block_sparse_dense import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _tensorflow_engine(request):
+    """This module tests the TensorFlow paths and `"auto"`'s rules among
+    them, as they run where the native kernels are not built
+    (`test_native_kernels.py` tests those); a test of the forced `"native"`
+    path keeps them."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("path") == "native":
+        yield
+        return
+    request.getfixturevalue("tensorflow_paths")
+    yield
+
+
 # "auto" only switches between these ("per_example" at batch 1 is auto's
 # batch-1 graph; auto itself is checked on fixed shapes below);
 # "static_capacity" compiles with XLA for every shape.
@@ -506,7 +520,8 @@ def test_forced_execution_overrides_the_layer(rng):
     layer = GatedDense(8, blocks=4, activation="relu", execution="per_example")
     x = rng.normal(size=(3, 5)).astype("float32")
     expected = layer(x).numpy()
-    for path in EXECUTION_PATHS:
+    # "native" (not built in this module): tests/ops/test_native_kernels.py.
+    for path in (path for path in EXECUTION_PATHS if path != "native"):
         with forced_execution(path):
             got = tf.function(lambda x: layer(x, training=False))(x).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path)

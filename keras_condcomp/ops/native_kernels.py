@@ -1,0 +1,338 @@
+"""Compiled TensorFlow ops for GatedDense and Dense at inference.
+
+TensorFlow has no op that multiplies only some blocks of a kernel: the
+engine's other paths build that from gathers, products and scatters, a graph
+of tens of ops whose call alone costs more than the skipped work at batch 1.
+`native/gated_dense.cc` holds three CPU ops that do it in one:
+
+- `KerasCondcompGatedDense`: a GatedDense layer with its threshold policy
+  (the policy's products, its decision and the active blocks' products);
+- `KerasCondcompBlockSparseDense`: the active blocks' products for a given
+  block mask (the engine's `"native"` path);
+- `KerasCondcompDense`: a Dense layer's product.
+
+Each reads only the kernel rows of an example's non-zero inputs (the blocks
+an upstream gated layer skipped, ReLU's zeros) when fewer than half are
+non-zero, and shares its blocks among TensorFlow's intra-op threads.
+
+The ops are compiled against the installed TensorFlow the first time they are
+needed (about 25 s on a 2-core Xeon), by the C++ compiler `$CXX` (default
+`c++`), into a cache directory: `$KERAS_CONDCOMP_CACHE_DIR`, else
+`$XDG_CACHE_HOME/keras_condcomp`, else `~/.cache/keras_condcomp`. A file
+built for another source, TensorFlow version, compiler or CPU is not reused.
+Where no compiler works, a warning says why once and the engine runs its
+TensorFlow paths instead; `KERAS_CONDCOMP_NATIVE=0` turns the ops off.
+`python -m keras_condcomp.ops.native_kernels` builds them ahead of use and
+prints the file.
+"""
+
+import contextlib
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import keras
+import tensorflow as tf
+
+__all__ = [
+    "build_native_kernels",
+    "load_native_kernels",
+    "native_activation",
+    "native_block_sparse_dense",
+    "native_dense",
+    "native_gated_dense",
+    "native_kernels_error",
+]
+
+SOURCE = pathlib.Path(__file__).parent / "native" / "gated_dense.cc"
+# Tried in turn: the first that compiles is kept. `-mno-avx512fp16`: the
+# Eigen headers of TensorFlow 2.21 do not compile with GCC 12's AVX512-FP16.
+_ARCHITECTURE_FLAGS = (
+    ("-march=native", "-mno-avx512fp16", "-mprefer-vector-width=512"),
+    ("-march=native",),
+    (),
+)
+_BUILD_SECONDS = 600
+
+_lock = threading.Lock()
+_state = {"module": None, "error": None, "tried": False}
+
+
+def _disabled():
+    return os.environ.get("KERAS_CONDCOMP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _cache_dir():
+    configured = os.environ.get("KERAS_CONDCOMP_CACHE_DIR")
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "keras_condcomp"
+
+
+def _compiler():
+    """The C++ compiler's path, or a RuntimeError saying why there is none."""
+    name = os.environ.get("CXX", "c++")
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"no C++ compiler: {name!r} (from $CXX, default 'c++') is not on the PATH"
+        )
+    return path
+
+
+def _cpu_flags():
+    """The CPU's feature flags (Linux), so that a file built with
+    `-march=native` is not loaded on another CPU sharing the cache."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def _compiler_version(compiler):
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise RuntimeError(f"the C++ compiler {compiler!r} does not run: {error}") from error
+    return result.stdout.splitlines()[0] if result.stdout else ""
+
+
+def _library_path(compiler):
+    """Where the ops built by `compiler` for this source, TensorFlow and CPU live."""
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(), tf.__version__.encode(), repr(tf.sysconfig.get_compile_flags()).encode(),
+        repr(tf.sysconfig.get_link_flags()).encode(), compiler.encode(),
+        _compiler_version(compiler).encode(), platform.machine().encode(), _cpu_flags().encode(),
+        repr(_ARCHITECTURE_FLAGS).encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    return _cache_dir() / f"gated_dense-{key.hexdigest()[:20]}.so"
+
+
+def _compile(compiler, target):
+    """Compiles the ops into `target` (written whole or not at all)."""
+    errors = []
+    for architecture in _ARCHITECTURE_FLAGS:
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        command = [
+            compiler, "-shared", "-fPIC", "-O3", "-w", *architecture, str(SOURCE),
+            "-o", temporary, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
+        ]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True,
+                                    timeout=_BUILD_SECONDS)
+        except (OSError, subprocess.SubprocessError) as error:
+            result = None
+            errors.append(f"{' '.join(architecture) or 'no -march'}: {error}")
+        if result is not None and result.returncode == 0:
+            os.replace(temporary, target)
+            return
+        os.unlink(temporary)
+        if result is not None:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            errors.append(f"{' '.join(architecture) or 'no -march'}: {tail}")
+    raise RuntimeError("compiling {} failed:\n{}".format(SOURCE.name, "\n".join(errors)))
+
+
+def build_native_kernels(force=False):
+    """Compiles the ops (unless already built for this setting) and returns
+    the file's path.
+
+    Args:
+        force: compile again even when a built file exists.
+
+    Returns:
+        The `pathlib.Path` of the shared library.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the compiler failed (its last
+            lines of errors are in the message); nothing is left in the
+            cache then.
+    """
+    compiler = _compiler()
+    target = _library_path(compiler)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.with_suffix(".lock")):
+        # Another process may have built it while this one waited.
+        if force or not target.exists():
+            print(f"keras_condcomp: compiling the native kernels into {target} "
+                  "(once; about 25 s)", file=sys.stderr)
+            _compile(compiler, target)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Holds an exclusive lock on `path` (POSIX), so that processes starting
+    together (pytest's workers) compile once, not each."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent builds each replace the file whole
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load():
+    target = build_native_kernels()
+    try:
+        return tf.load_op_library(str(target))
+    except tf.errors.NotFoundError:
+        # A file that does not load (cut short, or built against another
+        # TensorFlow's symbols): built once more.
+        target = build_native_kernels(force=True)
+        return tf.load_op_library(str(target))
+
+
+def load_native_kernels():
+    """The module of compiled ops, built on first use; None when they are
+    turned off (`KERAS_CONDCOMP_NATIVE=0`), when a GPU is visible (the ops
+    run on CPU) or when they cannot be built (warned once, with the reason:
+    `native_kernels_error()`).
+
+    Examples:
+        >>> ops = load_native_kernels()
+        >>> ops is None or hasattr(ops, "keras_condcomp_gated_dense")
+        True
+    """
+    if _state["tried"]:
+        return _state["module"]
+    with _lock:
+        if not _state["tried"]:
+            module, error = None, None
+            if _disabled():
+                error = "turned off by KERAS_CONDCOMP_NATIVE=0"
+            elif tf.config.list_logical_devices("GPU"):
+                error = "a GPU is visible: the native kernels run on CPU only"
+            else:
+                try:
+                    module = _load()
+                except (RuntimeError, OSError, tf.errors.OpError) as failure:
+                    error = str(failure)
+                    warnings.warn(
+                        "keras_condcomp's native kernels could not be built, so gated "
+                        "layers run on TensorFlow ops (slower at small batches). "
+                        f"Reason: {error}. Set KERAS_CONDCOMP_NATIVE=0 to silence this.",
+                        stacklevel=2,
+                    )
+            _state.update(module=module, error=error, tried=True)
+    return _state["module"]
+
+
+def native_kernels_error():
+    """Why the compiled ops are not in use (a string), or None when they are
+    loaded; they are loaded (or tried) first."""
+    load_native_kernels()
+    return _state["error"]
+
+
+@contextlib.contextmanager
+def _turned_off(reason="turned off"):
+    """Runs its block as if the ops could not be loaded (tests of the
+    TensorFlow paths; graphs traced inside are keyed apart)."""
+    load_native_kernels()
+    with _lock:
+        saved = dict(_state)
+        _state.update(module=None, error=reason)
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.update(saved)
+
+
+def native_activation(activation):
+    """`"relu"` or `"linear"` where the ops apply `activation` themselves, or
+    None where it must be applied to their output (None and `"linear"` are
+    linear)."""
+    if activation is None or activation is keras.activations.linear:
+        return "linear"
+    if activation is keras.activations.relu:
+        return "relu"
+    return None
+
+
+def _ops():
+    ops = load_native_kernels()
+    if ops is None:
+        raise RuntimeError(
+            f"keras_condcomp's native kernels are not available: {native_kernels_error()}"
+        )
+    return ops
+
+
+def _bias(bias):
+    return tf.zeros([0], tf.float32) if bias is None else bias
+
+
+def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, activation=None):
+    """A GatedDense layer's inference with its threshold policy, in one op.
+
+    Block `b` of example `e` is computed where `(inputs @ policy_kernel +
+    policy_bias)[e, b] > 0`, as `activation(inputs[e] @ block_kernel[b] +
+    bias[b])`; every other block is 0. The policy's sums run in another
+    order than TensorFlow's product, so a logit within float rounding of 0
+    may be decided the other way.
+
+    Args:
+        inputs: `(batch, input_dim)` float32.
+        policy_kernel: `(input_dim, blocks)`; policy_bias: `(blocks,)`.
+        block_kernel: `(blocks, input_dim, block_size)` float32.
+        bias: `(blocks * block_size,)` or None.
+        activation: a callable for which `native_activation` is not None.
+
+    Returns:
+        `(batch, blocks * block_size)` float32.
+
+    Raises:
+        RuntimeError: the ops are not available (`native_kernels_error()`).
+    """
+    return _ops().keras_condcomp_gated_dense(
+        inputs, policy_kernel, policy_bias, block_kernel, _bias(bias),
+        activation=native_activation(activation),
+    )
+
+
+def native_block_sparse_dense(inputs, block_kernel, bias, block_mask, activation=None):
+    """`masked_block_dense` computing only the blocks where `block_mask` is
+    not 0, in one op; arguments as `keras_condcomp.ops.block_sparse_dense`'s
+    (float32; `activation` as in `native_gated_dense`)."""
+    return _ops().keras_condcomp_block_sparse_dense(
+        inputs, block_kernel, _bias(bias), block_mask, activation=native_activation(activation)
+    )
+
+
+def native_dense(inputs, kernel, bias, activation=None):
+    """`activation(inputs @ kernel + bias)` in one op, reading only the
+    kernel rows of each example's non-zero inputs where few are (float32;
+    `activation` as in `native_gated_dense`)."""
+    return _ops().keras_condcomp_dense(
+        inputs, kernel, _bias(bias), activation=native_activation(activation)
+    )
+
+
+if __name__ == "__main__":
+    print(build_native_kernels())

@@ -1,0 +1,302 @@
+import os
+import shutil
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from keras_condcomp.layers import GatedDense
+from keras_condcomp.models import compact_inference
+from keras_condcomp.ops import (
+    block_sparse_dense,
+    forced_execution,
+    load_native_kernels,
+    masked_block_dense,
+    native_kernels_error,
+    to_block_kernel,
+)
+from keras_condcomp.ops import native_kernels
+from keras_condcomp.ops.native_kernels import (
+    build_native_kernels,
+    native_dense,
+    native_gated_dense,
+)
+
+if shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip("no C++ compiler to build the native kernels", allow_module_level=True)
+
+
+def _relu_or_linear(name):
+    return keras.activations.get(name)
+
+
+def test_the_kernels_build_and_load():
+    # A machine with a compiler must get them: a failed build fails here.
+    assert load_native_kernels() is not None, native_kernels_error()
+    assert native_kernels_error() is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.sampled_from([1, 2, 7, 64]),
+    blocks=st.sampled_from([1, 3, 8, 24]),
+    block_size=st.sampled_from([1, 5, 8, 16, 64]),
+    input_dim=st.sampled_from([1, 12, 40]),
+    input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
+    policy_bias=st.sampled_from([-100.0, -1.0, 0.0, 1.0, 100.0]),
+    activation=st.sampled_from(["relu", "linear"]),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gated_dense_op_matches_the_masked_reference(
+    batch, blocks, block_size, input_dim, input_sparsity, policy_bias, activation, use_bias, seed
+):
+    # The op's own threshold decision, then the masked product; a bias of
+    # -100 or 100 turns every block off or on.
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    x[rng.random(x.shape) < input_sparsity] = 0.0
+    policy_kernel = rng.normal(size=(input_dim, blocks)).astype("float32")
+    bias_of_policy = (policy_bias + rng.normal(size=blocks)).astype("float32")
+    logits = x.astype("float64") @ policy_kernel + bias_of_policy
+    assume(np.all(np.abs(logits) > 1e-3))  # no decision within rounding of 0
+    mask = (logits > 0).astype("float32")
+    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
+    bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
+    function = _relu_or_linear(activation)
+    expected = masked_block_dense(x, kernel, bias, mask, function).numpy()
+    got = native_gated_dense(
+        x, policy_kernel, bias_of_policy, to_block_kernel(kernel, blocks), bias, function
+    ).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("units", [7, 10, 64, 200])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_dense_op_matches_a_dense_product(units, batch, rng):
+    # 200 units: three blocks of 64 columns and a rest of 8.
+    x = rng.normal(size=(batch, 50)).astype("float32")
+    x[:, 10:40] = 0.0  # the rows of zero inputs are skipped
+    x[0] = 0.0
+    kernel = rng.normal(size=(50, units)).astype("float32")
+    bias = rng.normal(size=units).astype("float32")
+    relu = keras.activations.relu
+    np.testing.assert_allclose(
+        native_dense(x, kernel, bias, relu).numpy(), np.maximum(x @ kernel + bias, 0),
+        rtol=1e-5, atol=1e-5,
+    )
+    np.testing.assert_allclose(native_dense(x, kernel, None).numpy(), x @ kernel,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_block_sparse_op_is_the_engines_native_path(rng):
+    kernel = rng.normal(size=(16, 12)).astype("float32")
+    x = rng.normal(size=(3, 16)).astype("float32")
+    mask = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], "float32")
+    expected = masked_block_dense(x, kernel, None, mask, tf.nn.relu).numpy()
+    got = block_sparse_dense(x, to_block_kernel(kernel, 4), None, mask, tf.nn.relu, path="native")
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    assert np.all(got.numpy()[0] == 0.0)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(policy_kernel=np.zeros((8, 3), "float32")), "policy_kernel must be \\(8, 4\\)"),
+        (dict(policy_bias=np.zeros(5, "float32")), "policy_bias must be \\(4,\\)"),
+        (dict(bias=np.zeros(7, "float32")), "bias must be \\(8,\\) or empty"),
+        (dict(inputs=np.zeros((2, 9), "float32")), "inputs must be \\(batch, 8\\)"),
+    ],
+)
+def test_gated_dense_op_names_a_wrong_shape(arguments, message):
+    values = dict(
+        inputs=np.zeros((2, 8), "float32"), policy_kernel=np.zeros((8, 4), "float32"),
+        policy_bias=np.zeros(4, "float32"), block_kernel=np.zeros((4, 8, 2), "float32"),
+        bias=np.zeros(8, "float32"),
+    )
+    values.update(arguments)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+        native_gated_dense(**values)
+
+
+def test_block_sparse_op_names_a_wrong_mask():
+    ops = load_native_kernels()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="block_mask must be \\(2, 4\\)"):
+        ops.keras_condcomp_block_sparse_dense(
+            np.zeros((2, 8), "float32"), np.zeros((4, 8, 2), "float32"),
+            np.zeros(0, "float32"), np.zeros((2, 3), "float32"),
+        )
+
+
+def _model(activation="relu", head_activation=None, blocks=8):
+    inputs = keras.Input((32,))
+    h = GatedDense(64, blocks=blocks, activation="relu", seed=1,
+                   policy_bias_initializer=keras.initializers.Constant(0.2))(inputs)
+    h = keras.layers.Dropout(0.5)(h)
+    h = keras.layers.ReLU()(h)
+    h = GatedDense(64, blocks=blocks, activation=activation, seed=2)(h)
+    return keras.Model(inputs, keras.layers.Dense(10, activation=head_activation)(h))
+
+
+def _masked_outputs(model, x):
+    with forced_execution("masked"):
+        return tf.function(lambda x: model(x, training=False))(x).numpy()
+
+
+def test_an_eager_call_at_batch_1_runs_the_fused_op(rng, monkeypatch):
+    model = _model()
+    x = rng.normal(size=(1, 32)).astype("float32")
+    expected = _masked_outputs(model, x)
+    from keras_condcomp.layers import gated_dense
+
+    def refuse(layer, inputs):
+        raise AssertionError("ran the compiled graph")
+
+    monkeypatch.setattr(gated_dense, "compiled_inference", refuse)
+    np.testing.assert_allclose(model(x, training=False).numpy(), expected, atol=1e-5)
+
+
+def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
+    from keras_condcomp.models import compact_chain
+
+    calls = []
+    fused = compact_chain.native_gated_dense
+
+    def counted(*arguments):
+        calls.append(1)
+        return fused(*arguments)
+
+    monkeypatch.setattr(compact_chain, "native_gated_dense", counted)
+    for head_activation in (None, "sigmoid"):  # sigmoid: applied to the op's output
+        model = _model(head_activation=head_activation)
+        predict = compact_inference(model)
+        for row in rng.normal(size=(5, 32)).astype("float32"):
+            x = row[None]
+            np.testing.assert_allclose(predict(x).numpy(), _masked_outputs(model, x), atol=1e-5)
+        batch = rng.normal(size=(4, 32)).astype("float32")
+        np.testing.assert_allclose(predict(batch).numpy(), _masked_outputs(model, batch),
+                                   atol=1e-5)
+    assert len(calls) == 2 * 5 * 2  # two gated layers, five examples, two models
+
+
+def test_compact_inference_keeps_the_graph_chain_for_other_activations(rng, monkeypatch):
+    from keras_condcomp.models import compact_chain
+
+    monkeypatch.setattr(compact_chain, "native_gated_dense", None)  # must not be called
+    model = _model(activation="sigmoid")
+    x = rng.normal(size=(1, 32)).astype("float32")
+    np.testing.assert_allclose(compact_inference(model)(x).numpy(), _masked_outputs(model, x),
+                               atol=1e-5)
+
+
+def test_without_the_kernels_auto_runs_tensorflow_ops_and_native_is_refused(
+        rng, monkeypatch, tmp_path):
+    monkeypatch.setattr(native_kernels, "_state",
+                        {"module": None, "error": None, "tried": False})
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        assert load_native_kernels() is None
+    assert "no-such-compiler-here" in native_kernels_error()
+    model = _model()
+    x = rng.normal(size=(3, 32)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        got = tf.function(lambda x: model(x, training=False))(x).numpy()
+    np.testing.assert_allclose(got, _masked_outputs(model, x), atol=1e-5)
+    with pytest.raises(RuntimeError, match="native kernels.*not available.*no C\\+\\+ compiler"):
+        block_sparse_dense(x, np.zeros((4, 32, 2), "float32"), None,
+                           np.ones((3, 4), "float32"), path="native")
+
+
+def test_keras_condcomp_native_0_turns_them_off(monkeypatch):
+    monkeypatch.setattr(native_kernels, "_state",
+                        {"module": None, "error": None, "tried": False})
+    monkeypatch.setenv("KERAS_CONDCOMP_NATIVE", "0")
+    assert load_native_kernels() is None
+    assert "KERAS_CONDCOMP_NATIVE=0" in native_kernels_error()
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false"))
+    with pytest.raises(RuntimeError, match="compiling gated_dense.cc failed"):
+        build_native_kernels()
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler: 'no-such-compiler-here'"):
+        build_native_kernels()
+
+
+def test_a_file_that_does_not_load_is_built_again(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not a shared library")
+    built = build_native_kernels()  # the real one, already built
+    forced = []
+
+    def build(force=False):
+        forced.append(force)
+        return built if force else broken
+
+    monkeypatch.setattr(native_kernels, "build_native_kernels", build)
+    assert hasattr(native_kernels._load(), "keras_condcomp_gated_dense")
+    assert forced == [False, True]
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path / "kernels"))
+    assert native_kernels._cache_dir() == tmp_path / "kernels"
+    monkeypatch.delenv("KERAS_CONDCOMP_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native_kernels._cache_dir() == tmp_path / "keras_condcomp"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.sampled_from([1, 2, 7, 64]),
+    blocks=st.sampled_from([1, 2, 4, 8]),
+    block_size=st.sampled_from([1, 3, 8, 64]),
+    density=st.sampled_from([0.0, 1 / 32, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0]),
+    input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
+    activation=st.sampled_from(["relu", "linear", "sigmoid"]),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_native_path_matches_the_masked_reference(
+    batch, blocks, block_size, density, input_sparsity, activation, use_bias, seed
+):
+    # The engine's "native" path inlined in a graph, as `predict` runs it;
+    # sigmoid (not 0 at 0) is applied outside the op, to the active blocks.
+    rng = np.random.default_rng(seed)
+    input_dim = 12
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    x[rng.random(x.shape) < input_sparsity] = 0.0
+    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
+    bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
+    mask = (rng.random((batch, blocks)) < density).astype("float32")
+    if batch > 2:  # an all-off and an all-on row
+        mask[0], mask[1] = 0.0, 1.0
+    function = keras.activations.get(activation)
+    expected = masked_block_dense(x, kernel, bias, mask, function).numpy()
+    run = tf.function(lambda x, mask: block_sparse_dense(
+        x, to_block_kernel(kernel, blocks), bias, mask, function, path="native"))
+    np.testing.assert_allclose(run(x, mask).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_native_overrides_the_layer(rng):
+    layer = GatedDense(8, blocks=4, activation="relu", execution="per_example")
+    x = rng.normal(size=(3, 5)).astype("float32")
+    expected = layer(x).numpy()
+    calls = []
+    ops = load_native_kernels()
+    real = ops.keras_condcomp_block_sparse_dense
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "keras_condcomp_block_sparse_dense",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+        with forced_execution("native"):
+            got = tf.function(lambda x: layer(x, training=False))(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert calls  # traced through the native op
