@@ -171,7 +171,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.ops.native_kernels import _turned_off
+    from keras_condcomp.ops.native_kernels import native_kernels_disabled
     from keras_condcomp.speed import (
         median_latencies, numpy_calls, paired_latencies, timed_batches, tuned_inference,
     )
@@ -198,7 +198,7 @@ def _worker(args):
                     batches = [tf.constant(b) for b in batches]
                 spec = tf.TensorSpec([None, input_dim], "float32")
                 functions = {"dense": tf.function(lambda x: dense(x, training=False), input_signature=[spec])}
-                with _turned_off("auto_tf"):
+                with native_kernels_disabled("auto_tf"):
                     auto_tf = tf.function(lambda x: gated(x, training=False),
                                           input_signature=[spec])
                     auto_tf.get_concrete_function()

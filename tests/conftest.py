@@ -63,7 +63,7 @@ def rng():
 def tensorflow_paths():
     """The engine without the native kernels: `"auto"` on its TensorFlow
     paths, as where no compiler builds them."""
-    from keras_condcomp.ops.native_kernels import _turned_off
+    from keras_condcomp.ops.native_kernels import native_kernels_disabled
 
-    with _turned_off("turned off for this test"):
+    with native_kernels_disabled("turned off for this test"):
         yield

@@ -36,10 +36,10 @@ from keras_condcomp.ops.block_sparse_dense import (
     skipping_can_pay_at_batch_1,
 )
 from keras_condcomp.ops.native_kernels import (
+    dense_from_variables,
+    gated_dense_from_variables,
     load_native_kernels,
     native_activation,
-    native_dense,
-    native_gated_dense,
 )
 
 __all__ = [
@@ -316,32 +316,23 @@ def _step(layer):
     return whole
 
 
-def _value(variable):
-    return None if variable is None else variable.value
-
-
 def _native_step(layer):
-    """`x -> x` running `layer` at batch 1 on the native kernels, called
-    eagerly, or None where the layer has no such step."""
+    """A function making the step `x -> x` that runs `layer` at batch 1 on
+    the native kernels, called eagerly (each op reading the layer's
+    variables where they are), or None where the layer has no such step."""
     kind = type(layer)
     if isinstance(layer, GatedDense):
         path = forced_execution_path() or layer.execution
         if (path not in ("auto", "native") or layer.inference != "threshold"
                 or native_activation(layer.activation) is None):
             return None
-        return lambda x: native_gated_dense(
-            x, layer.policy.kernel.value, layer.policy.bias.value, layer.block_kernel.value,
-            _value(layer.bias), layer.activation,
-        )
+        return lambda: gated_dense_from_variables(layer)
     if kind is keras.layers.Dense and not _quantized(layer) and layer.compute_dtype == "float32":
-        activation = layer.activation
-        if native_activation(activation) is not None:
-            return lambda x: native_dense(x, layer.kernel.value, _value(layer.bias), activation)
-        return lambda x: activation(native_dense(x, layer.kernel.value, _value(layer.bias)))
+        return lambda: dense_from_variables(layer)
     if kind in INFERENCE_IDENTITY:
-        return lambda x: x
+        return lambda: lambda x: x
     if kind in ACTIVATION_LAYERS:
-        return layer.call  # each value alone: the Keras call's bookkeeping skipped
+        return lambda: layer.call  # each value alone: the Keras call's bookkeeping skipped
     return None
 
 
@@ -355,9 +346,12 @@ def _native_chain(chain, source):
         return None
     if not any(isinstance(layer, GatedDense) for layer in chain):
         return None
-    steps = [_native_step(layer) for layer in chain]
-    if None in steps or load_native_kernels() is None:
+    if load_native_kernels() is None:
         return None
+    makers = [_native_step(layer) for layer in chain]
+    if None in makers:
+        return None
+    steps = [make() for make in makers]
 
     def run(x):
         x = tf.convert_to_tensor(x)
@@ -589,17 +583,18 @@ def compact_inference(model):
     if isinstance(structure, (list, tuple)) and len(structure) == 1:
         structure = structure[0]
 
+    nested = keras.tree.is_nested(structure)
+    features = expected[1:]
+    known = [(axis, size) for axis, size in enumerate(features, 1) if size is not None]
+
     def predict(x):
         shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-        if len(shape) != len(expected) or any(
-            size is not None and size != got for size, got in zip(expected[1:], shape[1:])
-        ):
+        if len(shape) != len(expected) or any(shape[axis] != size for axis, size in known):
             raise ValueError(
-                f"`x` must have shape (batch, {', '.join(map(str, expected[1:]))}) to match "
+                f"`x` must have shape (batch, {', '.join(map(str, features))}) to match "
                 f"the model's input. Received: x.shape={shape}"
             )
         result = single(x) if shape[0] == 1 else batched(x)
-        return keras.tree.pack_sequence_as(structure, [result]) if keras.tree.is_nested(
-            structure) else result
+        return keras.tree.pack_sequence_as(structure, [result]) if nested else result
 
     return predict

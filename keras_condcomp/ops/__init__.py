@@ -18,6 +18,7 @@ from keras_condcomp.ops.masked_reference import expand_block_mask, masked_block_
 from keras_condcomp.ops.native_kernels import (
     build_native_kernels,
     load_native_kernels,
+    native_kernels_disabled,
     native_kernels_error,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_native_kernels",
     "masked_block_conv2d",
     "masked_block_dense",
+    "native_kernels_disabled",
     "native_kernels_error",
     "set_cost_constants",
     "to_block_kernel",

@@ -44,12 +44,16 @@ import tensorflow as tf
 
 __all__ = [
     "build_native_kernels",
+    "dense_from_variables",
+    "gated_dense_from_variables",
     "load_native_kernels",
     "native_activation",
     "native_block_sparse_dense",
     "native_dense",
     "native_gated_dense",
+    "native_kernels_disabled",
     "native_kernels_error",
+    "variable_handle",
 ]
 
 SOURCE = pathlib.Path(__file__).parent / "native" / "gated_dense.cc"
@@ -250,9 +254,18 @@ def native_kernels_error():
 
 
 @contextlib.contextmanager
-def _turned_off(reason="turned off"):
-    """Runs its block as if the ops could not be loaded (tests of the
-    TensorFlow paths; graphs traced inside are keyed apart)."""
+def native_kernels_disabled(reason="turned off by native_kernels_disabled()"):
+    """Runs its block without the native ops, in this process: `"auto"`
+    then runs the engine's TensorFlow paths in every graph traced inside
+    (e.g. to export a SavedModel with `model.export`, which would otherwise
+    hold the ops and need them built to load; keras_condcomp's ONNX and
+    LiteRT exports never use them). Graphs traced outside are kept apart.
+
+    Examples:
+        >>> with native_kernels_disabled():
+        ...     load_native_kernels() is None
+        True
+    """
     load_native_kernels()
     with _lock:
         saved = dict(_state)
@@ -285,7 +298,7 @@ def _ops():
 
 
 def _bias(bias):
-    return tf.zeros([0], tf.float32) if bias is None else bias
+    return _no_bias_variable() if bias is None else bias
 
 
 def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, activation=None):
@@ -323,6 +336,49 @@ def native_block_sparse_dense(inputs, block_kernel, bias, block_mask, activation
     return _ops().keras_condcomp_block_sparse_dense(
         inputs, block_kernel, _bias(bias), block_mask, activation=native_activation(activation)
     )
+
+
+def variable_handle(variable):
+    """The resource handle of a Keras (or TensorFlow) float32 variable, for
+    the ops that read their weights from variables; None for None (no bias)."""
+    if variable is None:
+        return _no_bias_variable().handle
+    value = getattr(variable, "value", variable)
+    if not isinstance(value, tf.Variable) or value.dtype != tf.float32:
+        raise ValueError(
+            f"Expected a float32 variable. Received: {variable!r}"
+        )
+    return value.handle
+
+
+@functools.cache
+def _no_bias_variable():
+    with tf.init_scope():
+        return tf.Variable(tf.zeros([0], tf.float32), trainable=False, name="no_bias")
+
+
+def gated_dense_from_variables(layer):
+    """`x -> outputs` of a GatedDense `layer`'s inference with its threshold
+    policy, one op call (`native_gated_dense`) reading the layer's variables
+    where they are; `layer.activation` must be ReLU or linear."""
+    call = _ops().keras_condcomp_gated_dense_variables
+    handles = [variable_handle(v) for v in (
+        layer.policy.kernel, layer.policy.bias, layer.block_kernel, layer.bias)]
+    activation = native_activation(layer.activation)
+    return lambda x: call(x, *handles, activation=activation)
+
+
+def dense_from_variables(layer):
+    """`x -> outputs` of a Dense `layer`, one op call (`native_dense`)
+    reading its variables; another activation than ReLU or linear is
+    applied to the op's output."""
+    call = _ops().keras_condcomp_dense_variables
+    kernel, bias = variable_handle(layer.kernel), variable_handle(layer.bias)
+    activation = native_activation(layer.activation)
+    if activation is not None:
+        return lambda x: call(x, kernel, bias, activation=activation)
+    function = layer.activation
+    return lambda x: function(call(x, kernel, bias))
 
 
 def native_dense(inputs, kernel, bias, activation=None):

@@ -164,13 +164,13 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
     from keras_condcomp.models import compact_chain
 
     calls = []
-    fused = compact_chain.native_gated_dense
+    made = compact_chain.gated_dense_from_variables
 
-    def counted(*arguments):
-        calls.append(1)
-        return fused(*arguments)
+    def counted(layer):
+        call = made(layer)
+        return lambda x: calls.append(1) or call(x)
 
-    monkeypatch.setattr(compact_chain, "native_gated_dense", counted)
+    monkeypatch.setattr(compact_chain, "gated_dense_from_variables", counted)
     for head_activation in (None, "sigmoid"):  # sigmoid: applied to the op's output
         model = _model(head_activation=head_activation)
         predict = compact_inference(model)
@@ -181,12 +181,17 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
         np.testing.assert_allclose(predict(batch).numpy(), _masked_outputs(model, batch),
                                    atol=1e-5)
     assert len(calls) == 2 * 5 * 2  # two gated layers, five examples, two models
+    # The ops read the variables: new weights reach the next call.
+    layer = model.layers[1]
+    layer.block_kernel.assign(2 * layer.block_kernel)
+    x = rng.normal(size=(1, 32)).astype("float32")
+    np.testing.assert_allclose(predict(x).numpy(), _masked_outputs(model, x), atol=1e-5)
 
 
 def test_compact_inference_keeps_the_graph_chain_for_other_activations(rng, monkeypatch):
     from keras_condcomp.models import compact_chain
 
-    monkeypatch.setattr(compact_chain, "native_gated_dense", None)  # must not be called
+    monkeypatch.setattr(compact_chain, "gated_dense_from_variables", None)  # must not be called
     model = _model(activation="sigmoid")
     x = rng.normal(size=(1, 32)).astype("float32")
     np.testing.assert_allclose(compact_inference(model)(x).numpy(), _masked_outputs(model, x),
