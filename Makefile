@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	@# The native kernels, compiled once (about 25 s); without a C++ compiler
+	@# the package runs on TensorFlow ops and says so.
+	$(BIN)/python -c 'from keras_condcomp.ops import build_native_kernels as b; b()' \
+		|| echo "keras_condcomp: native kernels not built (no working C++ compiler?): slower inference"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,7 +21,8 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     machine (guide "How skipping runs fast"). Where
     the batch size and the data are known in advance, this measures instead:
     layer by layer, in order, it sets each path the layer accepts (other than
-    `"auto"` and `"static_capacity"`), times the whole model on `x` in
+    `"auto"`, `"static_capacity"`, and `"native"` where the native kernels
+    are not built), times the whole model on `x` in
     batches of `batch_size` for each, side by side and alternating, and
     keeps the fastest (median of `repeats` calls) before moving to the next
     layer. The choice is part of each layer's config, so it is saved with
@@ -59,6 +60,7 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     """
     import tensorflow as tf
 
+    from keras_condcomp.ops.native_kernels import load_native_kernels
     from keras_condcomp.speed import median_latencies
 
     if not isinstance(model, keras.Model):
@@ -101,12 +103,13 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     batches = [x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
     spec = tf.TensorSpec([None, *x.shape[1:]], "float32")
     before = [layer.execution for layer in layers]
+    native = load_native_kernels() is not None  # else "native" is no candidate
     report = {}
     try:
         for layer in layers:
             calls = {}
             for path in layer.execution_paths:
-                if path in _NOT_CANDIDATES:
+                if path in _NOT_CANDIDATES or (path == "native" and not native):
                     continue
                 # A layer reads `execution` when a graph is traced.
                 layer.execution = path

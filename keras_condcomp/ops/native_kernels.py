@@ -22,8 +22,8 @@ needed (about 25 s on a 2-core Xeon), by the C++ compiler `$CXX` (default
 built for another source, TensorFlow version, compiler or CPU is not reused.
 Where no compiler works, a warning says why once and the engine runs its
 TensorFlow paths instead; `KERAS_CONDCOMP_NATIVE=0` turns the ops off.
-`python -m keras_condcomp.ops.native_kernels` builds them ahead of use and
-prints the file.
+`build_native_kernels()` builds them ahead of use (`make` does, after
+installing the package).
 """
 
 import contextlib
@@ -389,6 +389,3 @@ def native_dense(inputs, kernel, bias, activation=None):
         inputs, kernel, _bias(bias), activation=native_activation(activation)
     )
 
-
-if __name__ == "__main__":
-    print(build_native_kernels())
