@@ -40,6 +40,7 @@ import threading
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -298,7 +299,7 @@ def _ops():
 
 
 def _bias(bias):
-    return _no_bias_variable() if bias is None else bias
+    return _no_bias() if bias is None else bias
 
 
 def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, activation=None):
@@ -340,9 +341,7 @@ def native_block_sparse_dense(inputs, block_kernel, bias, block_mask, activation
 
 def variable_handle(variable):
     """The resource handle of a Keras (or TensorFlow) float32 variable, for
-    the ops that read their weights from variables; None for None (no bias)."""
-    if variable is None:
-        return _no_bias_variable().handle
+    the ops that read their weights from variables."""
     value = getattr(variable, "value", variable)
     if not isinstance(value, tf.Variable) or value.dtype != tf.float32:
         raise ValueError(
@@ -351,10 +350,16 @@ def variable_handle(variable):
     return value.handle
 
 
+def _bias_handle(bias):
+    """A bias variable's handle, or for None the empty tensor (no bias)."""
+    return _no_bias() if bias is None else variable_handle(bias)
+
+
 @functools.cache
-def _no_bias_variable():
+def _no_bias():
+    # A constant made eagerly, captured as such by the graphs that use it.
     with tf.init_scope():
-        return tf.Variable(tf.zeros([0], tf.float32), trainable=False, name="no_bias")
+        return tf.constant(np.zeros(0, np.float32))
 
 
 def gated_dense_from_variables(layer):
@@ -363,7 +368,7 @@ def gated_dense_from_variables(layer):
     where they are; `layer.activation` must be ReLU or linear."""
     call = _ops().keras_condcomp_gated_dense_variables
     handles = [variable_handle(v) for v in (
-        layer.policy.kernel, layer.policy.bias, layer.block_kernel, layer.bias)]
+        layer.policy.kernel, layer.policy.bias, layer.block_kernel)] + [_bias_handle(layer.bias)]
     activation = native_activation(layer.activation)
     return lambda x: call(x, *handles, activation=activation)
 
@@ -373,7 +378,7 @@ def dense_from_variables(layer):
     reading its variables; another activation than ReLU or linear is
     applied to the op's output."""
     call = _ops().keras_condcomp_dense_variables
-    kernel, bias = variable_handle(layer.kernel), variable_handle(layer.bias)
+    kernel, bias = variable_handle(layer.kernel), _bias_handle(layer.bias)
     activation = native_activation(layer.activation)
     if activation is not None:
         return lambda x: call(x, kernel, bias, activation=activation)

@@ -37,6 +37,15 @@ def test_tune_execution_sets_a_measured_path_per_layer_and_keeps_outputs(rng, tm
         assert loaded.get_layer(name).execution == model.get_layer(name).execution
 
 
+def test_without_native_kernels_native_is_no_candidate(rng, tensorflow_paths):
+    # Forced "native" would raise there; the other paths are timed.
+    model = _mixed_model()
+    x = rng.random((4, 8, 8, 3)).astype("float32")
+    report = tune_execution(model, x, batch_size=2, repeats=1)
+    assert set(report["gated_dense"]["seconds"]) == (
+        set(EXECUTION_PATHS) - {"auto", "static_capacity", "native"})
+
+
 def test_gated_layer_inputs_are_what_each_gated_layer_sees(rng):
     model = _mixed_model()
     x = rng.random((5, 8, 8, 3)).astype("float32")

@@ -305,3 +305,20 @@ def test_forced_native_overrides_the_layer(rng):
             got = tf.function(lambda x: layer(x, training=False))(x).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert calls  # traced through the native op
+
+
+def test_layers_without_bias_on_every_native_call(rng):
+    # The ops' empty bias: the fused op eagerly, the chain of variables'
+    # ops, and the "native" path in a graph.
+    inputs = keras.Input((24,))
+    h = GatedDense(32, blocks=4, activation="relu", use_bias=False, seed=1,
+                   policy_bias_initializer=keras.initializers.Constant(0.3))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(5, use_bias=False)(h))
+    x = rng.normal(size=(1, 24)).astype("float32")
+    expected = _masked_outputs(model, x)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(model(x, training=False).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(compact_inference(model)(x).numpy(), expected, atol=1e-5)
+    with forced_execution("native"):
+        graph = tf.function(lambda x: model(x, training=False))
+        np.testing.assert_allclose(graph(x).numpy(), expected, atol=1e-5)
