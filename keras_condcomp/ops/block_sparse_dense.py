@@ -17,6 +17,12 @@ tile are consecutive in memory.
 
 Paths (TensorFlow graphs; one trace serves every batch size):
 
+- `"native"`: one op of the native kernels (`keras_condcomp.ops.native_kernels`,
+  compiled on first use): the active blocks' products, reading only the
+  kernel rows of each example's non-zero inputs. `"auto"` runs it wherever
+  the kernels are built, except above batch 1 when at least half of the
+  pairs are active (then `"masked"`); the rules below are `"auto"`'s
+  without them.
 - `"per_example"`: every (example, active block) pair reads its own
   weights, restricted to that example's non-zero inputs. Above batch 1 the
   inputs are taken by chunks of `chunk` rows (the block size, or the
@@ -944,15 +950,16 @@ def native_runs(problem):
 def _auto(problem):
     if native_runs(problem):
         # The native op beat every other path at batch 1, at every density
-        # (Bengio MLP, one thread: 3.3x-3.5x of Dense at 1/16, 1.3x at 3/4,
-        # against 2.2x and 0.9x); above batch 1 the dense fallback still wins
-        # where half the pairs are active (0.7x against 0.9x at 3/4, batch 50).
+        # (Bengio MLP, one thread: about 3x of Dense at 1/16 and 1.2x at 3/4,
+        # against 2x and 0.9x for the TensorFlow paths); above batch 1 the
+        # dense fallback still wins where half the pairs are active (0.9x
+        # against 0.7x at 3/4, batch 50; guide "How skipping runs fast").
         dense = tf.logical_and(problem.batch > 1, mostly_active(problem))
         return tf.cond(
             dense, lambda: _masked(problem.fresh()), lambda: _native(problem.fresh())
         )
-    # At least half the pairs active: the dense fallback, whatever the
-    # batch, after one cond. Else one called function by batch size: batch 1
+    # Without the native kernels. At least half the pairs active: the dense
+    # fallback, whatever the batch, after one cond. Else one called function by batch size: batch 1
     # decides between `_single` and the dense fallback from the example
     # alone, larger batches between the batched paths and the dense
     # fallback from their statistics (when the batch size alone does not
