@@ -327,7 +327,9 @@ def _native_step(layer):
                 or native_activation(layer.activation) is None):
             return None
         return lambda: gated_dense_from_variables(layer)
-    if kind is keras.layers.Dense and not _quantized(layer) and layer.compute_dtype == "float32":
+    if (kind is keras.layers.Dense and not _quantized(layer)
+            and layer.compute_dtype == "float32"
+            and not getattr(layer, "lora_enabled", False)):  # LoRA: a computed kernel
         return lambda: dense_from_variables(layer)
     if kind in INFERENCE_IDENTITY:
         return lambda: lambda x: x
@@ -487,8 +489,9 @@ def compact_inference(model):
         two graphs, each
         traced once and called as a concrete function (cheaper to call than
         a `tf.function`): the chain for a batch of 1 (or the native chain's
-        ops), the other for any other batch size. (One graph holding both behind a `tf.cond` on the batch size
-        computed the other batch sizes wrongly: TensorFlow 2.21's constant
+        ops), the other for any other batch size. (One graph holding both
+        behind a `tf.cond` on the batch size computed the other batch sizes
+        wrongly: TensorFlow 2.21's constant
         folding carried the batch-1 branch's static shapes into it.)
 
     Raises:

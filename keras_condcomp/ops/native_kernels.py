@@ -72,7 +72,8 @@ _state = {"module": None, "error": None, "tried": False}
 
 
 def _disabled():
-    return os.environ.get("KERAS_CONDCOMP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    setting = os.environ.get("KERAS_CONDCOMP_NATIVE", "1").strip().lower()
+    return setting in ("0", "false", "no", "off")
 
 
 def _cache_dir():
@@ -121,7 +122,8 @@ def _library_path(compiler):
     """Where the ops built by `compiler` for this source, TensorFlow and CPU live."""
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(), tf.__version__.encode(), repr(tf.sysconfig.get_compile_flags()).encode(),
+        SOURCE.read_bytes(), tf.__version__.encode(),
+        repr(tf.sysconfig.get_compile_flags()).encode(),
         repr(tf.sysconfig.get_link_flags()).encode(), compiler.encode(),
         _compiler_version(compiler).encode(), platform.machine().encode(), _cpu_flags().encode(),
         repr(_ARCHITECTURE_FLAGS).encode(),

@@ -322,3 +322,16 @@ def test_layers_without_bias_on_every_native_call(rng):
     with forced_execution("native"):
         graph = tf.function(lambda x: model(x, training=False))
         np.testing.assert_allclose(graph(x).numpy(), expected, atol=1e-5)
+
+
+def test_a_dense_layer_with_lora_keeps_the_graph_chain(rng):
+    # Its kernel is computed (kernel + lora_a @ lora_b), not a variable.
+    inputs = keras.Input((24,))
+    h = GatedDense(32, blocks=4, activation="relu", seed=1)(inputs)
+    head = keras.layers.Dense(5)
+    model = keras.Model(inputs, head(h))
+    head.enable_lora(2)
+    head.lora_kernel_b.assign(rng.normal(size=head.lora_kernel_b.shape).astype("float32"))
+    x = rng.normal(size=(1, 24)).astype("float32")
+    np.testing.assert_allclose(compact_inference(model)(x).numpy(), _masked_outputs(model, x),
+                               atol=1e-5)
