@@ -286,18 +286,24 @@ class GatedDense(GatedLayer):
             path=forced_execution_path() or self.execution,
         )
 
-    def _fused_inference_applies(self, inputs):
-        """Whether an eager inference call runs as the one native op of the
-        layer and its policy (`keras_condcomp.ops.native_kernels`): at batch
-        1, where `"auto"` runs the native path at every density, float32,
-        ReLU or linear. A graph costs about 0.2 ms to call, the op 10 us."""
+    def _fuses_policy_natively(self):
+        """Whether the one native op of the layer and its threshold policy
+        (`keras_condcomp.ops.native_kernels`) can run its inference: path
+        `"auto"` or `"native"` in effect, ReLU or linear, the kernels built."""
         path = forced_execution_path() or self.execution
         return (
             path in ("auto", "native")
-            and inputs.shape[0] == 1
-            and inputs.dtype == "float32"
+            and self.inference == "threshold"
             and native_activation(self.activation) is not None
             and load_native_kernels() is not None
+        )
+
+    def _fused_inference_applies(self, inputs):
+        """Whether an eager inference call runs as the fused native op: at
+        batch 1 (where `"auto"` runs the native path at every density), in
+        float32. A graph costs about 0.2 ms to call, the op 10 us."""
+        return (
+            inputs.shape[0] == 1 and inputs.dtype == "float32" and self._fuses_policy_natively()
         )
 
     def compute_output_shape(self, input_shape):

@@ -30,16 +30,11 @@ from keras_condcomp.layers.gated_dense import GatedDense
 from keras_condcomp.ops._threads import intra_op_threads
 from keras_condcomp.ops.block_kernel import block_dense
 from keras_condcomp.ops.block_sparse_conv2d import _first_if_none
-from keras_condcomp.ops.block_sparse_dense import (
-    _in_place_or,
-    forced_execution_path,
-    skipping_can_pay_at_batch_1,
-)
+from keras_condcomp.ops.block_sparse_dense import _in_place_or, skipping_can_pay_at_batch_1
 from keras_condcomp.ops.native_kernels import (
     dense_from_variables,
     gated_dense_from_variables,
     load_native_kernels,
-    native_activation,
 )
 
 __all__ = [
@@ -322,9 +317,7 @@ def _native_step(layer):
     variables where they are), or None where the layer has no such step."""
     kind = type(layer)
     if isinstance(layer, GatedDense):
-        path = forced_execution_path() or layer.execution
-        if (path not in ("auto", "native") or layer.inference != "threshold"
-                or native_activation(layer.activation) is None):
+        if not layer._fuses_policy_natively():
             return None
         return lambda: gated_dense_from_variables(layer)
     if (kind is keras.layers.Dense and not _quantized(layer)

@@ -347,7 +347,7 @@ def variable_handle(variable):
     value = getattr(variable, "value", variable)
     if not isinstance(value, tf.Variable) or value.dtype != tf.float32:
         raise ValueError(
-            f"Expected a float32 variable. Received: {variable!r}"
+            f"`variable` must be a float32 variable. Received: variable={variable!r}"
         )
     return value.handle
 

@@ -260,11 +260,11 @@ void TileRun(const int* members, int tile, const float* x, int input_dim,
 // TensorFlow's intra-op threads.
 class BlockProducts {
  public:
-  BlockProducts(const float* x, int64_t batch, int input_dim,
+  BlockProducts(const float* x, int input_dim,
                 const std::vector<Nonzeros>& nonzeros, const float* kernel,
                 int64_t block_offset, int64_t stride, int block_size, const float* bias,
                 bool relu)
-      : x_(x), batch_(batch), input_dim_(input_dim), nonzeros_(nonzeros), kernel_(kernel),
+      : x_(x), input_dim_(input_dim), nonzeros_(nonzeros), kernel_(kernel),
         block_offset_(block_offset), stride_(stride), block_size_(block_size), bias_(bias),
         relu_(relu) {}
 
@@ -341,7 +341,6 @@ class BlockProducts {
   }
 
   const float* x_;
-  int64_t batch_;
   int input_dim_;
   const std::vector<Nonzeros>& nonzeros_;
   const float* kernel_;
@@ -411,6 +410,18 @@ class InferenceOp : public OpKernel {
     return holder;
   }
 
+  // Inputs `first` on, as `Weight` reads them, into `weights`. False when
+  // an error was set.
+  template <int N>
+  static bool Weights(OpKernelContext* context, int first, Tensor (&held)[N],
+                      const Tensor* (&weights)[N]) {
+    for (int i = 0; i < N; ++i) {
+      weights[i] = Weight(context, first + i, &held[i]);
+      if (weights[i] == nullptr) return false;
+    }
+    return true;
+  }
+
   static const float* BiasOrNull(const Tensor& bias) {
     return bias.dim_size(0) ? bias.flat<float>().data() : nullptr;
   }
@@ -440,7 +451,7 @@ class BlockKernelOp : public InferenceOp {
                 const std::vector<std::vector<int>>& examples_of, float* outputs) {
     const int input_dim = static_cast<int>(block_kernel.dim_size(1));
     const int block_size = static_cast<int>(block_kernel.dim_size(2));
-    BlockProducts products(inputs.flat<float>().data(), inputs.dim_size(0), input_dim, nonzeros,
+    BlockProducts products(inputs.flat<float>().data(), input_dim, nonzeros,
                            block_kernel.flat<float>().data(),
                            static_cast<int64_t>(input_dim) * block_size, block_size, block_size,
                            BiasOrNull(bias), relu_);
@@ -457,10 +468,7 @@ class GatedDenseOp : public BlockKernelOp {
     const Tensor& inputs = context->input(0);
     Tensor held[4];
     const Tensor* weights[4];
-    for (int i = 0; i < 4; ++i) {
-      weights[i] = Weight(context, i + 1, &held[i]);
-      if (weights[i] == nullptr) return;
-    }
+    if (!Weights(context, 1, held, weights)) return;
     const Tensor& policy_kernel = *weights[0];
     const Tensor& policy_bias = *weights[1];
     const Tensor& block_kernel = *weights[2];
@@ -560,10 +568,7 @@ class DenseOp : public InferenceOp {
     const Tensor& inputs = context->input(0);
     Tensor held[2];
     const Tensor* weights[2];
-    for (int i = 0; i < 2; ++i) {
-      weights[i] = Weight(context, i + 1, &held[i]);
-      if (weights[i] == nullptr) return;
-    }
+    if (!Weights(context, 1, held, weights)) return;
     const Tensor& kernel = *weights[0];
     const Tensor& bias = *weights[1];
     OP_REQUIRES(context, kernel.dims() == 2,
@@ -585,13 +590,13 @@ class DenseOp : public InferenceOp {
     }
     const float* k = kernel.flat<float>().data();
     const float* b = BiasOrNull(bias);
-    BlockProducts(x, batch, static_cast<int>(input_dim), nonzeros, k, width, units,
+    BlockProducts(x, static_cast<int>(input_dim), nonzeros, k, width, units,
                   static_cast<int>(width), b, relu_)
         .Run(context, every, outputs, static_cast<int>(units));
     const int64_t rest = units - full * width;
     if (rest > 0) {
       every.resize(1);
-      BlockProducts(x, batch, static_cast<int>(input_dim), nonzeros, k + full * width, 0, units,
+      BlockProducts(x, static_cast<int>(input_dim), nonzeros, k + full * width, 0, units,
                     static_cast<int>(rest), b == nullptr ? nullptr : b + full * width, relu_)
           .Run(context, every, outputs + full * width, static_cast<int>(units));
     }
@@ -607,7 +612,7 @@ absl::Status MatrixOutput(shape_inference::InferenceContext* c, int units_input)
     TF_RETURN_IF_ERROR(c->Multiply(c->Dim(kernel, 0), c->Dim(kernel, 2), &units));
   } else if (c->RankKnown(kernel) && c->Rank(kernel) == 2) {
     units = c->Dim(kernel, 1);
-  } else {
+  } else {  // a variable's handle: its shape is not known here
     units = c->UnknownDim();
   }
   c->set_output(0, c->Matrix(c->Dim(inputs, 0), units));
@@ -634,12 +639,7 @@ REGISTER_OP("KerasCondcompGatedDenseVariables")
     .Attr("Tbias: {float, resource}")
     .Attr("activation: {'linear', 'relu'} = 'linear'")
     .Output("outputs: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      shape_inference::ShapeHandle inputs;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &inputs));
-      c->set_output(0, c->Matrix(c->Dim(inputs, 0), c->UnknownDim()));
-      return absl::OkStatus();
-    });
+    .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 3); });
 REGISTER_KERNEL_BUILDER(Name("KerasCondcompGatedDenseVariables").Device(DEVICE_CPU),
                         GatedDenseOp);
 
@@ -670,12 +670,7 @@ REGISTER_OP("KerasCondcompDenseVariables")
     .Attr("Tbias: {float, resource}")
     .Attr("activation: {'linear', 'relu'} = 'linear'")
     .Output("outputs: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      shape_inference::ShapeHandle inputs;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &inputs));
-      c->set_output(0, c->Matrix(c->Dim(inputs, 0), c->UnknownDim()));
-      return absl::OkStatus();
-    });
+    .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 1); });
 REGISTER_KERNEL_BUILDER(Name("KerasCondcompDenseVariables").Device(DEVICE_CPU), DenseOp);
 
 }  // namespace
