@@ -3,13 +3,16 @@
 TensorFlow has no op that multiplies only some blocks of a kernel: the
 engine's other paths build that from gathers, products and scatters, a graph
 of tens of ops whose call alone costs more than the skipped work at batch 1.
-`native/gated_dense.cc` holds three CPU ops that do it in one:
+`native/gated_dense.cc` holds CPU ops that do it in one:
 
 - `KerasCondcompGatedDense`: a GatedDense layer with its threshold policy
   (the policy's products, its decision and the active blocks' products);
 - `KerasCondcompBlockSparseDense`: the active blocks' products for a given
   block mask (the engine's `"native"` path);
-- `KerasCondcompDense`: a Dense layer's product.
+- `KerasCondcompDense`: a Dense layer's product;
+- `KerasCondcompChain`: layers of the first and third kinds one after the
+  other, reading their variables (`chain_from_variables`): one eager call
+  for a model's chain of layers.
 
 Each reads only the kernel rows of an example's non-zero inputs (the blocks
 an upstream gated layer skipped, ReLU's zeros) when fewer than half are
@@ -45,8 +48,7 @@ import tensorflow as tf
 
 __all__ = [
     "build_native_kernels",
-    "dense_from_variables",
-    "gated_dense_from_variables",
+    "chain_from_variables",
     "load_native_kernels",
     "native_activation",
     "native_block_sparse_dense",
@@ -364,28 +366,80 @@ def _no_bias():
         return tf.constant(np.zeros(0, np.float32))
 
 
-def gated_dense_from_variables(layer):
-    """`x -> outputs` of a GatedDense `layer`'s inference with its threshold
-    policy, one op call (`native_gated_dense`) reading the layer's variables
-    where they are; `layer.activation` must be ReLU or linear."""
-    call = _ops().keras_condcomp_gated_dense_variables
-    handles = [variable_handle(v) for v in (
-        layer.policy.kernel, layer.policy.bias, layer.block_kernel)] + [_bias_handle(layer.bias)]
+def _chain_layer(layer, last):
+    """`(kind, handles, activation)` of `layer` in the chain op."""
+    from keras_condcomp.layers import GatedDense
+
     activation = native_activation(layer.activation)
-    return lambda x: call(x, *handles, activation=activation)
+    if isinstance(layer, GatedDense):
+        if not layer._fuses_policy_natively():
+            raise ValueError(
+                "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
+                f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r}"
+            )
+        weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)
+        return "gated_dense", [variable_handle(w) for w in weights], activation
+    if type(layer) is keras.layers.Dense and not getattr(layer, "lora_enabled", False):
+        if activation is None and not last:
+            raise ValueError(
+                "Only the last Dense layer of the chain may have another activation than "
+                f"ReLU or linear. Received: layer={layer.name!r} with activation "
+                f"{layer.activation.__name__!r}"
+            )
+        return "dense", [variable_handle(layer.kernel)], activation or "linear"
+    raise ValueError(
+        "The chain takes GatedDense and Dense layers (not LoRA). "
+        f"Received: layer={layer.name!r} of type {type(layer).__name__}"
+    )
 
 
-def dense_from_variables(layer):
-    """`x -> outputs` of a Dense `layer`, one op call (`native_dense`)
-    reading its variables; another activation than ReLU or linear is
-    applied to the op's output."""
-    call = _ops().keras_condcomp_dense_variables
-    kernel, bias = variable_handle(layer.kernel), _bias_handle(layer.bias)
-    activation = native_activation(layer.activation)
-    if activation is not None:
-        return lambda x: call(x, kernel, bias, activation=activation)
-    function = layer.activation
-    return lambda x: function(call(x, kernel, bias))
+def chain_from_variables(layers):
+    """`x -> outputs` of consecutive `layers` at inference, one op call
+    (`KerasCondcompChain`) reading their variables where they are, so new
+    weights reach the next call.
+
+    Args:
+        layers: GatedDense layers (threshold policy, ReLU or linear, path
+            `"auto"` or `"native"`) and float32 `keras.layers.Dense` layers
+            (ReLU or linear; the last one any activation, applied to the
+            op's output).
+
+    Returns:
+        A function of a `(batch, input_dim)` float32 tensor.
+
+    Raises:
+        ValueError: a layer the op does not run (named).
+        RuntimeError: the ops are not available (`native_kernels_error()`).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_condcomp.layers import GatedDense
+    >>> hidden, head = GatedDense(64, blocks=4, activation="relu"), keras.layers.Dense(3)
+    >>> model = keras.Sequential([keras.Input((8,)), hidden, head])
+    >>> x = np.ones((1, 8), "float32")
+    >>> if load_native_kernels() is not None:  # else: native_kernels_error()
+    ...     outputs = chain_from_variables([hidden, head])(x)
+    ... else:
+    ...     outputs = model(x, training=False)
+    >>> outputs.shape
+    TensorShape([1, 3])
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("`layers` must hold at least one layer. Received: layers=[]")
+    call = _ops().keras_condcomp_chain
+    kinds, weights, activations = [], [], []
+    for i, layer in enumerate(layers):
+        kind, handles, activation = _chain_layer(layer, last=i == len(layers) - 1)
+        kinds.append(kind)
+        activations.append(activation)
+        weights += handles + [_bias_handle(layer.bias)]
+    last = layers[-1]
+    if native_activation(last.activation) is not None:
+        return lambda x: call(x, weights, layers=kinds, activations=activations)
+    function = last.activation
+    return lambda x: function(call(x, weights, layers=kinds, activations=activations))
 
 
 def native_dense(inputs, kernel, bias, activation=None):

@@ -45,7 +45,7 @@ def test_the_kernels_build_and_load():
     batch=st.sampled_from([1, 2, 7, 64]),
     blocks=st.sampled_from([1, 3, 8, 24]),
     block_size=st.sampled_from([1, 5, 8, 16, 64]),
-    input_dim=st.sampled_from([1, 12, 40]),
+    input_dim=st.sampled_from([1, 12, 40, 100, 300]),  # 100, 300: several words of bits
     input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
     policy_bias=st.sampled_from([-100.0, -1.0, 0.0, 1.0, 100.0]),
     activation=st.sampled_from(["relu", "linear"]),
@@ -163,14 +163,15 @@ def test_an_eager_call_at_batch_1_runs_the_fused_op(rng, monkeypatch):
 def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
     from keras_condcomp.models import compact_chain
 
-    calls = []
-    made = compact_chain.gated_dense_from_variables
+    chains, calls = [], []
+    made = compact_chain.chain_from_variables
 
-    def counted(layer):
-        call = made(layer)
+    def counted(layers):
+        chains.append([type(layer).__name__ for layer in layers])
+        call = made(layers)
         return lambda x: calls.append(1) or call(x)
 
-    monkeypatch.setattr(compact_chain, "gated_dense_from_variables", counted)
+    monkeypatch.setattr(compact_chain, "chain_from_variables", counted)
     for head_activation in (None, "sigmoid"):  # sigmoid: applied to the op's output
         model = _model(head_activation=head_activation)
         predict = compact_inference(model)
@@ -180,7 +181,9 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
         batch = rng.normal(size=(4, 32)).astype("float32")
         np.testing.assert_allclose(predict(batch).numpy(), _masked_outputs(model, batch),
                                    atol=1e-5)
-    assert len(calls) == 2 * 5 * 2  # two gated layers, five examples, two models
+    # Dropout left out, the ReLU layer on its own: two op calls an example.
+    assert chains == [["GatedDense"], ["GatedDense", "Dense"]] * 2
+    assert len(calls) == 2 * 5 * 2
     # The ops read the variables: new weights reach the next call.
     layer = model.layers[1]
     layer.block_kernel.assign(2 * layer.block_kernel)
@@ -188,10 +191,56 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
     np.testing.assert_allclose(predict(x).numpy(), _masked_outputs(model, x), atol=1e-5)
 
 
+def test_chain_op_runs_a_whole_mlp_in_one_call(rng):
+    inputs = keras.Input((32,))
+    h = GatedDense(64, blocks=8, activation="relu", seed=1,
+                   policy_bias_initializer=keras.initializers.Constant(0.2))(inputs)
+    h = keras.layers.Dense(48, activation="relu")(h)
+    h = GatedDense(64, blocks=4, seed=2)(h)  # linear
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+    run = native_kernels.chain_from_variables(model.layers[1:])
+    for batch in (1, 2, 7):
+        x = rng.normal(size=(batch, 32)).astype("float32")
+        np.testing.assert_allclose(run(x).numpy(), _masked_outputs(model, x), atol=1e-5)
+
+
+def test_chain_op_names_a_layer_it_cannot_run():
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="sigmoid", name="squash")
+    conv = keras.layers.Conv1D(4, 1, name="conv")
+    keras.Model(inputs, keras.layers.Dense(2)(hidden(inputs)))
+    with pytest.raises(ValueError, match="last Dense.*'squash'.*sigmoid"):
+        native_kernels.chain_from_variables([hidden, keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="'conv' of type Conv1D"):
+        native_kernels.chain_from_variables([conv])
+    with pytest.raises(ValueError, match="at least one layer"):
+        native_kernels.chain_from_variables([])
+    gated = GatedDense(16, blocks=4, activation="sigmoid", name="gated")
+    gated.build((None, 8))
+    with pytest.raises(ValueError, match="threshold policy.*'gated'"):
+        native_kernels.chain_from_variables([gated])
+
+
+def test_chain_op_names_weights_that_do_not_fit():
+    ops = load_native_kernels()
+    x = tf.ones((1, 8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"inputs must be \(batch, 6\)"):
+        ops.keras_condcomp_chain(x, [tf.ones((6, 4)), tf.ones((4,))], layers=["dense"],
+                                 activations=["relu"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="take 2 weights, got 1"):
+        ops.keras_condcomp_chain(x, [tf.ones((8, 4))], layers=["dense"], activations=["relu"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be 'gated_dense' or 'dense'"):
+        ops.keras_condcomp_chain(x, [tf.ones((8, 4)), tf.ones((4,))], layers=["conv"],
+                                 activations=["relu"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="'relu' or 'linear', got 'tanh'"):
+        ops.keras_condcomp_chain(x, [tf.ones((8, 4)), tf.ones((4,))], layers=["dense"],
+                                 activations=["tanh"])
+
+
 def test_compact_inference_keeps_the_graph_chain_for_other_activations(rng, monkeypatch):
     from keras_condcomp.models import compact_chain
 
-    monkeypatch.setattr(compact_chain, "gated_dense_from_variables", None)  # must not be called
+    monkeypatch.setattr(compact_chain, "chain_from_variables", None)  # must not be called
     model = _model(activation="sigmoid")
     x = rng.normal(size=(1, 32)).astype("float32")
     np.testing.assert_allclose(compact_inference(model)(x).numpy(), _masked_outputs(model, x),
@@ -265,18 +314,18 @@ def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     blocks=st.sampled_from([1, 2, 4, 8]),
     block_size=st.sampled_from([1, 3, 8, 64]),
     density=st.sampled_from([0.0, 1 / 32, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0]),
+    input_dim=st.sampled_from([12, 100, 300]),
     input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
     activation=st.sampled_from(["relu", "linear", "sigmoid"]),
     use_bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_native_path_matches_the_masked_reference(
-    batch, blocks, block_size, density, input_sparsity, activation, use_bias, seed
+    batch, blocks, block_size, density, input_dim, input_sparsity, activation, use_bias, seed
 ):
     # The engine's "native" path inlined in a graph, as `predict` runs it;
     # sigmoid (not 0 at 0) is applied outside the op, to the active blocks.
     rng = np.random.default_rng(seed)
-    input_dim = 12
     x = rng.normal(size=(batch, input_dim)).astype("float32")
     x[rng.random(x.shape) < input_sparsity] = 0.0
     kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")

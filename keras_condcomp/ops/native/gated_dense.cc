@@ -8,20 +8,22 @@
 //     the products of the blocks where block_mask[e, b] != 0;
 //   KerasCondcompDense(inputs, kernel, bias)
 //     a Dense layer's product, reading the rows of non-zero inputs only;
-//   KerasCondcompGatedDenseVariables, KerasCondcompDenseVariables
-//     the same, reading the weights from their resource variables (the
-//     handles of a layer's variables; the bias a variable or an empty
-//     tensor): called eagerly, one op instead of one read op per weight and
-//     the op (about 6 us each).
+//   KerasCondcompChain(inputs, weights)
+//     layers of those two kinds one after the other, each reading its
+//     weights from tensors or from the layers' variables (their handles):
+//     called eagerly, one op for a model's chain instead of one per layer
+//     (about 50 us each after a call of another model, which left the
+//     runtime's own data out of the caches) and of one read op per weight.
 //
 // An active block's output is activation(inputs[e] @ block_kernel[b] + bias[b]),
 // every other block's is 0 (activation: "linear" or "relu").
 //
 // Built by keras_condcomp/ops/native_kernels.py against the installed
-// TensorFlow on first use. Called eagerly, an op costs about 10 us, where
+// TensorFlow on first use. Called eagerly, an op costs 10-50 us, where
 // calling a graph costs about 0.2 ms (the guide "How skipping runs fast").
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -60,31 +62,70 @@ using ConstMatrix = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
 constexpr int kTile = 4;
 // Rows read ahead of the one multiplied.
 constexpr int kAhead = 16;
+// Bytes read ahead into the outer caches, on top, where a block's rows are
+// contiguous: two blocks of 3072 x 64 read in a standalone loop, one
+// thread, at 21 GB/s against 15 GB/s (16 KB or 96 KB ahead: 16-17 GB/s);
+// the op's products of two such blocks at batch 1 in 100 us against 118 us.
+constexpr int64_t kFarBytes = 64 * 1024;
 // Examples of one block from which they run as one matrix product (Eigen's).
 constexpr int kMatrixMin = 8;
 // Multiply-adds of a call from which its blocks are shared among threads.
 constexpr int64_t kShardMinMacs = int64_t{1} << 22;
 
-// The non-zero entries of one example's inputs, listed where fewer than
-// half of them are (else `all`: the products read every row).
+// The non-zero entries of one example's inputs: a bit each (`bits`), and
+// listed (`rows`) where fewer than half of them are (else `all`: the
+// products read every row).
 struct Nonzeros {
+  std::vector<uint64_t> bits;
   std::vector<int> rows;
   bool all = false;
 };
 
+// Bit k of the result: p[k] != 0 (NaN included), for k < n <= 64.
+inline uint64_t NonzeroBits(const float* p, int n) {
+  uint64_t bits = 0;
+  int k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= n; k += 16) {
+    const uint64_t lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + k), _mm512_setzero_ps(),
+                                              _CMP_NEQ_UQ);
+    bits |= lanes << k;
+  }
+#endif
+  for (; k < n; ++k) bits |= static_cast<uint64_t>(p[k] != 0.0f) << k;
+  return bits;
+}
+
+// The rows whose bits are set in `bits` (words of 64), in order, into `rows`.
+void ListBits(const uint64_t* bits, int words, std::vector<int>* rows) {
+  for (int w = 0; w < words; ++w) {
+    for (uint64_t word = bits[w]; word != 0; word &= word - 1) {
+      rows->push_back(w * 64 + __builtin_ctzll(word));
+    }
+  }
+}
+
+int Words(int input_dim) { return (input_dim + 63) / 64; }
+
+// No branch per input: a loop with one cost more than the products of a
+// sparse layer (the Bengio MLP's second layer at density 1/16, batch 50:
+// 0.46 ms, against 0.30 ms with the bits and the lists made from them).
 std::vector<Nonzeros> FindNonzeros(const float* x, int64_t batch, int input_dim) {
+  const int words = Words(input_dim);
   std::vector<Nonzeros> nonzeros(batch);
   for (int64_t e = 0; e < batch; ++e) {
     const float* xe = x + e * input_dim;
-    int count = 0;
-    for (int r = 0; r < input_dim; ++r) count += xe[r] != 0.0f;
     Nonzeros& nz = nonzeros[e];
+    nz.bits.resize(words);
+    int count = 0;
+    for (int w = 0; w < words; ++w) {
+      nz.bits[w] = NonzeroBits(xe + w * 64, std::min(64, input_dim - w * 64));
+      count += __builtin_popcountll(nz.bits[w]);
+    }
     nz.all = 2 * count >= input_dim;
     if (!nz.all) {
       nz.rows.reserve(count);
-      for (int r = 0; r < input_dim; ++r) {
-        if (xe[r] != 0.0f) nz.rows.push_back(r);
-      }
+      ListBits(nz.bits.data(), words, &nz.rows);
     }
   }
   return nonzeros;
@@ -153,19 +194,31 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
   };
   int i = 0;
   if (rows == nullptr) {
+    const int far = static_cast<int>(
+        std::max<int64_t>(kAhead, kFarBytes / (stride * static_cast<int64_t>(sizeof(float)))));
     for (; i + U <= row_count; i += U) {
       for (int u = 0; u < U; ++u) {
         // The row kAhead rows on, asked for now (prefetching is harmless
         // past the end): 8-10% more memory throughput, one thread.
         const float* ahead = kernel + (i + u + kAhead) * stride;
         for (int line = 0; line < W; line += 16) __builtin_prefetch(ahead + line);
+        if (i + u + far < row_count) {
+          const float* further = kernel + (i + u + far) * stride;
+          for (int line = 0; line < W; line += 16) __builtin_prefetch(further + line, 0, 1);
+        }
         add_row(u, i + u);
       }
     }
     for (; i < row_count; ++i) add_row(0, i);
   } else {
     for (; i + U <= row_count; i += U) {
-      for (int u = 0; u < U; ++u) add_row(u, rows[i + u]);
+      for (int u = 0; u < U; ++u) {
+        if (i + u + kAhead < row_count) {
+          const float* ahead = kernel + rows[i + u + kAhead] * stride;
+          for (int line = 0; line < W; line += 16) __builtin_prefetch(ahead + line);
+        }
+        add_row(u, rows[i + u]);
+      }
     }
     for (; i < row_count; ++i) add_row(0, rows[i]);
   }
@@ -212,8 +265,8 @@ void Product(int tile, const float* const* x, const float* kernel, int64_t strid
 
 // Per-thread buffers of the tiles.
 struct Scratch {
-  explicit Scratch(int input_dim) : used(input_dim) {}
-  std::vector<char> used;
+  explicit Scratch(int input_dim) : bits(Words(input_dim)) {}
+  std::vector<uint64_t> bits;
   std::vector<int> rows;
 };
 
@@ -239,17 +292,16 @@ void TileRun(const int* members, int tile, const float* x, int input_dim,
     Product(tile, tile_x, kernel, stride, width, own.data(), static_cast<int>(own.size()), acc);
     return;
   }
-  std::vector<int>& rows = scratch->rows;  // the union of the tile's non-zero rows
+  std::vector<uint64_t>& bits = scratch->bits;  // the union of the tile's non-zero rows
+  const int words = static_cast<int>(bits.size());
+  std::copy(nonzeros[members[0]].bits.begin(), nonzeros[members[0]].bits.end(), bits.begin());
+  for (int t = 1; t < tile; ++t) {
+    const uint64_t* own = nonzeros[members[t]].bits.data();
+    for (int w = 0; w < words; ++w) bits[w] |= own[w];
+  }
+  std::vector<int>& rows = scratch->rows;
   rows.clear();
-  for (int t = 0; t < tile; ++t) {
-    for (int r : nonzeros[members[t]].rows) scratch->used[r] = 1;
-  }
-  for (int r = 0; r < input_dim; ++r) {
-    if (scratch->used[r]) {
-      rows.push_back(r);
-      scratch->used[r] = 0;
-    }
-  }
+  ListBits(bits.data(), words, &rows);
   Product(tile, tile_x, kernel, stride, width, rows.data(), static_cast<int>(rows.size()), acc);
 }
 
@@ -351,200 +403,322 @@ class BlockProducts {
   bool relu_;
 };
 
-// The shape checks and buffers every op shares.
-class InferenceOp : public OpKernel {
+// Input `index`: a tensor, or the value of the variable a resource handle
+// names (held in `holder`, its buffer shared, not copied). Null when an
+// error was set.
+const Tensor* Weight(OpKernelContext* context, int index, Tensor* holder) {
+  if (context->input_dtype(index) != DT_RESOURCE) return &context->input(index);
+  ::tensorflow::core::RefCountPtr<Var> variable;
+  const absl::Status status =
+      ::tensorflow::LookupResource(context, ::tensorflow::HandleFromInput(context, index),
+                                   &variable);
+  if (!status.ok()) {
+    context->SetStatus(status);
+    return nullptr;
+  }
+  ::tensorflow::tf_shared_lock lock(*variable->mu());
+  if (variable->tensor()->dtype() != ::tensorflow::DT_FLOAT) {
+    context->SetStatus(InvalidArgument("the variable of input ", index, " is not float32"));
+    return nullptr;
+  }
+  *holder = *variable->tensor();
+  return holder;
+}
+
+// Checks `inputs` (batch, input_dim) and `bias` (units or empty). False
+// when an error was set.
+bool CheckInputsAndBias(OpKernelContext* context, const Tensor& inputs, int64_t input_dim,
+                        const Tensor& bias, int64_t units) {
+  if (inputs.dims() != 2 || inputs.dim_size(1) != input_dim) {
+    context->SetStatus(InvalidArgument("inputs must be (batch, ", input_dim, "), got ",
+                                       inputs.shape().DebugString()));
+    return false;
+  }
+  if (bias.dims() != 1 || (bias.dim_size(0) != units && bias.dim_size(0) != 0)) {
+    context->SetStatus(InvalidArgument("bias must be (", units, ",) or empty, got ",
+                                       bias.shape().DebugString()));
+    return false;
+  }
+  return true;
+}
+
+const float* BiasOrNull(const Tensor& bias) {
+  return bias.dim_size(0) ? bias.flat<float>().data() : nullptr;
+}
+
+bool CheckBlockKernel(OpKernelContext* context, const Tensor& block_kernel) {
+  if (block_kernel.dims() != 3) {
+    context->SetStatus(InvalidArgument("block_kernel must be (blocks, input_dim, block_size), got ",
+                                       block_kernel.shape().DebugString()));
+    return false;
+  }
+  return true;
+}
+
+// The products of the blocks of the block-major kernel (blocks, input_dim,
+// block_size) that `examples_of` lists for each block.
+void BlockKernelProducts(OpKernelContext* context, const Tensor& inputs,
+                         const Tensor& block_kernel, const Tensor& bias, bool relu,
+                         const std::vector<Nonzeros>& nonzeros,
+                         const std::vector<std::vector<int>>& examples_of, float* outputs) {
+  const int input_dim = static_cast<int>(block_kernel.dim_size(1));
+  const int block_size = static_cast<int>(block_kernel.dim_size(2));
+  BlockProducts products(inputs.flat<float>().data(), input_dim, nonzeros,
+                         block_kernel.flat<float>().data(),
+                         static_cast<int64_t>(input_dim) * block_size, block_size, block_size,
+                         BiasOrNull(bias), relu);
+  products.Run(context, examples_of, outputs,
+               static_cast<int>(block_kernel.dim_size(0)) * block_size);
+}
+
+// A layer kind the ops run: its weights (inputs of the op, in this order),
+// the check of their shapes against the inputs (its units, or -1 when an
+// error was set), and its products into zeroed (batch, units) outputs.
+struct LayerKind {
+  const char* name;
+  int weights;
+  int64_t (*check)(OpKernelContext*, const Tensor& inputs, const Tensor* const* weights);
+  void (*run)(OpKernelContext*, const Tensor& inputs, const Tensor* const* weights, bool relu,
+              float* outputs);
+};
+
+// GatedDense with its threshold policy: policy_kernel, policy_bias,
+// block_kernel, bias.
+int64_t CheckGatedDense(OpKernelContext* context, const Tensor& inputs,
+                        const Tensor* const* weights) {
+  const Tensor& policy_kernel = *weights[0];
+  const Tensor& policy_bias = *weights[1];
+  const Tensor& block_kernel = *weights[2];
+  if (!CheckBlockKernel(context, block_kernel)) return -1;
+  const int64_t blocks = block_kernel.dim_size(0);
+  const int64_t input_dim = block_kernel.dim_size(1);
+  const int64_t units = blocks * block_kernel.dim_size(2);
+  if (policy_kernel.dims() != 2 || policy_kernel.dim_size(0) != input_dim ||
+      policy_kernel.dim_size(1) != blocks) {
+    context->SetStatus(InvalidArgument("policy_kernel must be (", input_dim, ", ", blocks,
+                                       "), got ", policy_kernel.shape().DebugString()));
+    return -1;
+  }
+  if (policy_bias.dims() != 1 || policy_bias.dim_size(0) != blocks) {
+    context->SetStatus(InvalidArgument("policy_bias must be (", blocks, ",), got ",
+                                       policy_bias.shape().DebugString()));
+    return -1;
+  }
+  return CheckInputsAndBias(context, inputs, input_dim, *weights[3], units) ? units : -1;
+}
+
+void RunGatedDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
+                   bool relu, float* outputs) {
+  const Tensor& block_kernel = *weights[2];
+  const int64_t blocks = block_kernel.dim_size(0);
+  const int input_dim = static_cast<int>(block_kernel.dim_size(1));
+  const int64_t batch = inputs.dim_size(0);
+  const float* x = inputs.flat<float>().data();
+  const std::vector<Nonzeros> nonzeros = FindNonzeros(x, batch, input_dim);
+
+  // The policy's logits: one matrix product for a batch of mostly dense
+  // inputs, else a tile of examples at a time over the rows they use.
+  const float* wp = weights[0]->flat<float>().data();
+  Matrix logits(batch, blocks);
+  int64_t dense = 0;
+  for (const Nonzeros& nz : nonzeros) dense += nz.all;
+  if (batch >= kMatrixMin && 2 * dense >= batch) {
+    logits.noalias() = ConstMatrix(x, batch, input_dim, Eigen::OuterStride<>(input_dim)) *
+                       ConstMatrix(wp, input_dim, blocks, Eigen::OuterStride<>(blocks));
+  } else {
+    Scratch scratch(input_dim);
+    int members[kTile];
+    for (int64_t start = 0; start < batch; start += kTile) {
+      const int tile = static_cast<int>(std::min<int64_t>(kTile, batch - start));
+      for (int t = 0; t < tile; ++t) members[t] = static_cast<int>(start + t);
+      TileRun(members, tile, x, input_dim, nonzeros, wp, blocks, blocks, &scratch,
+              logits.data() + start * blocks);
+    }
+  }
+  const float* bp = weights[1]->flat<float>().data();
+  std::vector<std::vector<int>> examples_of(blocks);
+  for (int64_t e = 0; e < batch; ++e) {
+    for (int64_t j = 0; j < blocks; ++j) {
+      // The threshold policy's decision, as GatedDense takes it.
+      if (logits(e, j) + bp[j] > 0.0f) examples_of[j].push_back(static_cast<int>(e));
+    }
+  }
+  BlockKernelProducts(context, inputs, block_kernel, *weights[3], relu, nonzeros, examples_of,
+                      outputs);
+}
+
+// Dense: kernel (input_dim, units), bias.
+int64_t CheckDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights) {
+  const Tensor& kernel = *weights[0];
+  if (kernel.dims() != 2) {
+    context->SetStatus(InvalidArgument("kernel must be (input_dim, units), got ",
+                                       kernel.shape().DebugString()));
+    return -1;
+  }
+  const int64_t units = kernel.dim_size(1);
+  return CheckInputsAndBias(context, inputs, kernel.dim_size(0), *weights[1], units) ? units : -1;
+}
+
+// The kernel's columns as blocks of 64 (the last one narrower), every
+// example active in every block.
+void RunDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
+              bool relu, float* outputs) {
+  const Tensor& kernel = *weights[0];
+  const int64_t input_dim = kernel.dim_size(0);
+  const int64_t units = kernel.dim_size(1);
+  const int64_t batch = inputs.dim_size(0);
+  const float* x = inputs.flat<float>().data();
+  const std::vector<Nonzeros> nonzeros = FindNonzeros(x, batch, static_cast<int>(input_dim));
+  constexpr int64_t kColumns = 64;
+  const int64_t width = units <= 128 ? units : kColumns;
+  const int64_t full = units / width;
+  std::vector<std::vector<int>> every(full, std::vector<int>(batch));
+  for (auto& members : every) {
+    for (int64_t e = 0; e < batch; ++e) members[e] = static_cast<int>(e);
+  }
+  const float* k = kernel.flat<float>().data();
+  const float* b = BiasOrNull(*weights[1]);
+  BlockProducts(x, static_cast<int>(input_dim), nonzeros, k, width, units,
+                static_cast<int>(width), b, relu)
+      .Run(context, every, outputs, static_cast<int>(units));
+  const int64_t rest = units - full * width;
+  if (rest > 0) {
+    every.resize(1);
+    BlockProducts(x, static_cast<int>(input_dim), nonzeros, k + full * width, 0, units,
+                  static_cast<int>(rest), b == nullptr ? nullptr : b + full * width, relu)
+        .Run(context, every, outputs + full * width, static_cast<int>(units));
+  }
+}
+
+constexpr LayerKind kGatedDense = {"gated_dense", 4, CheckGatedDense, RunGatedDense};
+constexpr LayerKind kDense = {"dense", 2, CheckDense, RunDense};
+constexpr int kMostWeights = 4;
+
+// Layers run one after the other on `inputs`, each reading its weights
+// from the op's next inputs (tensors or variables' handles): one layer
+// (KerasCondcompGatedDense, KerasCondcompDense) or a chain of them
+// (KerasCondcompChain, attributes `layers` and `activations`).
+class LayersOp : public OpKernel {
  public:
-  explicit InferenceOp(OpKernelConstruction* context) : OpKernel(context) {
+  // `kind`: the op's one layer, its activation the attribute
+  // `activation`; null: a chain, as its attributes say.
+  LayersOp(OpKernelConstruction* context, const LayerKind* kind) : OpKernel(context) {
+    std::vector<std::string> activations;
+    if (kind != nullptr) {
+      layers_.push_back(kind);
+      activations.emplace_back();
+      OP_REQUIRES_OK(context, context->GetAttr("activation", &activations[0]));
+    } else {
+      std::vector<std::string> names;
+      OP_REQUIRES_OK(context, context->GetAttr("layers", &names));
+      OP_REQUIRES_OK(context, context->GetAttr("activations", &activations));
+      OP_REQUIRES(context, !names.empty() && names.size() == activations.size(),
+                  InvalidArgument("layers and activations must be as many (at least one), got ",
+                                  names.size(), " and ", activations.size()));
+      for (const std::string& name : names) {
+        if (name == kGatedDense.name) {
+          layers_.push_back(&kGatedDense);
+        } else if (name == kDense.name) {
+          layers_.push_back(&kDense);
+        } else {
+          OP_REQUIRES(context, false,
+                      InvalidArgument("layers must be 'gated_dense' or 'dense', got '", name,
+                                      "'"));
+        }
+      }
+    }
+    for (const std::string& activation : activations) {
+      OP_REQUIRES(context, activation == "relu" || activation == "linear",
+                  InvalidArgument("activations must be 'relu' or 'linear', got '", activation,
+                                  "'"));
+      relu_.push_back(activation == "relu");
+    }
+  }
+
+  void Compute(OpKernelContext* context) override {
+    int weights_needed = 1;
+    for (const LayerKind* kind : layers_) weights_needed += kind->weights;
+    OP_REQUIRES(context, context->num_inputs() == weights_needed,
+                InvalidArgument("the layers take ", weights_needed - 1, " weights, got ",
+                                context->num_inputs() - 1));
+    Tensor values[2];  // a chain's outputs so far, and the next layer's
+    const Tensor* inputs = &context->input(0);
+    int next = 1;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerKind& kind = *layers_[i];
+      Tensor held[kMostWeights];
+      const Tensor* weights[kMostWeights];
+      for (int w = 0; w < kind.weights; ++w) {
+        weights[w] = Weight(context, next + w, &held[w]);
+        if (weights[w] == nullptr) return;
+      }
+      next += kind.weights;
+      const int64_t units = kind.check(context, *inputs, weights);
+      if (units < 0) return;
+      const TensorShape shape({inputs->dim_size(0), units});
+      Tensor* outputs = nullptr;
+      if (i + 1 == layers_.size()) {
+        OP_REQUIRES_OK(context, context->allocate_output(0, shape, &outputs));
+      } else {
+        outputs = &values[i % 2];
+        OP_REQUIRES_OK(context,
+                       context->allocate_temp(::tensorflow::DT_FLOAT, shape, outputs));
+      }
+      float* data = outputs->flat<float>().data();
+      std::memset(data, 0, sizeof(float) * outputs->NumElements());
+      kind.run(context, *inputs, weights, relu_[i], data);
+      inputs = outputs;
+    }
+  }
+
+ private:
+  std::vector<const LayerKind*> layers_;
+  std::vector<bool> relu_;
+};
+
+class GatedDenseOp : public LayersOp {
+ public:
+  explicit GatedDenseOp(OpKernelConstruction* context) : LayersOp(context, &kGatedDense) {}
+};
+
+class DenseOp : public LayersOp {
+ public:
+  explicit DenseOp(OpKernelConstruction* context) : LayersOp(context, &kDense) {}
+};
+
+class ChainOp : public LayersOp {
+ public:
+  explicit ChainOp(OpKernelConstruction* context) : LayersOp(context, nullptr) {}
+};
+
+class BlockSparseDenseOp : public OpKernel {
+ public:
+  explicit BlockSparseDenseOp(OpKernelConstruction* context) : OpKernel(context) {
     std::string activation;
     OP_REQUIRES_OK(context, context->GetAttr("activation", &activation));
     relu_ = activation == "relu";
   }
-
- protected:
-  // Checks `inputs` (batch, input_dim) and `bias` (units or empty), and
-  // allocates the zeroed (batch, units) output. False when an error was set.
-  bool Prepare(OpKernelContext* context, const Tensor& inputs, int64_t input_dim,
-               const Tensor& bias, int64_t units, float** outputs) {
-    if (inputs.dims() != 2 || inputs.dim_size(1) != input_dim) {
-      context->SetStatus(InvalidArgument("inputs must be (batch, ", input_dim, "), got ",
-                                         inputs.shape().DebugString()));
-      return false;
-    }
-    if (bias.dims() != 1 || (bias.dim_size(0) != units && bias.dim_size(0) != 0)) {
-      context->SetStatus(InvalidArgument("bias must be (", units, ",) or empty, got ",
-                                         bias.shape().DebugString()));
-      return false;
-    }
-    const int64_t batch = inputs.dim_size(0);
-    Tensor* output = nullptr;
-    const absl::Status status =
-        context->allocate_output(0, TensorShape({batch, units}), &output);
-    if (!status.ok()) {
-      context->SetStatus(status);
-      return false;
-    }
-    *outputs = output->flat<float>().data();
-    std::memset(*outputs, 0, sizeof(float) * batch * units);
-    return true;
-  }
-
-  // Input `index`: a tensor, or the value of the variable a resource
-  // handle names (held in `holder`, its buffer shared, not copied). Null
-  // when an error was set.
-  static const Tensor* Weight(OpKernelContext* context, int index, Tensor* holder) {
-    if (context->input_dtype(index) != DT_RESOURCE) return &context->input(index);
-    ::tensorflow::core::RefCountPtr<Var> variable;
-    const absl::Status status =
-        ::tensorflow::LookupResource(context, ::tensorflow::HandleFromInput(context, index),
-                                     &variable);
-    if (!status.ok()) {
-      context->SetStatus(status);
-      return nullptr;
-    }
-    ::tensorflow::tf_shared_lock lock(*variable->mu());
-    if (variable->tensor()->dtype() != ::tensorflow::DT_FLOAT) {
-      context->SetStatus(InvalidArgument("the variable of input ", index, " is not float32"));
-      return nullptr;
-    }
-    *holder = *variable->tensor();
-    return holder;
-  }
-
-  // Inputs `first` on, as `Weight` reads them, into `weights`. False when
-  // an error was set.
-  template <int N>
-  static bool Weights(OpKernelContext* context, int first, Tensor (&held)[N],
-                      const Tensor* (&weights)[N]) {
-    for (int i = 0; i < N; ++i) {
-      weights[i] = Weight(context, first + i, &held[i]);
-      if (weights[i] == nullptr) return false;
-    }
-    return true;
-  }
-
-  static const float* BiasOrNull(const Tensor& bias) {
-    return bias.dim_size(0) ? bias.flat<float>().data() : nullptr;
-  }
-
-  bool relu_ = false;
-};
-
-// The block-major kernel (blocks, input_dim, block_size): checked, and the
-// products of the blocks `examples_of` lists for each block.
-class BlockKernelOp : public InferenceOp {
- public:
-  using InferenceOp::InferenceOp;
-
- protected:
-  bool CheckKernel(OpKernelContext* context, const Tensor& block_kernel) {
-    if (block_kernel.dims() != 3) {
-      context->SetStatus(
-          InvalidArgument("block_kernel must be (blocks, input_dim, block_size), got ",
-                          block_kernel.shape().DebugString()));
-      return false;
-    }
-    return true;
-  }
-
-  void Products(OpKernelContext* context, const Tensor& inputs, const Tensor& block_kernel,
-                const Tensor& bias, const std::vector<Nonzeros>& nonzeros,
-                const std::vector<std::vector<int>>& examples_of, float* outputs) {
-    const int input_dim = static_cast<int>(block_kernel.dim_size(1));
-    const int block_size = static_cast<int>(block_kernel.dim_size(2));
-    BlockProducts products(inputs.flat<float>().data(), input_dim, nonzeros,
-                           block_kernel.flat<float>().data(),
-                           static_cast<int64_t>(input_dim) * block_size, block_size, block_size,
-                           BiasOrNull(bias), relu_);
-    products.Run(context, examples_of, outputs,
-                 static_cast<int>(block_kernel.dim_size(0)) * block_size);
-  }
-};
-
-class GatedDenseOp : public BlockKernelOp {
- public:
-  using BlockKernelOp::BlockKernelOp;
-
-  void Compute(OpKernelContext* context) override {
-    const Tensor& inputs = context->input(0);
-    Tensor held[4];
-    const Tensor* weights[4];
-    if (!Weights(context, 1, held, weights)) return;
-    const Tensor& policy_kernel = *weights[0];
-    const Tensor& policy_bias = *weights[1];
-    const Tensor& block_kernel = *weights[2];
-    const Tensor& bias = *weights[3];
-    if (!CheckKernel(context, block_kernel)) return;
-    const int64_t blocks = block_kernel.dim_size(0);
-    const int64_t input_dim = block_kernel.dim_size(1);
-    OP_REQUIRES(context,
-                policy_kernel.dims() == 2 && policy_kernel.dim_size(0) == input_dim &&
-                    policy_kernel.dim_size(1) == blocks,
-                InvalidArgument("policy_kernel must be (", input_dim, ", ", blocks, "), got ",
-                                policy_kernel.shape().DebugString()));
-    OP_REQUIRES(context, policy_bias.dims() == 1 && policy_bias.dim_size(0) == blocks,
-                InvalidArgument("policy_bias must be (", blocks, ",), got ",
-                                policy_bias.shape().DebugString()));
-    float* outputs = nullptr;
-    if (!Prepare(context, inputs, input_dim, bias, blocks * block_kernel.dim_size(2), &outputs)) {
-      return;
-    }
-    const int64_t batch = inputs.dim_size(0);
-    const float* x = inputs.flat<float>().data();
-    const std::vector<Nonzeros> nonzeros = FindNonzeros(x, batch, input_dim);
-
-    // The policy's logits: one matrix product for a batch of mostly dense
-    // inputs, else a tile of examples at a time over the rows they use.
-    const float* wp = policy_kernel.flat<float>().data();
-    Matrix logits(batch, blocks);
-    int64_t dense = 0;
-    for (const Nonzeros& nz : nonzeros) dense += nz.all;
-    if (batch >= kMatrixMin && 2 * dense >= batch) {
-      logits.noalias() = ConstMatrix(x, batch, input_dim, Eigen::OuterStride<>(input_dim)) *
-                         ConstMatrix(wp, input_dim, blocks, Eigen::OuterStride<>(blocks));
-    } else {
-      Scratch scratch(input_dim);
-      int members[kTile];
-      for (int64_t start = 0; start < batch; start += kTile) {
-        const int tile = static_cast<int>(std::min<int64_t>(kTile, batch - start));
-        for (int t = 0; t < tile; ++t) members[t] = static_cast<int>(start + t);
-        TileRun(members, tile, x, input_dim, nonzeros, wp, blocks, blocks, &scratch,
-                logits.data() + start * blocks);
-      }
-    }
-    const float* bp = policy_bias.flat<float>().data();
-    std::vector<std::vector<int>> examples_of(blocks);
-    for (int64_t e = 0; e < batch; ++e) {
-      for (int64_t j = 0; j < blocks; ++j) {
-        // The threshold policy's decision, as GatedDense takes it.
-        if (logits(e, j) + bp[j] > 0.0f) examples_of[j].push_back(static_cast<int>(e));
-      }
-    }
-    Products(context, inputs, block_kernel, bias, nonzeros, examples_of, outputs);
-  }
-};
-
-class BlockSparseDenseOp : public BlockKernelOp {
- public:
-  using BlockKernelOp::BlockKernelOp;
 
   void Compute(OpKernelContext* context) override {
     const Tensor& inputs = context->input(0);
     const Tensor& block_kernel = context->input(1);
     const Tensor& bias = context->input(2);
     const Tensor& block_mask = context->input(3);
-    if (!CheckKernel(context, block_kernel)) return;
+    if (!CheckBlockKernel(context, block_kernel)) return;
     const int64_t blocks = block_kernel.dim_size(0);
     const int64_t input_dim = block_kernel.dim_size(1);
-    float* outputs = nullptr;
-    if (!Prepare(context, inputs, input_dim, bias, blocks * block_kernel.dim_size(2), &outputs)) {
-      return;
-    }
+    const int64_t units = blocks * block_kernel.dim_size(2);
+    if (!CheckInputsAndBias(context, inputs, input_dim, bias, units)) return;
     const int64_t batch = inputs.dim_size(0);
     OP_REQUIRES(context,
                 block_mask.dims() == 2 && block_mask.dim_size(0) == batch &&
                     block_mask.dim_size(1) == blocks,
                 InvalidArgument("block_mask must be (", batch, ", ", blocks, "), got ",
                                 block_mask.shape().DebugString()));
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, units}), &output));
+    float* outputs = output->flat<float>().data();
+    std::memset(outputs, 0, sizeof(float) * batch * units);
     const float* mask = block_mask.flat<float>().data();
     std::vector<std::vector<int>> examples_of(blocks);
     for (int64_t e = 0; e < batch; ++e) {
@@ -554,53 +728,12 @@ class BlockSparseDenseOp : public BlockKernelOp {
     }
     const std::vector<Nonzeros> nonzeros =
         FindNonzeros(inputs.flat<float>().data(), batch, static_cast<int>(input_dim));
-    Products(context, inputs, block_kernel, bias, nonzeros, examples_of, outputs);
+    BlockKernelProducts(context, inputs, block_kernel, bias, relu_, nonzeros, examples_of,
+                        outputs);
   }
-};
 
-// Dense's (input_dim, units) kernel, as blocks of 64 columns (the last one
-// narrower), every example active in every block.
-class DenseOp : public InferenceOp {
- public:
-  using InferenceOp::InferenceOp;
-
-  void Compute(OpKernelContext* context) override {
-    const Tensor& inputs = context->input(0);
-    Tensor held[2];
-    const Tensor* weights[2];
-    if (!Weights(context, 1, held, weights)) return;
-    const Tensor& kernel = *weights[0];
-    const Tensor& bias = *weights[1];
-    OP_REQUIRES(context, kernel.dims() == 2,
-                InvalidArgument("kernel must be (input_dim, units), got ",
-                                kernel.shape().DebugString()));
-    const int64_t input_dim = kernel.dim_size(0);
-    const int64_t units = kernel.dim_size(1);
-    float* outputs = nullptr;
-    if (!Prepare(context, inputs, input_dim, bias, units, &outputs)) return;
-    const int64_t batch = inputs.dim_size(0);
-    const float* x = inputs.flat<float>().data();
-    const std::vector<Nonzeros> nonzeros = FindNonzeros(x, batch, static_cast<int>(input_dim));
-    constexpr int64_t kColumns = 64;
-    const int64_t width = units <= 128 ? units : kColumns;
-    const int64_t full = units / width;
-    std::vector<std::vector<int>> every(full, std::vector<int>(batch));
-    for (auto& members : every) {
-      for (int64_t e = 0; e < batch; ++e) members[e] = static_cast<int>(e);
-    }
-    const float* k = kernel.flat<float>().data();
-    const float* b = BiasOrNull(bias);
-    BlockProducts(x, static_cast<int>(input_dim), nonzeros, k, width, units,
-                  static_cast<int>(width), b, relu_)
-        .Run(context, every, outputs, static_cast<int>(units));
-    const int64_t rest = units - full * width;
-    if (rest > 0) {
-      every.resize(1);
-      BlockProducts(x, static_cast<int>(input_dim), nonzeros, k + full * width, 0, units,
-                    static_cast<int>(rest), b == nullptr ? nullptr : b + full * width, relu_)
-          .Run(context, every, outputs + full * width, static_cast<int>(units));
-    }
-  }
+ private:
+  bool relu_ = false;
 };
 
 absl::Status MatrixOutput(shape_inference::InferenceContext* c, int units_input) {
@@ -612,7 +745,7 @@ absl::Status MatrixOutput(shape_inference::InferenceContext* c, int units_input)
     TF_RETURN_IF_ERROR(c->Multiply(c->Dim(kernel, 0), c->Dim(kernel, 2), &units));
   } else if (c->RankKnown(kernel) && c->Rank(kernel) == 2) {
     units = c->Dim(kernel, 1);
-  } else {  // a variable's handle: its shape is not known here
+  } else {
     units = c->UnknownDim();
   }
   c->set_output(0, c->Matrix(c->Dim(inputs, 0), units));
@@ -629,19 +762,6 @@ REGISTER_OP("KerasCondcompGatedDense")
     .Output("outputs: float")
     .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 3); });
 REGISTER_KERNEL_BUILDER(Name("KerasCondcompGatedDense").Device(DEVICE_CPU), GatedDenseOp);
-
-REGISTER_OP("KerasCondcompGatedDenseVariables")
-    .Input("inputs: float")
-    .Input("policy_kernel: resource")
-    .Input("policy_bias: resource")
-    .Input("block_kernel: resource")
-    .Input("bias: Tbias")
-    .Attr("Tbias: {float, resource}")
-    .Attr("activation: {'linear', 'relu'} = 'linear'")
-    .Output("outputs: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 3); });
-REGISTER_KERNEL_BUILDER(Name("KerasCondcompGatedDenseVariables").Device(DEVICE_CPU),
-                        GatedDenseOp);
 
 REGISTER_OP("KerasCondcompBlockSparseDense")
     .Input("inputs: float")
@@ -663,15 +783,22 @@ REGISTER_OP("KerasCondcompDense")
     .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 1); });
 REGISTER_KERNEL_BUILDER(Name("KerasCondcompDense").Device(DEVICE_CPU), DenseOp);
 
-REGISTER_OP("KerasCondcompDenseVariables")
+// Weights: each layer's, in order (a variable's handle or a tensor; an
+// empty tensor for no bias). Its output's width is known only when run.
+REGISTER_OP("KerasCondcompChain")
     .Input("inputs: float")
-    .Input("kernel: resource")
-    .Input("bias: Tbias")
-    .Attr("Tbias: {float, resource}")
-    .Attr("activation: {'linear', 'relu'} = 'linear'")
+    .Input("weights: Tweights")
+    .Attr("Tweights: list({float, resource})")
+    .Attr("layers: list(string)")
+    .Attr("activations: list(string)")
     .Output("outputs: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 1); });
-REGISTER_KERNEL_BUILDER(Name("KerasCondcompDenseVariables").Device(DEVICE_CPU), DenseOp);
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle inputs;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &inputs));
+      c->set_output(0, c->Matrix(c->Dim(inputs, 0), c->UnknownDim()));
+      return absl::OkStatus();
+    });
+REGISTER_KERNEL_BUILDER(Name("KerasCondcompChain").Device(DEVICE_CPU), ChainOp);
 
 }  // namespace
 }  // namespace keras_condcomp
