@@ -12,10 +12,11 @@ median of many calls (the `dense` row is the median of its pairs):
   paths, as where no compiler builds them),
 - `tuned`: the gated stack with each layer's path chosen by
   `keras_condcomp.models.tune_execution` for that batch size,
-- `compact` (batch 1 only): `keras_condcomp.models.compact_inference(model)`:
-  on the native kernels, one eager op call per layer (no graph), else the
-  layers as one graph chain, each gated layer's active blocks passed to
-  the next without being placed among zeros,
+- `compact`: `keras_condcomp.models.compact_inference(model)`: on the
+  native kernels, one eager op call for the whole stack at any batch size
+  (no graph), else at batch 1 the layers as one graph chain, each gated
+  layer's active blocks passed to the next without being placed among
+  zeros, and above batch 1 the model's graph,
 - `dense_ops`: the Dense stack as eager TensorFlow ops (matmul, bias,
   ReLU), no graph: what the Dense stack gains from skipping the graph call
   that `compact`'s native chain skips,
@@ -219,9 +220,8 @@ def _worker(args):
                     with forced_execution(path):
                         fn.get_concrete_function()
                     functions[path] = fn
-                if batch == 1:
-                    # The model's layers as one chain, their active blocks passed on.
-                    functions["compact"] = compact_inference(gated)
+                # The model's layers as one chain, their active blocks passed on.
+                functions["compact"] = compact_inference(gated)
                 calls = numpy_calls(functions)
                 calls["dense_ops"] = lambda x: _dense_ops(dense, x).numpy()
                 # Each layer's path chosen by timing for this batch size.

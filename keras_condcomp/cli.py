@@ -759,8 +759,9 @@ def _density_and_speed_line(results):
         f"with paths tuned per batch size: {results['tuned_speedup_batch1']:.2f}x, "
         f"{results['tuned_speedup_batch256']:.2f}x"
         + (
-            f"; batch 1 as one chain (compact_inference): {results['compact_speedup_batch1']:.2f}x"
-            if "compact_speedup_batch1" in results else ""
+            f"; as one chain (compact_inference): {results['compact_speedup_batch1']:.2f}x, "
+            f"{results['compact_speedup_batch256']:.2f}x"
+            if "compact_speedup_batch256" in results else ""
         )
         + "".join(
             f"\nwarning: {name} runs no block at inference: its policy closes every "

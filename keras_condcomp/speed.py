@@ -296,7 +296,7 @@ def _measure(gated_path, dense_path, data_path, batch_sizes, repeats):
             gated, np.concatenate(batches), batch_size, repeats=max(3, repeats // 4)
         )
         functions = {"gated": gated_call, "tuned": tuned_call, "dense": dense_call}
-        if batch_size == 1 and compact_call is not None:
+        if compact_call is not None:
             functions["compact"] = compact_call
         medians = median_latencies(functions, batches, repeats=repeats)
         results[str(batch_size)] = {
@@ -332,9 +332,9 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
 
     The gated model runs as saved (`execution="auto"` by default), as
     `tuned`, with each layer's path chosen by
-    `keras_condcomp.models.tune_execution` for that batch size, and at batch
-    1 as `compact`, through `keras_condcomp.models.compact_inference` when
-    the gated model is a single chain of layers. Every model is called as
+    `keras_condcomp.models.tune_execution` for that batch size, and as
+    `compact`, through `keras_condcomp.models.compact_inference` when the
+    gated model is a single chain of layers. Every model is called as
     one compiled graph; at each batch size they alternate call by call
     (`median_latencies`) over the batches of `timed_batches(x, batch_size,
     repeats)`.
@@ -353,7 +353,7 @@ def measure_models_speed(gated_path, dense_path, x, batch_sizes=(1, 256), thread
     Returns:
         `{str(batch_size): {"gated_seconds", "dense_seconds", "speedup",
         "tuned_seconds", "tuned_speedup", "tuned_execution"}}`, plus
-        `"compact_seconds"` and `"compact_speedup"` at batch 1 for a chain.
+        `"compact_seconds"` and `"compact_speedup"` for a chain.
 
     Raises:
         ValueError: a path that is not a file, or a bad `batch_sizes`,

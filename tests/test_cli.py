@@ -20,7 +20,7 @@ def test_train_writes_results_and_model(tmp_path):
     for key in ("test_accuracy", "dense_test_accuracy", "equal_macs_dense_test_accuracy",
                 "density", "layer_densities", "dense_macs", "conditional_macs",
                 "speedup_batch1", "speedup_batch256", "tuned_speedup_batch1",
-                "tuned_speedup_batch256", "compact_speedup_batch1"):
+                "tuned_speedup_batch256", "compact_speedup_batch1", "compact_speedup_batch256"):
         assert key in results
     assert 0 <= results["density"] <= 1 and results["speedup_batch1"] > 0
     assert results["dense_macs"] == 64 * 32 + 32 * 10
@@ -56,7 +56,7 @@ def test_train_cnn_writes_results_and_model(tmp_path):
         == [(4, 4), (32, 4)]
     for key in ("test_accuracy", "dense_test_accuracy", "density", "conditional_macs",
                 "speedup_batch1", "speedup_batch256", "tuned_speedup_batch1",
-                "tuned_speedup_batch256", "compact_speedup_batch1"):
+                "tuned_speedup_batch256", "compact_speedup_batch1", "compact_speedup_batch256"):
         assert key in results
     assert sorted(results["layer_densities"]) == ["gated_conv_1", "gated_conv_2"]
     assert results["policy_grids"] == {"gated_conv_1": 2, "gated_conv_2": 2}

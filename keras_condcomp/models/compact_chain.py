@@ -333,7 +333,7 @@ def _native_step(layer):
 
 
 def _native_chain(chain, source):
-    """A function running `chain` at batch 1 as eager calls of the native
+    """A function running `chain` at any batch size as eager calls of the native
     ops, or None: the native kernels are not in use, or a layer of the
     chain has no native step (a convolution, say), or the input is not a
     float32 vector. Consecutive GatedDense and Dense layers run as one op
@@ -470,16 +470,18 @@ def compact_inference(model):
 
     A chain of only `GatedDense` (threshold inference, ReLU or linear, path
     `"auto"` or `"native"`), `Dense`, dropout-like and activation layers on
-    a vector input runs at batch 1 on the native kernels instead
+    a vector input runs at every batch size on the native kernels instead
     (`keras_condcomp.ops.native_kernels`), where they are built: one eager op
-    call a dense layer (each gated layer's policy, decision and active blocks
-    in one op, reading only the kernel rows of non-zero inputs), no graph
-    call. Bengio CIFAR-10 MLP at density 1/16, batch 1, one thread: 4.5x-6.7x
-    as fast as the Dense stack over session 34's runs, where the model's
-    own graph runs at 2.7x-3.0x (the guide "How skipping runs fast").
+    call for its consecutive dense layers (each gated layer's policy,
+    decision and active blocks, reading only the kernel rows of non-zero
+    inputs), no graph call. Bengio CIFAR-10 MLP, one thread: at density
+    1/16 several times as fast as the Dense stack (batch 1, 50 and 256), and
+    faster than the model's own graph up to density 3/4 (the guide "How
+    skipping runs fast" has the measured tables).
 
-    At any other batch size the model's own inference graph runs, each gated
-    layer on its execution path (`keras_condcomp.ops`), except for a chain of
+    Otherwise, at any other batch size than 1 the model's own inference
+    graph runs, each gated layer on its execution path
+    (`keras_condcomp.ops`), except for a chain of
     large gated convolutions, whose examples then run one after another
     through the compact chain while few of the first gated layer's groups
     are active (`LOOP_MIN_MACS`, `LOOP_LARGE_MACS`, `LOOP_MAX_FRACTION`,
@@ -495,14 +497,13 @@ def compact_inference(model):
     Returns:
         A function of one argument, the model's input batch `x` (an array
         or tensor), returning a tensor; it raises a `ValueError` naming `x`
-        when `x`'s shape does not match the model's input. It calls one of
-        two graphs, each
-        traced once and called as a concrete function (cheaper to call than
-        a `tf.function`): the chain for a batch of 1 (or the native chain's
-        ops), the other for any other batch size. (One graph holding both
-        behind a `tf.cond` on the batch size computed the other batch sizes
-        wrongly: TensorFlow 2.21's constant
-        folding carried the batch-1 branch's static shapes into it.)
+        when `x`'s shape does not match the model's input. It calls the
+        native chain's ops, or else one of two graphs, each traced once and
+        called as a concrete function (cheaper to call than a
+        `tf.function`): the chain for a batch of 1, the other for any other
+        batch size. (One graph holding both behind a `tf.cond` on the batch
+        size computed the other batch sizes wrongly: TensorFlow 2.21's
+        constant folding carried the batch-1 branch's static shapes into it.)
 
     Raises:
         ValueError: `model` is not such a chain, or has a gated layer in
@@ -582,9 +583,9 @@ def compact_inference(model):
             return tf.cond(fraction <= limit, loop, layers)
 
     # Their concrete functions: a call skips the `tf.function`'s dispatch
-    # (about 0.1 ms a call). Batch 1 runs the native chain where there is one.
+    # (about 0.1 ms a call). Every batch runs the native chain where there is one.
     single = native or single.get_concrete_function()
-    batched = batched.get_concrete_function()
+    batched = native or batched.get_concrete_function()
 
     expected = tuple(source.shape)
     # The chain's one output tensor, returned in the structure the model

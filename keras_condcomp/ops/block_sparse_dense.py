@@ -175,6 +175,12 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # `"auto"` runs the dense fallback, without evaluating the cost model, when
 # at least this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
+# The same on the native kernels, above batch 1: the native op beat the
+# dense fallback up to 3/4 (Bengio MLP, one thread: 1.43x against 0.96x of
+# Dense at 1/2, batch 50; 1.29x against 1.07x at 3/4, batch 256; 784 ->
+# 256 0.85x-0.97x against 0.80x-0.83x), lost with every pair active (0.98x
+# against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x).
+_NATIVE_AUTO_MAX_FRACTION = 7 / 8
 
 # With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
 # example's active ones at batch 1, the batch's used ones in `"grouped"`) are
@@ -865,15 +871,17 @@ def batched_choice(problem):
     return tf.argmin(costs, output_type=tf.int32)
 
 
-def mostly_active(problem):
-    """At least `_AUTO_MAX_FRACTION` of the (example, block) pairs are active.
+def mostly_active(problem, fraction=None):
+    """At least `fraction` (default `_AUTO_MAX_FRACTION`) of the (example,
+    block) pairs are active.
 
     `"auto"` then runs the dense fallback without evaluating the cost model:
     skipping never paid there in `benchmarks/gated_dense.py`. (False for an
     empty batch.)
     """
     # The mean of the 0/1 mask (a no-op cast in float32): no compare.
-    return tf.reduce_mean(problem._float_mask) >= _AUTO_MAX_FRACTION
+    fraction = _AUTO_MAX_FRACTION if fraction is None else fraction
+    return tf.reduce_mean(problem._float_mask) >= fraction
 
 
 def single_skipping_can_pay(problem):
@@ -952,9 +960,11 @@ def _auto(problem):
         # The native op beat every other path at batch 1, at every density
         # (Bengio MLP, one thread: about 3x of Dense at 1/16 and 1.2x at 3/4,
         # against 2x and 0.9x for the TensorFlow paths); above batch 1 the
-        # dense fallback still wins where half the pairs are active (0.9x
-        # against 0.7x at 3/4, batch 50; guide "How skipping runs fast").
-        dense = tf.logical_and(problem.batch > 1, mostly_active(problem))
+        # dense fallback wins only where nearly every pair is active
+        # (`_NATIVE_AUTO_MAX_FRACTION`; guide "How skipping runs fast").
+        dense = tf.logical_and(
+            problem.batch > 1, mostly_active(problem, _NATIVE_AUTO_MAX_FRACTION)
+        )
         return tf.cond(
             dense, lambda: _masked(problem.fresh()), lambda: _native(problem.fresh())
         )

@@ -1,3 +1,4 @@
+import importlib
 import os
 import shutil
 import warnings
@@ -181,9 +182,10 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
         batch = rng.normal(size=(4, 32)).astype("float32")
         np.testing.assert_allclose(predict(batch).numpy(), _masked_outputs(model, batch),
                                    atol=1e-5)
-    # Dropout left out, the ReLU layer on its own: two op calls an example.
+    # Dropout left out, the ReLU layer on its own: two op calls a batch,
+    # the batch of four as the single examples.
     assert chains == [["GatedDense"], ["GatedDense", "Dense"]] * 2
-    assert len(calls) == 2 * 5 * 2
+    assert len(calls) == 2 * (5 + 1) * 2
     # The ops read the variables: new weights reach the next call.
     layer = model.layers[1]
     layer.block_kernel.assign(2 * layer.block_kernel)
@@ -354,6 +356,25 @@ def test_forced_native_overrides_the_layer(rng):
             got = tf.function(lambda x: layer(x, training=False))(x).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert calls  # traced through the native op
+
+
+@pytest.mark.parametrize("active_blocks, path", [(3, "native"), (4, "masked")])
+def test_auto_above_batch_1_falls_back_only_where_nearly_every_block_runs(
+    active_blocks, path, rng, monkeypatch
+):
+    # Each path marked by a constant output, so the branch taken shows.
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+
+    monkeypatch.setattr(engine, "_compiled", {})
+    marks = {"native": 1.0, "masked": 2.0}
+    for name, mark in marks.items():
+        monkeypatch.setattr(engine, f"_{name}",
+                            lambda problem, mark=mark: tf.fill(tf.shape(problem.inputs[:, :1]), mark))
+    x = rng.normal(size=(8, 16)).astype("float32")
+    mask = np.zeros((8, 4), "float32")
+    mask[:, :active_blocks] = 1.0  # 3/4 or every pair
+    got = block_sparse_dense(x, np.ones((4, 16, 2), "float32"), None, mask, path="auto")
+    np.testing.assert_array_equal(got.numpy(), np.full((8, 1), marks[path], "float32"))
 
 
 def test_layers_without_bias_on_every_native_call(rng):
