@@ -76,7 +76,7 @@ def test_gated_dense_op_matches_the_masked_reference(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("units", [7, 10, 64, 200])
+@pytest.mark.parametrize("units", [7, 10, 40, 64, 100, 200])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_dense_op_matches_a_dense_product(units, batch, rng):
     # 200 units: three blocks of 64 columns and a rest of 8.
