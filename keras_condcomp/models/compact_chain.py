@@ -479,10 +479,9 @@ def compact_inference(model):
     faster than the model's own graph up to density 3/4 (the guide "How
     skipping runs fast" has the measured tables).
 
-    Otherwise, at any other batch size than 1 the model's own inference
-    graph runs, each gated layer on its execution path
-    (`keras_condcomp.ops`), except for a chain of
-    large gated convolutions, whose examples then run one after another
+    Any other model runs its own inference graph above batch 1, each gated
+    layer on its execution path (`keras_condcomp.ops`), except for a chain
+    of large gated convolutions, whose examples then run one after another
     through the compact chain while few of the first gated layer's groups
     are active (`LOOP_MIN_MACS`, `LOOP_LARGE_MACS`, `LOOP_MAX_FRACTION`,
     `LOOP_LARGE_MAX_FRACTION` in this module).

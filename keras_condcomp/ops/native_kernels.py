@@ -379,7 +379,9 @@ def _chain_layer(layer, last):
             )
         weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)
         return "gated_dense", [variable_handle(w) for w in weights], activation
-    if type(layer) is keras.layers.Dense and not getattr(layer, "lora_enabled", False):
+    if (type(layer) is keras.layers.Dense and not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None
+            and layer.compute_dtype == "float32"):
         if activation is None and not last:
             raise ValueError(
                 "Only the last Dense layer of the chain may have another activation than "
@@ -388,7 +390,7 @@ def _chain_layer(layer, last):
             )
         return "dense", [variable_handle(layer.kernel)], activation or "linear"
     raise ValueError(
-        "The chain takes GatedDense and Dense layers (not LoRA). "
+        "The chain takes GatedDense and float32 Dense layers (not quantized, no LoRA). "
         f"Received: layer={layer.name!r} of type {type(layer).__name__}"
     )
 

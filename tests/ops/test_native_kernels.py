@@ -213,8 +213,12 @@ def test_chain_op_names_a_layer_it_cannot_run():
     keras.Model(inputs, keras.layers.Dense(2)(hidden(inputs)))
     with pytest.raises(ValueError, match="last Dense.*'squash'.*sigmoid"):
         native_kernels.chain_from_variables([hidden, keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="'conv' of type Conv1D"):
+    with pytest.raises(ValueError, match="float32 Dense.*'conv' of type Conv1D"):
         native_kernels.chain_from_variables([conv])
+    half = keras.layers.Dense(2, dtype="mixed_float16", name="half")
+    half.build((None, 8))
+    with pytest.raises(ValueError, match="float32 Dense.*'half' of type Dense"):
+        native_kernels.chain_from_variables([half])
     with pytest.raises(ValueError, match="at least one layer"):
         native_kernels.chain_from_variables([])
     gated = GatedDense(16, blocks=4, activation="sigmoid", name="gated")
