@@ -20,7 +20,7 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"native"`: one op of the native kernels (`keras_condcomp.ops.native_kernels`,
   compiled on first use): the active blocks' products, reading only the
   kernel rows of each example's non-zero inputs. `"auto"` runs it wherever
-  the kernels are built, except above batch 1 when at least half of the
+  the kernels are built, except above batch 1 when at least 7/8 of the
   pairs are active (then `"masked"`); the rules below are `"auto"`'s
   without them.
 - `"per_example"`: every (example, active block) pair reads its own
