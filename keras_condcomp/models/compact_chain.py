@@ -32,6 +32,7 @@ from keras_condcomp.ops.block_kernel import block_dense
 from keras_condcomp.ops.block_sparse_conv2d import _first_if_none
 from keras_condcomp.ops.block_sparse_dense import _in_place_or, skipping_can_pay_at_batch_1
 from keras_condcomp.ops.native_kernels import (
+    _runs_in_chain,
     chain_from_variables,
     load_native_kernels,
     native_activation,
@@ -319,11 +320,7 @@ def _native_step(layer):
     op, `chain_from_variables`), None (an identity at inference),
     `_OWN_CALL`, or False where it has no native step."""
     kind = type(layer)
-    if isinstance(layer, GatedDense):
-        return "op" if layer._fuses_policy_natively() else False
-    if (kind is keras.layers.Dense and not _quantized(layer)
-            and layer.compute_dtype == "float32"
-            and not getattr(layer, "lora_enabled", False)):  # LoRA: a computed kernel
+    if _runs_in_chain(layer):
         return "op"
     if kind in INFERENCE_IDENTITY:
         return None

@@ -366,33 +366,45 @@ def _no_bias():
         return tf.constant(np.zeros(0, np.float32))
 
 
+def _runs_in_chain(layer):
+    """Whether the chain op runs `layer`: a GatedDense whose threshold
+    inference fuses natively, or a float32 Dense (not quantized, no LoRA:
+    its kernel is then computed, not a variable)."""
+    from keras_condcomp.layers import GatedDense
+
+    if isinstance(layer, GatedDense):
+        return layer._fuses_policy_natively()
+    return (type(layer) is keras.layers.Dense and not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None
+            and layer.compute_dtype == "float32")
+
+
 def _chain_layer(layer, last):
     """`(kind, handles, activation)` of `layer` in the chain op."""
     from keras_condcomp.layers import GatedDense
 
     activation = native_activation(layer.activation)
-    if isinstance(layer, GatedDense):
-        if not layer._fuses_policy_natively():
-            raise ValueError(
-                "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
-                f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r}"
-            )
+    gated = isinstance(layer, GatedDense)
+    if gated and not _runs_in_chain(layer):
+        raise ValueError(
+            "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
+            f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r}"
+        )
+    if gated:
         weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)
         return "gated_dense", [variable_handle(w) for w in weights], activation
-    if (type(layer) is keras.layers.Dense and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None
-            and layer.compute_dtype == "float32"):
-        if activation is None and not last:
-            raise ValueError(
-                "Only the last Dense layer of the chain may have another activation than "
-                f"ReLU or linear. Received: layer={layer.name!r} with activation "
-                f"{layer.activation.__name__!r}"
-            )
-        return "dense", [variable_handle(layer.kernel)], activation or "linear"
-    raise ValueError(
-        "The chain takes GatedDense and float32 Dense layers (not quantized, no LoRA). "
-        f"Received: layer={layer.name!r} of type {type(layer).__name__}"
-    )
+    if not _runs_in_chain(layer):
+        raise ValueError(
+            "The chain takes GatedDense and float32 Dense layers (not quantized, no LoRA). "
+            f"Received: layer={layer.name!r} of type {type(layer).__name__}"
+        )
+    if activation is None and not last:
+        raise ValueError(
+            "Only the last Dense layer of the chain may have another activation than "
+            f"ReLU or linear. Received: layer={layer.name!r} with activation "
+            f"{layer.activation.__name__!r}"
+        )
+    return "dense", [variable_handle(layer.kernel)], activation or "linear"
 
 
 def chain_from_variables(layers):

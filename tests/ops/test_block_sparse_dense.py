@@ -27,6 +27,7 @@ from keras_condcomp.ops.block_sparse_dense import (
     single_skipping_can_pay,
     single_skipping_pays,
 )
+from tests.ops.conftest import random_block_problem
 
 
 @pytest.fixture(autouse=True)
@@ -64,15 +65,9 @@ def test_paths_match_masked_reference(
 ):
     # The paths as `predict` runs them: inlined into the caller's graph, all
     # in one trace to keep the search affordable.
-    rng = np.random.default_rng(seed)
-    input_dim = 12
-    x = rng.normal(size=(batch, input_dim)).astype("float32")
-    x[rng.random(x.shape) < input_sparsity] = 0.0
-    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
-    bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
-    mask = (rng.random((batch, blocks)) < density).astype("float32")
-    if batch > 2:  # an all-off and an all-on row
-        mask[0], mask[1] = 0.0, 1.0
+    x, kernel, bias, mask = random_block_problem(
+        seed, batch, 12, blocks, block_size, density, input_sparsity, use_bias
+    )
     expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
 
     @tf.function

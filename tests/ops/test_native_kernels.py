@@ -26,6 +26,7 @@ from keras_condcomp.ops.native_kernels import (
     native_dense,
     native_gated_dense,
 )
+from tests.ops.conftest import random_block_problem
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the native kernels", allow_module_level=True)
@@ -331,14 +332,9 @@ def test_native_path_matches_the_masked_reference(
 ):
     # The engine's "native" path inlined in a graph, as `predict` runs it;
     # sigmoid (not 0 at 0) is applied outside the op, to the active blocks.
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, input_dim)).astype("float32")
-    x[rng.random(x.shape) < input_sparsity] = 0.0
-    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
-    bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
-    mask = (rng.random((batch, blocks)) < density).astype("float32")
-    if batch > 2:  # an all-off and an all-on row
-        mask[0], mask[1] = 0.0, 1.0
+    x, kernel, bias, mask = random_block_problem(
+        seed, batch, input_dim, blocks, block_size, density, input_sparsity, use_bias
+    )
     function = keras.activations.get(activation)
     expected = masked_block_dense(x, kernel, bias, mask, function).numpy()
     run = tf.function(lambda x, mask: block_sparse_dense(
