@@ -1,6 +1,15 @@
 import numpy as np
 
 
+def unit_scale_kernel(rng, input_dim, units):
+    """A random `(input_dim, units)` float32 kernel scaled by 1/sqrt(input_dim),
+    as Keras's initializers scale theirs, so that outputs of unit-normal
+    inputs are about 1 at every `input_dim`: a float32 sum of 300 unit-scale
+    products is rounded by about 1e-5 in whatever order it is taken, which a
+    1e-5 comparison would read as a wrong product."""
+    return (rng.normal(size=(input_dim, units)) / np.sqrt(input_dim)).astype("float32")
+
+
 def random_block_problem(seed, batch, input_dim, blocks, block_size, density, input_sparsity,
                          use_bias):
     """`(x, kernel, bias, mask)` for the block-sparse products: inputs with
@@ -10,7 +19,7 @@ def random_block_problem(seed, batch, input_dim, blocks, block_size, density, in
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, input_dim)).astype("float32")
     x[rng.random(x.shape) < input_sparsity] = 0.0
-    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
+    kernel = unit_scale_kernel(rng, input_dim, blocks * block_size)
     bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
     mask = (rng.random((batch, blocks)) < density).astype("float32")
     if batch > 2:

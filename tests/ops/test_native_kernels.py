@@ -26,7 +26,7 @@ from keras_condcomp.ops.native_kernels import (
     native_dense,
     native_gated_dense,
 )
-from tests.ops.conftest import random_block_problem
+from tests.ops.conftest import random_block_problem, unit_scale_kernel
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the native kernels", allow_module_level=True)
@@ -67,7 +67,7 @@ def test_gated_dense_op_matches_the_masked_reference(
     logits = x.astype("float64") @ policy_kernel + bias_of_policy
     assume(np.all(np.abs(logits) > 1e-3))  # no decision within rounding of 0
     mask = (logits > 0).astype("float32")
-    kernel = rng.normal(size=(input_dim, blocks * block_size)).astype("float32")
+    kernel = unit_scale_kernel(rng, input_dim, blocks * block_size)
     bias = rng.normal(size=blocks * block_size).astype("float32") if use_bias else None
     function = _relu_or_linear(activation)
     expected = masked_block_dense(x, kernel, bias, mask, function).numpy()
@@ -192,6 +192,21 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
     layer.block_kernel.assign(2 * layer.block_kernel)
     x = rng.normal(size=(1, 32)).astype("float32")
     np.testing.assert_allclose(predict(x).numpy(), _masked_outputs(model, x), atol=1e-5)
+
+
+def test_compact_inference_on_the_native_ops_takes_any_array_like(rng):
+    # float32 arrays go to the op as they are, the others are converted first.
+    model = _model()
+    predict = compact_inference(model)
+    wide = rng.normal(size=(3, 64))
+    x = wide[:, ::2].astype("float32")  # contiguous
+    expected = _masked_outputs(model, x)
+    for given in (x, wide[:, ::2], np.asfortranarray(x), x.astype("float64"), x.tolist(),
+                  tf.constant(x), tf.constant(x, tf.float64)):
+        np.testing.assert_allclose(predict(given).numpy(), expected, atol=1e-5)
+    strided = wide.astype("float32")[:, ::2]  # float32, not contiguous
+    np.testing.assert_allclose(predict(strided).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(predict(strided[:1]).numpy(), expected[:1], atol=1e-5)
 
 
 def test_chain_op_runs_a_whole_mlp_in_one_call(rng):
