@@ -77,10 +77,11 @@ def test_gated_dense_op_matches_the_masked_reference(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("units", [7, 10, 40, 64, 100, 200])
+@pytest.mark.parametrize("units", [7, 10, 40, 64, 96, 100, 128, 200])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_dense_op_matches_a_dense_product(units, batch, rng):
-    # 200 units: three blocks of 64 columns and a rest of 8.
+    # 96 and 128 units: one block; 100: a block of 64 columns and a rest of
+    # 36; 200: three blocks of 64 and a rest of 8.
     x = rng.normal(size=(batch, 50)).astype("float32")
     x[:, 10:40] = 0.0  # the rows of zero inputs are skipped
     x[0] = 0.0
