@@ -502,7 +502,10 @@ def compact_inference(model):
     Returns:
         A function of one argument, the model's input batch `x` (an array
         or tensor), returning a tensor; it raises a `ValueError` naming `x`
-        when `x`'s shape does not match the model's input. It calls the
+        when `x`'s shape does not match the model's input. On the native
+        chain a float32 numpy array or tensor is passed to the op as it is
+        (cheapest: the op's call converts an array in C++); anything else
+        is converted and cast to float32 first. It calls the
         native chain's ops, or else one of two graphs, each traced once and
         called as a concrete function (cheaper to call than a
         `tf.function`): the chain for a batch of 1, the other for any other
