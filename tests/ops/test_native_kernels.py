@@ -196,14 +196,14 @@ def test_compact_inference_runs_an_mlp_on_the_native_ops(rng, monkeypatch):
 
 
 def test_compact_inference_on_the_native_ops_takes_any_array_like(rng):
-    # float32 arrays go to the op as they are, the others are converted first.
+    # Arrays go to the op as float32 numpy arrays, tensors cast to float32.
     model = _model()
     predict = compact_inference(model)
     wide = rng.normal(size=(3, 64))
     x = wide[:, ::2].astype("float32")  # contiguous
     expected = _masked_outputs(model, x)
     for given in (x, wide[:, ::2], np.asfortranarray(x), x.astype("float64"), x.tolist(),
-                  tf.constant(x), tf.constant(x, tf.float64)):
+                  tf.constant(x), tf.constant(x, tf.float64), tf.Variable(x)):
         np.testing.assert_allclose(predict(given).numpy(), expected, atol=1e-5)
     strided = wide.astype("float32")[:, ::2]  # float32, not contiguous
     np.testing.assert_allclose(predict(strided).numpy(), expected, atol=1e-5)
