@@ -363,9 +363,10 @@ def _native_chain(chain, source):
         steps.append(chain_from_variables(run))
 
     def forward(x):
-        # Arrays go to the op as float32 numpy arrays: the op's call converts
-        # them in C++, where tf.convert_to_tensor took about 50 us of a 0.2
-        # ms batch-1 call (one thread, the Bengio MLP), and a cast as many.
+        # Arrays reach the op as float32 numpy arrays, which its call
+        # converts in C++: tf.convert_to_tensor took about 50 us of a 0.2 ms
+        # batch-1 call (one thread, the Bengio MLP), and tf.cast about as
+        # much.
         if isinstance(x, tf.Tensor):
             x = tf.cast(x, tf.float32)
         else:
