@@ -275,38 +275,46 @@ void MaskedTileProduct(const float* const* x, const float* kernel, int64_t strid
 }
 
 template <int C>
-void MaskedTileOf(int tile, const float* const* x, const float* kernel, int64_t stride,
-                  int width, const int* rows, int row_count, float* acc) {
-  switch (tile) {
-    case 6: MaskedTileProduct<C, 6>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 5: MaskedTileProduct<C, 5>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 4: MaskedTileProduct<C, 4>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 3: MaskedTileProduct<C, 3>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 2: MaskedTileProduct<C, 2>(x, kernel, stride, width, rows, row_count, acc); break;
-    default: MaskedTileProduct<C, 1>(x, kernel, stride, width, rows, row_count, acc); break;
+struct MaskedTiles {
+  template <int T>
+  static void Run(const float* const* x, const float* kernel, int64_t stride, int width,
+                  const int* rows, int row_count, float* acc) {
+    MaskedTileProduct<C, T>(x, kernel, stride, width, rows, row_count, acc);
   }
-}
+};
 #endif
 
 template <int W>
-void TileOf(int tile, const float* const* x, const float* kernel, int64_t stride, int width,
+struct Tiles {
+  template <int T>
+  static void Run(const float* const* x, const float* kernel, int64_t stride, int width,
+                  const int* rows, int row_count, float* acc) {
+    TileProduct<W, T>(x, kernel, stride, width, rows, row_count, acc);
+  }
+};
+
+// Kernel::Run<T> for the tile size T = `tile` (1 to kMostTile), known at
+// compile time so that the tile's sums stay in registers.
+template <typename Kernel>
+void OfTile(int tile, const float* const* x, const float* kernel, int64_t stride, int width,
             const int* rows, int row_count, float* acc) {
+  static_assert(kMostTile == 6, "a case for every tile size");
   switch (tile) {
-    case 6: TileProduct<W, 6>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 5: TileProduct<W, 5>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 4: TileProduct<W, 4>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 3: TileProduct<W, 3>(x, kernel, stride, width, rows, row_count, acc); break;
-    case 2: TileProduct<W, 2>(x, kernel, stride, width, rows, row_count, acc); break;
-    default: TileProduct<W, 1>(x, kernel, stride, width, rows, row_count, acc); break;
+    case 6: Kernel::template Run<6>(x, kernel, stride, width, rows, row_count, acc); break;
+    case 5: Kernel::template Run<5>(x, kernel, stride, width, rows, row_count, acc); break;
+    case 4: Kernel::template Run<4>(x, kernel, stride, width, rows, row_count, acc); break;
+    case 3: Kernel::template Run<3>(x, kernel, stride, width, rows, row_count, acc); break;
+    case 2: Kernel::template Run<2>(x, kernel, stride, width, rows, row_count, acc); break;
+    default: Kernel::template Run<1>(x, kernel, stride, width, rows, row_count, acc); break;
   }
 }
 
 void Product(int tile, const float* const* x, const float* kernel, int64_t stride, int width,
              const int* rows, int row_count, float* acc) {
   switch (width) {
-#define KERAS_CONDCOMP_WIDTH(W)                                     \
-  case W:                                                           \
-    TileOf<W>(tile, x, kernel, stride, width, rows, row_count, acc); \
+#define KERAS_CONDCOMP_WIDTH(W)                                             \
+  case W:                                                                   \
+    OfTile<Tiles<W>>(tile, x, kernel, stride, width, rows, row_count, acc); \
     break;
     KERAS_CONDCOMP_WIDTH(8)
     KERAS_CONDCOMP_WIDTH(16)
@@ -320,13 +328,18 @@ void Product(int tile, const float* const* x, const float* kernel, int64_t strid
     default:
 #if defined(__AVX512F__)
       switch ((width + 15) / 16) {
-        case 1: MaskedTileOf<1>(tile, x, kernel, stride, width, rows, row_count, acc); return;
-        case 2: MaskedTileOf<2>(tile, x, kernel, stride, width, rows, row_count, acc); return;
-        case 3: MaskedTileOf<3>(tile, x, kernel, stride, width, rows, row_count, acc); return;
-        case 4: MaskedTileOf<4>(tile, x, kernel, stride, width, rows, row_count, acc); return;
+#define KERAS_CONDCOMP_VECTORS(C)                                                 \
+  case C:                                                                         \
+    OfTile<MaskedTiles<C>>(tile, x, kernel, stride, width, rows, row_count, acc); \
+    return;
+        KERAS_CONDCOMP_VECTORS(1)
+        KERAS_CONDCOMP_VECTORS(2)
+        KERAS_CONDCOMP_VECTORS(3)
+        KERAS_CONDCOMP_VECTORS(4)
+#undef KERAS_CONDCOMP_VECTORS
       }
 #endif
-      TileOf<0>(tile, x, kernel, stride, width, rows, row_count, acc);
+      OfTile<Tiles<0>>(tile, x, kernel, stride, width, rows, row_count, acc);
       break;
   }
 }
