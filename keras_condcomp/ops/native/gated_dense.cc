@@ -311,37 +311,30 @@ void OfTile(int tile, const float* const* x, const float* kernel, int64_t stride
 
 void Product(int tile, const float* const* x, const float* kernel, int64_t stride, int width,
              const int* rows, int row_count, float* acc) {
-  switch (width) {
-#define KERAS_CONDCOMP_WIDTH(W)                                             \
-  case W:                                                                   \
-    OfTile<Tiles<W>>(tile, x, kernel, stride, width, rows, row_count, acc); \
-    break;
-    KERAS_CONDCOMP_WIDTH(8)
-    KERAS_CONDCOMP_WIDTH(16)
-    KERAS_CONDCOMP_WIDTH(24)
-    KERAS_CONDCOMP_WIDTH(32)
-    KERAS_CONDCOMP_WIDTH(48)
-    KERAS_CONDCOMP_WIDTH(64)
-    KERAS_CONDCOMP_WIDTH(96)
-    KERAS_CONDCOMP_WIDTH(128)
-#undef KERAS_CONDCOMP_WIDTH
-    default:
-#if defined(__AVX512F__)
-      switch ((width + 15) / 16) {
-#define KERAS_CONDCOMP_VECTORS(C)                                                 \
-  case C:                                                                         \
-    OfTile<MaskedTiles<C>>(tile, x, kernel, stride, width, rows, row_count, acc); \
+#define KERAS_CONDCOMP_CASE(N, Kernel)                                    \
+  case N:                                                                 \
+    OfTile<Kernel>(tile, x, kernel, stride, width, rows, row_count, acc); \
     return;
-        KERAS_CONDCOMP_VECTORS(1)
-        KERAS_CONDCOMP_VECTORS(2)
-        KERAS_CONDCOMP_VECTORS(3)
-        KERAS_CONDCOMP_VECTORS(4)
-#undef KERAS_CONDCOMP_VECTORS
-      }
-#endif
-      OfTile<Tiles<0>>(tile, x, kernel, stride, width, rows, row_count, acc);
-      break;
+  switch (width) {
+    KERAS_CONDCOMP_CASE(8, Tiles<8>)
+    KERAS_CONDCOMP_CASE(16, Tiles<16>)
+    KERAS_CONDCOMP_CASE(24, Tiles<24>)
+    KERAS_CONDCOMP_CASE(32, Tiles<32>)
+    KERAS_CONDCOMP_CASE(48, Tiles<48>)
+    KERAS_CONDCOMP_CASE(64, Tiles<64>)
+    KERAS_CONDCOMP_CASE(96, Tiles<96>)
+    KERAS_CONDCOMP_CASE(128, Tiles<128>)
   }
+#if defined(__AVX512F__)
+  switch ((width + 15) / 16) {  // vectors of 16
+    KERAS_CONDCOMP_CASE(1, MaskedTiles<1>)
+    KERAS_CONDCOMP_CASE(2, MaskedTiles<2>)
+    KERAS_CONDCOMP_CASE(3, MaskedTiles<3>)
+    KERAS_CONDCOMP_CASE(4, MaskedTiles<4>)
+  }
+#endif
+#undef KERAS_CONDCOMP_CASE
+  OfTile<Tiles<0>>(tile, x, kernel, stride, width, rows, row_count, acc);
 }
 
 // Per-thread buffers of the tiles.
