@@ -382,13 +382,17 @@ def _runs_in_chain(layer):
 def _chain_layer(layer, last):
     """`(kind, handles, activation)` of `layer` in the chain op."""
     from keras_condcomp.layers import GatedDense
+    from keras_condcomp.ops.block_sparse_dense import forced_execution_path
 
     activation = native_activation(layer.activation)
     gated = isinstance(layer, GatedDense)
     if gated and not _runs_in_chain(layer):
         raise ValueError(
             "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
-            f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r}"
+            f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r} "
+            f"with inference={layer.inference!r}, activation "
+            f"{getattr(layer.activation, '__name__', layer.activation)!r}, "
+            f"execution={forced_execution_path() or layer.execution!r}"
         )
     if gated:
         weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)

@@ -240,7 +240,7 @@ def test_chain_op_names_a_layer_it_cannot_run():
         native_kernels.chain_from_variables([])
     gated = GatedDense(16, blocks=4, activation="sigmoid", name="gated")
     gated.build((None, 8))
-    with pytest.raises(ValueError, match="threshold policy.*'gated'"):
+    with pytest.raises(ValueError, match="threshold policy.*'gated'.*'sigmoid'"):
         native_kernels.chain_from_variables([gated])
 
 
@@ -258,6 +258,11 @@ def test_chain_op_names_weights_that_do_not_fit():
     with pytest.raises(tf.errors.InvalidArgumentError, match="'relu' or 'linear', got 'tanh'"):
         ops.keras_condcomp_chain(x, [tf.ones((8, 4)), tf.ones((4,))], layers=["dense"],
                                  activations=["tanh"])
+    wide = tf.Variable(tf.ones((8, 4), tf.float64))  # a handle the op reads itself
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="variable of input 1 must be float32, got double"):
+        ops.keras_condcomp_chain(x, [wide.handle, tf.ones((4,))], layers=["dense"],
+                                 activations=["relu"])
 
 
 def test_compact_inference_keeps_the_graph_chain_for_other_activations(rng, monkeypatch):

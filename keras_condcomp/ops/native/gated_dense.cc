@@ -487,7 +487,8 @@ const Tensor* Weight(OpKernelContext* context, int index, Tensor* holder) {
   }
   ::tensorflow::tf_shared_lock lock(*variable->mu());
   if (variable->tensor()->dtype() != ::tensorflow::DT_FLOAT) {
-    context->SetStatus(InvalidArgument("the variable of input ", index, " is not float32"));
+    context->SetStatus(InvalidArgument("the variable of input ", index, " must be float32, got ",
+                                       ::tensorflow::DataTypeString(variable->tensor()->dtype())));
     return nullptr;
   }
   *holder = *variable->tensor();
