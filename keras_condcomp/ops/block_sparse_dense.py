@@ -871,16 +871,14 @@ def batched_choice(problem):
     return tf.argmin(costs, output_type=tf.int32)
 
 
-def mostly_active(problem, fraction=None):
-    """At least `fraction` (default `_AUTO_MAX_FRACTION`) of the (example,
-    block) pairs are active.
+def mostly_active(problem, fraction=_AUTO_MAX_FRACTION):
+    """At least `fraction` of the (example, block) pairs are active.
 
     `"auto"` then runs the dense fallback without evaluating the cost model:
     skipping never paid there in `benchmarks/gated_dense.py`. (False for an
     empty batch.)
     """
     # The mean of the 0/1 mask (a no-op cast in float32): no compare.
-    fraction = _AUTO_MAX_FRACTION if fraction is None else fraction
     return tf.reduce_mean(problem._float_mask) >= fraction
 
 
