@@ -25,25 +25,28 @@ from keras_condcomp.ops.block_sparse_dense import trace_settings as dense_trace_
 from keras_condcomp.ops.static_budget_dense import static_budget_settings
 
 
-def compiled_inference_applies(layer, training):
-    """Whether an eager call of `layer` runs as one compiled graph.
-
-    Only deterministic inference on TensorFlow, outside any graph, with no
-    decision recorder listening (`PolicyGradientModel` with
-    `run_eagerly=True`), no export plan, and weights kept in the compute
-    dtype (under mixed precision Keras hands a layer its weights cast, and
-    the float32 policy would read them rounded): everything else goes
-    through `call` as written.
+def plain_inference(layer, training):
+    """Whether a call of `layer` is plain deterministic inference: on
+    TensorFlow, with no decision recorder listening (`PolicyGradientModel`'s
+    steps), no export plan, and weights kept in the compute dtype (under
+    mixed precision Keras hands a layer its weights cast, and the float32
+    policy would read them rounded). Such a call may run the policy and the
+    skipping as one unit; everything else goes through `call` as written.
     """
     return (
         not training
         and layer.inference == "threshold"
         and layer.compute_dtype == layer.variable_dtype
         and keras.backend.backend() == "tensorflow"
-        and not tf.inside_function()
         and current_recorder() is None
         and static_budget_settings(layer) is None
     )
+
+
+def compiled_inference_applies(layer, training):
+    """Whether an eager call of `layer` runs as one compiled graph: plain
+    inference (`plain_inference`) outside any graph."""
+    return plain_inference(layer, training) and not tf.inside_function()
 
 
 def compiled_inference(layer, inputs):

@@ -7,6 +7,7 @@ from keras_condcomp._arguments import check_bool, is_integer
 from keras_condcomp.layers._compiled_inference import (
     compiled_inference,
     compiled_inference_applies,
+    plain_inference,
 )
 from keras_condcomp.layers._gated_layer import (
     GatedLayer,
@@ -20,6 +21,7 @@ from keras_condcomp.ops import (
     from_block_kernel,
     to_block_kernel,
 )
+from keras_condcomp.ops.block_sparse_dense import native_gated_inference
 from keras_condcomp.ops.native_kernels import (
     load_native_kernels,
     native_activation,
@@ -46,8 +48,11 @@ class GatedDense(GatedLayer):
 
     as in Bengio et al. (arXiv 1511.06297). Skipped blocks output exactly 0,
     so a following gated layer reads a block-sparse input. At inference the
-    skipped blocks are not computed (`keras_condcomp.ops.block_sparse_dense`);
-    in training the masked product is used, since every block gets gradients.
+    skipped blocks are not computed (`keras_condcomp.ops.block_sparse_dense`;
+    where the native kernels are built, with a ReLU or linear activation in
+    float32, the layer and its policy run as one op of them:
+    `keras_condcomp.ops.native_kernels`); in training the masked product is
+    used, since every block gets gradients.
     Called eagerly at inference (outside any `tf.function`), the layer runs
     as one compiled graph rather than op by op.
 
@@ -261,14 +266,19 @@ class GatedDense(GatedLayer):
 
     def call(self, inputs, training=None):
         inputs = self._float_inputs(inputs)
+        fused = inputs.dtype == "float32" and self._fuses_policy_natively()
         if compiled_inference_applies(self, training):
-            if self._fused_inference_applies(inputs):
-                return native_gated_dense(
-                    inputs, self.policy.kernel.value, self.policy.bias.value,
-                    self.block_kernel.value, None if self.bias is None else self.bias.value,
-                    self.activation,
-                )
+            if fused and inputs.shape[0] == 1:
+                # Called eagerly at batch 1, where "auto" never falls back:
+                # the op alone (a graph costs about 0.2 ms to call, the op
+                # 10-50 us).
+                return native_gated_dense(inputs, *self._native_weights(), self.activation)
             return compiled_inference(self, inputs)
+        if fused and plain_inference(self, training):
+            return native_gated_inference(
+                inputs, *self._native_weights(), self.activation,
+                path=forced_execution_path() or self.execution,
+            )
         mask = self._gate(inputs, training)
         budget = None if training else static_budget_settings(self)
         if budget is not None:
@@ -298,12 +308,12 @@ class GatedDense(GatedLayer):
             and load_native_kernels() is not None
         )
 
-    def _fused_inference_applies(self, inputs):
-        """Whether an eager inference call runs as the fused native op: at
-        batch 1 (where `"auto"` runs the native path at every density), in
-        float32. A graph costs about 0.2 ms to call, the op 10-50 us."""
+    def _native_weights(self):
+        """The policy kernel and bias, block kernel and bias (or None) the
+        native op reads."""
         return (
-            inputs.shape[0] == 1 and inputs.dtype == "float32" and self._fuses_policy_natively()
+            self.policy.kernel.value, self.policy.bias.value, self.block_kernel.value,
+            None if self.bias is None else self.bias.value,
         )
 
     def compute_output_shape(self, input_shape):

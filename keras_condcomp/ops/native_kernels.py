@@ -54,6 +54,7 @@ __all__ = [
     "native_block_sparse_dense",
     "native_dense",
     "native_gated_dense",
+    "native_gated_dense_or_fallback",
     "native_kernels_disabled",
     "native_kernels_error",
     "variable_handle",
@@ -328,9 +329,34 @@ def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, a
     Raises:
         RuntimeError: the ops are not available (`native_kernels_error()`).
     """
+    return native_gated_dense_or_fallback(
+        inputs, policy_kernel, policy_bias, block_kernel, bias, activation
+    )[0]
+
+
+def native_gated_dense_or_fallback(
+    inputs, policy_kernel, policy_bias, block_kernel, bias, activation=None,
+    fallback_fraction=0.0,
+):
+    """`native_gated_dense` that also returns its block mask, and leaves the
+    products to the caller where nearly every block runs.
+
+    Above batch 1, when at least `fallback_fraction` (in [0, 1]; 0: never)
+    of the (example, block) pairs are active, the op computes no product:
+    its outputs are 0 and `computed` is False, so that the caller runs the
+    dense product (`"auto"`'s dense fallback) with `block_mask`.
+
+    Returns:
+        `(outputs, block_mask, computed)`: `(batch, units)` float32,
+        `(batch, blocks)` float32 of 0 and 1, and a bool scalar.
+    """
+    if not 0.0 <= fallback_fraction <= 1.0:
+        raise ValueError(
+            f"`fallback_fraction` must be in [0, 1]. Received: fallback_fraction={fallback_fraction!r}"
+        )
     return _ops().keras_condcomp_gated_dense(
         inputs, policy_kernel, policy_bias, block_kernel, _bias(bias),
-        activation=native_activation(activation),
+        activation=native_activation(activation), fallback_fraction=float(fallback_fraction),
     )
 
 

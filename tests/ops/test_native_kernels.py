@@ -363,20 +363,86 @@ def test_native_path_matches_the_masked_reference(
     np.testing.assert_allclose(run(x, mask).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_forced_native_overrides_the_layer(rng):
-    layer = GatedDense(8, blocks=4, activation="relu", execution="per_example")
+@pytest.mark.parametrize(
+    "activation, op",
+    [("relu", "keras_condcomp_gated_dense"),  # the policy in the op too
+     ("sigmoid", "keras_condcomp_block_sparse_dense")],  # applied outside the op
+)
+def test_forced_native_overrides_the_layer(activation, op, rng):
+    layer = GatedDense(8, blocks=4, activation=activation, execution="per_example")
     x = rng.normal(size=(3, 5)).astype("float32")
     expected = layer(x).numpy()
     calls = []
     ops = load_native_kernels()
-    real = ops.keras_condcomp_block_sparse_dense
+    real = getattr(ops, op)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "keras_condcomp_block_sparse_dense",
-                      lambda *a, **k: calls.append(1) or real(*a, **k))
+        patch.setattr(ops, op, lambda *a, **k: calls.append(1) or real(*a, **k))
         with forced_execution("native"):
             got = tf.function(lambda x: layer(x, training=False))(x).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert calls  # traced through the native op
+
+
+def _graph_op_types(function, x):
+    graph = function.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for inner in graph.as_graph_def().library.function:
+        types.update(node.op for node in inner.node_def)
+    return types
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_auto_in_a_graph_runs_the_layer_as_one_op_with_its_policy(batch, rng):
+    # No policy product of TensorFlow's: the op decides the blocks itself.
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, GatedDense(32, blocks=4, activation="relu", seed=1)(inputs))
+    x = rng.normal(size=(batch, 16)).astype("float32")
+    run = tf.function(lambda x: model(x, training=False))
+    types = _graph_op_types(run, x)
+    assert "KerasCondcompGatedDense" in types
+    assert "MatMul" not in types and "KerasCondcompBlockSparseDense" not in types
+    np.testing.assert_allclose(run(x).numpy(), _masked_outputs(model, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("open_blocks, computed", [(3, True), (4, False)])
+def test_the_fused_op_leaves_nearly_dense_batches_to_the_dense_fallback(
+    open_blocks, computed, rng
+):
+    # Every example has `open_blocks` of 4 blocks active: 3/4 of the pairs
+    # are computed by the op, all of them by "auto"'s dense fallback.
+    x = np.abs(rng.normal(size=(8, 16))).astype("float32") + 0.1
+    policy_kernel = np.zeros((16, 4), "float32")
+    policy_bias = np.where(np.arange(4) < open_blocks, 1.0, -1.0).astype("float32")
+    kernel = unit_scale_kernel(rng, 16, 8)
+    block_kernel = to_block_kernel(kernel, 4)
+    outputs, mask, done = native_kernels.native_gated_dense_or_fallback(
+        x, policy_kernel, policy_bias, block_kernel, None, keras.activations.relu, 7 / 8
+    )
+    expected_mask = np.tile((policy_bias > 0).astype("float32"), (8, 1))
+    np.testing.assert_array_equal(mask.numpy(), expected_mask)
+    assert bool(done.numpy()) is computed
+    expected = masked_block_dense(x, kernel, None, expected_mask, tf.nn.relu).numpy()
+    np.testing.assert_allclose(outputs.numpy(), expected if computed else 0.0, atol=1e-5)
+    # At batch 1 the op computes whatever the density.
+    assert bool(native_kernels.native_gated_dense_or_fallback(
+        x[:1], policy_kernel, policy_bias, block_kernel, None, None, 7 / 8)[2].numpy())
+    # "auto" in a graph: the same outputs either way.
+    layer = GatedDense(8, blocks=4, activation="relu")
+    layer.build((None, 16))
+    layer.block_kernel.assign(block_kernel)
+    layer.bias.assign(np.zeros(8, "float32"))
+    layer.policy.kernel.assign(policy_kernel)
+    layer.policy.bias.assign(policy_bias)
+    got = tf.function(lambda x: layer(x, training=False))(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_the_fused_op_names_a_wrong_fallback_fraction():
+    with pytest.raises(ValueError, match="fallback_fraction=1.5"):
+        native_kernels.native_gated_dense_or_fallback(
+            np.zeros((2, 8), "float32"), np.zeros((8, 4), "float32"), np.zeros(4, "float32"),
+            np.zeros((4, 8, 2), "float32"), None, None, 1.5,
+        )
 
 
 @pytest.mark.parametrize("active_blocks, path", [(3, "native"), (4, "masked")])

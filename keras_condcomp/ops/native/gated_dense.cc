@@ -577,16 +577,15 @@ int64_t CheckGatedDense(OpKernelContext* context, const Tensor& inputs,
   return CheckInputsAndBias(context, inputs, input_dim, *weights[3], units) ? units : -1;
 }
 
-void RunGatedDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
-                   bool relu, float* outputs) {
-  const Tensor& block_kernel = *weights[2];
-  const int64_t blocks = block_kernel.dim_size(0);
-  const int input_dim = static_cast<int>(block_kernel.dim_size(1));
+// The threshold policy's decision, as GatedDense takes it: for each block,
+// the examples whose logit is above 0. The logits are computed a tile of
+// examples at a time over the rows they use.
+std::vector<std::vector<int>> Decide(const Tensor& inputs, const Tensor* const* weights,
+                                     const std::vector<Nonzeros>& nonzeros) {
+  const int64_t blocks = weights[2]->dim_size(0);
+  const int input_dim = static_cast<int>(weights[2]->dim_size(1));
   const int64_t batch = inputs.dim_size(0);
   const float* x = inputs.flat<float>().data();
-  const std::vector<Nonzeros> nonzeros = FindNonzeros(x, batch, input_dim);
-
-  // The policy's logits, a tile of examples at a time over the rows they use.
   const float* wp = weights[0]->flat<float>().data();
   std::vector<float> logits(batch * blocks);
   std::vector<int> examples(batch);
@@ -601,12 +600,18 @@ void RunGatedDense(OpKernelContext* context, const Tensor& inputs, const Tensor*
   std::vector<std::vector<int>> examples_of(blocks);
   for (int64_t e = 0; e < batch; ++e) {
     for (int64_t j = 0; j < blocks; ++j) {
-      // The threshold policy's decision, as GatedDense takes it.
       if (logits[e * blocks + j] + bp[j] > 0.0f) examples_of[j].push_back(static_cast<int>(e));
     }
   }
-  BlockKernelProducts(context, inputs, block_kernel, *weights[3], relu, nonzeros, examples_of,
-                      outputs);
+  return examples_of;
+}
+
+void RunGatedDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
+                   bool relu, float* outputs) {
+  const std::vector<Nonzeros> nonzeros = FindNonzeros(
+      inputs.flat<float>().data(), inputs.dim_size(0), static_cast<int>(inputs.dim_size(1)));
+  BlockKernelProducts(context, inputs, *weights[2], *weights[3], relu, nonzeros,
+                      Decide(inputs, weights, nonzeros), outputs);
 }
 
 // Dense: kernel (input_dim, units), bias.
@@ -740,9 +745,62 @@ class LayersOp : public OpKernel {
   std::vector<bool> relu_;
 };
 
-class GatedDenseOp : public LayersOp {
+// One GatedDense layer, which also outputs its block mask and whether it
+// computed the products: with `fallback_fraction` f > 0, above batch 1 and
+// with at least f of the (example, block) pairs active it leaves its
+// outputs 0, for the caller to run a dense product instead.
+class GatedDenseOp : public OpKernel {
  public:
-  explicit GatedDenseOp(OpKernelConstruction* context) : LayersOp(context, &kGatedDense) {}
+  explicit GatedDenseOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::string activation;
+    OP_REQUIRES_OK(context, context->GetAttr("activation", &activation));
+    relu_ = activation == "relu";
+    OP_REQUIRES_OK(context, context->GetAttr("fallback_fraction", &fallback_fraction_));
+    OP_REQUIRES(context, fallback_fraction_ >= 0.0f && fallback_fraction_ <= 1.0f,
+                InvalidArgument("fallback_fraction must be in [0, 1], got ", fallback_fraction_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& inputs = context->input(0);
+    Tensor held[4];
+    const Tensor* weights[4];
+    for (int w = 0; w < 4; ++w) {
+      weights[w] = Weight(context, 1 + w, &held[w]);
+      if (weights[w] == nullptr) return;
+    }
+    const int64_t units = CheckGatedDense(context, inputs, weights);
+    if (units < 0) return;
+    const int64_t batch = inputs.dim_size(0);
+    const int64_t blocks = weights[2]->dim_size(0);
+    Tensor* output = nullptr;
+    Tensor* block_mask = nullptr;
+    Tensor* computed = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, units}), &output));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({batch, blocks}), &block_mask));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({}), &computed));
+    float* outputs = output->flat<float>().data();
+    std::memset(outputs, 0, sizeof(float) * output->NumElements());
+    const std::vector<Nonzeros> nonzeros = FindNonzeros(
+        inputs.flat<float>().data(), batch, static_cast<int>(inputs.dim_size(1)));
+    const std::vector<std::vector<int>> examples_of = Decide(inputs, weights, nonzeros);
+    float* mask = block_mask->flat<float>().data();
+    std::memset(mask, 0, sizeof(float) * block_mask->NumElements());
+    int64_t pairs = 0;
+    for (int64_t j = 0; j < blocks; ++j) {
+      for (int e : examples_of[j]) mask[e * blocks + j] = 1.0f;
+      pairs += examples_of[j].size();
+    }
+    const bool fall_back = fallback_fraction_ > 0.0f && batch > 1 &&
+                           pairs >= static_cast<double>(fallback_fraction_) * batch * blocks;
+    computed->scalar<bool>()() = !fall_back;
+    if (fall_back) return;
+    BlockKernelProducts(context, inputs, *weights[2], *weights[3], relu_, nonzeros, examples_of,
+                        outputs);
+  }
+
+ private:
+  bool relu_ = false;
+  float fallback_fraction_ = 0.0f;
 };
 
 class DenseOp : public LayersOp {
@@ -823,8 +881,20 @@ REGISTER_OP("KerasCondcompGatedDense")
     .Input("block_kernel: float")
     .Input("bias: float")
     .Attr("activation: {'linear', 'relu'} = 'linear'")
+    .Attr("fallback_fraction: float = 0")
     .Output("outputs: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOutput(c, 3); });
+    .Output("block_mask: float")
+    .Output("computed: bool")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      TF_RETURN_IF_ERROR(MatrixOutput(c, 3));
+      shape_inference::ShapeHandle policy_kernel = c->input(1);
+      c->set_output(1, c->Matrix(c->Dim(c->input(0), 0),
+                                 c->RankKnown(policy_kernel) && c->Rank(policy_kernel) == 2
+                                     ? c->Dim(policy_kernel, 1)
+                                     : c->UnknownDim()));
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    });
 REGISTER_KERNEL_BUILDER(Name("KerasCondcompGatedDense").Device(DEVICE_CPU), GatedDenseOp);
 
 REGISTER_OP("KerasCondcompBlockSparseDense")
