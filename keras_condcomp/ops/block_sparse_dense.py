@@ -962,10 +962,9 @@ def native_gated_inference(
     op's products, for `"auto"` also `"auto"`'s dense fallback above batch
     1, where at least `_NATIVE_AUTO_MAX_FRACTION` of the pairs are active
     (the op then computes no product and the `"masked"` path runs with its
-    mask). The policy's decision and the engine's paths in one op: in a
-    graph, 1 op and a cond where the policy and `"auto"`'s choice took
-    about 13 (Bengio MLP at batch 1, one thread: 0.38-0.41 ms against
-    0.43 ms a call)."""
+    mask). In a graph, one op and a cond where the policy's ops and
+    `"auto"`'s choice took about 13 (Bengio MLP at density 1/16, batch 1,
+    one thread, A/B in one process: 3.28x of Dense against 2.98x)."""
     fallback = _NATIVE_AUTO_MAX_FRACTION if path == "auto" else 0.0
     outputs, block_mask, computed = native_gated_dense_or_fallback(
         inputs, policy_kernel, policy_bias, block_kernel, bias, activation, fallback

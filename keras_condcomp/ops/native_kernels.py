@@ -6,7 +6,9 @@ of tens of ops whose call alone costs more than the skipped work at batch 1.
 `native/gated_dense.cc` holds CPU ops that do it in one:
 
 - `KerasCondcompGatedDense`: a GatedDense layer with its threshold policy
-  (the policy's products, its decision and the active blocks' products);
+  (the policy's products, its decision and the active blocks' products),
+  which also returns its block mask and can leave a batch whose blocks
+  nearly all run to the caller's dense product (`"auto"`'s fallback);
 - `KerasCondcompBlockSparseDense`: the active blocks' products for a given
   block mask (the engine's `"native"` path);
 - `KerasCondcompDense`: a Dense layer's product;
@@ -45,6 +47,8 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_condcomp._arguments import is_number
 
 __all__ = [
     "build_native_kernels",
@@ -350,9 +354,10 @@ def native_gated_dense_or_fallback(
         `(outputs, block_mask, computed)`: `(batch, units)` float32,
         `(batch, blocks)` float32 of 0 and 1, and a bool scalar.
     """
-    if not 0.0 <= fallback_fraction <= 1.0:
+    if not is_number(fallback_fraction) or not 0.0 <= fallback_fraction <= 1.0:
         raise ValueError(
-            f"`fallback_fraction` must be in [0, 1]. Received: fallback_fraction={fallback_fraction!r}"
+            "`fallback_fraction` must be a number in [0, 1]. "
+            f"Received: fallback_fraction={fallback_fraction!r}"
         )
     return _ops().keras_condcomp_gated_dense(
         inputs, policy_kernel, policy_bias, block_kernel, _bias(bias),

@@ -438,11 +438,12 @@ def test_the_fused_op_leaves_nearly_dense_batches_to_the_dense_fallback(
 
 
 def test_the_fused_op_names_a_wrong_fallback_fraction():
-    with pytest.raises(ValueError, match="fallback_fraction=1.5"):
-        native_kernels.native_gated_dense_or_fallback(
-            np.zeros((2, 8), "float32"), np.zeros((8, 4), "float32"), np.zeros(4, "float32"),
-            np.zeros((4, 8, 2), "float32"), None, None, 1.5,
-        )
+    for fraction in (1.5, -0.1, "half"):
+        with pytest.raises(ValueError, match=f"fallback_fraction={fraction!r}"):
+            native_kernels.native_gated_dense_or_fallback(
+                np.zeros((2, 8), "float32"), np.zeros((8, 4), "float32"),
+                np.zeros(4, "float32"), np.zeros((4, 8, 2), "float32"), None, None, fraction,
+            )
 
 
 @pytest.mark.parametrize("active_blocks, path", [(3, "native"), (4, "masked")])
