@@ -96,6 +96,17 @@ def test_dense_op_matches_a_dense_product(units, batch, rng):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("units", [5, 8, 16])
+@pytest.mark.parametrize("batch", [7, 12, 13, 24])
+def test_dense_op_on_dense_inputs_shares_a_pass_among_up_to_twelve_examples(units, batch, rng):
+    # Up to 16 units, dense inputs: tiles of 7 and 12 examples (batches 7,
+    # 12 and 24), or 6 and 7 (13), in masked vectors (5) or whole ones.
+    x = rng.normal(size=(batch, 40)).astype("float32")
+    kernel = unit_scale_kernel(rng, 40, units)
+    np.testing.assert_allclose(native_dense(x, kernel, None).numpy(), x @ kernel,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_block_sparse_op_is_the_engines_native_path(rng):
     kernel = rng.normal(size=(16, 12)).astype("float32")
     x = rng.normal(size=(3, 16)).astype("float32")
