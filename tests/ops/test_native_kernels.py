@@ -96,11 +96,12 @@ def test_dense_op_matches_a_dense_product(units, batch, rng):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("units", [5, 8, 16])
+@pytest.mark.parametrize("units", [5, 8, 16, 24, 32, 40, 48])
 @pytest.mark.parametrize("batch", [7, 12, 13, 24])
 def test_dense_op_on_dense_inputs_shares_a_pass_among_up_to_twelve_examples(units, batch, rng):
-    # Up to 16 units, dense inputs: tiles of 7 and 12 examples (batches 7,
-    # 12 and 24), or 6 and 7 (13), in masked vectors (5) or whole ones.
+    # Dense inputs: tiles of up to 12 examples up to 16 units and at 32
+    # (batches 7, 12, 13 and 24: tiles of 7, 12, 6 and 7, 12), up to 8 at
+    # 24, 40 and 48 (7, 6, 6 and 7, 8); masked vectors at 5 and 40.
     x = rng.normal(size=(batch, 40)).astype("float32")
     kernel = unit_scale_kernel(rng, 40, units)
     np.testing.assert_allclose(native_dense(x, kernel, None).numpy(), x @ kernel,

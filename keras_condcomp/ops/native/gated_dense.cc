@@ -55,21 +55,37 @@ using ::tensorflow::errors::InvalidArgument;
 namespace shape_inference = ::tensorflow::shape_inference;
 
 // Examples multiplied together in one pass over a block's rows, at most:
-// for dense inputs, twelve up to 16 units (a vector of sums each), six up
-// to 64 (their sums and the row fill 29 of AVX-512's 32 registers), else
-// four. Six against four, and against Eigen's product from eight examples
-// on: the Bengio MLP's first layer at density 3/4, batch 256, one thread,
-// in 16.3 ms against 18.7 and 24.0 ms. Twelve against six for 16 units:
-// 784 -> 256 in 16 blocks at densities 1/4 to 1, batches 50 and 256, one
-// thread, 5-11% faster (A/B both ways round). Sparse inputs, four: a tile
-// reads the union of its examples' rows, each multiplied for every example
-// (six: the second layer 5-9% slower).
+// with dense inputs up to 64 units, as many as keep their sums in 24 of
+// AVX-512's 32 registers (the row and the input take the rest), twelve at
+// most (12 up to 16 and at 32 units, 8 at 24 and 48, 6 at 64); else four.
+// Six against four, and against Eigen's product from eight examples on:
+// the Bengio MLP's first layer at density 3/4, batch 256, one thread, in
+// 16.3 ms against 18.7 and 24.0 ms. More than six where the sums allow,
+// one thread, A/B both ways round at batches 50 and 256: twelve at 16
+// units 5-11% faster (784 -> 256 in 16 blocks, densities 1/4 to 1), at 32
+// units 3-8%, eight at 48 units 3-5%, at 24 units 0-3%. Sparse inputs,
+// four: a tile reads the union of its examples' rows, each multiplied for
+// every example (six: the second layer 5-9% slower).
 constexpr int kMostTile = 12;
 constexpr int kSparseTile = 4;
-int TileCap(int width, bool dense) {
-  if (!dense) return kSparseTile;
-  return width <= 16 ? kMostTile : width <= 64 ? 6 : kSparseTile;
+constexpr int kSumRegisters = 24;
+// The vectors of one example's sums in Product's kernel for `width`: for
+// the widths with a kernel of their own, of 16 lanes where the width is a
+// multiple of 16, else of 8; for the others, masked vectors of 16.
+int SumVectors(int width) {
+  switch (width) {
+    case 8: case 16: return 1;
+    case 32: return 2;
+    case 24: case 48: return 3;
+    case 64: return 4;
+  }
+  return (width + 15) / 16;
 }
+int TileCap(int width, bool dense) {
+  if (!dense || width > 64) return kSparseTile;
+  return std::min(kMostTile, kSumRegisters / SumVectors(width));
+}
+
 // Rows read ahead of the one multiplied.
 constexpr int kAhead = 16;
 // Bytes read ahead into the outer caches, on top, where a block's rows are
