@@ -266,7 +266,12 @@ class GatedDense(GatedLayer):
 
     def call(self, inputs, training=None):
         inputs = self._float_inputs(inputs)
-        fused = inputs.dtype == "float32" and self._fuses_policy_natively()
+        # Checked in this order so that training never loads the kernels.
+        fused = (
+            plain_inference(self, training)
+            and inputs.dtype == "float32"
+            and self._fuses_policy_natively()
+        )
         if compiled_inference_applies(self, training):
             if fused and inputs.shape[0] == 1:
                 # Called eagerly at batch 1, where "auto" never falls back:
@@ -274,7 +279,7 @@ class GatedDense(GatedLayer):
                 # 10-50 us).
                 return native_gated_dense(inputs, *self._native_weights(), self.activation)
             return compiled_inference(self, inputs)
-        if fused and plain_inference(self, training):
+        if fused:
             return native_gated_inference(
                 inputs, *self._native_weights(), self.activation,
                 path=forced_execution_path() or self.execution,

@@ -276,3 +276,20 @@ def test_integer_inputs_are_read_as_floats_on_every_path(rng):
     conv = GatedConv2D(4, 3, blocks=2)
     pixels = rng.integers(0, 255, size=(2, 6, 6, 1)).astype("uint8")
     np.testing.assert_allclose(conv(pixels).numpy(), conv(pixels.astype("float32")).numpy(), rtol=1e-5)
+
+
+def test_training_never_asks_for_the_native_kernels(rng, monkeypatch):
+    # Loading them may compile them (about 25 s): only inference needs them.
+    import tensorflow as tf
+
+    from keras_condcomp.layers import gated_dense
+
+    def refuse():
+        raise AssertionError("training asked for the native kernels")
+
+    monkeypatch.setattr(gated_dense, "load_native_kernels", refuse)
+    layer = GatedDense(8, blocks=4, activation="relu")
+    x = rng.normal(size=(3, 5)).astype("float32")
+    with pytest.warns(UserWarning, match="outside keras_condcomp.PolicyGradientModel"):
+        layer(x, training=True)
+    tf.function(lambda x: layer(x, training=True))(x)
