@@ -1,11 +1,12 @@
 """SIGINT / SIGTERM for the `keras-condcomp` command, stopped where it is safe.
 
 Python raises a signal's `KeyboardInterrupt` wherever the main thread is. Inside
-TensorFlow (tracing, a Python callback of native code, a finaliser) that
-exception can be swallowed, so the job runs on, or turned into an unrelated
-`TypeError` / `SystemError`. So during `fit`, where nearly all of a job's time
-goes, a signal only marks the stop, and a callback raises it at the next batch
-end. Elsewhere it is raised at once; a second signal is always raised at once.
+TensorFlow (tracing, a Python callback of native code, a finaliser, loading
+an op library) that exception can be swallowed, so the job runs on, or turned
+into an unrelated `TypeError` / `SystemError`. So while a model is built and
+trained, where nearly all of a job's time goes, a signal only marks the stop,
+raised once the model is built or at the next batch end. Elsewhere it is
+raised at once; a second signal is always raised at once.
 """
 
 import contextlib
@@ -26,6 +27,12 @@ def _raise_pending():
     raise KeyboardInterrupt(_state["pending"])
 
 
+def raise_if_pending():
+    """Raises the `KeyboardInterrupt` of a signal received and deferred."""
+    if _state["pending"]:
+        _raise_pending()
+
+
 def _on_signal(signum, frame):
     again = _state["pending"] is not None
     _state["pending"] = signal.Signals(signum).name
@@ -43,8 +50,7 @@ def install():
 
 class _StopAtBatchEnd(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
-        if _state["pending"]:
-            _raise_pending()
+        raise_if_pending()
 
     on_test_batch_end = on_train_batch_end
 
@@ -59,5 +65,4 @@ def stops_at_batch_ends():
         yield _StopAtBatchEnd()
     finally:
         _state["deferring"] -= 1
-    if _state["pending"]:
-        _raise_pending()
+    raise_if_pending()

@@ -243,9 +243,14 @@ def _add_export_parser(commands):
     export.add_argument("--data-dir", default=None, help="directory of the dataset's files")
 
 
-def _fit(model, args, x_train, y_train, x_val, y_val):
+def _trained(build, args, x_train, y_train, x_val, y_val):
+    """The compiled model `build()` returns, trained. A signal stops the job
+    once the model is built or at a batch end (`_interrupts`), not inside
+    TensorFlow's tracing or loading of ops."""
     with _interrupts.stops_at_batch_ends() as stop_on_signal:
-        return model.fit(
+        model = build()
+        _interrupts.raise_if_pending()
+        model.fit(
             x_train,
             y_train,
             epochs=args.epochs,
@@ -254,6 +259,7 @@ def _fit(model, args, x_train, y_train, x_val, y_val):
             verbose=args.verbose,
             callbacks=[stop_on_signal],
         )
+    return model
 
 
 def _learning_rate(rate, args, train_size):
@@ -326,18 +332,22 @@ def train(args):
     print(f"Training a gated MLP on {dataset.name}: {len(fit)} train, {n_val} validation, "
           f"{len(dataset.x_test)} test examples")
     started = time.perf_counter()
-    gated = build_gated_mlp(
-        input_dim, dataset.num_classes, units=args.units, blocks=args.blocks,
-        layers=args.layers, target_density=args.target_density,
-        sparsity_weight=args.sparsity_weight, variance_weight=args.variance_weight,
-        example_sparsity_weight=args.example_sparsity_weight,
-        sparsity_deviation=args.sparsity_deviation, seed=args.seed,
-    )
-    gated.compile(
-        _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
-        policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
-    )
-    _fit(gated, args, x_train, y_train, x_val, y_val)
+
+    def build_gated():
+        model = build_gated_mlp(
+            input_dim, dataset.num_classes, units=args.units, blocks=args.blocks,
+            layers=args.layers, target_density=args.target_density,
+            sparsity_weight=args.sparsity_weight, variance_weight=args.variance_weight,
+            example_sparsity_weight=args.example_sparsity_weight,
+            sparsity_deviation=args.sparsity_deviation, seed=args.seed,
+        )
+        model.compile(
+            _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
+            policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
+        )
+        return model
+
+    gated = _trained(build_gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
     evaluation = gated.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
     layer_names = [layer.name for layer in gated.layers if hasattr(layer, "policy")]
@@ -345,10 +355,12 @@ def train(args):
     macs = profile_macs(gated, layer_densities)
 
     def train_dense(units):
-        model = build_dense_mlp(input_dim, dataset.num_classes, units, args.layers)
-        model.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
-        _fit(model, args, x_train, y_train, x_val, y_val)
-        return model
+        def build():
+            model = build_dense_mlp(input_dim, dataset.num_classes, units, args.layers)
+            model.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
+            return model
+
+        return _trained(build, args, x_train, y_train, x_val, y_val)
 
     print(f"Training the same-width dense MLP ({args.layers} x {args.units})")
     started = time.perf_counter()
@@ -545,19 +557,23 @@ def train_cnn(args):
     print(f"Training a gated CNN on {dataset.name}: {len(fit)} train, {n_val} validation, "
           f"{len(x_test)} test examples")
     started = time.perf_counter()
-    gated = build_gated_cnn(
-        shape, dataset.num_classes, filters=filters, blocks=args.blocks,
-        target_density=args.target_density, sparsity_weight=args.sparsity_weight,
-        variance_weight=args.variance_weight,
-        example_sparsity_weight=args.example_sparsity_weight,
-        sparsity_deviation=args.sparsity_deviation, seed=args.seed,
-        policy_grid=args.policy_grid,
-    )
-    gated.compile(
-        _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
-        policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
-    )
-    _fit(gated, args, x_train, y_train, x_val, y_val)
+
+    def build_gated():
+        model = build_gated_cnn(
+            shape, dataset.num_classes, filters=filters, blocks=args.blocks,
+            target_density=args.target_density, sparsity_weight=args.sparsity_weight,
+            variance_weight=args.variance_weight,
+            example_sparsity_weight=args.example_sparsity_weight,
+            sparsity_deviation=args.sparsity_deviation, seed=args.seed,
+            policy_grid=args.policy_grid,
+        )
+        model.compile(
+            _adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"],
+            policy_optimizer=_adam(args.policy_learning_rate, args, len(fit)),
+        )
+        return model
+
+    gated = _trained(build_gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
     evaluation = gated.evaluate(x_test, y_test, verbose=0, return_dict=True)
     gated_convs = [layer for layer in gated.layers if hasattr(layer, "policy")]
@@ -568,9 +584,12 @@ def train_cnn(args):
 
     print(f"Training the same-width Conv2D CNN (filters {','.join(map(str, filters))})")
     started = time.perf_counter()
-    dense = build_dense_cnn(shape, dataset.num_classes, filters=filters)
-    dense.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
-    _fit(dense, args, x_train, y_train, x_val, y_val)
+    def build_dense():
+        model = build_dense_cnn(shape, dataset.num_classes, filters=filters)
+        model.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
+        return model
+
+    dense = _trained(build_dense, args, x_train, y_train, x_val, y_val)
     dense_seconds = time.perf_counter() - started
 
     results = {

@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -263,6 +264,34 @@ def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handl
     # Outside fit, and for a second signal, it is raised at once.
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_while_the_model_is_built_stops_the_job_once_it_is_built(
+    command_signal_handlers
+):
+    # Building traces the layers and may load the native ops: an interrupt
+    # raised inside them could surface as another error with a traceback.
+    import signal
+
+    import numpy as np
+
+    from keras_condcomp import cli
+
+    steps = []
+
+    def build():
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
+        steps.append("built")
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        model.fit = lambda *a, **k: steps.append("fit")
+        return model
+
+    args = argparse.Namespace(epochs=1, batch_size=4, verbose=0)
+    x = np.zeros((8, 4))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        cli._trained(build, args, x, x[:, :2], x, x[:, :2])
+    assert steps == ["built"]
 
 
 def test_an_error_after_a_signal_is_reported_as_the_interrupt(
