@@ -584,6 +584,7 @@ def train_cnn(args):
 
     print(f"Training the same-width Conv2D CNN (filters {','.join(map(str, filters))})")
     started = time.perf_counter()
+
     def build_dense():
         model = build_dense_cnn(shape, dataset.num_classes, filters=filters)
         model.compile(_adam(args.learning_rate, args, len(fit)), loss, metrics=["accuracy"])
