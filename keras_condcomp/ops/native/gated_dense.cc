@@ -632,12 +632,36 @@ std::vector<std::vector<int>> Decide(const Tensor& inputs, const Tensor* const* 
   return examples_of;
 }
 
+// A GatedDense layer into zeroed outputs: its decision, written to `mask`
+// (batch x blocks) unless null, and its products, unless `fallback_fraction`
+// f > 0 and, above batch 1, at least f of the (example, block) pairs are
+// active (left to a dense product). Returns whether it computed them.
+bool GatedDenseLayer(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
+                     bool relu, float fallback_fraction, float* outputs, float* mask) {
+  const int64_t batch = inputs.dim_size(0);
+  const int64_t blocks = weights[2]->dim_size(0);
+  const std::vector<Nonzeros> nonzeros = FindNonzeros(
+      inputs.flat<float>().data(), batch, static_cast<int>(inputs.dim_size(1)));
+  const std::vector<std::vector<int>> examples_of = Decide(inputs, weights, nonzeros);
+  int64_t pairs = 0;
+  for (int64_t j = 0; j < blocks; ++j) {
+    if (mask != nullptr) {
+      for (int e : examples_of[j]) mask[e * blocks + j] = 1.0f;
+    }
+    pairs += examples_of[j].size();
+  }
+  if (fallback_fraction > 0.0f && batch > 1 &&
+      pairs >= static_cast<double>(fallback_fraction) * batch * blocks) {
+    return false;
+  }
+  BlockKernelProducts(context, inputs, *weights[2], *weights[3], relu, nonzeros, examples_of,
+                      outputs);
+  return true;
+}
+
 void RunGatedDense(OpKernelContext* context, const Tensor& inputs, const Tensor* const* weights,
                    bool relu, float* outputs) {
-  const std::vector<Nonzeros> nonzeros = FindNonzeros(
-      inputs.flat<float>().data(), inputs.dim_size(0), static_cast<int>(inputs.dim_size(1)));
-  BlockKernelProducts(context, inputs, *weights[2], *weights[3], relu, nonzeros,
-                      Decide(inputs, weights, nonzeros), outputs);
+  GatedDenseLayer(context, inputs, weights, relu, 0.0f, outputs, nullptr);
 }
 
 // Dense: kernel (input_dim, units), bias.
@@ -771,10 +795,9 @@ class LayersOp : public OpKernel {
   std::vector<bool> relu_;
 };
 
-// One GatedDense layer, which also outputs its block mask and whether it
-// computed the products: with `fallback_fraction` f > 0, above batch 1 and
-// with at least f of the (example, block) pairs active it leaves its
-// outputs 0, for the caller to run a dense product instead.
+// One GatedDense layer (GatedDenseLayer, with the attribute
+// `fallback_fraction`), which also outputs its block mask and whether it
+// computed the products.
 class GatedDenseOp : public OpKernel {
  public:
   explicit GatedDenseOp(OpKernelConstruction* context) : OpKernel(context) {
@@ -788,9 +811,9 @@ class GatedDenseOp : public OpKernel {
 
   void Compute(OpKernelContext* context) override {
     const Tensor& inputs = context->input(0);
-    Tensor held[4];
-    const Tensor* weights[4];
-    for (int w = 0; w < 4; ++w) {
+    Tensor held[kMostWeights];
+    const Tensor* weights[kMostWeights];
+    for (int w = 0; w < kGatedDense.weights; ++w) {
       weights[w] = Weight(context, 1 + w, &held[w]);
       if (weights[w] == nullptr) return;
     }
@@ -805,23 +828,11 @@ class GatedDenseOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({batch, blocks}), &block_mask));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({}), &computed));
     float* outputs = output->flat<float>().data();
-    std::memset(outputs, 0, sizeof(float) * output->NumElements());
-    const std::vector<Nonzeros> nonzeros = FindNonzeros(
-        inputs.flat<float>().data(), batch, static_cast<int>(inputs.dim_size(1)));
-    const std::vector<std::vector<int>> examples_of = Decide(inputs, weights, nonzeros);
     float* mask = block_mask->flat<float>().data();
+    std::memset(outputs, 0, sizeof(float) * output->NumElements());
     std::memset(mask, 0, sizeof(float) * block_mask->NumElements());
-    int64_t pairs = 0;
-    for (int64_t j = 0; j < blocks; ++j) {
-      for (int e : examples_of[j]) mask[e * blocks + j] = 1.0f;
-      pairs += examples_of[j].size();
-    }
-    const bool fall_back = fallback_fraction_ > 0.0f && batch > 1 &&
-                           pairs >= static_cast<double>(fallback_fraction_) * batch * blocks;
-    computed->scalar<bool>()() = !fall_back;
-    if (fall_back) return;
-    BlockKernelProducts(context, inputs, *weights[2], *weights[3], relu_, nonzeros, examples_of,
-                        outputs);
+    computed->scalar<bool>()() =
+        GatedDenseLayer(context, inputs, weights, relu_, fallback_fraction_, outputs, mask);
   }
 
  private:
