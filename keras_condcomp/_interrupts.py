@@ -3,10 +3,11 @@
 Python raises a signal's `KeyboardInterrupt` wherever the main thread is. Inside
 TensorFlow (tracing, a Python callback of native code, a finaliser, loading
 an op library) that exception can be swallowed, so the job runs on, or turned
-into an unrelated `TypeError` / `SystemError`. So while a model is built and
-trained, where nearly all of a job's time goes, a signal only marks the stop,
-raised once the model is built or at the next batch end. Elsewhere it is
-raised at once; a second signal is always raised at once.
+into an unrelated `TypeError` / `SystemError`. So while a model is built,
+trained, evaluated or predicts, where nearly all of a job's time in this
+process goes, a signal only marks the stop, raised once the model is built or
+at the next batch end. Elsewhere (saving, exporting, waiting for the speed
+measurement's process) it is raised at once; a second signal always is.
 """
 
 import contextlib
@@ -53,13 +54,14 @@ class _StopAtBatchEnd(keras.callbacks.Callback):
         raise_if_pending()
 
     on_test_batch_end = on_train_batch_end
+    on_predict_batch_end = on_train_batch_end
 
 
 @contextlib.contextmanager
 def stops_at_batch_ends():
-    """Yields a callback for `fit`; within the block a signal (installed by
-    `install()`) is raised by that callback at the next batch end, and at the
-    block's end at the latest."""
+    """Yields a callback for `fit`, `evaluate` or `predict`; within the block
+    a signal (installed by `install()`) is raised by that callback at the next
+    batch end, and at the block's end at the latest."""
     _state["deferring"] += 1
     try:
         yield _StopAtBatchEnd()

@@ -280,6 +280,12 @@ def _adam(rate, args, train_size):
     return keras.optimizers.Adam(_learning_rate(rate, args, train_size))
 
 
+def _evaluated(model, x, y):
+    """`model.evaluate`'s metrics as a dict; a signal stops it at a batch end."""
+    with _interrupts.stops_at_batch_ends() as stop_on_signal:
+        return model.evaluate(x, y, verbose=0, return_dict=True, callbacks=[stop_on_signal])
+
+
 def _accuracy(model, x, y, batch_size=256):
     import numpy as np
 
@@ -287,7 +293,11 @@ def _accuracy(model, x, y, batch_size=256):
     # partial batch traces each model's predict function a second time, and
     # over the job's models TensorFlow then warns of excessive retracing.
     padding = np.zeros((-len(x) % batch_size, *x.shape[1:]), x.dtype)
-    logits = model.predict(np.concatenate([x, padding]), batch_size=batch_size, verbose=0)
+    with _interrupts.stops_at_batch_ends() as stop_on_signal:
+        logits = model.predict(
+            np.concatenate([x, padding]), batch_size=batch_size, verbose=0,
+            callbacks=[stop_on_signal],
+        )
     return float((logits[: len(x)].argmax(axis=1) == y).mean())
 
 
@@ -349,7 +359,7 @@ def train(args):
 
     gated = _trained(build_gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
-    evaluation = gated.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
+    evaluation = _evaluated(gated, dataset.x_test, dataset.y_test)
     layer_names = [layer.name for layer in gated.layers if hasattr(layer, "policy")]
     layer_densities = {name: float(evaluation[f"{name}_density"]) for name in layer_names}
     macs = profile_macs(gated, layer_densities)
@@ -575,7 +585,7 @@ def train_cnn(args):
 
     gated = _trained(build_gated, args, x_train, y_train, x_val, y_val)
     gated_seconds = time.perf_counter() - started
-    evaluation = gated.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    evaluation = _evaluated(gated, x_test, y_test)
     gated_convs = [layer for layer in gated.layers if hasattr(layer, "policy")]
     layer_densities = {
         layer.name: float(evaluation[f"{layer.name}_density"]) for layer in gated_convs

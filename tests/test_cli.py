@@ -266,6 +266,45 @@ def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handl
         os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.parametrize("step", ["evaluate", "predict"])
+def test_a_signal_while_the_job_evaluates_stops_it_at_the_next_batch_end(
+    command_signal_handlers, step
+):
+    import signal
+
+    import numpy as np
+
+    from keras_condcomp import _interrupts, cli
+
+    ended = []
+
+    class SignalAtBatchTwo(keras.callbacks.Callback):
+        def on_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
+
+        def on_batch_end(self, batch, logs=None):
+            ended.append(batch)
+
+        on_test_batch_begin = on_predict_batch_begin = on_batch_begin
+        on_test_batch_end = on_predict_batch_end = on_batch_end
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    # The job's own callback is passed last: wrap the model's method so
+    # that the test's callback runs first.
+    method = getattr(model, step)
+    setattr(model, step, lambda *a, callbacks, **k: method(
+        *a, callbacks=[SignalAtBatchTwo(), *callbacks], **{**k, "batch_size": 4}))
+    x, y = np.zeros((64, 4), "float32"), np.zeros(64, "int64")
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        if step == "evaluate":
+            cli._evaluated(model, x, y)
+        else:
+            cli._accuracy(model, x, y, batch_size=4)
+    assert ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
+
+
 def test_a_signal_while_the_model_is_built_stops_the_job_once_it_is_built(
     command_signal_handlers
 ):
