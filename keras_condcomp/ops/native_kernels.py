@@ -415,7 +415,6 @@ def _chain_layer(layer, last):
     from keras_condcomp.layers import GatedDense
     from keras_condcomp.ops.block_sparse_dense import forced_execution_path
 
-    activation = native_activation(layer.activation)
     gated = isinstance(layer, GatedDense)
     if gated and not _runs_in_chain(layer):
         raise ValueError(
@@ -425,14 +424,15 @@ def _chain_layer(layer, last):
             f"{getattr(layer.activation, '__name__', layer.activation)!r}, "
             f"execution={forced_execution_path() or layer.execution!r}"
         )
-    if gated:
-        weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)
-        return "gated_dense", [variable_handle(w) for w in weights], activation
-    if not _runs_in_chain(layer):
+    if not gated and not _runs_in_chain(layer):
         raise ValueError(
             "The chain takes GatedDense and float32 Dense layers (not quantized, no LoRA). "
             f"Received: layer={layer.name!r} of type {type(layer).__name__}"
         )
+    activation = native_activation(layer.activation)
+    if gated:
+        weights = (layer.policy.kernel, layer.policy.bias, layer.block_kernel)
+        return "gated_dense", [variable_handle(w) for w in weights], activation
     if activation is None and not last:
         raise ValueError(
             "Only the last Dense layer of the chain may have another activation than "

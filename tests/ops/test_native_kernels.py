@@ -244,6 +244,9 @@ def test_chain_op_names_a_layer_it_cannot_run():
         native_kernels.chain_from_variables([hidden, keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="float32 Dense.*'conv' of type Conv1D"):
         native_kernels.chain_from_variables([conv])
+    # A layer without an activation, as a Functional model's `layers` start.
+    with pytest.raises(ValueError, match="float32 Dense.*'entry' of type InputLayer"):
+        native_kernels.chain_from_variables([keras.layers.InputLayer((8,), name="entry")])
     half = keras.layers.Dense(2, dtype="mixed_float16", name="half")
     half.build((None, 8))
     with pytest.raises(ValueError, match="float32 Dense.*'half' of type Dense"):
