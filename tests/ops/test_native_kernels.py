@@ -482,7 +482,9 @@ def test_auto_above_batch_1_falls_back_only_where_nearly_every_block_runs(
 
 def test_layers_without_bias_on_every_native_call(rng):
     # The ops' empty bias: the fused op eagerly, the chain of variables'
-    # ops, and the "native" path in a graph.
+    # ops, and the "native" path in a graph. Seeded weights: with others,
+    # 10 draws of 150 turned every block off for x (the outputs all 0).
+    keras.utils.set_random_seed(1)  # two of the four blocks active
     inputs = keras.Input((24,))
     h = GatedDense(32, blocks=4, activation="relu", use_bias=False, seed=1,
                    policy_bias_initializer=keras.initializers.Constant(0.3))(inputs)
