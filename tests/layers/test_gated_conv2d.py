@@ -165,6 +165,9 @@ def test_dtypes(rng, policy):
 
 
 def test_training_lowers_density_toward_target(rng):
+    # Seeded weights: unseeded, gate_b's density fell by 0.014 at least in
+    # 210 draws (mean 0.06, sd 0.02), an estimated 0.1-0.5% of runs not at all.
+    keras.utils.set_random_seed(1)
     inputs = keras.Input((8, 8, 1))
     hidden = GatedConv2D(
         8, 3, blocks=4, padding="same", activation="relu", target_density=0.25,
