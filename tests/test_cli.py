@@ -235,6 +235,27 @@ def command_signal_handlers():
         signal.signal(signum, handler)
 
 
+class _SignalAtBatchTwo(keras.callbacks.Callback):
+    """Sends this process a SIGTERM as batch 2 of fit, evaluate or predict
+    begins; `ended` lists the batches that ran to their end."""
+
+    def __init__(self):
+        super().__init__()
+        self.ended = []
+
+    def on_batch_begin(self, batch, logs=None):
+        if batch == 2:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
+
+    def on_batch_end(self, batch, logs=None):
+        self.ended.append(batch)
+
+    on_train_batch_begin = on_test_batch_begin = on_predict_batch_begin = on_batch_begin
+    on_train_batch_end = on_test_batch_end = on_predict_batch_end = on_batch_end
+
+
 def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handlers):
     import signal
 
@@ -242,25 +263,15 @@ def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handl
 
     from keras_condcomp import _interrupts
 
-    ended = []
-
-    class SignalAtBatchTwo(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
-
-        def on_train_batch_end(self, batch, logs=None):
-            ended.append(batch)
-
+    signaller = _SignalAtBatchTwo()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile("sgd", "mse")
     x, y = np.zeros((64, 4)), np.zeros((64, 2))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         with _interrupts.stops_at_batch_ends() as stop:
-            model.fit(x, y, batch_size=4, epochs=1, verbose=0,
-                      callbacks=[SignalAtBatchTwo(), stop])
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[signaller, stop])
     # Batch 2 ran to its end: the signal was not raised inside it.
-    assert ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
+    assert signaller.ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
     # Outside fit, and for a second signal, it is raised at once.
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
         os.kill(os.getpid(), signal.SIGINT)
@@ -270,39 +281,25 @@ def test_a_signal_during_fit_stops_it_at_the_next_batch_end(command_signal_handl
 def test_a_signal_while_the_job_evaluates_stops_it_at_the_next_batch_end(
     command_signal_handlers, step
 ):
-    import signal
-
     import numpy as np
 
     from keras_condcomp import _interrupts, cli
 
-    ended = []
-
-    class SignalAtBatchTwo(keras.callbacks.Callback):
-        def on_batch_begin(self, batch, logs=None):
-            if batch == 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns
-
-        def on_batch_end(self, batch, logs=None):
-            ended.append(batch)
-
-        on_test_batch_begin = on_predict_batch_begin = on_batch_begin
-        on_test_batch_end = on_predict_batch_end = on_batch_end
-
+    signaller = _SignalAtBatchTwo()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile("sgd", "sparse_categorical_crossentropy")
     # The job's own callback is passed last: wrap the model's method so
     # that the test's callback runs first.
     method = getattr(model, step)
     setattr(model, step, lambda *a, callbacks, **k: method(
-        *a, callbacks=[SignalAtBatchTwo(), *callbacks], **{**k, "batch_size": 4}))
+        *a, callbacks=[signaller, *callbacks], **{**k, "batch_size": 4}))
     x, y = np.zeros((64, 4), "float32"), np.zeros(64, "int64")
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         if step == "evaluate":
             cli._evaluated(model, x, y)
         else:
             cli._accuracy(model, x, y, batch_size=4)
-    assert ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
+    assert signaller.ended == [0, 1, 2] and _interrupts.pending() == "SIGTERM"
 
 
 def test_a_signal_while_the_model_is_built_stops_the_job_once_it_is_built(

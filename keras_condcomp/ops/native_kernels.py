@@ -416,15 +416,15 @@ def _chain_layer(layer, last):
     from keras_condcomp.ops.block_sparse_dense import forced_execution_path
 
     gated = isinstance(layer, GatedDense)
-    if gated and not _runs_in_chain(layer):
-        raise ValueError(
-            "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
-            f"linear activation and path 'auto' or 'native'. Received: layer={layer.name!r} "
-            f"with inference={layer.inference!r}, activation "
-            f"{getattr(layer.activation, '__name__', layer.activation)!r}, "
-            f"execution={forced_execution_path() or layer.execution!r}"
-        )
-    if not gated and not _runs_in_chain(layer):
+    if not _runs_in_chain(layer):
+        if gated:
+            raise ValueError(
+                "A GatedDense layer of the chain must have a threshold policy, a ReLU or "
+                f"linear activation and path 'auto' or 'native'. Received: "
+                f"layer={layer.name!r} with inference={layer.inference!r}, activation "
+                f"{getattr(layer.activation, '__name__', layer.activation)!r}, "
+                f"execution={forced_execution_path() or layer.execution!r}"
+            )
         raise ValueError(
             "The chain takes GatedDense and float32 Dense layers (not quantized, no LoRA). "
             f"Received: layer={layer.name!r} of type {type(layer).__name__}"
