@@ -10,6 +10,15 @@ def unit_scale_kernel(rng, input_dim, units):
     return (rng.normal(size=(input_dim, units)) / np.sqrt(input_dim)).astype("float32")
 
 
+def unit_scale_conv_kernel(rng, shape):
+    """A random float32 convolution kernel of `shape` (height, width,
+    in_channels, filters) scaled by 1/sqrt of its fan-in, as
+    `unit_scale_kernel`: at 64 channels (576 products an output) unit-normal
+    kernels differed from the reference by 1.05e-5 on an AVX2 machine."""
+    fan_in = int(np.prod(shape[:-1]))
+    return (rng.normal(size=shape) / np.sqrt(fan_in)).astype("float32")
+
+
 def random_block_problem(seed, batch, input_dim, blocks, block_size, density, input_sparsity,
                          use_bias):
     """`(x, kernel, bias, mask)` for the block-sparse products: inputs with

@@ -46,7 +46,7 @@ def test_the_kernels_build_and_load():
 @given(
     batch=st.sampled_from([1, 2, 7, 64]),
     blocks=st.sampled_from([1, 3, 8, 24]),
-    block_size=st.sampled_from([1, 5, 8, 16, 64]),
+    block_size=st.sampled_from([1, 5, 8, 16, 64, 80]),  # 80: in pieces of 64 and 16
     input_dim=st.sampled_from([1, 12, 40, 100, 300]),  # 100, 300: several words of bits
     input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
     policy_bias=st.sampled_from([-100.0, -1.0, 0.0, 1.0, 100.0]),
@@ -96,12 +96,15 @@ def test_dense_op_matches_a_dense_product(units, batch, rng):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("units", [5, 8, 16, 24, 32, 40, 48])
+@pytest.mark.parametrize("units", [5, 8, 16, 24, 32, 40, 48, 64, 128])
 @pytest.mark.parametrize("batch", [7, 12, 13, 24])
 def test_dense_op_on_dense_inputs_shares_a_pass_among_up_to_twelve_examples(units, batch, rng):
     # Dense inputs: tiles of up to 12 examples up to 16 units and at 32
     # (batches 7, 12, 13 and 24: tiles of 7, 12, 6 and 7, 12), up to 8 at
-    # 24, 40 and 48 (7, 6, 6 and 7, 8); masked vectors at 5 and 40.
+    # 24, 40 and 48 (7, 6, 6 and 7, 8), 6 at 64; masked vectors at 5 and 40;
+    # 128 in tiles of 4, multiplied in pieces of 64. Without AVX-512 fewer
+    # sums fit the registers: tiles of up to 6 in pieces of 16 units from 24
+    # up (40: 16, 16 and 8).
     x = rng.normal(size=(batch, 40)).astype("float32")
     kernel = unit_scale_kernel(rng, 40, units)
     np.testing.assert_allclose(native_dense(x, kernel, None).numpy(), x @ kernel,
