@@ -61,7 +61,7 @@ import numpy as np
 
 import gated_conv2d
 from controlled_masks import selection_inputs, steer_policies
-from run_options import HelpFormatter, check_run_options
+from run_options import HelpFormatter, check_run_options, cpu_description
 from keras_condcomp.speed import evict_caches
 
 INPUT_DIM, UNITS, BLOCKS, CLASSES = 3072, 1536, 24, 10
@@ -328,7 +328,8 @@ def main(argv=None):
             rows += run(args.cnn_densities, args.repeats, workdir, shape="cnn")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "export.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "load": os.getloadavg(), "rows": rows}, f, indent=1)
+        json.dump({"cpu": cpu_description(), "cpu_count": os.cpu_count(), "load": os.getloadavg(),
+                   "rows": rows}, f, indent=1)
     _plot(rows, os.path.join(args.out, "export.png"))
     print(_table(rows))
 

@@ -65,7 +65,13 @@ import sys
 
 import numpy as np
 
-from run_options import HelpFormatter, add_sweep_options, check_run_options, fill_defaults
+from run_options import (
+    HelpFormatter,
+    add_sweep_options,
+    check_run_options,
+    cpu_description,
+    fill_defaults,
+)
 
 INPUT_SHAPE = (32, 32, 3)
 LAYERS = [(64, 8), (128, 8), (128, 8)]  # (filters, blocks), 3x3 "same"
@@ -426,9 +432,9 @@ def main(argv=None):
     name += "_quick" if args.quick else ""
     name += "_tensor_inputs" if args.tensor_inputs else ""
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                   "stack": args.stack, "tensor_inputs": args.tensor_inputs, "rows": rows},
-                  f, indent=1)
+        json.dump({"cpu": cpu_description(), "cpu_count": os.cpu_count(),
+                   "load_average": os.getloadavg(), "stack": args.stack,
+                   "tensor_inputs": args.tensor_inputs, "rows": rows}, f, indent=1)
     _plot(rows, os.path.join(args.out, f"{name}.png"), args.stack)
     print(_table(rows))
 

@@ -80,7 +80,13 @@ import sys
 import numpy as np
 
 from controlled_masks import selection_inputs, steer_policies
-from run_options import HelpFormatter, add_sweep_options, check_run_options, fill_defaults
+from run_options import (
+    HelpFormatter,
+    add_sweep_options,
+    check_run_options,
+    cpu_description,
+    fill_defaults,
+)
 
 SHAPES = {
     # name: (input_dim, [(units, blocks), ...], head units or None)
@@ -364,8 +370,8 @@ def main(argv=None):
         rows += json.loads(done.stdout.strip().splitlines()[-1])
     name = "gated_dense_quick" if args.quick else "gated_dense"
     name += "_tensor_inputs" if args.tensor_inputs else ""
-    _write(args.out, name, {"cpu_count": os.cpu_count(), "tensor_inputs": args.tensor_inputs,
-                            "rows": rows})
+    _write(args.out, name, {"cpu": cpu_description(), "cpu_count": os.cpu_count(),
+                            "tensor_inputs": args.tensor_inputs, "rows": rows})
 
 
 def _write(out, name, result):
@@ -389,7 +395,7 @@ def _combined(paths):
     with the other kind of input, or times a setting (shape, threads, batch,
     density, path) that another file times.
     """
-    rows, seen, kinds, cores = [], {}, set(), set()
+    rows, seen, kinds, cores, cpus = [], {}, set(), set(), set()
     for path in paths:
         try:
             with open(path) as f:
@@ -405,11 +411,12 @@ def _combined(paths):
             )
         kinds.add(bool(result.get("tensor_inputs", False)))
         cores.add(result.get("cpu_count"))
-        if len(kinds) > 1 or len(cores) > 1:
+        cpus.add(result.get("cpu"))
+        if len(kinds) > 1 or len(cores) > 1 or len(cpus) > 1:
             raise ValueError(
-                f"--combine file {path!r} differs from the ones before in its kind of input "
-                f"or cpu_count (tensor_inputs={result.get('tensor_inputs', False)}, "
-                f"cpu_count={result.get('cpu_count')})"
+                f"--combine file {path!r} differs from the ones before in its kind of input, "
+                f"cpu_count or cpu (tensor_inputs={result.get('tensor_inputs', False)}, "
+                f"cpu_count={result.get('cpu_count')}, cpu={result.get('cpu')!r})"
             )
         for row in result["rows"]:
             key = tuple(str(row.get(k)) for k in ("shape", "threads", "batch", "density", "path"))
@@ -420,7 +427,7 @@ def _combined(paths):
                 )
             seen[key] = path
             rows.append(row)
-    return {"cpu_count": cores.pop(), "tensor_inputs": kinds.pop(),
+    return {"cpu": cpus.pop(), "cpu_count": cores.pop(), "tensor_inputs": kinds.pop(),
             "combined_from": [os.path.basename(p) for p in paths], "rows": rows}
 
 

@@ -4,6 +4,7 @@ before any timing."""
 import argparse
 import fractions
 import os
+import platform
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -65,3 +66,24 @@ def check_run_options(parser, args):
         parser.error(f"--threads must be 0 (all cores) or positive, got {bad}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out must be a folder, got the file {args.out!r}")
+
+
+def cpu_description():
+    """The processor as results record it: its model name and its widest
+    vector extension (the native kernels' speed depends on both), e.g.
+    `AMD EPYC (AVX2)`."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name" and name is None:
+                    name = value
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    extension = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                                ("asimd", "NEON")) if flag in flags), None)
+    return f"{name} ({extension})" if extension else name

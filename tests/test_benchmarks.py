@@ -114,6 +114,9 @@ def test_dense_results_combine_into_one_file(tmp_path):
     other_machine = _write_result(tmp_path / "other.json", [], cpu_count=64)
     with pytest.raises(ValueError, match="other.json.*cpu_count=64"):
         bench._combined([one, other_machine])
+    other_cpu = _write_result(tmp_path / "other_cpu.json", [], cpu="AMD EPYC (AVX2)")
+    with pytest.raises(ValueError, match=r"other_cpu.json.*cpu='AMD EPYC \(AVX2\)'"):
+        bench._combined([one, other_cpu])
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read --combine file .*broken.json"):
