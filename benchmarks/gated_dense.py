@@ -391,9 +391,10 @@ def _combined(paths):
     """The rows of several result files as one result, each setting once.
 
     Raises ValueError naming the file that is unreadable, is not a result of
-    this benchmark, was made on a machine with another number of cores or
-    with the other kind of input, or times a setting (shape, threads, batch,
-    density, path) that another file times.
+    this benchmark, was made on another CPU (as recorded; files from before
+    session 39 record none), with another number of cores or with the other
+    kind of input, or times a setting (shape, threads, batch, density, path)
+    that another file times.
     """
     rows, seen, kinds, cores, cpus = [], {}, set(), set(), set()
     for path in paths:
