@@ -1,20 +1,15 @@
 import numpy as np
 
 
-def unit_scale_kernel(rng, input_dim, units):
-    """A random `(input_dim, units)` float32 kernel scaled by 1/sqrt(input_dim),
-    as Keras's initializers scale theirs, so that outputs of unit-normal
-    inputs are about 1 at every `input_dim`: a float32 sum of 300 unit-scale
-    products is rounded by about 1e-5 in whatever order it is taken, which a
-    1e-5 comparison would read as a wrong product."""
-    return (rng.normal(size=(input_dim, units)) / np.sqrt(input_dim)).astype("float32")
-
-
-def unit_scale_conv_kernel(rng, shape):
-    """A random float32 convolution kernel of `shape` (height, width,
-    in_channels, filters) scaled by 1/sqrt of its fan-in, as
-    `unit_scale_kernel`: at 64 channels (576 products an output) unit-normal
-    kernels differed from the reference by 1.05e-5 on an AVX2 machine."""
+def unit_scale_kernel(rng, *shape):
+    """A random float32 kernel of `shape` ((input_dim, units), or a
+    convolution's (height, width, in_channels, filters)) scaled by 1/sqrt
+    of its fan-in, as Keras's initializers scale theirs, so that outputs of
+    unit-normal inputs are about 1 at every fan-in: a float32 sum of 300
+    unit-scale products is rounded by about 1e-5 in whatever order it is
+    taken, which a 1e-5 comparison would read as a wrong product (at 64
+    channels, 576 products an output, unit-normal kernels differed from the
+    reference by 1.05e-5 on an AVX2 machine)."""
     fan_in = int(np.prod(shape[:-1]))
     return (rng.normal(size=shape) / np.sqrt(fan_in)).astype("float32")
 

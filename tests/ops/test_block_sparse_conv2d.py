@@ -10,7 +10,7 @@ from keras_condcomp.ops import (
     block_sparse_conv2d,
     masked_block_conv2d,
 )
-from tests.ops.conftest import unit_scale_conv_kernel
+from tests.ops.conftest import unit_scale_kernel
 
 engine = importlib.import_module("keras_condcomp.ops.block_sparse_conv2d")
 
@@ -45,7 +45,7 @@ def test_paths_match_masked_reference(rng, path):
         geometries, (1, 7), probabilities, channel_counts
     ):
         x = block_sparse_input(rng, batch, channels)
-        kernel = unit_scale_conv_kernel(rng, (3, 3, channels, 12))
+        kernel = unit_scale_kernel(rng, 3, 3, channels, 12)
         bias = rng.normal(size=12).astype("float32")
         mask = (rng.random((batch, 4)) < probability).astype("float32")
         mask[0] = 0  # an example with no active group
@@ -61,7 +61,7 @@ def test_paths_match_masked_reference(rng, path):
 def test_inlined_in_a_graph_without_bias_and_all_zero_input(rng):
     x = block_sparse_input(rng, 5)
     x[2] = 0  # an example whose every input channel is zero
-    kernel = unit_scale_conv_kernel(rng, (2, 3, 8, 6))
+    kernel = unit_scale_kernel(rng, 2, 3, 8, 6)
     mask = (rng.random((5, 3)) < 0.6).astype("float32")
 
     @tf.function
@@ -89,7 +89,7 @@ def test_input_channels_are_read_by_chunks(rng, path):
         x[1, :, :, chunk - 1] = rng.normal(size=(6, 7))
         x[2, :, :, 1] = 0
         x[3] = 0
-        kernel = unit_scale_conv_kernel(rng, (3, 3, channels, 8))
+        kernel = unit_scale_kernel(rng, 3, 3, channels, 8)
         bias = rng.normal(size=8).astype("float32")
         mask = (rng.random((5, 4)) < 0.4).astype("float32")
         mask[:, 1] = 1
@@ -117,7 +117,7 @@ def test_a_nan_in_an_otherwise_zero_channel_reaches_the_active_groups(rng, path)
     x = np.zeros((1, 5, 5, 32), "float32")
     x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
     x[0, 2, 3, 20] = np.nan
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 32, 8))
+    kernel = unit_scale_kernel(rng, 3, 3, 32, 8)
     mask = np.array([[1, 0, 0, 1]], "float32")
     expected = np.asarray(masked_block_conv2d(x, kernel, None, mask, padding="same"))
     got = np.asarray(block_sparse_conv2d(x, kernel, None, mask, path=path, padding="same"))
@@ -135,7 +135,7 @@ def test_tiny_channels_are_read_down_to_the_scans_underflow(rng, path):
     x[0, :, :, :8] = rng.normal(size=(5, 5, 8))
     x[0, :, :, 20] = 1e-18
     x[0, :, :, 28] = 1e-20
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 32, 8))
+    kernel = unit_scale_kernel(rng, 3, 3, 32, 8)
     kernel[:, :, 20, :] = 1e15
     mask = np.array([[1, 0, 0, 1]], "float32")
     args = (x, kernel, None, mask)
@@ -163,7 +163,7 @@ def test_an_overflow_stays_out_of_skipped_groups(rng, path):
 def test_an_empty_batch_has_the_output_shape(rng, path):
     # TensorFlow 2.21's conv2d returns its input for an empty batch: the
     # paths take the output's shape from the input's, not from it.
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 4, 6))
+    kernel = unit_scale_kernel(rng, 3, 3, 4, 6)
     x = np.zeros((0, 7, 9, 4), "float32")
     mask = np.zeros((0, 3), "float32")
 
@@ -183,7 +183,7 @@ def test_an_empty_batch_has_the_output_shape(rng, path):
 
 
 def test_one_trace_serves_every_batch_size(rng):
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 8, 8))
+    kernel = unit_scale_kernel(rng, 3, 3, 8, 8)
     for batch in (1, 3, 6):
         x = block_sparse_input(rng, batch)
         mask = (rng.random((batch, 4)) < 0.5).astype("float32")
@@ -193,7 +193,7 @@ def test_one_trace_serves_every_batch_size(rng):
 
 
 def test_auto_rule_masks_from_half_the_pairs_and_groups_sparse_batches(rng):
-    kernel = tf.constant(unit_scale_conv_kernel(rng, (3, 3, 8, 8)))  # 8 groups of 1
+    kernel = tf.constant(unit_scale_kernel(rng, 3, 3, 8, 8))  # 8 groups of 1
 
     def rule(mask):
         mask = np.array(mask, "float32")
@@ -257,7 +257,7 @@ def test_auto_skips_large_convolutions_up_to_a_higher_fraction(rng, monkeypatch)
     monkeypatch.setattr(engine, "_compiled", {})
     for batch in (1, 7):
         x = block_sparse_input(rng, batch, channels=32)
-        kernel = unit_scale_conv_kernel(rng, (3, 3, 32, 12))
+        kernel = unit_scale_kernel(rng, 3, 3, 32, 12)
         mask = np.ones((batch, 4), "float32")
         mask[:, 1] = 0
         np.testing.assert_allclose(
@@ -291,7 +291,7 @@ def test_auto_groups_large_convolutions_only_for_few_examples_a_group():
 
 def test_auto_masks_convolutions_too_small_to_skip(rng):
     def graph_ops(in_channels):
-        kernel = tf.constant(unit_scale_conv_kernel(rng, (3, 3, in_channels, 8)))
+        kernel = tf.constant(unit_scale_kernel(rng, 3, 3, in_channels, 8))
         run = tf.function(lambda x, mask: block_sparse_conv2d(x, kernel, None, mask))
         graph = run.get_concrete_function(
             tf.TensorSpec([None, 6, 6, in_channels]), tf.TensorSpec([None, 4])
@@ -305,7 +305,7 @@ def test_auto_masks_convolutions_too_small_to_skip(rng):
     assert "Where" not in graph_ops(28)
     assert "Where" in graph_ops(29)
     x = block_sparse_input(rng, 3, channels=4, groups=2)
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 4, 8))
+    kernel = unit_scale_kernel(rng, 3, 3, 4, 8)
     mask = (rng.random((3, 4)) < 0.3).astype("float32")
     np.testing.assert_allclose(
         block_sparse_conv2d(x, kernel, None, mask),
@@ -343,7 +343,7 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
     # (one thread: the loop when both minimums are 0).
     monkeypatch.setattr(engine, "intra_op_threads", lambda: 1)
     x = block_sparse_input(rng, 7, channels=32)
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 32, 12))
+    kernel = unit_scale_kernel(rng, 3, 3, 32, 12)
     mask = np.zeros((7, 4), "float32")
     mask[:6, :2] = 1.0  # 12 of 28 pairs, 1.7 groups an example
     expected = masked_block_conv2d(x, kernel, None, mask, padding="same")
@@ -358,7 +358,7 @@ def test_auto_loops_over_a_batch_only_for_large_convolutions(rng, monkeypatch):
 
 def test_errors_name_the_argument(rng):
     x = rng.normal(size=(2, 5, 5, 3)).astype("float32")
-    kernel = unit_scale_conv_kernel(rng, (3, 3, 3, 4))
+    kernel = unit_scale_kernel(rng, 3, 3, 3, 4)
     mask = np.ones((2, 2), "float32")
     with pytest.raises(ValueError, match="path='grouped_fast'"):
         block_sparse_conv2d(x, kernel, None, mask, path="grouped_fast")
@@ -385,7 +385,7 @@ def test_static_budget_path_matches_masked_reference(rng, strides, padding, dila
 
     for batch in (1, 3):
         x = block_sparse_input(rng, batch)
-        kernel = unit_scale_conv_kernel(rng, (3, 3, 8, 12))
+        kernel = unit_scale_kernel(rng, 3, 3, 8, 12)
         bias = rng.normal(size=12).astype("float32")
         mask = (rng.random((batch, 4)) < 0.4).astype("float32")
         mask[0, 1] = 1.0  # at least one active group
