@@ -166,7 +166,8 @@ def main(argv=None):
             error = wrong.mean()
             density = f"{mask.mean():.3f}"
             empty = f"{no_block.mean():.3f}"
-            rest = f"{wrong[~no_block].mean():.4f}"
+            if not no_block.all():  # else no example to measure: "-"
+                rest = f"{wrong[~no_block].mean():.4f}"
         else:
             error = 1 - model.evaluate(data.x_test, data.y_test, verbose=0, return_dict=True)[
                 "accuracy"

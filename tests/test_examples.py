@@ -16,3 +16,5 @@ def test_bengio_mnist_example_runs(tmp_path, rng):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "condnet 16x16" in done.stdout and "dense 32" in done.stdout
+    # Where no example samples a block (as on this fake data), "-", not nan.
+    assert "nan" not in done.stdout, done.stdout
