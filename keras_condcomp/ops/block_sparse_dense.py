@@ -20,9 +20,10 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"native"`: one op of the native kernels (`keras_condcomp.ops.native_kernels`,
   compiled on first use): the active blocks' products, reading only the
   kernel rows of each example's non-zero inputs. `"auto"` runs it wherever
-  the kernels are built, except above batch 1 when at least 7/8 of the
-  pairs are active (then `"masked"`); the rules below are `"auto"`'s
-  without them.
+  the kernels are built, except, with kernels built for AVX-512, above
+  batch 1 when at least 7/8 of the pairs are active (then `"masked"`,
+  `native_fallback_fraction`); the rules below are `"auto"`'s without
+  them.
 - `"per_example"`: every (example, active block) pair reads its own
   weights, restricted to that example's non-zero inputs. Above batch 1 the
   inputs are taken by chunks of `chunk` rows (the block size, or the
@@ -147,6 +148,7 @@ from keras_condcomp.ops.native_kernels import (
     native_block_sparse_dense,
     native_gated_dense_or_fallback,
     native_kernels_error,
+    native_vector_lanes,
 )
 
 __all__ = [
@@ -176,11 +178,8 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # `"auto"` runs the dense fallback, without evaluating the cost model, when
 # at least this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
-# The same on the native kernels, above batch 1: the native op beat the
-# dense fallback up to 3/4 (Bengio MLP, one thread: 1.43x against 0.96x of
-# Dense at 1/2, batch 50; 1.29x against 1.07x at 3/4, batch 256; 784 ->
-# 256 0.85x-0.97x against 0.80x-0.83x), lost with every pair active (0.98x
-# against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x).
+# The same on native kernels built for AVX-512, above batch 1 (see
+# `native_fallback_fraction`).
 _NATIVE_AUTO_MAX_FRACTION = 7 / 8
 
 # With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
@@ -947,6 +946,25 @@ def _native(problem):
     return tf.cast(outputs, dtype)
 
 
+def native_fallback_fraction():
+    """Above batch 1, the fraction of active (example, block) pairs from
+    which `"auto"` on the native kernels runs the dense fallback instead:
+    7/8 with kernels built for AVX-512, 0 (never) otherwise.
+
+    With AVX-512 (a 2-core Xeon, one thread), the native op beat the dense
+    fallback up to 3/4 (Bengio MLP: 1.43x against 0.96x of Dense at 1/2,
+    batch 50; 1.29x against 1.07x at 3/4, batch 256; 784 -> 256
+    0.85x-0.97x against 0.80x-0.83x) and lost with every pair active (0.98x
+    against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x). With AVX2
+    (a 2-core AMD EPYC, one thread, batches 50 / 256) it won with every pair
+    active: Bengio MLP 1.10x / 1.12x against 0.84x / 0.99x, 1024 -> 1024
+    1.19x / 1.63x against 0.93x / 1.36x, 784 -> 256 0.87x / 0.93x against
+    0.61x / 0.47x; on two threads, at 7/8 and 1, 0.80x-1.29x against
+    0.34x-0.77x.
+    """
+    return _NATIVE_AUTO_MAX_FRACTION if native_vector_lanes() == 16 else 0.0
+
+
 def native_runs(problem):
     """Whether `"auto"` runs the native path (with the dense fallback) for
     this call: the native kernels are loaded and the layer computes in
@@ -960,16 +978,16 @@ def native_gated_inference(
     """A GatedDense layer's threshold inference as one native op, its policy
     included (`native_gated_dense_or_fallback`): for path `"native"` the
     op's products, for `"auto"` also `"auto"`'s dense fallback above batch
-    1, where at least `_NATIVE_AUTO_MAX_FRACTION` of the pairs are active
+    1, where at least `native_fallback_fraction()` of the pairs are active
     (the op then computes no product and the `"masked"` path runs with its
     mask). In a graph, one op and a cond where the policy's ops and
     `"auto"`'s choice took about 13 (Bengio MLP at density 1/16, batch 1,
     one thread, A/B in one process: 3.28x of Dense against 2.98x)."""
-    fallback = _NATIVE_AUTO_MAX_FRACTION if path == "auto" else 0.0
+    fallback = native_fallback_fraction() if path == "auto" else 0.0
     outputs, block_mask, computed = native_gated_dense_or_fallback(
         inputs, policy_kernel, policy_bias, block_kernel, bias, activation, fallback
     )
-    if path != "auto":
+    if not fallback:
         return outputs
     return tf.cond(
         computed,
@@ -985,11 +1003,12 @@ def _auto(problem):
         # The native op beat every other path at batch 1, at every density
         # (Bengio MLP, one thread: about 3x of Dense at 1/16 and 1.2x at 3/4,
         # against 2x and 0.9x for the TensorFlow paths); above batch 1 the
-        # dense fallback wins only where nearly every pair is active
-        # (`_NATIVE_AUTO_MAX_FRACTION`; guide "How skipping runs fast").
-        dense = tf.logical_and(
-            problem.batch > 1, mostly_active(problem, _NATIVE_AUTO_MAX_FRACTION)
-        )
+        # dense fallback wins only on AVX-512, where nearly every pair is
+        # active (`native_fallback_fraction`; guide "How skipping runs fast").
+        fraction = native_fallback_fraction()
+        if not fraction:
+            return _native(problem)
+        dense = tf.logical_and(problem.batch > 1, mostly_active(problem, fraction))
         return tf.cond(
             dense, lambda: _masked(problem.fresh()), lambda: _native(problem.fresh())
         )

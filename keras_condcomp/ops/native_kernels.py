@@ -14,7 +14,9 @@ of tens of ops whose call alone costs more than the skipped work at batch 1.
 - `KerasCondcompDense`: a Dense layer's product;
 - `KerasCondcompChain`: layers of the first and third kinds one after the
   other, reading their variables (`chain_from_variables`): one eager call
-  for a model's chain of layers.
+  for a model's chain of layers;
+- `KerasCondcompVectorLanes`: the floats in one of the kernels' vectors as
+  built (`native_vector_lanes`).
 
 Each reads only the kernel rows of an example's non-zero inputs (the blocks
 an upstream gated layer skipped, ReLU's zeros) when fewer than half are
@@ -61,6 +63,7 @@ __all__ = [
     "native_gated_dense_or_fallback",
     "native_kernels_disabled",
     "native_kernels_error",
+    "native_vector_lanes",
     "variable_handle",
 ]
 
@@ -75,7 +78,7 @@ _ARCHITECTURE_FLAGS = (
 _BUILD_SECONDS = 600
 
 _lock = threading.Lock()
-_state = {"module": None, "error": None, "tried": False}
+_state = {"module": None, "error": None, "tried": False, "lanes": None}
 
 
 def _disabled():
@@ -296,6 +299,23 @@ def native_activation(activation):
     if activation is keras.activations.relu:
         return "relu"
     return None
+
+
+def native_vector_lanes():
+    """The floats in one vector of the native kernels as built: 16 where
+    they were compiled for AVX-512, else 8; None when they are not in use.
+
+    Examples:
+        >>> native_vector_lanes() in (None, 8, 16)
+        True
+    """
+    ops = load_native_kernels()
+    if ops is None:
+        return None
+    if _state.get("lanes") is None:
+        with tf.init_scope():  # a value, also while a graph is traced
+            _state["lanes"] = int(ops.keras_condcomp_vector_lanes().numpy())
+    return _state["lanes"]
 
 
 def _ops():

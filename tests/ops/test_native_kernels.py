@@ -455,6 +455,25 @@ def test_the_fused_op_leaves_nearly_dense_batches_to_the_dense_fallback(
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_the_vector_lanes_are_those_the_cpu_was_built_for(monkeypatch):
+    # The kernels are compiled with -march=native.
+    expected = 16 if "avx512f" in native_kernels._cpu_flags().split() else 8
+    # Read first while autograph traces a graph, as "auto" does: a Python int.
+    monkeypatch.setitem(native_kernels._state, "lanes", None)
+    seen = []
+
+    @tf.function
+    def traced():
+        seen.append(native_kernels.native_vector_lanes())
+        return tf.constant(0)
+
+    traced()
+    assert seen == [expected] and type(seen[0]) is int
+    assert native_kernels.native_vector_lanes() == expected
+    with native_kernels.native_kernels_disabled("a test"):
+        assert native_kernels.native_vector_lanes() is None
+
+
 def test_the_fused_op_names_a_wrong_fallback_fraction():
     for fraction in (1.5, -0.1, "half"):
         with pytest.raises(ValueError, match=f"fallback_fraction={fraction!r}"):
@@ -464,14 +483,17 @@ def test_the_fused_op_names_a_wrong_fallback_fraction():
             )
 
 
-@pytest.mark.parametrize("active_blocks, path", [(3, "native"), (4, "masked")])
-def test_auto_above_batch_1_falls_back_only_where_nearly_every_block_runs(
-    active_blocks, path, rng, monkeypatch
+@pytest.mark.parametrize("lanes, active_blocks, path", [
+    (16, 3, "native"), (16, 4, "masked"), (8, 3, "native"), (8, 4, "native"),
+])
+def test_auto_above_batch_1_falls_back_only_on_avx512_where_nearly_every_block_runs(
+    lanes, active_blocks, path, rng, monkeypatch
 ):
     # Each path marked by a constant output, so the branch taken shows.
     engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
 
     monkeypatch.setattr(engine, "_compiled", {})
+    monkeypatch.setattr(engine, "native_vector_lanes", lambda: lanes)
     marks = {"native": 1.0, "masked": 2.0}
     for name, mark in marks.items():
         monkeypatch.setattr(engine, f"_{name}",
