@@ -54,7 +54,7 @@ INLINED_PATHS = ("per_example", "grouped", "masked")
 @given(
     batch=st.sampled_from([1, 2, 7, 64]),
     blocks=st.sampled_from([1, 2, 4, 8]),
-    block_size=st.sampled_from([1, 3, 8]),
+    block_size=st.sampled_from([1, 3, 8, 24]),  # 24: above `_COPIED_PRODUCT_MAX_BLOCK`
     density=st.sampled_from([0.0, 1 / 32, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0]),
     input_sparsity=st.sampled_from([0.0, 0.7, 1.0]),
     use_bias=st.booleans(),
@@ -533,3 +533,31 @@ def test_capacity_errors(rng):
                            capacity=0)
     with pytest.raises(ValueError, match="capacity=2, path='grouped'"):
         block_sparse_dense(x, block_kernel, None, np.ones((2, 2)), path="grouped", capacity=2)
+
+
+@pytest.mark.parametrize("block_size, copied", [(16, True), (32, False)])
+def test_masked_multiplies_narrow_blocks_by_the_kernel_in_the_dense_layout(
+    block_size, copied, rng
+):
+    # Above batch 1, blocks of up to 16 units: one 2-D product with the
+    # kernel transposed to the Dense layout; at batch 1 (and wider blocks)
+    # one batched product over the blocks.
+    kernel = rng.normal(size=(20, 4 * block_size)).astype("float32")
+    block_kernel = to_block_kernel(kernel, 4)
+
+    @tf.function
+    def run(x, mask):
+        return block_sparse_dense(x, block_kernel, None, mask, path="masked")
+
+    x = tf.TensorSpec([None, 20], tf.float32)
+    graph = run.get_concrete_function(x, tf.TensorSpec([None, 4], tf.float32)).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        types.update(node.op for node in function.node_def)
+    assert "BatchMatMulV2" in types
+    assert ("MatMul" in types) is copied
+    for batch in (1, 5):
+        x = rng.normal(size=(batch, 20)).astype("float32")
+        mask = (rng.random((batch, 4)) < 0.5).astype("float32")
+        np.testing.assert_allclose(run(x, mask).numpy(),
+                                   masked_block_dense(x, kernel, None, mask).numpy(), atol=1e-5)

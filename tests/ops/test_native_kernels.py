@@ -474,6 +474,21 @@ def test_the_vector_lanes_are_those_the_cpu_was_built_for(monkeypatch):
         assert native_kernels.native_vector_lanes() is None
 
 
+@pytest.mark.parametrize("lanes, falls_back", [(16, True), (8, False)])
+def test_a_layer_in_a_graph_keeps_the_dense_fallback_only_on_avx512(
+    lanes, falls_back, rng, monkeypatch
+):
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+    monkeypatch.setattr(engine, "native_vector_lanes", lambda: lanes)
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, GatedDense(32, blocks=4, activation="relu", seed=1)(inputs))
+    x = rng.normal(size=(8, 16)).astype("float32")
+    run = tf.function(lambda x: model(x, training=False))
+    # The dense fallback's product, in the cond's branch.
+    assert ("BatchMatMulV2" in _graph_op_types(run, x)) is falls_back
+    np.testing.assert_allclose(run(x).numpy(), _masked_outputs(model, x), atol=1e-5)
+
+
 def test_the_fused_op_names_a_wrong_fallback_fraction():
     for fraction in (1.5, -0.1, "half"):
         with pytest.raises(ValueError, match=f"fallback_fraction={fraction!r}"):
