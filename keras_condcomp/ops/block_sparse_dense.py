@@ -821,7 +821,8 @@ def _masked(problem):
         kernel = tf.reshape(
             tf.transpose(problem.block_kernel, [1, 0, 2]), [problem.input_dim, problem.units]
         )
-        return tf.reshape(tf.matmul(problem.inputs, kernel), [-1, problem.blocks, problem.block_size])
+        outputs = tf.matmul(problem.inputs, kernel)
+        return tf.reshape(outputs, [-1, problem.blocks, problem.block_size])
 
     if problem.block_size > _COPIED_PRODUCT_MAX_BLOCK:
         return _finish_blocks(problem, batched())
