@@ -1,6 +1,16 @@
 import numpy as np
 
 
+def graph_op_types(function, *args):
+    """The op types of `function`'s graph for `args` (inputs or
+    `tf.TensorSpec`s), the functions it calls (cond branches) included."""
+    graph = function.get_concrete_function(*args).graph
+    types = {op.type for op in graph.get_operations()}
+    for inner in graph.as_graph_def().library.function:
+        types.update(node.op for node in inner.node_def)
+    return types
+
+
 def unit_scale_kernel(rng, *shape):
     """A random float32 kernel of `shape` ((input_dim, units), or a
     convolution's (height, width, in_channels, filters)) scaled by 1/sqrt

@@ -27,7 +27,7 @@ from keras_condcomp.ops.block_sparse_dense import (
     single_skipping_can_pay,
     single_skipping_pays,
 )
-from tests.ops.conftest import random_block_problem
+from tests.ops.conftest import graph_op_types, random_block_problem
 
 
 @pytest.fixture(autouse=True)
@@ -549,11 +549,9 @@ def test_masked_multiplies_narrow_blocks_by_the_kernel_in_the_dense_layout(
     def run(x, mask):
         return block_sparse_dense(x, block_kernel, None, mask, path="masked")
 
-    x = tf.TensorSpec([None, 20], tf.float32)
-    graph = run.get_concrete_function(x, tf.TensorSpec([None, 4], tf.float32)).graph
-    types = {op.type for op in graph.get_operations()}
-    for function in graph.as_graph_def().library.function:
-        types.update(node.op for node in function.node_def)
+    types = graph_op_types(
+        run, tf.TensorSpec([None, 20], tf.float32), tf.TensorSpec([None, 4], tf.float32)
+    )
     assert "BatchMatMulV2" in types
     assert ("MatMul" in types) is copied
     for batch in (1, 5):

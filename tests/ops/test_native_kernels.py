@@ -26,7 +26,7 @@ from keras_condcomp.ops.native_kernels import (
     native_dense,
     native_gated_dense,
 )
-from tests.ops.conftest import random_block_problem, unit_scale_kernel
+from tests.ops.conftest import graph_op_types, random_block_problem, unit_scale_kernel
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the native kernels", allow_module_level=True)
@@ -401,14 +401,6 @@ def test_forced_native_overrides_the_layer(activation, op, rng):
     assert calls  # traced through the native op
 
 
-def _graph_op_types(function, x):
-    graph = function.get_concrete_function(x).graph
-    types = {op.type for op in graph.get_operations()}
-    for inner in graph.as_graph_def().library.function:
-        types.update(node.op for node in inner.node_def)
-    return types
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_auto_in_a_graph_runs_the_layer_as_one_op_with_its_policy(batch, rng):
     # No policy product of TensorFlow's: the op decides the blocks itself.
@@ -416,7 +408,7 @@ def test_auto_in_a_graph_runs_the_layer_as_one_op_with_its_policy(batch, rng):
     model = keras.Model(inputs, GatedDense(32, blocks=4, activation="relu", seed=1)(inputs))
     x = rng.normal(size=(batch, 16)).astype("float32")
     run = tf.function(lambda x: model(x, training=False))
-    types = _graph_op_types(run, x)
+    types = graph_op_types(run, x)
     assert "KerasCondcompGatedDense" in types
     assert "MatMul" not in types and "KerasCondcompBlockSparseDense" not in types
     np.testing.assert_allclose(run(x).numpy(), _masked_outputs(model, x), atol=1e-5)
@@ -485,7 +477,7 @@ def test_a_layer_in_a_graph_keeps_the_dense_fallback_only_on_avx512(
     x = rng.normal(size=(8, 16)).astype("float32")
     run = tf.function(lambda x: model(x, training=False))
     # The dense fallback's product, in the cond's branch.
-    assert ("BatchMatMulV2" in _graph_op_types(run, x)) is falls_back
+    assert ("BatchMatMulV2" in graph_op_types(run, x)) is falls_back
     np.testing.assert_allclose(run(x).numpy(), _masked_outputs(model, x), atol=1e-5)
 
 

@@ -209,7 +209,8 @@ inline Vector Load(const float* p) {
 // a multiple of 8 known at compile time, so that the sums stay in
 // registers; U rows at a time go to U separate sums (up to four, as the
 // registers allow), so that consecutive rows do not wait on each other
-// (twice the memory throughput at batch 1, measured). W = 0: any width, one row at a time, the sums in memory.
+// (twice the memory throughput at batch 1, measured). W = 0: any width,
+// one row at a time, the sums in memory.
 template <int W, int T>
 void TileProduct(const float* const* x, const float* kernel, int64_t stride, int width,
                  const int* rows, int row_count, float* acc) {
@@ -361,9 +362,9 @@ void OfTile(int tile, const float* const* x, const float* kernel, int64_t stride
 // acc (tile x width) += the tile's products over `rows`: in one pass where
 // the tile's sums fit the registers, else in pieces of columns that fit
 // (the widest of 64, 48, 32, 16 and 8 units; a rest narrower than 8
-// summed in memory). Without AVX-512, the Bengio
-// MLP's blocks of 64 units in one pass, tiles of six examples, kept 48 sums
-// in 16 registers: 10x slower than Keras's Dense at batch 50 and density 3/4.
+// summed in memory). Without AVX-512, the Bengio MLP's blocks of 64 units
+// in one pass, tiles of six examples, kept 48 sums in 16 registers: 10x
+// slower than Keras's Dense at batch 50 and density 3/4.
 void Product(int tile, const float* const* x, const float* kernel, int64_t stride, int width,
              const int* rows, int row_count, float* acc) {
 #define KERAS_CONDCOMP_CASE(N, Kernel)                                    \
