@@ -183,15 +183,22 @@ _AUTO_MAX_FRACTION = 0.5
 _NATIVE_AUTO_MAX_FRACTION = 7 / 8
 
 # Above batch 1, `"masked"` multiplies blocks of up to this many units by the
-# kernel copied to the Dense layout (one transpose, one product), not by one
-# batched product over the blocks. The product alone, one thread, against
-# `x @ kernel`, batches 50 / 256: 784 -> 16 x 16 on a 2-core AMD EPYC (AVX2)
-# 0.91x / 0.93x copied against 0.63x / 0.52x batched, 784 -> 32 x 8 0.83x /
-# 0.79x against 0.52x / 0.40x; on a 2-core Xeon (AVX-512) 784 -> 16 x 16
-# 0.88x / 0.94x against 0.94x / 0.92x. From 32 units the batched product
-# was level or ahead on one thread (1024 -> 32 x 32 0.96x / 1.15x against
-# 0.84x / 0.93x; 16 x 64 1.13x / 1.42x against 0.93x / 0.97x). At batch 1
-# it is ahead at every width (784 -> 16 x 16 0.98x against 0.71x).
+# kernel copied to the Dense layout (one transpose, one product), and wider
+# blocks one product each; at batch 1 by one batched product over the
+# blocks, ahead at every width there (784 -> 16 x 16 0.98x of `x @ kernel`
+# against 0.71x copied). TensorFlow's batched product is slow above batch 1.
+# The product alone, against `x @ kernel`, batches 50 / 256, on a 2-core AMD
+# EPYC (AVX2), one thread:
+# - 784 -> 16 x 16: copied 0.85x-0.91x / 0.93x-0.95x, one product a block
+#   0.83x-0.85x / 0.88x, batched 0.58x-0.63x / 0.51x-0.52x; 784 -> 32 x 8
+#   copied 0.82x / 0.88x, a block 0.75x / 0.64x, batched 0.46x / 0.32x (on a
+#   2-core Xeon (AVX-512), 784 -> 16 x 16 copied 0.88x / 0.94x, batched 0.94x
+#   / 0.92x);
+# - from 32 units one product a block 1.07x-1.89x, batched 0.82x-1.60x
+#   (3072 -> 24 x 64 1.27x / 1.36x against 0.85x / 1.00x, 1024 -> 32 x 32
+#   1.45x / 1.72x against 0.94x / 1.13x, up to 256 blocks: 512 -> 256 x 32
+#   1.47x / 2.02x against 1.08x / 1.34x); on two threads 0.72x-1.40x against
+#   0.50x-0.99x.
 _COPIED_PRODUCT_MAX_BLOCK = 16
 
 # With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
@@ -786,12 +793,15 @@ def _static_capacity(problem, capacity=None):
 
 
 def _masked(problem):
-    """The dense product and the mask, in the block-major layout.
+    """The dense product and the mask, from the block-major layout.
 
-    The `(blocks, batch, block_size)` product is transposed once, then bias,
-    activation and mask are applied to `(batch, blocks, block_size)`: the
-    bias as a `(blocks, block_size)` row, the mask broadcast over each
-    block's units, so it needs no expanding to units. The product is
+    The products, as `(batch, blocks, block_size)`, get bias, activation and
+    mask there: the bias as a `(blocks, block_size)` row, the mask broadcast
+    over each block's units, so it needs no expanding to units. At batch 1
+    they are one batched product over the blocks, transposed; above batch
+    1, where TensorFlow's batched product is slow, blocks of up to
+    `_COPIED_PRODUCT_MAX_BLOCK` units multiply the kernel copied to the
+    Dense layout, wider blocks one product each. The mask is applied by
     `multiply_no_nan`, 0 wherever the mask is, so that an infinite output of
     a skipped block (a float16 overflow) is 0 as in the skipping paths: one
     op, as the plain product (Bengio MLP, density 3/4, one thread, A/B in
@@ -801,7 +811,8 @@ def _masked(problem):
     the noise). The engine's
     activations are element-wise, so their order with the transpose does
     not matter (`block_dense`, which trains, applies them over the units, as
-    Keras does for any activation). Measured, Bengio MLP, one thread:
+    Keras does for any activation). Measured, Bengio MLP, one thread, with
+    the batched product at every batch:
     - bias and activation in block-major, the mask over units, against
       `block_dense`: 0.94x-0.95x -> 0.97x-0.98x of Dense at batch 50;
     - the mask after the transpose: +2% at batch 1, +0-2% at batch 50
@@ -809,10 +820,6 @@ def _masked(problem):
     - then bias and activation after it too, and `-1` for the batch in the
       final reshape (no shape tensor passed into the branch): +2-3% at
       batch 1, +1-6% at batch 50 (density 3/4, A/B in one process).
-
-    Blocks of up to `_COPIED_PRODUCT_MAX_BLOCK` units multiply, above batch
-    1, the kernel copied to the Dense layout instead: TensorFlow's batched
-    product of such narrow blocks is slow there.
     """
     def batched():
         return tf.transpose(tf.matmul(problem.inputs[None], problem.block_kernel), [1, 0, 2])
@@ -821,12 +828,19 @@ def _masked(problem):
         kernel = tf.reshape(
             tf.transpose(problem.block_kernel, [1, 0, 2]), [problem.input_dim, problem.units]
         )
-        outputs = tf.matmul(problem.inputs, kernel)
-        return tf.reshape(outputs, [-1, problem.blocks, problem.block_size])
+        return tf.matmul(problem.inputs, kernel)
 
-    if problem.block_size > _COPIED_PRODUCT_MAX_BLOCK:
-        return _finish_blocks(problem, batched())
-    return _finish_blocks(problem, tf.cond(problem.batch > 1, copied, batched))
+    def per_block():
+        return tf.concat(
+            [tf.matmul(problem.inputs, weights) for weights in tf.unstack(problem.block_kernel)],
+            axis=1,
+        )
+
+    def above_batch_1():
+        product = copied if problem.block_size <= _COPIED_PRODUCT_MAX_BLOCK else per_block
+        return tf.reshape(product(), [-1, problem.blocks, problem.block_size])
+
+    return _finish_blocks(problem, tf.cond(problem.batch > 1, above_batch_1, batched))
 
 
 def _finish_blocks(problem, outputs):

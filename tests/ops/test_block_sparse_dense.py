@@ -535,13 +535,14 @@ def test_capacity_errors(rng):
         block_sparse_dense(x, block_kernel, None, np.ones((2, 2)), path="grouped", capacity=2)
 
 
-@pytest.mark.parametrize("block_size, copied", [(16, True), (32, False)])
-def test_masked_multiplies_narrow_blocks_by_the_kernel_in_the_dense_layout(
-    block_size, copied, rng
+@pytest.mark.parametrize("block_size, per_block", [(16, False), (32, True)])
+def test_masked_multiplies_above_batch_1_without_the_batched_product(
+    block_size, per_block, rng
 ):
-    # Above batch 1, blocks of up to 16 units: one 2-D product with the
-    # kernel transposed to the Dense layout; at batch 1 (and wider blocks)
-    # one batched product over the blocks.
+    # At batch 1, one batched product over the blocks; above it, blocks of
+    # up to 16 units: one 2-D product with the kernel transposed to the
+    # Dense layout; wider blocks: one 2-D product each, of the unstacked
+    # kernel.
     kernel = rng.normal(size=(20, 4 * block_size)).astype("float32")
     block_kernel = to_block_kernel(kernel, 4)
 
@@ -552,8 +553,8 @@ def test_masked_multiplies_narrow_blocks_by_the_kernel_in_the_dense_layout(
     types = graph_op_types(
         run, tf.TensorSpec([None, 20], tf.float32), tf.TensorSpec([None, 4], tf.float32)
     )
-    assert "BatchMatMulV2" in types
-    assert ("MatMul" in types) is copied
+    assert {"BatchMatMulV2", "MatMul"} <= types
+    assert ("Unpack" in types) is per_block
     for batch in (1, 5):
         x = rng.normal(size=(batch, 20)).astype("float32")
         mask = (rng.random((batch, 4)) < 0.5).astype("float32")
