@@ -12,6 +12,7 @@ from keras_condcomp.ops import (
     block_sparse_dense,
     cost_constants,
     forced_execution,
+    block_dense,
     masked_block_dense,
     set_cost_constants,
     to_block_kernel,
@@ -533,6 +534,37 @@ def test_capacity_errors(rng):
                            capacity=0)
     with pytest.raises(ValueError, match="capacity=2, path='grouped'"):
         block_sparse_dense(x, block_kernel, None, np.ones((2, 2)), path="grouped", capacity=2)
+
+
+@pytest.mark.parametrize(
+    "block_size, batch, copied", [(32, None, True), (8, 5, True), (32, 1, False), (64, None, False)]
+)
+def test_block_dense_copies_narrow_blocks_to_the_dense_layout_unless_the_batch_is_1(
+    block_size, batch, copied, rng
+):
+    kernel = rng.normal(size=(20, 4 * block_size)).astype("float32")
+    block_kernel = tf.Variable(to_block_kernel(kernel, 4))
+    bias = rng.normal(size=4 * block_size).astype("float32")
+
+    @tf.function
+    def run(x, mask):
+        with tf.GradientTape() as tape:
+            outputs = block_dense(x, block_kernel, bias, mask, tf.nn.relu)
+            loss = tf.reduce_sum(outputs**2)
+        return outputs, tape.gradient(loss, block_kernel)
+
+    types = graph_op_types(
+        run, tf.TensorSpec([batch, 20], tf.float32), tf.TensorSpec([batch, 4], tf.float32)
+    )
+    assert ("BatchMatMulV2" in types) is not copied
+    x = rng.normal(size=(batch or 3, 20)).astype("float32")
+    mask = (rng.random((batch or 3, 4)) < 0.5).astype("float32")
+    outputs, gradient = run(x, mask)
+    expected = masked_block_dense(x, kernel, bias, mask, tf.nn.relu).numpy()
+    np.testing.assert_allclose(outputs.numpy(), expected, atol=1e-5)
+    # d/dW of sum(y**2): x^T (2 y * relu'), y already 0 where masked or cut.
+    expected_gradient = to_block_kernel(x.T @ (2 * expected), 4)
+    np.testing.assert_allclose(gradient.numpy(), expected_gradient, atol=1e-4)
 
 
 @pytest.mark.parametrize("block_size, per_block", [(16, False), (32, True)])
