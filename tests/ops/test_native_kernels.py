@@ -77,6 +77,28 @@ def test_gated_dense_op_matches_the_masked_reference(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size, input_dim", [(64, 1100), (8, 4200)])
+def test_blocks_of_many_dense_tiles_are_multiplied_in_chunks_of_rows(
+    block_size, input_dim, rng
+):
+    # More than one tile of dense inputs in a block: 128 KB of the block's
+    # rows (512 rows of 64 units, 4096 of 8) for every tile, then the next
+    # rows; the last chunk shorter. Sparse examples' tiles (every third
+    # example, 10% non-zero) keep their own pass over their rows.
+    batch, blocks = 40, 3
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    x[::3] *= rng.random((len(x[::3]), input_dim)) < 0.1
+    kernel = unit_scale_kernel(rng, input_dim, blocks * block_size)
+    bias = rng.normal(size=blocks * block_size).astype("float32")
+    mask = (rng.random((batch, blocks)) < 0.8).astype("float32")
+    relu = keras.activations.relu
+    got = native_kernels.native_block_sparse_dense(
+        x, to_block_kernel(kernel, blocks), bias, mask, relu
+    )
+    expected = masked_block_dense(x, kernel, bias, mask, relu).numpy()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("units", [7, 10, 40, 64, 96, 100, 128, 200])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_dense_op_matches_a_dense_product(units, batch, rng):
