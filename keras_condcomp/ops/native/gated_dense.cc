@@ -116,10 +116,11 @@ constexpr int64_t kFarBytes = 64 * 1024;
 // read from memory once, then from the core's own cache (a Zen 3 core's L2
 // holds 512 KB, a block of 3072 x 64 units 768 KB). One tile after another
 // over all the rows, the Bengio MLP's first layer, density 3/4, on a
-// 2-core AMD EPYC (AVX2), one thread: 1.30x-1.31x of Dense at batch 50,
-// 1.45x-1.49x at 256; in chunks of 128 KB 1.56x, 1.67x-1.68x (256 KB the
-// same; 64 KB 1.40x, 1.52x). Two threads, density 1, batch 256: 0.89x ->
-// 0.99x. Blocks that fit the cache: the same within the noise.
+// 2-core AMD EPYC (AVX2), one thread: 1.30x-1.36x of Dense at batch 50,
+// 1.45x-1.49x at 256; in chunks of 128 KB 1.56x-1.57x, 1.67x-1.69x (256
+// KB the same; 64 KB 1.51x, 1.65x; 32 KB 1.40x, 1.52x). Two threads,
+// density 1, batch 256: 0.89x -> 0.99x. Blocks that fit the cache: the
+// same within the noise.
 constexpr int kChunkBytes = 128 * 1024;
 // Multiply-adds of a call from which its blocks are shared among threads.
 constexpr int64_t kShardMinMacs = int64_t{1} << 22;
