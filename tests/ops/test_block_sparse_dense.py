@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from keras_condcomp.layers import GatedDense
 from keras_condcomp.ops import (
     EXECUTION_PATHS,
+    block_dense,
     block_sparse_dense,
     cost_constants,
     forced_execution,
-    block_dense,
     masked_block_dense,
     set_cost_constants,
     to_block_kernel,

@@ -83,11 +83,12 @@ def test_blocks_of_many_dense_tiles_are_multiplied_in_chunks_of_rows(
 ):
     # More than one tile of dense inputs in a block: 128 KB of the block's
     # rows (512 rows of 64 units, 4096 of 8) for every tile, then the next
-    # rows; the last chunk shorter. Sparse examples' tiles (every third
-    # example, 10% non-zero) keep their own pass over their rows.
-    batch, blocks = 40, 3
+    # rows; the last chunk shorter. The first 16 examples' inputs are 10%
+    # non-zero: a block's first tiles hold only them and keep their own
+    # pass over the rows they use.
+    batch, blocks = 48, 3
     x = rng.normal(size=(batch, input_dim)).astype("float32")
-    x[::3] *= rng.random((len(x[::3]), input_dim)) < 0.1
+    x[:16] *= rng.random((16, input_dim)) < 0.1
     kernel = unit_scale_kernel(rng, input_dim, blocks * block_size)
     bias = rng.normal(size=blocks * block_size).astype("float32")
     mask = (rng.random((batch, blocks)) < 0.8).astype("float32")
