@@ -194,11 +194,11 @@ _NATIVE_AUTO_MAX_FRACTION = 7 / 8
 #   copied 0.82x / 0.88x, a block 0.75x / 0.64x, batched 0.46x / 0.32x (on a
 #   2-core Xeon (AVX-512), 784 -> 16 x 16 copied 0.88x / 0.94x, batched 0.94x
 #   / 0.92x);
-# - from 32 units one product a block 1.07x-1.89x, batched 0.82x-1.60x
+# - from 32 units one product a block 0.96x-2.02x, batched 0.79x-1.60x
 #   (3072 -> 24 x 64 1.27x / 1.36x against 0.85x / 1.00x, 1024 -> 32 x 32
 #   1.45x / 1.72x against 0.94x / 1.13x, up to 256 blocks: 512 -> 256 x 32
-#   1.47x / 2.02x against 1.08x / 1.34x); on two threads 0.72x-1.40x against
-#   0.50x-0.99x.
+#   1.47x / 2.02x against 1.08x / 1.34x); on two threads 0.72x-1.69x against
+#   0.50x-1.47x, one a block ahead in each of the 12 shapes and 2 batches.
 _COPIED_PRODUCT_MAX_BLOCK = 16
 
 # With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
