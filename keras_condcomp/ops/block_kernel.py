@@ -25,7 +25,7 @@ __all__ = ["to_block_kernel", "from_block_kernel", "block_dense"]
 # to 32 units (784 -> 16 x 16 0.89x-0.92x against 0.38x-0.50x, one
 # thread); at 64 and 128 units copied 0.56x-0.99x, batched 0.51x-1.32x
 # (ahead at batches 32 and 64 on one thread).
-_COPIED_PRODUCT_MAX_BLOCK = 32
+_BLOCK_DENSE_COPY_MAX_BLOCK = 32
 
 
 def to_block_kernel(kernel, blocks):
@@ -122,7 +122,7 @@ def block_dense(inputs, block_kernel, bias=None, block_mask=None, activation=Non
     if block_mask is not None:
         check_mask_rows(ops.convert_to_tensor(block_mask), inputs, broadcast=True)
     blocks, input_dim, block_size = block_kernel.shape
-    if block_size <= _COPIED_PRODUCT_MAX_BLOCK and inputs.shape[0] != 1:
+    if block_size <= _BLOCK_DENSE_COPY_MAX_BLOCK and inputs.shape[0] != 1:
         outputs = ops.matmul(inputs, from_block_kernel(block_kernel))
     else:
         outputs = ops.matmul(ops.expand_dims(inputs, 0), block_kernel)  # (blocks, batch, size)

@@ -142,6 +142,7 @@ from keras_condcomp._arguments import check_activation, check_bias, is_integer, 
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
+from keras_condcomp.ops.block_kernel import from_block_kernel
 from keras_condcomp.ops.native_kernels import (
     load_native_kernels,
     native_activation,
@@ -825,10 +826,7 @@ def _masked(problem):
         return tf.transpose(tf.matmul(problem.inputs[None], problem.block_kernel), [1, 0, 2])
 
     def copied():
-        kernel = tf.reshape(
-            tf.transpose(problem.block_kernel, [1, 0, 2]), [problem.input_dim, problem.units]
-        )
-        return tf.matmul(problem.inputs, kernel)
+        return tf.matmul(problem.inputs, from_block_kernel(problem.block_kernel))
 
     def per_block():
         return tf.concat(

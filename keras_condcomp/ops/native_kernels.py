@@ -312,7 +312,7 @@ def native_vector_lanes():
     ops = load_native_kernels()
     if ops is None:
         return None
-    if _state.get("lanes") is None:
+    if _state["lanes"] is None:
         with tf.init_scope():  # a value, also while a graph is traced
             _state["lanes"] = int(ops.keras_condcomp_vector_lanes().numpy())
     return _state["lanes"]

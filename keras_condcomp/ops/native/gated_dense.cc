@@ -449,6 +449,15 @@ void ForEachTile(const int* members, int n, const std::vector<Nonzeros>& nonzero
   }
 }
 
+// Whether a tile's product reads every row: some example's inputs are
+// mostly non-zero.
+bool ReadsEveryRow(const int* members, int tile, const std::vector<Nonzeros>& nonzeros) {
+  for (int t = 0; t < tile; ++t) {
+    if (nonzeros[members[t]].all) return true;
+  }
+  return false;
+}
+
 // acc (tile x width) = the inputs of the `tile` examples `members` times the
 // (input_dim x width) kernel at `kernel` (rows `stride` apart), over the rows
 // some of them use.
@@ -457,12 +466,8 @@ void TileRun(const int* members, int tile, const float* x, int input_dim,
              int width, Scratch* scratch, float* acc) {
   std::fill(acc, acc + tile * width, 0.0f);
   const float* tile_x[kMostTile];
-  bool all = false;
-  for (int t = 0; t < tile; ++t) {
-    tile_x[t] = x + static_cast<int64_t>(members[t]) * input_dim;
-    all = all || nonzeros[members[t]].all;
-  }
-  if (all) {
+  for (int t = 0; t < tile; ++t) tile_x[t] = x + static_cast<int64_t>(members[t]) * input_dim;
+  if (ReadsEveryRow(members, tile, nonzeros)) {
     Product(tile, tile_x, kernel, stride, width, nullptr, input_dim, acc);
     return;
   }
@@ -526,7 +531,7 @@ class BlockProducts {
         };
         dense_tiles.clear();
         ForEachTile(members.data(), n, nonzeros_, block_size_, [&](int start, int tile) {
-          if (ReadsEveryRow(members.data() + start, tile)) {
+          if (ReadsEveryRow(members.data() + start, tile, nonzeros_)) {
             dense_tiles.emplace_back(start, tile);
             return;
           }
@@ -597,15 +602,6 @@ class BlockProducts {
                 acc + start * block_size_);
       }
     }
-  }
-
-  // Whether a tile's product reads every row: some example's inputs are
-  // mostly non-zero.
-  bool ReadsEveryRow(const int* members, int tile) const {
-    for (int t = 0; t < tile; ++t) {
-      if (nonzeros_[members[t]].all) return true;
-    }
-    return false;
   }
 
   // out = activation(sums + bias) for one block of one example.
