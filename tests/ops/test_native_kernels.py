@@ -100,6 +100,32 @@ def test_blocks_of_many_dense_tiles_are_multiplied_in_chunks_of_rows(
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_tiles_of_inputs_a_fifth_non_zero_read_every_row_or_the_union_of_theirs(rng):
+    # Examples 0-17: a quarter of their inputs non-zero anywhere (tiled as
+    # dense inputs; a tile's union is most rows, so it reads every row).
+    # Examples 18-35: a quarter non-zero within the first 40% of the rows
+    # (tiled as dense inputs, but a tile's union is under two thirds: its
+    # rows are listed). Examples 36-47: 3% non-zero (sparse tiles of four),
+    # beside four of 18-35 in block 1.
+    batch, input_dim, block_size = 48, 600, 16
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    x[:18] *= rng.random((18, input_dim)) < 0.25
+    x[18:36] *= np.arange(input_dim) < 240
+    x[18:36] *= rng.random((18, input_dim)) < 0.625
+    x[36:] *= rng.random((12, input_dim)) < 0.03
+    mask = np.zeros((batch, 2), "float32")
+    mask[:36, 0] = 1.0
+    mask[18:22, 1] = mask[36:, 1] = 1.0
+    kernel = unit_scale_kernel(rng, input_dim, 2 * block_size)
+    bias = rng.normal(size=2 * block_size).astype("float32")
+    relu = keras.activations.relu
+    got = native_kernels.native_block_sparse_dense(
+        x, to_block_kernel(kernel, 2), bias, mask, relu
+    )
+    expected = masked_block_dense(x, kernel, bias, mask, relu).numpy()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("units", [7, 10, 40, 64, 96, 100, 128, 200])
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_dense_op_matches_a_dense_product(units, batch, rng):
