@@ -130,7 +130,7 @@ constexpr int64_t kShardMinMacs = int64_t{1} << 22;
 // a block's examples are tiled as dense inputs (TileCap) where at least
 // half of them have kDenseTileNum / kDenseTileDen of their inputs non-zero.
 // Sparse tiles read their rows through a list, four examples at most;
-// dense tiles read them in order, up to twelve (six at 64 units on AVX2).
+// dense tiles read them in order, up to twelve (on AVX2 six from 16 units).
 // Before, both bars were the one of batch 1 (half the inputs non-zero; an
 // example alone reads its own rows), so ReLU outputs 45% non-zero ran in
 // sparse tiles of four over 90% of the rows. A/B in one process, calls in
