@@ -503,15 +503,20 @@ void TileInputs(const int* members, int tile, const float* x, int input_dim,
 }
 
 // acc (tile x width) = the inputs of the `tile` examples `members` times the
-// (input_dim x width) kernel at `kernel` (rows `stride` apart), over the rows
-// some of them use, where ReadsEveryRow said no: one example's own rows, or
-// the union it left in scratch->bits.
-void ListedRowsRun(const int* members, int tile, const float* x, int input_dim,
-                   const std::vector<Nonzeros>& nonzeros, const float* kernel, int64_t stride,
-                   int width, Scratch* scratch, float* acc) {
+// (input_dim x width) kernel at `kernel` (rows `stride` apart): over every
+// row where `every_row` (ReadsEveryRow's answer), else over the rows some of
+// them use: one example's own, or the union ReadsEveryRow left in
+// scratch->bits.
+void TileRun(const int* members, int tile, const float* x, int input_dim,
+             const std::vector<Nonzeros>& nonzeros, const float* kernel, int64_t stride,
+             int width, bool every_row, Scratch* scratch, float* acc) {
   std::fill(acc, acc + tile * width, 0.0f);
   const float* tile_x[kMostTile];
   TileInputs(members, tile, x, input_dim, tile_x);
+  if (every_row) {
+    Product(tile, tile_x, kernel, stride, width, nullptr, input_dim, acc);
+    return;
+  }
   const std::vector<int>* rows = &nonzeros[members[0]].rows;
   if (tile > 1) {
     scratch->rows.clear();
@@ -519,21 +524,6 @@ void ListedRowsRun(const int* members, int tile, const float* x, int input_dim,
     rows = &scratch->rows;
   }
   Product(tile, tile_x, kernel, stride, width, rows->data(), static_cast<int>(rows->size()), acc);
-}
-
-// acc (tile x width) = the inputs of the `tile` examples `members` times the
-// kernel, over every row or the rows some of them use (ReadsEveryRow).
-void TileRun(const int* members, int tile, const float* x, int input_dim,
-             const std::vector<Nonzeros>& nonzeros, const float* kernel, int64_t stride,
-             int width, Scratch* scratch, float* acc) {
-  if (!ReadsEveryRow(members, tile, nonzeros, input_dim, scratch)) {
-    ListedRowsRun(members, tile, x, input_dim, nonzeros, kernel, stride, width, scratch, acc);
-    return;
-  }
-  std::fill(acc, acc + tile * width, 0.0f);
-  const float* tile_x[kMostTile];
-  TileInputs(members, tile, x, input_dim, tile_x);
-  Product(tile, tile_x, kernel, stride, width, nullptr, input_dim, acc);
 }
 
 // Computes the blocks of `outputs` (batch x units) that `examples_of` lists
@@ -582,8 +572,8 @@ class BlockProducts {
             dense_tiles.emplace_back(start, tile);
             return;
           }
-          ListedRowsRun(members.data() + start, tile, x_, input_dim_, nonzeros_, kernel,
-                        stride_, block_size_, &scratch, acc.data() + start * block_size_);
+          TileRun(members.data() + start, tile, x_, input_dim_, nonzeros_, kernel, stride_,
+                  block_size_, false, &scratch, acc.data() + start * block_size_);
           write(start, tile);
         });
         DenseTileProducts(members.data(), dense_tiles, kernel, acc.data());
@@ -789,8 +779,10 @@ std::vector<std::vector<int>> Decide(const Tensor& inputs, const Tensor* const* 
   Scratch scratch(input_dim);
   ForEachTile(examples.data(), static_cast<int>(batch), nonzeros, static_cast<int>(blocks),
               [&](int start, int tile) {
-    TileRun(examples.data() + start, tile, x, input_dim, nonzeros, wp, blocks,
-            static_cast<int>(blocks), &scratch, logits.data() + start * blocks);
+    const int* members = examples.data() + start;
+    TileRun(members, tile, x, input_dim, nonzeros, wp, blocks, static_cast<int>(blocks),
+            ReadsEveryRow(members, tile, nonzeros, input_dim, &scratch), &scratch,
+            logits.data() + start * blocks);
   });
   const float* bp = weights[1]->flat<float>().data();
   std::vector<std::vector<int>> examples_of(blocks);
