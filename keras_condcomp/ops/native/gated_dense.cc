@@ -56,9 +56,10 @@ using ::tensorflow::errors::InvalidArgument;
 namespace shape_inference = ::tensorflow::shape_inference;
 
 // Examples multiplied together in one pass over a block's rows, at most:
-// with dense inputs up to 64 units, as many as keep their sums in 24 of
-// AVX-512's 32 registers (the row and the input take the rest), twelve at
-// most (12 up to 16 and at 32 units, 8 at 24 and 48, 6 at 64); else four.
+// with dense inputs, as many as keep their sums in 24 of AVX-512's 32
+// registers (the row and the input take the rest) for the block or for
+// its pieces of 64 units, twelve at most (12 up to 16 and at 32 units, 8
+// at 24 and 48, 6 at 64 and wider); else four.
 // Six against four, and against Eigen's product from eight examples on:
 // the Bengio MLP's first layer at density 3/4, batch 256, one thread, in
 // 16.3 ms against 18.7 and 24.0 ms. More than six where the sums allow,
@@ -72,6 +73,15 @@ namespace shape_inference = ::tensorflow::shape_inference;
 // registers, and a tile whose sums do not fit them multiplies its block a
 // cache line of columns (16 units) at a time: each line of the kernel is
 // still read once a tile.
+//
+// Blocks wider than 64 units had tiles of four until session 43; six, as
+// at 64, on dense inputs, AVX2, one thread, batches 50 and 256, densities
+// 1 to 1/8, A/B in one process: 1024 -> 8 x 128 1.01x-1.10x -> 1.51x-1.57x
+// of `x @ kernel` at density 1, 3072 -> 12 x 128 0.72x-0.75x -> 1.08x-1.09x,
+// 1536 -> 16 x 96 0.72x-0.83x -> 1.04x-1.22x, 1024 -> 4 x 256 0.80x-0.82x
+// -> 1.04x-1.26x (at 1/8 +1% to +39%; two threads, density 1, +27% to
+// +45%). (Tried in session 39 on the demo's MLP, whose 128-unit
+// blocks read 64 inputs or sparse ones: the same.)
 constexpr int kMostTile = 12;
 constexpr int kSparseTile = 4;
 #if defined(__AVX512F__)
@@ -100,7 +110,7 @@ int SumVectors(int width) {
 #endif
 }
 int TileCap(int width, bool dense) {
-  if (!dense || width > 64) return kSparseTile;
+  if (!dense) return kSparseTile;
   return std::min(kMostTile, kSumRegisters / SumVectors(std::min(width, kWidestPass)));
 }
 
