@@ -20,10 +20,11 @@ Paths (TensorFlow graphs; one trace serves every batch size):
 - `"native"`: one op of the native kernels (`keras_condcomp.ops.native_kernels`,
   compiled on first use): the active blocks' products, reading only the
   kernel rows of each example's non-zero inputs. `"auto"` runs it wherever
-  the kernels are built, except, with kernels built for AVX-512, above
-  batch 1 when at least 7/8 of the pairs are active (then `"masked"`,
-  `native_fallback_fraction`); the rules below are `"auto"`'s without
-  them.
+  the kernels are built, except above batch 1 when nearly every pair is
+  active (then `"masked"`): with kernels built for AVX-512 from 7/8 of
+  the pairs, with others on one thread for blocks of 64 units or more from
+  15/16 (`native_fallback_fraction`); the rules below are `"auto"`'s
+  without them.
 - `"per_example"`: every (example, active block) pair reads its own
   weights, restricted to that example's non-zero inputs. Above batch 1 the
   inputs are taken by chunks of `chunk` rows (the block size, or the
@@ -142,6 +143,7 @@ from keras_condcomp._arguments import check_activation, check_bias, is_integer, 
 from keras_condcomp.ops._block_masks import check_block_mask
 from keras_condcomp.ops._branches import called_branch
 from keras_condcomp.ops._chunks import largest_divisor
+from keras_condcomp.ops._threads import intra_op_threads, intra_op_threads_key
 from keras_condcomp.ops.block_kernel import from_block_kernel
 from keras_condcomp.ops.native_kernels import (
     load_native_kernels,
@@ -179,9 +181,12 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # `"auto"` runs the dense fallback, without evaluating the cost model, when
 # at least this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
-# The same on native kernels built for AVX-512, above batch 1 (see
+# The same on native kernels built for AVX-512, above batch 1, and on
+# other builds on one thread for blocks of at least 64 units (see
 # `native_fallback_fraction`).
 _NATIVE_AUTO_MAX_FRACTION = 7 / 8
+_NATIVE_ONE_THREAD_FALLBACK_FRACTION = 15 / 16
+_NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK = 64
 
 # Above batch 1, `"masked"` multiplies blocks of up to this many units by the
 # kernel copied to the Dense layout (one transpose, one product), and wider
@@ -267,10 +272,11 @@ _COSTS_KEY = tuple(sorted(_COSTS.items()))
 
 def trace_settings():
     """What `"auto"` reads when a graph is traced: its cost model's
-    constants, and whether the native kernels are in use (loaded here, on
-    first use). Part of every cache key of traced graphs, so that a change
-    reaches the next call."""
-    return _COSTS_KEY, load_native_kernels() is not None
+    constants, whether the native kernels are in use (loaded here, on
+    first use), and the thread count (`native_fallback_fraction`). Part of
+    every cache key of traced graphs, so that a change reaches the next
+    call."""
+    return _COSTS_KEY, load_native_kernels() is not None, intra_op_threads_key()
 
 
 _forced = threading.local()
@@ -985,27 +991,41 @@ def _native(problem):
     return tf.cast(outputs, dtype)
 
 
-def native_fallback_fraction():
+def native_fallback_fraction(block_size):
     """Above batch 1, the fraction of active (example, block) pairs from
-    which `"auto"` on the native kernels runs the dense fallback instead:
-    7/8 with kernels built for AVX-512, 0 (never) otherwise.
+    which `"auto"` on the native kernels runs the dense fallback instead,
+    for blocks of `block_size` units: 7/8 with kernels built for AVX-512;
+    otherwise 15/16 on one thread (`intra_op_threads`) for blocks of at
+    least 64 units, else 0 (never).
 
     With AVX-512 (a 2-core Xeon, one thread), the native op beat the dense
     fallback up to 3/4 (Bengio MLP: 1.43x against 0.96x of Dense at 1/2,
     batch 50; 1.29x against 1.07x at 3/4, batch 256; 784 -> 256
     0.85x-0.97x against 0.80x-0.83x) and lost with every pair active (0.98x
-    against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x). With AVX2
-    (a 2-core AMD EPYC, one thread, batches 50 / 256) it won with every pair
-    active: Bengio MLP 1.10x / 1.12x against 0.84x / 0.99x, 1024 -> 1024
-    1.19x / 1.63x against 0.93x / 1.36x, 784 -> 256 0.87x / 0.93x against
-    0.61x / 0.47x; on two threads, at 7/8 and 1, 0.80x-1.29x against
-    0.34x-0.77x. Since the fallback's one product a block (session 41), on
-    one thread at 7/8 and 1 it is level with the native op or up to 15%
-    ahead on blocks of 64 units (1024 -> 1024, session 42: 1.31x-1.62x
-    against 1.14x-1.54x), behind on 16-unit blocks and on two threads; the
-    rule does not read the thread count.
+    against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x).
+
+    With AVX2 (a 2-core AMD EPYC, session 43, the whole model's graph
+    against Dense's, A/B in one process, batches 50 and 256, four runs
+    unless said), since the fallback multiplies each block by its own
+    product (session 41), native op against fallback:
+    - one thread, every pair active, blocks of 64 units and more: the
+      fallback ahead in 15 cells of 16, by up to 27% (Bengio MLP
+      0.88x-1.24x of Dense against 1.12x-1.32x, 1024 -> 1024 1.10x-1.59x
+      against 1.22x-1.66x; 1024 -> 8 x 128 1.06x-1.08x against
+      1.23x-1.36x, one run), and at 15/16 in 7 of 10 (level in one; two
+      runs);
+    - one thread, 7/8 active: either ahead, by up to 17% (1024 -> 1024
+      1.24x-1.85x against 1.25x-1.69x), so the bar is above 7/8;
+    - blocks of 32 units and fewer, or two threads: the native op level
+      or ahead (784 -> 256 at density 1 0.77x-0.86x against 0.65x-0.78x;
+      two threads, 7/8 and 1, 0.85x-1.44x against 0.70x-0.94x; one run
+      each).
     """
-    return _NATIVE_AUTO_MAX_FRACTION if native_vector_lanes() == 16 else 0.0
+    if native_vector_lanes() == 16:
+        return _NATIVE_AUTO_MAX_FRACTION
+    if intra_op_threads() == 1 and block_size >= _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK:
+        return _NATIVE_ONE_THREAD_FALLBACK_FRACTION
+    return 0.0
 
 
 def native_runs(problem):
@@ -1021,12 +1041,12 @@ def native_gated_inference(
     """A GatedDense layer's threshold inference as one native op, its policy
     included (`native_gated_dense_or_fallback`): for path `"native"` the
     op's products, for `"auto"` also `"auto"`'s dense fallback above batch
-    1, where at least `native_fallback_fraction()` of the pairs are active
+    1, where at least `native_fallback_fraction` of the pairs are active
     (the op then computes no product and the `"masked"` path runs with its
     mask). In a graph, one op and a cond where the policy's ops and
     `"auto"`'s choice took about 13 (Bengio MLP at density 1/16, batch 1,
     one thread, A/B in one process: 3.28x of Dense against 2.98x)."""
-    fallback = native_fallback_fraction() if path == "auto" else 0.0
+    fallback = native_fallback_fraction(block_kernel.shape[-1]) if path == "auto" else 0.0
     outputs, block_mask, computed = native_gated_dense_or_fallback(
         inputs, policy_kernel, policy_bias, block_kernel, bias, activation, fallback
     )
@@ -1046,9 +1066,10 @@ def _auto(problem):
         # The native op beat every other path at batch 1, at every density
         # (Bengio MLP, one thread: about 3x of Dense at 1/16 and 1.2x at 3/4,
         # against 2x and 0.9x for the TensorFlow paths); above batch 1 the
-        # dense fallback wins only on AVX-512, where nearly every pair is
-        # active (`native_fallback_fraction`; guide "How skipping runs fast").
-        fraction = native_fallback_fraction()
+        # dense fallback wins only where nearly every pair is active, on
+        # AVX-512 or on one thread for wide blocks (`native_fallback_fraction`;
+        # guide "How skipping runs fast").
+        fraction = native_fallback_fraction(problem.block_size)
         if not fraction:
             return _native(problem)
         dense = tf.logical_and(problem.batch > 1, mostly_active(problem, fraction))

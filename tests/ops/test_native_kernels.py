@@ -515,14 +515,18 @@ def test_the_vector_lanes_are_those_the_cpu_was_built_for(monkeypatch):
         assert native_kernels.native_vector_lanes() is None
 
 
-@pytest.mark.parametrize("lanes, falls_back", [(16, True), (8, False)])
-def test_a_layer_in_a_graph_keeps_the_dense_fallback_only_on_avx512(
-    lanes, falls_back, rng, monkeypatch
+@pytest.mark.parametrize("lanes, threads, units, falls_back", [
+    (16, 2, 32, True), (8, 2, 32, False), (8, 1, 32, False), (8, 1, 256, True), (8, 2, 256, False),
+])
+def test_a_layer_in_a_graph_keeps_the_dense_fallback_on_avx512_or_one_thread_and_wide_blocks(
+    lanes, threads, units, falls_back, rng, monkeypatch
 ):
     engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
     monkeypatch.setattr(engine, "native_vector_lanes", lambda: lanes)
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: threads)
     inputs = keras.Input((16,))
-    model = keras.Model(inputs, GatedDense(32, blocks=4, activation="relu", seed=1)(inputs))
+    # Blocks of 8 or 64 units.
+    model = keras.Model(inputs, GatedDense(units, blocks=4, activation="relu", seed=1)(inputs))
     x = rng.normal(size=(8, 16)).astype("float32")
     run = tf.function(lambda x: model(x, training=False))
     # The dense fallback's product, in the cond's branch.
@@ -539,25 +543,31 @@ def test_the_fused_op_names_a_wrong_fallback_fraction():
             )
 
 
-@pytest.mark.parametrize("lanes, active_blocks, path", [
-    (16, 3, "native"), (16, 4, "masked"), (8, 3, "native"), (8, 4, "native"),
+@pytest.mark.parametrize("lanes, threads, block_size, active_blocks, path", [
+    # AVX-512: from 7/8 of the pairs, whatever the threads and blocks.
+    (16, 2, 2, 13, "native"), (16, 2, 2, 14, "masked"), (16, 1, 64, 14, "masked"),
+    # AVX2: from 15/16, on one thread, for blocks of 64 units and more.
+    (8, 1, 64, 14, "native"), (8, 1, 64, 15, "masked"), (8, 1, 128, 16, "masked"),
+    (8, 2, 64, 16, "native"), (8, 1, 32, 16, "native"),
 ])
-def test_auto_above_batch_1_falls_back_only_on_avx512_where_nearly_every_block_runs(
-    lanes, active_blocks, path, rng, monkeypatch
+def test_auto_above_batch_1_falls_back_only_where_nearly_every_block_runs(
+    lanes, threads, block_size, active_blocks, path, rng, monkeypatch
 ):
     # Each path marked by a constant output, so the branch taken shows.
     engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
 
     monkeypatch.setattr(engine, "_compiled", {})
     monkeypatch.setattr(engine, "native_vector_lanes", lambda: lanes)
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: threads)
     marks = {"native": 1.0, "masked": 2.0}
     for name, mark in marks.items():
         monkeypatch.setattr(engine, f"_{name}",
                             lambda problem, mark=mark: tf.fill(tf.shape(problem.inputs[:, :1]), mark))
     x = rng.normal(size=(8, 16)).astype("float32")
-    mask = np.zeros((8, 4), "float32")
-    mask[:, :active_blocks] = 1.0  # 3/4 or every pair
-    got = block_sparse_dense(x, np.ones((4, 16, 2), "float32"), None, mask, path="auto")
+    mask = np.zeros((8, 16), "float32")
+    mask[:, :active_blocks] = 1.0
+    kernel = np.ones((16, 16, block_size), "float32")
+    got = block_sparse_dense(x, kernel, None, mask, path="auto")
     np.testing.assert_array_equal(got.numpy(), np.full((8, 1), marks[path], "float32"))
 
 
