@@ -150,8 +150,8 @@ def test_dense_op_matches_a_dense_product(units, batch, rng):
 def test_dense_op_on_dense_inputs_shares_a_pass_among_up_to_twelve_examples(units, batch, rng):
     # Dense inputs: tiles of up to 12 examples up to 16 units and at 32
     # (batches 7, 12, 13 and 24: tiles of 7, 12, 6 and 7, 12), up to 8 at
-    # 24, 40 and 48 (7, 6, 6 and 7, 8), 6 from 64 up (3 and 4, 6, 4 and 4
-    # and 5, 6); masked vectors at 5 and 40; 96, 128 and 256 in pieces of
+    # 24, 40 and 48 (7, 6, 6 and 7, 8), 6 from 64 up (3 and 4; 6; 4, 4
+    # and 5; 6); masked vectors at 5 and 40; 96, 128 and 256 in pieces of
     # 64 (96: 64 and 32). Without AVX-512 fewer sums fit the registers:
     # tiles of up to 6 in pieces of 16 units from 24 up (40: 16, 16 and 8).
     x = rng.normal(size=(batch, 40)).astype("float32")
