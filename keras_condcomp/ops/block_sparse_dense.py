@@ -181,9 +181,10 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # `"auto"` runs the dense fallback, without evaluating the cost model, when
 # at least this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
-# The same on native kernels built for AVX-512, above batch 1, and on
-# other builds on one thread for blocks of at least 64 units (see
-# `native_fallback_fraction`).
+# The same on the native kernels, above batch 1 (`native_fallback_fraction`):
+# built for AVX-512, `_NATIVE_AUTO_MAX_FRACTION`; built otherwise, on one
+# thread, `_NATIVE_ONE_THREAD_FALLBACK_FRACTION` for blocks of at least
+# `_NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK` units.
 _NATIVE_AUTO_MAX_FRACTION = 7 / 8
 _NATIVE_ONE_THREAD_FALLBACK_FRACTION = 15 / 16
 _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK = 64
