@@ -700,7 +700,8 @@ def _compiled_path(path, activation, input_shape, kernel_shape, blocks, dtype,
             )
             return _PATHS[path](problem)
 
-        _compiled[key] = tf.function(run, input_signature=signature)
+        # No AutoGraph: the paths have no Python control flow on tensors.
+        _compiled[key] = tf.function(run, input_signature=signature, autograph=False)
     return _compiled[key]
 
 

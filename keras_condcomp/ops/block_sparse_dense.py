@@ -1169,8 +1169,10 @@ def _compiled_path(path, activation, kernel_shape, dtype, has_bias, capacity):
                 return _static_capacity(problem, capacity)
             return _PATHS[path](problem)
 
+        # No AutoGraph: the paths have no Python control flow on tensors.
         _compiled[key] = tf.function(
-            run, input_signature=signature, jit_compile=path == "static_capacity" or None
+            run, input_signature=signature, autograph=False,
+            jit_compile=path == "static_capacity" or None,
         )
     return _compiled[key]
 
