@@ -60,6 +60,22 @@ def rng():
 
 
 @pytest.fixture
+def speed_not_measured(monkeypatch):
+    """`train`'s speed measurement (a fresh TensorFlow process, 10-20 s)
+    replaced by speedups of 1, for tests of something else."""
+    from keras_condcomp import speed
+
+    def measure_models_speed(gated_path, dense_path, x, batch_sizes, threads=1, repeats=100):
+        return {
+            str(batch_size): {"gated_seconds": 1.0, "dense_seconds": 1.0, "speedup": 1.0,
+                              "tuned_seconds": 1.0, "tuned_speedup": 1.0, "tuned_execution": {}}
+            for batch_size in batch_sizes
+        }
+
+    monkeypatch.setattr(speed, "measure_models_speed", measure_models_speed)
+
+
+@pytest.fixture
 def tensorflow_paths():
     """The engine without the native kernels: `"auto"` on its TensorFlow
     paths, as where no compiler builds them."""

@@ -74,7 +74,7 @@ def test_train_cnn_writes_results_and_model(tmp_path):
 
 
 def test_export_of_a_cnn_budget_with_a_dynamic_batch_is_checked_one_example_a_call(
-    tmp_path, capsys
+    tmp_path, capsys, speed_not_measured
 ):
     from keras_condcomp.data import load_dataset
     from keras_condcomp.export import onnx_predict
@@ -102,7 +102,7 @@ def test_export_of_a_cnn_budget_with_a_dynamic_batch_is_checked_one_example_a_ca
     assert "Checked 4 examples a call" in printed and "one example a call" not in printed
 
 
-def test_train_on_mnist_directory(tmp_path, rng):
+def test_train_on_mnist_directory(tmp_path, rng, speed_not_measured):
     fake_mnist(tmp_path, rng, compress=True)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--dataset", "mnist", "--data-dir", str(tmp_path),
@@ -367,7 +367,9 @@ def test_an_error_after_a_signal_is_reported_as_the_interrupt(
         cli.console_main()
 
 
-def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+def test_an_export_that_cannot_be_written_is_one_line(
+    tmp_path, monkeypatch, capsys, speed_not_measured
+):
     import keras_condcomp.export
 
     out = tmp_path / "run"
@@ -383,7 +385,7 @@ def test_an_export_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, cap
 
 
 def test_an_existing_out_folder_holds_the_staging_files_and_main_runs_in_a_thread(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, speed_not_measured
 ):
     # A mount point or a folder in a read-only parent: stage inside it.
     # And main() from a worker thread.

@@ -421,15 +421,7 @@ def test_a_wrapped_gated_layer_is_refused():
         gated_layers(model)
 
 
-def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, monkeypatch):
-    from keras_condcomp import speed
-
-    # The speed measurement of `train` (a fresh process) is not under test here.
-    monkeypatch.setattr(speed, "measure_models_speed", lambda *a, **k: {
-        str(b): {"gated_seconds": 1.0, "dense_seconds": 1.0, "speedup": 1.0,
-                 "tuned_seconds": 1.0, "tuned_speedup": 1.0, "tuned_execution": {}}
-        for b in (1, 256)
-    })
+def test_model_trained_by_the_cli_exports_and_matches(tmp_path, capsys, speed_not_measured):
     run = tmp_path / "run"
     # Policy trained by REINFORCE only (no density pressure): blocks stay on and off.
     assert main([
