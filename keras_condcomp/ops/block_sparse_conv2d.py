@@ -705,6 +705,9 @@ def _compiled_path(path, activation, input_shape, kernel_shape, blocks, dtype,
     return _compiled[key]
 
 
+# Not converted by AutoGraph in a caller's `tf.function`: no Python control
+# flow on tensors, and converting the paths from their source is slow.
+@tf.autograph.experimental.do_not_convert
 def block_sparse_conv2d(
     inputs,
     kernel,

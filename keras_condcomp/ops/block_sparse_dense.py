@@ -1177,6 +1177,9 @@ def _compiled_path(path, activation, kernel_shape, dtype, has_bias, capacity):
     return _compiled[key]
 
 
+# Not converted by AutoGraph in a caller's `tf.function`: no Python control
+# flow on tensors, and converting the paths from their source is slow.
+@tf.autograph.experimental.do_not_convert
 def block_sparse_dense(
     inputs, block_kernel, bias, block_mask, activation=None, path="auto", capacity=None
 ):
