@@ -76,7 +76,7 @@ def compiled_inference(layer, inputs):
 
         # No AutoGraph (as in Keras's own `predict` step): the layers' code has
         # no Python control flow on tensors, and converting it from its source
-        # text made a first call 20-60x slower.
+        # text made a first call 17x-63x slower (engine guide).
         graphs[key] = tf.function(run, autograph=False).get_concrete_function(
             tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype),
             # Variables are passed as themselves (their handle, no read op).
