@@ -159,3 +159,40 @@ def test_quick_keeps_the_options_given(monkeypatch, name, tmp_path):
     assert given.batch_sizes == quick.batch_sizes == list(bench.QUICK["batch_sizes"])
     assert full.densities == list(bench.DENSITIES) and full.batch_sizes == [4]
     assert given.threads == quick.threads == full.threads == 1
+
+
+def test_every_block_major_product_form_is_the_dense_product():
+    products = _load("block_major_products")
+    rows = products.run([(6, 4, 3), (5, 2, 8)], [1, 3], repeats=1)
+    forms = set(products._forms(None, None))
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["input_dim"], row["batch"]), set()).add(row["form"])
+        assert row["seconds"] > 0 and row["speedup"] > 0
+    assert cells == {(d, b): forms for d in (6, 5) for b in (1, 3)}
+
+
+def test_block_major_products_refuse_a_wrong_form(monkeypatch):
+    products = _load("block_major_products")
+    forms = products._forms
+
+    def with_a_wrong_form(tf, from_block_kernel):
+        wrong = forms(tf, from_block_kernel)
+        wrong["copied"] = lambda x, block_kernel: tf.matmul(x, tf.reshape(block_kernel, (6, -1)))
+        return wrong
+
+    monkeypatch.setattr(products, "_forms", with_a_wrong_form)
+    with pytest.raises(AssertionError, match="form 'copied'"):
+        products.run([(6, 4, 3)], [3], repeats=1)
+
+
+def test_block_major_products_refuse_bad_options_before_timing(capsys, tmp_path):
+    products = _load("block_major_products")
+    for arguments, message in [
+        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (["--threads", "-1"], "--threads must be 0 (all cores) or positive, got [-1]"),
+    ]:
+        with pytest.raises(SystemExit):
+            products.main([*arguments, "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
