@@ -117,7 +117,9 @@ def run(shapes, batch_sizes, repeats, forms=None):
         for batch in batch_sizes:
             x = tf.constant(rng.standard_normal((batch, input_dim), "float32"))
             spec = [tf.TensorSpec(x.shape, tf.float32)]
-            functions = {"dense": tf.function(lambda x: tf.matmul(x, kernel), input_signature=spec)}
+            functions = {"dense": tf.function(
+                lambda x: tf.matmul(x, kernel), input_signature=spec, autograph=False
+            )}
             expected = functions["dense"](x).numpy()
             for name, form in forms.items():
                 function = tf.function(

@@ -207,6 +207,15 @@ _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK = 64
 #   1.47x / 2.02x against 1.08x / 1.34x); on two threads 0.72x-1.69x against
 #   0.50x-1.47x, one a block ahead in each of the 12 shapes and 2 batches.
 _COPIED_PRODUCT_MAX_BLOCK = 16
+# On several threads, narrow blocks too get one product each up to this
+# batch. 784 -> 16 x 16 on two threads, against `x @ kernel`
+# (benchmarks/block_major_products.py, session 45, three runs at batches 16
+# and 128, four at 50 and 256), one a block against copied: 0.81x-0.96x
+# against 0.65x-0.67x at 16, 0.92x-1.04x against 0.68x-0.78x at 50,
+# 0.69x-0.83x against 0.74x-0.77x at 128, 0.73x-0.77x against 0.77x-0.82x
+# at 256. (On one thread copied stays: 0.77x against 0.78x at 50, 0.87x
+# against 0.78x at 256.)
+_THREADS_PER_BLOCK_MAX_BATCH = 64
 
 # With every input row (a dense input), up to `_IN_PLACE_BLOCKS` blocks (the
 # example's active ones at batch 1, the batch's used ones in `"grouped"`) are
@@ -809,7 +818,8 @@ def _masked(problem):
     they are one batched product over the blocks, transposed; above batch
     1, where TensorFlow's batched product is slow, blocks of up to
     `_COPIED_PRODUCT_MAX_BLOCK` units multiply the kernel copied to the
-    Dense layout, wider blocks one product each. The mask is applied by
+    Dense layout (on several threads only above
+    `_THREADS_PER_BLOCK_MAX_BATCH`), other blocks one product each. The mask is applied by
     `multiply_no_nan`, 0 wherever the mask is, so that an infinite output of
     a skipped block (a float16 overflow) is 0 as in the skipping paths: one
     op, as the plain product (Bengio MLP, density 3/4, one thread, A/B in
@@ -842,8 +852,15 @@ def _masked(problem):
         )
 
     def above_batch_1():
-        product = copied if problem.block_size <= _COPIED_PRODUCT_MAX_BLOCK else per_block
-        return tf.reshape(product(), [-1, problem.blocks, problem.block_size])
+        if problem.block_size > _COPIED_PRODUCT_MAX_BLOCK:
+            products = per_block()
+        elif intra_op_threads() > 1:
+            products = tf.cond(
+                problem.batch <= _THREADS_PER_BLOCK_MAX_BATCH, per_block, copied
+            )
+        else:
+            products = copied()
+        return tf.reshape(products, [-1, problem.blocks, problem.block_size])
 
     return _finish_blocks(problem, tf.cond(problem.batch > 1, above_batch_1, batched))
 

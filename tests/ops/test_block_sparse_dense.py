@@ -13,6 +13,7 @@ from keras_condcomp.ops import (
     block_sparse_dense,
     cost_constants,
     forced_execution,
+    from_block_kernel,
     masked_block_dense,
     set_cost_constants,
     to_block_kernel,
@@ -567,14 +568,24 @@ def test_block_dense_copies_narrow_blocks_to_the_dense_layout_unless_the_batch_i
     np.testing.assert_allclose(gradient.numpy(), expected_gradient, atol=1e-4)
 
 
-@pytest.mark.parametrize("block_size, per_block", [(16, False), (32, True)])
+@pytest.mark.parametrize(
+    "block_size, threads, per_block, copied",
+    [(16, 1, False, True), (16, 2, True, True), (32, 1, True, False), (32, 2, True, False)],
+)
 def test_masked_multiplies_above_batch_1_without_the_batched_product(
-    block_size, per_block, rng
+    block_size, threads, per_block, copied, rng, monkeypatch
 ):
     # At batch 1, one batched product over the blocks; above it, blocks of
     # up to 16 units: one 2-D product with the kernel transposed to the
-    # Dense layout; wider blocks: one 2-D product each, of the unstacked
+    # Dense layout (on several threads only above batch 64, one product a
+    # block up to it); wider blocks: one 2-D product each, of the unstacked
     # kernel.
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: threads)
+    copies = []
+    monkeypatch.setattr(
+        engine, "from_block_kernel", lambda k: copies.append(k) or from_block_kernel(k)
+    )
     kernel = rng.normal(size=(20, 4 * block_size)).astype("float32")
     block_kernel = to_block_kernel(kernel, 4)
 
@@ -587,7 +598,8 @@ def test_masked_multiplies_above_batch_1_without_the_batched_product(
     )
     assert {"BatchMatMulV2", "MatMul"} <= types
     assert ("Unpack" in types) is per_block
-    for batch in (1, 5):
+    assert bool(copies) is copied
+    for batch in (1, 5, 64, 65):
         x = rng.normal(size=(batch, 20)).astype("float32")
         mask = (rng.random((batch, 4)) < 0.5).astype("float32")
         np.testing.assert_allclose(run(x, mask).numpy(),
