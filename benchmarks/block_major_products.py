@@ -24,8 +24,9 @@ after a warm-up (`keras_condcomp.speed.paired_latencies`), median of
 
 Threads are pinned before TensorFlow runs an op, as in `gated_dense.py`:
 `--threads N` sets intra-op parallelism to N and inter-op to 1, `--threads
-0` leaves TensorFlow's defaults (all cores). Prints the speedups over `x @ kernel` (below 1: slower) and
-writes `block_major_products_threads{N}.json` to `--out`.
+0` leaves TensorFlow's defaults (all cores). Prints the speedups over
+`x @ kernel` (below 1: slower) and writes
+`block_major_products_threads{N}.json` to `--out`.
 """
 
 import argparse

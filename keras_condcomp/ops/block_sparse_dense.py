@@ -815,21 +815,21 @@ def _masked(problem):
     The products, as `(batch, blocks, block_size)`, get bias, activation and
     mask there: the bias as a `(blocks, block_size)` row, the mask broadcast
     over each block's units, so it needs no expanding to units. At batch 1
-    they are one batched product over the blocks, transposed; above batch
-    1, where TensorFlow's batched product is slow, blocks of up to
+    they are one batched product over the blocks, transposed; above batch 1,
+    where TensorFlow's batched product is slow, blocks of up to
     `_COPIED_PRODUCT_MAX_BLOCK` units multiply the kernel copied to the
     Dense layout (on several threads only above
-    `_THREADS_PER_BLOCK_MAX_BATCH`), other blocks one product each. The mask is applied by
-    `multiply_no_nan`, 0 wherever the mask is, so that an infinite output of
-    a skipped block (a float16 overflow) is 0 as in the skipping paths: one
-    op, as the plain product (Bengio MLP, density 3/4, one thread, A/B in
-    one process: at batch 1 0.905x-0.921x of Dense against 0.920x-0.922x for
-    the plain product and 0.904x-0.912x for a select, at batch 50
-    0.910x-0.924x against 0.926x-0.955x and 0.914x-0.979x: the same within
-    the noise). The engine's
-    activations are element-wise, so their order with the transpose does
-    not matter (`block_dense`, which trains, applies them over the units, as
-    Keras does for any activation). Measured, Bengio MLP, one thread, with
+    `_THREADS_PER_BLOCK_MAX_BATCH`), other blocks one product each. The mask
+    is applied by `multiply_no_nan`, 0 wherever the mask is, so that an
+    infinite output of a skipped block (a float16 overflow) is 0 as in the
+    skipping paths: one op, as the plain product (Bengio MLP, density 3/4,
+    one thread, A/B in one process: at batch 1 0.905x-0.921x of Dense
+    against 0.920x-0.922x for the plain product and 0.904x-0.912x for a
+    select, at batch 50 0.910x-0.924x against 0.926x-0.955x and
+    0.914x-0.979x: the same within the noise). The engine's activations are
+    element-wise, so their order with the transpose does not matter
+    (`block_dense`, which trains, applies them over the units, as Keras does
+    for any activation). Measured, Bengio MLP, one thread, with
     the batched product at every batch:
     - bias and activation in block-major, the mask over units, against
       `block_dense`: 0.94x-0.95x -> 0.97x-0.98x of Dense at batch 50;
