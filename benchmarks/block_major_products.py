@@ -30,6 +30,7 @@ Threads are pinned before TensorFlow runs an op, as in `gated_dense.py`:
 """
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -57,15 +58,15 @@ QUICK_BATCH_SIZES = (50,)
 REPEATS, QUICK_REPEATS = 40, 5
 
 
-def _forms(tf, from_block_kernel):
+def _forms(tf, engine):
     """`{name: product(x, block_kernel)}`, each `(batch, units)` in the Dense
-    kernel's unit order."""
+    kernel's unit order: the engine's three (`engine`, the module
+    `keras_condcomp.ops.block_sparse_dense`), then the others."""
     def units(products):  # (blocks, batch, block_size) -> (batch, units)
         blocks, _, size = products.shape
         return tf.reshape(tf.transpose(products, (1, 0, 2)), (-1, blocks * size))
 
-    def per_block(x, block_kernel):
-        return tf.concat([tf.matmul(x, weights) for weights in tf.unstack(block_kernel)], axis=1)
+    per_block = engine.per_block_product
 
     def transposed_batched(x, block_kernel):
         x_t = tf.broadcast_to(tf.transpose(x)[None], (block_kernel.shape[0], *x.shape[::-1]))
@@ -84,8 +85,10 @@ def _forms(tf, from_block_kernel):
         return per_block(x, pairs)
 
     return {
-        "copied": lambda x, block_kernel: tf.matmul(x, from_block_kernel(block_kernel)),
-        "batched": lambda x, block_kernel: units(tf.matmul(x[None], block_kernel)),
+        "copied": engine.copied_product,
+        "batched": lambda x, block_kernel: tf.reshape(
+            engine.batched_products(x, block_kernel), (x.shape[0], -1)
+        ),
         "per_block": per_block,
         "transposed_batched": transposed_batched,
         "einsum": lambda x, block_kernel: tf.reshape(
@@ -105,10 +108,11 @@ def run(shapes, batch_sizes, repeats, forms=None):
     """
     import tensorflow as tf
 
-    from keras_condcomp.ops import from_block_kernel, to_block_kernel
+    from keras_condcomp.ops import to_block_kernel
     from keras_condcomp.speed import paired_latencies
 
-    all_forms = _forms(tf, from_block_kernel)
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+    all_forms = _forms(tf, engine)
     forms = all_forms if forms is None else {name: all_forms[name] for name in forms}
     rng = np.random.default_rng(0)
     rows = []

@@ -840,16 +840,13 @@ def _masked(problem):
       batch 1, +1-6% at batch 50 (density 3/4, A/B in one process).
     """
     def batched():
-        return tf.transpose(tf.matmul(problem.inputs[None], problem.block_kernel), [1, 0, 2])
+        return batched_products(problem.inputs, problem.block_kernel)
 
     def copied():
-        return tf.matmul(problem.inputs, from_block_kernel(problem.block_kernel))
+        return copied_product(problem.inputs, problem.block_kernel)
 
     def per_block():
-        return tf.concat(
-            [tf.matmul(problem.inputs, weights) for weights in tf.unstack(problem.block_kernel)],
-            axis=1,
-        )
+        return per_block_product(problem.inputs, problem.block_kernel)
 
     def above_batch_1():
         if problem.block_size > _COPIED_PRODUCT_MAX_BLOCK:
@@ -863,6 +860,23 @@ def _masked(problem):
         return tf.reshape(products, [-1, problem.blocks, problem.block_size])
 
     return _finish_blocks(problem, tf.cond(problem.batch > 1, above_batch_1, batched))
+
+
+# The dense product's forms over the block-major kernel, of `inputs`
+# `(batch, input_dim)` (also timed by benchmarks/block_major_products.py).
+def batched_products(inputs, block_kernel):
+    """`(batch, blocks, block_size)`: one batched product over the blocks."""
+    return tf.transpose(tf.matmul(inputs[None], block_kernel), [1, 0, 2])
+
+
+def copied_product(inputs, block_kernel):
+    """`(batch, units)`: the kernel copied to the Dense layout, one product."""
+    return tf.matmul(inputs, from_block_kernel(block_kernel))
+
+
+def per_block_product(inputs, block_kernel):
+    """`(batch, units)`: one 2-D product a block, of the unstacked kernel."""
+    return tf.concat([tf.matmul(inputs, weights) for weights in tf.unstack(block_kernel)], axis=1)
 
 
 def _finish_blocks(problem, outputs):
