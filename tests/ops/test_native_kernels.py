@@ -100,6 +100,32 @@ def test_blocks_of_many_dense_tiles_are_multiplied_in_chunks_of_rows(
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [300, 301])
+def test_the_policy_of_a_large_batch_decides_each_chunk_of_examples_as_the_reference(batch, rng):
+    # 1100 inputs x 16 blocks: above batch 238 the policy's products reach
+    # 4M multiply-adds, and its chunks of about 12 examples are shared among
+    # the intra-op threads where there are several. Examples 0-99 are 3%
+    # non-zero (their own rows), the rest dense; 301 makes chunks of 11 and 12.
+    input_dim, blocks, block_size = 1100, 16, 8
+    x = rng.normal(size=(batch, input_dim)).astype("float32")
+    x[:100] *= rng.random((100, input_dim)) < 0.03
+    policy_kernel = unit_scale_kernel(rng, input_dim, blocks)
+    policy_bias = rng.normal(size=blocks).astype("float32")
+    kernel = unit_scale_kernel(rng, input_dim, blocks * block_size)
+    bias = rng.normal(size=blocks * block_size).astype("float32")
+    relu = keras.activations.relu
+    outputs, mask, computed = native_kernels.native_gated_dense_or_fallback(
+        x, policy_kernel, policy_bias, to_block_kernel(kernel, blocks), bias, relu
+    )
+    logits = x.astype("float64") @ policy_kernel + policy_bias
+    clear = np.abs(logits) > 1e-4  # else within float32 rounding of 0
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(mask.numpy()[clear], (logits > 0)[clear])
+    assert 0.2 < mask.numpy().mean() < 0.8 and bool(computed.numpy())
+    expected = masked_block_dense(x, kernel, bias, mask.numpy(), relu).numpy()
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tiles_of_inputs_a_fifth_non_zero_read_every_row_or_the_union_of_theirs(rng):
     # Examples 0-17: a quarter of their inputs non-zero anywhere (tiled as
     # dense inputs; a tile's union is most rows, so it reads every row).
