@@ -138,9 +138,10 @@ constexpr int kChunkBytes = 128 * 1024;
 // Multiply-adds of a call from which its blocks are shared among threads.
 constexpr int64_t kShardMinMacs = int64_t{1} << 22;
 // Examples a thread takes at a time before the products (their non-zero
-// inputs, then the policy's logits): chunks of 11 or 12 (the whole batch
-// up to 12), whose tiles hold at least three examples and so sum their
-// rows in one order: the logits are those of the whole batch in one.
+// inputs, then the policy's logits, while the inputs are in the cache):
+// chunks of 11 or 12 (the whole batch up to 12), whose tiles hold at least
+// three examples and so sum their rows in one order: the logits are those
+// of the whole batch in one.
 constexpr int64_t kChunkExamples = 12;
 
 // Calls work(first, last) for consecutive chunks [first, last) of the
@@ -149,14 +150,14 @@ constexpr int64_t kChunkExamples = 12;
 // by the other intra-op threads, each taking the next chunk left (a thread
 // slow to wake takes fewer).
 //
-// The GatedDense op's policy, against its logits over the whole batch on
-// one thread after every example's non-zero inputs (two threads, 2-core
-// AMD EPYC with AVX2, A/B in one process, the Bengio MLP's first layer at
-// density 1/16): in chunks, each one's inputs still in the cache for its
-// logits, 2.72x-3.29x of Dense -> 3.08x-3.52x at batch 50; shared, 3.91x-
-// 4.13x -> 4.16x-4.64x at batch 256 (19M multiply-adds). Shared where the
-// layer's dense product reached the bar instead of the policy's, 784 -> 16
-// x 16 at batch 50 (0.6M) lost 5-7%: waking a thread cost more.
+// The GatedDense op's policy, shared so against its logits over the whole
+// batch on the calling thread (two threads, 2-core AMD EPYC with AVX2, the
+// op before and after built side by side, each timed against Dense alone):
+// the Bengio MLP's first layer at density 1/16, batch 256 (19M
+// multiply-adds), 3.47x-3.85x of Dense -> 3.64x-5.08x (eight runs); batch
+// 50 (3.7M, not shared) the same. Shared where the layer's dense product
+// reached the bar instead of the policy's, 784 -> 16 x 16 at batch 50
+// (0.6M) 1.09x-1.14x -> 0.93x-1.05x: waking a thread cost more.
 template <typename Work>
 void ForChunks(OpKernelContext* context, int64_t batch, int64_t macs, Work&& work) {
   const int64_t chunks = std::max<int64_t>(1, (batch + kChunkExamples - 1) / kChunkExamples);
