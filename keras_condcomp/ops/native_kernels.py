@@ -20,7 +20,8 @@ of tens of ops whose call alone costs more than the skipped work at batch 1.
 
 Each reads only the kernel rows of an example's non-zero inputs (the blocks
 an upstream gated layer skipped, ReLU's zeros) when fewer than half are
-non-zero, and shares its blocks among TensorFlow's intra-op threads.
+non-zero, and shares its blocks (and a large policy's examples) among
+TensorFlow's intra-op threads.
 
 The ops are compiled against the installed TensorFlow the first time they are
 needed (about 25 s on a 2-core Xeon), by the C++ compiler `$CXX` (default
