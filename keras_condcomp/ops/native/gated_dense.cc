@@ -157,7 +157,7 @@ constexpr int64_t kChunkExamples = 12;
 // batch on the calling thread (two threads, 2-core AMD EPYC with AVX2, the
 // op before and after built side by side, each timed against Dense alone):
 // the Bengio MLP's first layer at density 1/16, batch 256 (19M
-// multiply-adds), 3.47x-3.85x of Dense -> 3.64x-5.08x (eight runs); batch
+// multiply-adds), 3.17x-3.85x of Dense -> 3.26x-5.08x (twelve runs); batch
 // 50 (3.7M, not shared) the same. Shared where the layer's dense product
 // reached the bar instead of the policy's, 784 -> 16 x 16 at batch 50
 // (0.6M) 1.09x-1.14x -> 0.93x-1.05x: waking a thread cost more.
