@@ -839,27 +839,24 @@ def _masked(problem):
       final reshape (no shape tensor passed into the branch): +2-3% at
       batch 1, +1-6% at batch 50 (density 3/4, A/B in one process).
     """
-    def batched():
-        return batched_products(problem.inputs, problem.block_kernel)
-
-    def copied():
-        return copied_product(problem.inputs, problem.block_kernel)
-
-    def per_block():
-        return per_block_product(problem.inputs, problem.block_kernel)
+    x, kernel = problem.inputs, problem.block_kernel
 
     def above_batch_1():
         if problem.block_size > _COPIED_PRODUCT_MAX_BLOCK:
-            products = per_block()
+            products = per_block_product(x, kernel)
         elif intra_op_threads() > 1:
             products = tf.cond(
-                problem.batch <= _THREADS_PER_BLOCK_MAX_BATCH, per_block, copied
+                problem.batch <= _THREADS_PER_BLOCK_MAX_BATCH,
+                lambda: per_block_product(x, kernel),
+                lambda: copied_product(x, kernel),
             )
         else:
-            products = copied()
+            products = copied_product(x, kernel)
         return tf.reshape(products, [-1, problem.blocks, problem.block_size])
 
-    return _finish_blocks(problem, tf.cond(problem.batch > 1, above_batch_1, batched))
+    return _finish_blocks(
+        problem, tf.cond(problem.batch > 1, above_batch_1, lambda: batched_products(x, kernel))
+    )
 
 
 # The dense product's forms over the block-major kernel, of `inputs`
