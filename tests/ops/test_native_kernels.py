@@ -477,8 +477,13 @@ def test_forced_native_overrides_the_layer(activation, op, rng):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_auto_in_a_graph_runs_the_layer_as_one_op_with_its_policy(batch, rng):
+def test_auto_in_a_graph_runs_the_layer_as_one_op_with_its_policy(batch, rng, monkeypatch):
     # No policy product of TensorFlow's: the op decides the blocks itself.
+    # Kernels taken as built for AVX2, two threads: no dense fallback in the
+    # graph (its branch has a product; the test below has it).
+    engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
+    monkeypatch.setattr(engine, "native_vector_lanes", lambda: 8)
+    monkeypatch.setattr(engine, "intra_op_threads", lambda: 2)
     inputs = keras.Input((16,))
     model = keras.Model(inputs, GatedDense(32, blocks=4, activation="relu", seed=1)(inputs))
     x = rng.normal(size=(batch, 16)).astype("float32")

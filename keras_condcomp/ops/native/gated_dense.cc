@@ -338,8 +338,8 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
   constexpr int C = W > 0 ? W / kLanes : 1;
   constexpr int U = std::max(1, std::min(T >= 4 ? 1 : 4 / T, kSumRegisters / (T * C)));
   Vector sums[U][T][C] = {};
-  auto add_row = [&](int u, int r) {
-    const float* row = kernel + r * stride;
+  auto add_row = [&](int u, int r, auto row_stride) {
+    const float* row = kernel + r * row_stride;
     Vector k[C];
     for (int c = 0; c < C; ++c) k[c] = Load<Vector>(row + c * kLanes);
     for (int t = 0; t < T; ++t) {
@@ -348,23 +348,30 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
     }
   };
   int i = 0;
-  if (rows == nullptr) {
-    const int far = static_cast<int>(
-        std::max<int64_t>(kAhead, kFarBytes / (stride * static_cast<int64_t>(sizeof(float)))));
+  // Every row in order: the rows kAhead and `far` on asked for now
+  // (prefetching is harmless past the end): 8-10% more memory throughput,
+  // one thread.
+  auto every_row = [&](auto row_stride) {
+    const int far = static_cast<int>(std::max<int64_t>(
+        kAhead, kFarBytes / (row_stride * static_cast<int64_t>(sizeof(float)))));
     for (; i + U <= row_count; i += U) {
       for (int u = 0; u < U; ++u) {
-        // The row kAhead rows on, asked for now (prefetching is harmless
-        // past the end): 8-10% more memory throughput, one thread.
-        const float* ahead = kernel + (i + u + kAhead) * stride;
+        const float* ahead = kernel + (i + u + kAhead) * row_stride;
         for (int line = 0; line < W; line += 16) __builtin_prefetch(ahead + line);
-        if (i + u + far < row_count) {
-          const float* further = kernel + (i + u + far) * stride;
-          for (int line = 0; line < W; line += 16) __builtin_prefetch(further + line, 0, 1);
-        }
-        add_row(u, i + u);
+        const float* further = kernel + (i + u + far) * row_stride;
+        for (int line = 0; line < W; line += 16) __builtin_prefetch(further + line, 0, 1);
+        add_row(u, i + u, row_stride);
       }
     }
-    for (; i < row_count; ++i) add_row(0, i);
+    for (; i < row_count; ++i) add_row(0, i, row_stride);
+  };
+  if (rows == nullptr && stride == W) {
+    // A block's own rows, contiguous: with the stride known, the loop keeps
+    // its pointers in registers (GCC 12 moved them through vector registers
+    // at every row).
+    every_row(std::integral_constant<int64_t, W>());
+  } else if (rows == nullptr) {
+    every_row(stride);
   } else {
     for (; i + U <= row_count; i += U) {
       for (int u = 0; u < U; ++u) {
@@ -372,10 +379,10 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
           const float* ahead = kernel + rows[i + u + kAhead] * stride;
           for (int line = 0; line < W; line += 16) __builtin_prefetch(ahead + line);
         }
-        add_row(u, rows[i + u]);
+        add_row(u, rows[i + u], stride);
       }
     }
-    for (; i < row_count; ++i) add_row(0, rows[i]);
+    for (; i < row_count; ++i) add_row(0, rows[i], stride);
   }
   for (int t = 0; t < T; ++t) {
     for (int u = 1; u < U; ++u) {
