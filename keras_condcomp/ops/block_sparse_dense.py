@@ -21,10 +21,10 @@ Paths (TensorFlow graphs; one trace serves every batch size):
   compiled on first use): the active blocks' products, reading only the
   kernel rows of each example's non-zero inputs. `"auto"` runs it wherever
   the kernels are built, except above batch 1 when nearly every pair is
-  active (then `"masked"`): with kernels built for AVX-512 from 7/8 of
-  the pairs, with others on one thread for blocks of 64 units or more from
-  15/16 (`native_fallback_fraction`); the rules below are `"auto"`'s
-  without them.
+  active (then `"masked"`): with kernels built for AVX2, on one thread,
+  for blocks of 64 units or more, from 15/16 of the pairs
+  (`native_fallback_fraction`); the rules below are `"auto"`'s without
+  them.
 - `"per_example"`: every (example, active block) pair reads its own
   weights, restricted to that example's non-zero inputs. Above batch 1 the
   inputs are taken by chunks of `chunk` rows (the block size, or the
@@ -182,10 +182,8 @@ _INPUT_SPARSITY_THRESHOLD = 0.5
 # at least this fraction of the (example, block) pairs is active.
 _AUTO_MAX_FRACTION = 0.5
 # The same on the native kernels, above batch 1 (`native_fallback_fraction`):
-# built for AVX-512, `_NATIVE_AUTO_MAX_FRACTION`; built otherwise, on one
-# thread, `_NATIVE_ONE_THREAD_FALLBACK_FRACTION` for blocks of at least
-# `_NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK` units.
-_NATIVE_AUTO_MAX_FRACTION = 7 / 8
+# built for AVX2, on one thread, `_NATIVE_ONE_THREAD_FALLBACK_FRACTION` for
+# blocks of at least `_NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK` units.
 _NATIVE_ONE_THREAD_FALLBACK_FRACTION = 15 / 16
 _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK = 64
 
@@ -1023,15 +1021,18 @@ def _native(problem):
 def native_fallback_fraction(block_size):
     """Above batch 1, the fraction of active (example, block) pairs from
     which `"auto"` on the native kernels runs the dense fallback instead,
-    for blocks of `block_size` units: 7/8 with kernels built for AVX-512;
-    otherwise 15/16 on one thread (`intra_op_threads`) for blocks of at
-    least 64 units, else 0 (never).
+    for blocks of `block_size` units: with kernels built for AVX2, 15/16 on
+    one thread (`intra_op_threads`) for blocks of at least 64 units; else 0
+    (never).
 
-    With AVX-512 (a 2-core Xeon, one thread), the native op beat the dense
-    fallback up to 3/4 (Bengio MLP: 1.43x against 0.96x of Dense at 1/2,
-    batch 50; 1.29x against 1.07x at 3/4, batch 256; 784 -> 256
-    0.85x-0.97x against 0.80x-0.83x) and lost with every pair active (0.98x
-    against 1.06x at batch 256; 784 -> 256 0.74x against 0.80x).
+    With AVX-512 on a 2-core AMD EPYC (Zen 4, session 47, benchmark run,
+    batches 50 and 256, densities 7/8 and 1), the native op beat the dense
+    fallback in all 16 cells: one thread, Bengio MLP 0.98x-1.12x of Dense
+    against 0.84x-0.88x, 784 -> 256 0.89x-1.04x against 0.80x-0.86x; two
+    threads 0.82x-1.10x against 0.69x-0.83x. (On a 2-core Xeon, one thread,
+    with session 38's kernels, the fallback had won with every pair active,
+    0.98x against 1.06x at batch 256, so it ran from 7/8 on AVX-512 until
+    session 47.)
 
     With AVX2 (a 2-core AMD EPYC, session 43, the whole model's graph
     against Dense's, A/B in one process, batches 50 and 256, four runs
@@ -1050,9 +1051,8 @@ def native_fallback_fraction(block_size):
       two threads, 7/8 and 1, 0.85x-1.44x against 0.70x-0.94x; one run
       each).
     """
-    if native_vector_lanes() == 16:
-        return _NATIVE_AUTO_MAX_FRACTION
-    if intra_op_threads() == 1 and block_size >= _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK:
+    if (native_vector_lanes() == 8 and intra_op_threads() == 1
+            and block_size >= _NATIVE_ONE_THREAD_FALLBACK_MIN_BLOCK):
         return _NATIVE_ONE_THREAD_FALLBACK_FRACTION
     return 0.0
 
@@ -1095,8 +1095,8 @@ def _auto(problem):
         # The native op beat every other path at batch 1, at every density
         # (Bengio MLP, one thread: about 3x of Dense at 1/16 and 1.2x at 3/4,
         # against 2x and 0.9x for the TensorFlow paths); above batch 1 the
-        # dense fallback wins only where nearly every pair is active, on
-        # AVX-512 or on one thread for wide blocks (`native_fallback_fraction`;
+        # dense fallback wins only where nearly every pair is active, with
+        # AVX2 on one thread for wide blocks (`native_fallback_fraction`;
         # guide "How skipping runs fast").
         fraction = native_fallback_fraction(problem.block_size)
         if not fraction:

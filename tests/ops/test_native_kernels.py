@@ -547,9 +547,10 @@ def test_the_vector_lanes_are_those_the_cpu_was_built_for(monkeypatch):
 
 
 @pytest.mark.parametrize("lanes, threads, units, falls_back", [
-    (16, 2, 32, True), (8, 2, 32, False), (8, 1, 32, False), (8, 1, 256, True), (8, 2, 256, False),
+    (16, 1, 256, False), (16, 2, 32, False), (8, 2, 32, False), (8, 1, 32, False),
+    (8, 1, 256, True), (8, 2, 256, False),
 ])
-def test_a_layer_in_a_graph_keeps_the_dense_fallback_on_avx512_or_one_thread_and_wide_blocks(
+def test_a_layer_in_a_graph_keeps_the_dense_fallback_only_on_avx2_one_thread_and_wide_blocks(
     lanes, threads, units, falls_back, rng, monkeypatch
 ):
     engine = importlib.import_module("keras_condcomp.ops.block_sparse_dense")
@@ -575,8 +576,8 @@ def test_the_fused_op_names_a_wrong_fallback_fraction():
 
 
 @pytest.mark.parametrize("lanes, threads, block_size, active_blocks, path", [
-    # AVX-512: from 7/8 of the pairs, whatever the threads and blocks.
-    (16, 2, 2, 13, "native"), (16, 2, 2, 14, "masked"), (16, 1, 64, 14, "masked"),
+    # AVX-512: never, whatever the threads and blocks.
+    (16, 2, 2, 16, "native"), (16, 1, 64, 16, "native"), (16, 1, 128, 16, "native"),
     # AVX2: from 15/16, on one thread, for blocks of 64 units and more.
     (8, 1, 64, 14, "native"), (8, 1, 64, 15, "masked"), (8, 1, 128, 16, "masked"),
     (8, 2, 64, 16, "native"), (8, 1, 32, 16, "native"),
