@@ -368,7 +368,12 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
   if (rows == nullptr && stride == W) {
     // A block's own rows, contiguous: with the stride known, the loop keeps
     // its pointers in registers (GCC 12 moved them through vector registers
-    // at every row).
+    // at every row). With the far rows' bound check gone too, 784 -> 16 x
+    // 16 at density 3/4, AVX-512 on a 2-core AMD EPYC (Zen 4), the op
+    // before and after side by side, each against Dense: 0.82x -> 1.02x at
+    // batch 256 on one thread, 0.78x -> 0.92x-0.96x on two; 3072 -> 24 x
+    // 64 at 3/4, batch 50, 1.21x -> 1.30x (session 47; built for AVX2 there,
+    // level or ahead).
     every_row(std::integral_constant<int64_t, W>());
   } else if (rows == nullptr) {
     every_row(stride);
