@@ -404,26 +404,31 @@ void TileProduct(const float* const* x, const float* kernel, int64_t stride, int
 // `width` are neither read nor written (masked), where the other widths'
 // loop is scalar: the products of a Dense head of 10 units on the Bengio
 // MLP's sparse features at density 1/16, batch 50, in 11 us against 34 us.
-// The tile's sums are added to `acc` in loops unrolled at compile time:
-// until session 47 a loop over the last vector's lanes, a count known only
-// at run time, made GCC 12 keep every sum in memory, loaded and stored at
-// each row (a C++ harness, one thread, Zen 4, 256 x 1536 inputs, every
-// row: 10, 20 and 40 units 2.4x-2.6x faster, tiles of three 10 units
-// 3.8x).
+// The tile's sums are added to `acc` in loops unrolled at compile time, and
+// the rows run in one loop for each kind (every row, or through a list)
+// with the tile's examples unrolled: until session 47 a loop over the last
+// vector's lanes, a count known only at run time, made GCC 12 keep every
+// sum in memory, loaded and stored at each row, and with that loop alone
+// changed, tiles of one vector (up to 16 units) still did (a C++ harness,
+// one thread, Zen 4, 256 x 1536 inputs, every row: 10, 20 and 40 units
+// 2.4x-2.6x faster, tiles of three 10 units 3.8x).
 template <int C, int T>
 void MaskedTileProduct(const float* const* x, const float* kernel, int64_t stride, int width,
                        const int* rows, int row_count, float* acc) {
   const __mmask16 last = static_cast<__mmask16>((1u << (width - 16 * (C - 1))) - 1);
-  Vector16 sums[T][C] = {};
+  __m512 sums[T][C];
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < C; ++c) sums[t][c] = _mm512_setzero_ps();
+  }
   auto add_row = [&](const float* row, int r) {
-    Vector16 k[C];
-    for (int c = 0; c + 1 < C; ++c) k[c] = reinterpret_cast<Vector16>(_mm512_loadu_ps(row + 16 * c));
-    k[C - 1] = reinterpret_cast<Vector16>(_mm512_maskz_loadu_ps(last, row + 16 * (C - 1)));
+    __m512 k[C];
+    for (int c = 0; c + 1 < C; ++c) k[c] = _mm512_loadu_ps(row + 16 * c);
+    k[C - 1] = _mm512_maskz_loadu_ps(last, row + 16 * (C - 1));
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      const float v = x[t][r];
+      const __m512 v = _mm512_set1_ps(x[t][r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) sums[t][c] += v * k[c];
+      for (int c = 0; c < C; ++c) sums[t][c] = _mm512_fmadd_ps(v, k[c], sums[t][c]);
     }
   };
   if (rows == nullptr) {
@@ -448,7 +453,7 @@ void MaskedTileProduct(const float* const* x, const float* kernel, int64_t strid
       const __mmask16 lanes = c + 1 < C ? static_cast<__mmask16>(0xffff) : last;
       float* out = acc + t * width + 16 * c;
       const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, out),
-                                       reinterpret_cast<__m512>(sums[t][c]));
+                                       sums[t][c]);
       _mm512_mask_storeu_ps(out, lanes, sum);
     }
   }
