@@ -65,6 +65,11 @@ density, with the ideal line) to `--out` (default `benchmarks/results`;
     python benchmarks/gated_dense.py            # full run (about 20 minutes on 2 cores)
     python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
 
+The default shapes are the issue's three (`DEFAULT_SHAPES`); two more, of
+blocks wider than 64 units, run when named (`--shapes
+layer_1024_blocks_128 layer_1024_blocks_256`: 1024 -> 1024 in 8 or 4
+blocks).
+
 A full run can be made in parts (`--shapes`, `--threads`, `--out`), whose
 result files `--combine` then merges into `gated_dense.json` and its plot:
 
@@ -93,7 +98,12 @@ SHAPES = {
     "bengio_cifar10_mlp": (3072, [(1536, 24), (1536, 24)], 10),
     "layer_1024": (1024, [(1024, 16)], None),
     "mnist_784_256": (784, [(256, 16)], None),
+    # Not in the default grid: blocks wider than 64 units.
+    "layer_1024_blocks_128": (1024, [(1024, 8)], None),
+    "layer_1024_blocks_256": (1024, [(1024, 4)], None),
 }
+# The three shapes: the grid's default.
+DEFAULT_SHAPES = ("bengio_cifar10_mlp", "layer_1024", "mnist_784_256")
 DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
 BATCH_SIZES = (1, 50, 256)
 PATHS = ("auto", "native", "per_example", "grouped", "static_capacity")
@@ -322,7 +332,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
-                        help="default: all; --quick: bengio_cifar10_mlp")
+                        help=f"default: {', '.join(DEFAULT_SHAPES)}; --quick: bengio_cifar10_mlp")
     add_sweep_options(parser, DENSITIES, BATCH_SIZES, PATHS, QUICK)
     parser.add_argument("--repeats", type=int, default=30,
                         help="timed calls per path; 8x at batch 1")
@@ -347,7 +357,7 @@ def main(argv=None):
             parser.error(str(error))
         _write(args.out, "gated_dense", result)
         return
-    fill_defaults(args, {"shapes": SHAPES, "densities": DENSITIES, "batch_sizes": BATCH_SIZES,
+    fill_defaults(args, {"shapes": DEFAULT_SHAPES, "densities": DENSITIES, "batch_sizes": BATCH_SIZES,
                          "threads": (1, 0)}, QUICK)
     bad = [v for v in args.densities if not 0 < v <= 1]
     if bad:

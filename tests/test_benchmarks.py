@@ -162,6 +162,18 @@ def test_quick_keeps_the_options_given(monkeypatch, name, tmp_path):
     assert given.threads == quick.threads == full.threads == 1
 
 
+def test_the_wide_block_shapes_run_only_when_named(monkeypatch, tmp_path):
+    bench = _load("gated_dense")
+    seen = []
+    monkeypatch.setattr(bench, "_worker", seen.append)
+    bench.main(["--worker", "--out", str(tmp_path)])
+    bench.main(["--worker", "--shapes", "layer_1024_blocks_256", "--out", str(tmp_path)])
+    full, wide = seen
+    assert full.shapes == ["bengio_cifar10_mlp", "layer_1024", "mnist_784_256"]
+    assert wide.shapes == ["layer_1024_blocks_256"]
+    assert bench.SHAPES["layer_1024_blocks_256"] == (1024, [(1024, 4)], None)
+
+
 def test_every_block_major_product_form_is_the_dense_product():
     products = _load("block_major_products")
     rows = products.run([(6, 4, 3), (5, 2, 8)], [1, 3], repeats=1)
