@@ -42,7 +42,6 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/blocking_counter.h"
 #include "tensorflow/core/platform/threadpool.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace keras_condcomp {
 namespace {
@@ -143,15 +142,62 @@ constexpr int64_t kShardMinMacs = int64_t{1} << 22;
 // their rows in one order, the logits those of the whole batch in one.
 constexpr int64_t kChunkExamples = 12;
 
+// Calls work(i) for every item i in [0, items), shared among TensorFlow's
+// intra-op threads while the calling thread waits. The items are split
+// into one run of consecutive items a thread: each thread woken takes the
+// items of its own run in turn, then what is left of the others' (a
+// thread slow to wake takes fewer).
+//
+// Before session 48 the policy's chunks were taken in turn by the calling
+// thread and helpers, and the products shared by TensorFlow's Shard. Against
+// that, two threads, 2-core AMD EPYC Zen 4, the op before and after built
+// side by side, each call after one of Dense (guide "How skipping runs
+// fast"): 784 -> 16 x 16 at 3/4 0.88x-0.96x of the time at batch 50, 1.00x
+// at 256; the Bengio MLP's first layer at 1/16, batch 256, 0.93x-0.95x
+// (batches 1 and 50, and 3/4, 0.97x-0.99x), its second (inputs 1/16
+// non-zero) 0.96x at 256 and 1.01x at 50; 1024 -> 16 x 64 at 1/4 0.94x-0.95x.
+// At 784 -> 16 x 16, batch 256, items taken one at a time from the start
+// instead of in runs took 1.13x-1.40x the time, and the calling thread
+// taking its share too 1.02x-1.20x (a thread woken onto the caller's core,
+// as in 29% of calls at batch 50, shares it with a working caller), both
+// timed right after the op before them, which favours them; runs chosen by
+// the CPU a thread is on (the same blocks on a core from call to call) ran
+// as these.
+template <typename Work>
+void ShareAmongThreads(OpKernelContext* context, int64_t items, Work&& work) {
+  auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  const int threads = static_cast<int>(std::min<int64_t>(workers->num_threads, items));
+  if (threads <= 1) {
+    for (int64_t i = 0; i < items; ++i) work(i);
+    return;
+  }
+  std::vector<std::atomic<int64_t>> next(threads);
+  for (int run = 0; run < threads; ++run) next[run].store(items * run / threads);
+  auto take = [&](int first_run) {
+    for (int r = 0; r < threads; ++r) {
+      const int run = (first_run + r) % threads;
+      const int64_t end = items * (run + 1) / threads;
+      for (int64_t i = next[run].fetch_add(1); i < end; i = next[run].fetch_add(1)) work(i);
+    }
+  };
+  ::tensorflow::BlockingCounter done(threads);
+  for (int t = 0; t < threads; ++t) {
+    workers->workers->Schedule([&take, &done, t] {
+      take(t);
+      done.DecrementCount();
+    });
+  }
+  done.Wait();
+}
+
 // Calls work(first, last) for examples [first, last) covering the `batch`:
 // where `macs` (the work's multiply-adds) reach kShardMinMacs and there
-// are several intra-op threads, for chunks of about kChunkExamples, taken
-// in turn by the calling thread and the others, each taking the next chunk
-// left (a thread slow to wake takes fewer); else once for the whole batch
-// on the calling thread. (In chunks on one thread too, the Bengio MLP at
-// 1/16, batch 256, ran at 0.91x-1.08x of the op before, typically 0.97x,
-// in eleven paired runs; likely the policy's kernel, 295 KB, leaving the
-// core's cache between a chunk's scan and its logits.)
+// are several intra-op threads, for chunks of about kChunkExamples
+// (ShareAmongThreads); else once for the whole batch on the calling
+// thread. (In chunks on one thread too, the Bengio MLP at 1/16, batch 256,
+// ran at 0.91x-1.08x of the op before, typically 0.97x, in eleven paired
+// runs; likely the policy's kernel, 295 KB, leaving the core's cache
+// between a chunk's scan and its logits.)
 //
 // The GatedDense op's policy, shared so against its logits over the whole
 // batch on the calling thread (two threads, 2-core AMD EPYC with AVX2, the
@@ -164,29 +210,14 @@ constexpr int64_t kChunkExamples = 12;
 template <typename Work>
 void ForChunks(OpKernelContext* context, int64_t batch, int64_t macs, Work&& work) {
   const int64_t chunks = std::max<int64_t>(1, (batch + kChunkExamples - 1) / kChunkExamples);
-  auto* workers = context->device()->tensorflow_cpu_worker_threads();
-  const int helpers = macs < kShardMinMacs
-                          ? 0
-                          : static_cast<int>(std::min<int64_t>(workers->num_threads, chunks)) - 1;
-  if (helpers == 0) {
+  if (macs < kShardMinMacs ||
+      context->device()->tensorflow_cpu_worker_threads()->num_threads <= 1) {
     work(0, batch);
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto take = [&] {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      work(batch * c / chunks, batch * (c + 1) / chunks);
-    }
-  };
-  ::tensorflow::BlockingCounter done(helpers);
-  for (int t = 0; t < helpers; ++t) {
-    workers->workers->Schedule([&take, &done] {
-      take();
-      done.DecrementCount();
-    });
-  }
-  take();
-  done.Wait();
+  ShareAmongThreads(context, chunks, [&](int64_t c) {
+    work(batch * c / chunks, batch * (c + 1) / chunks);
+  });
 }
 
 // A tile of several examples reads every row of its block where the union
@@ -688,13 +719,12 @@ class BlockProducts {
     // thread cost more than the products at batch 1 (Bengio MLP, density
     // 1/16, two threads: 3.0x of Dense against 6.0x on one thread).
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    const int64_t macs = workers->num_threads <= 1 ? 0 : MostMacs(examples_of);
-    if (macs < kShardMinMacs) {
+    if (workers->num_threads <= 1 || MostMacs(examples_of) < kShardMinMacs) {
       work(0, static_cast<int64_t>(active.size()));
       return;
     }
-    ::tensorflow::Shard(workers->num_threads, workers->workers,
-                        static_cast<int64_t>(active.size()), macs / active.size(), work);
+    ShareAmongThreads(context, static_cast<int64_t>(active.size()),
+                      [&](int64_t a) { work(a, a + 1); });
   }
 
  private:
