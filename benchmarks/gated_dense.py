@@ -357,8 +357,8 @@ def main(argv=None):
             parser.error(str(error))
         _write(args.out, "gated_dense", result)
         return
-    fill_defaults(args, {"shapes": DEFAULT_SHAPES, "densities": DENSITIES, "batch_sizes": BATCH_SIZES,
-                         "threads": (1, 0)}, QUICK)
+    fill_defaults(args, {"shapes": DEFAULT_SHAPES, "densities": DENSITIES,
+                         "batch_sizes": BATCH_SIZES, "threads": (1, 0)}, QUICK)
     bad = [v for v in args.densities if not 0 < v <= 1]
     if bad:
         parser.error(f"--densities must be in (0, 1], got {bad}")
