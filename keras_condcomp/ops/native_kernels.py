@@ -302,6 +302,19 @@ def native_activation(activation):
     return None
 
 
+def _op_activation(activation):
+    """The ops' `activation` attribute for `activation`; a ValueError for one
+    they cannot apply (which the op would otherwise take as linear)."""
+    name = native_activation(activation)
+    if name is None:
+        raise ValueError(
+            "The native ops apply only `None`, `keras.activations.linear` or "
+            "`keras.activations.relu` (apply any other to their linear output). "
+            f"Received: activation={activation!r}"
+        )
+    return name
+
+
 def native_vector_lanes():
     """The floats in one vector of the native kernels as built: 16 where
     they were compiled for AVX-512, else 8; None when they are not in use.
@@ -353,6 +366,7 @@ def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, a
 
     Raises:
         RuntimeError: the ops are not available (`native_kernels_error()`).
+        ValueError: an activation other than None, linear or ReLU.
     """
     return native_gated_dense_or_fallback(
         inputs, policy_kernel, policy_bias, block_kernel, bias, activation
@@ -382,7 +396,7 @@ def native_gated_dense_or_fallback(
         )
     return _ops().keras_condcomp_gated_dense(
         inputs, policy_kernel, policy_bias, block_kernel, _bias(bias),
-        activation=native_activation(activation), fallback_fraction=float(fallback_fraction),
+        activation=_op_activation(activation), fallback_fraction=float(fallback_fraction),
     )
 
 
@@ -391,7 +405,7 @@ def native_block_sparse_dense(inputs, block_kernel, bias, block_mask, activation
     not 0, in one op; arguments as `keras_condcomp.ops.block_sparse_dense`'s
     (float32; `activation` as in `native_gated_dense`)."""
     return _ops().keras_condcomp_block_sparse_dense(
-        inputs, block_kernel, _bias(bias), block_mask, activation=native_activation(activation)
+        inputs, block_kernel, _bias(bias), block_mask, activation=_op_activation(activation)
     )
 
 
@@ -517,6 +531,6 @@ def native_dense(inputs, kernel, bias, activation=None):
     kernel rows of each example's non-zero inputs where few are (float32;
     `activation` as in `native_gated_dense`)."""
     return _ops().keras_condcomp_dense(
-        inputs, kernel, _bias(bias), activation=native_activation(activation)
+        inputs, kernel, _bias(bias), activation=_op_activation(activation)
     )
 

@@ -1,6 +1,8 @@
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -124,6 +126,76 @@ def test_the_policy_of_a_large_batch_decides_each_chunk_of_examples_as_the_refer
     assert 0.2 < mask.numpy().mean() < 0.8 and bool(computed.numpy())
     expected = masked_block_dense(x, kernel, bias, mask.numpy(), relu).numpy()
     np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+# Run in a fresh process: TensorFlow's thread counts are set before it starts.
+_MANY_THREADS_SCRIPT = """
+import keras, numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(8)
+tf.config.threading.set_inter_op_parallelism_threads(2)
+from keras_condcomp.ops import masked_block_dense, to_block_kernel
+from keras_condcomp.ops import native_kernels
+rng = np.random.default_rng(0)
+batch, input_dim, blocks, block_size = 300, 1100, 16, 8
+x = rng.normal(size=(batch, input_dim)).astype("float32")
+x[:100] *= rng.random((100, input_dim)) < 0.03
+policy_kernel = (rng.normal(size=(input_dim, blocks)) / input_dim ** 0.5).astype("float32")
+policy_bias = rng.normal(size=blocks).astype("float32")
+kernel = (rng.normal(size=(input_dim, blocks * block_size)) / input_dim ** 0.5).astype("float32")
+bias = rng.normal(size=blocks * block_size).astype("float32")
+relu = keras.activations.relu
+outputs, mask, computed = native_kernels.native_gated_dense_or_fallback(
+    x, policy_kernel, policy_bias, to_block_kernel(kernel, blocks), bias, relu)
+assert 0.2 < mask.numpy().mean() < 0.8 and bool(computed.numpy())
+expected = masked_block_dense(x, kernel, bias, mask.numpy(), relu).numpy()
+np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-5)
+logits = x.astype("float64") @ policy_kernel + policy_bias
+clear = np.abs(logits) > 1e-4
+np.testing.assert_array_equal(mask.numpy()[clear], (logits > 0)[clear])
+random_mask = (rng.random((batch, blocks)) < 0.6).astype("float32")
+got = native_kernels.native_block_sparse_dense(
+    x, to_block_kernel(kernel, blocks), bias, random_mask, relu)
+expected = masked_block_dense(x, kernel, bias, random_mask, relu).numpy()
+np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+print("exact on", tf.config.threading.get_intra_op_parallelism_threads(), "threads")
+"""
+
+
+def test_the_ops_are_exact_with_their_work_shared_among_eight_threads():
+    # Above 4M multiply-adds the policy's chunks and the blocks' products are
+    # shared among the intra-op threads; CI machines have two, so eight
+    # (oversubscribed) take the paths of more: wakes as a tree, runs of
+    # threads that help in the others'.
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY_THREADS_SCRIPT], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exact on 8 threads" in done.stdout
+
+
+def test_the_ops_refuse_an_activation_they_cannot_apply(rng):
+    # The op's attribute would otherwise be left linear: a silent wrong result.
+    x = rng.normal(size=(4, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 6)).astype("float32")
+    mask = np.ones((4, 2), "float32")
+    calls = {
+        "dense": lambda: native_dense(x, kernel, None, tf.nn.relu),
+        "block_sparse_dense": lambda: native_kernels.native_block_sparse_dense(
+            x, to_block_kernel(kernel, 2), None, mask, tf.nn.relu
+        ),
+        "gated_dense": lambda: native_gated_dense(
+            x, kernel[:, :2], np.zeros(2, "float32"), to_block_kernel(kernel, 2), None,
+            keras.activations.sigmoid,
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="Received: activation=<function"):
+            call()
+    np.testing.assert_allclose(
+        native_dense(x, kernel, None, keras.activations.relu).numpy(),
+        np.maximum(x @ kernel, 0), rtol=1e-5, atol=1e-5,
+    )
 
 
 def test_tiles_of_inputs_a_fifth_non_zero_read_every_row_or_the_union_of_theirs(rng):

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -180,13 +181,32 @@ void ShareAmongThreads(OpKernelContext* context, int64_t items, Work&& work) {
       for (int64_t i = next[run].fetch_add(1); i < end; i = next[run].fetch_add(1)) work(i);
     }
   };
+  // The threads are woken as a tree, as Eigen's parallelFor wakes them:
+  // the threads of [first, last) are woken by first's, which wakes those of
+  // the upper half and halves again, so that the last of many cores is not
+  // woken after all the others. (With two threads the calling thread wakes
+  // both.)
   ::tensorflow::BlockingCounter done(threads);
-  for (int t = 0; t < threads; ++t) {
-    workers->workers->Schedule([&take, &done, t] {
-      take(t);
-      done.DecrementCount();
-    });
-  }
+  std::function<void(int, int)> run;  // wakes the upper halves, takes run `first`
+  auto wake_upper_halves = [&](int first, int last) {
+    while (last - first > 1) {
+      const int middle = first + (last - first) / 2;
+      workers->workers->Schedule([&run, &done, middle, last] {
+        run(middle, last);
+        done.DecrementCount();
+      });
+      last = middle;
+    }
+  };
+  run = [&](int first, int last) {
+    wake_upper_halves(first, last);
+    take(first);
+  };
+  wake_upper_halves(0, threads);
+  workers->workers->Schedule([&take, &done] {
+    take(0);
+    done.DecrementCount();
+  });
   done.Wait();
 }
 
