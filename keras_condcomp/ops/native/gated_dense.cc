@@ -184,21 +184,21 @@ void ShareAmongThreads(OpKernelContext* context, int64_t items, Work&& work) {
   // The threads are woken as a tree, as Eigen's parallelFor wakes them:
   // the threads of [first, last) are woken by first's, which wakes those of
   // the upper half and halves again, so that the last of many cores is not
-  // woken after all the others. (With two threads the calling thread wakes
-  // both.)
+  // woken after all the others (untimed: only 2-core machines so far; with
+  // two threads the calling thread wakes both, as before).
   ::tensorflow::BlockingCounter done(threads);
-  std::function<void(int, int)> run;  // wakes the upper halves, takes run `first`
+  std::function<void(int, int)> wake_and_take;  // threads [first, last)
   auto wake_upper_halves = [&](int first, int last) {
     while (last - first > 1) {
       const int middle = first + (last - first) / 2;
-      workers->workers->Schedule([&run, &done, middle, last] {
-        run(middle, last);
+      workers->workers->Schedule([&wake_and_take, &done, middle, last] {
+        wake_and_take(middle, last);
         done.DecrementCount();
       });
       last = middle;
     }
   };
-  run = [&](int first, int last) {
+  wake_and_take = [&](int first, int last) {
     wake_upper_halves(first, last);
     take(first);
   };
