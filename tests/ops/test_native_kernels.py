@@ -179,17 +179,17 @@ def test_the_ops_refuse_an_activation_they_cannot_apply(rng):
     x = rng.normal(size=(4, 8)).astype("float32")
     kernel = rng.normal(size=(8, 6)).astype("float32")
     mask = np.ones((4, 2), "float32")
-    calls = {
-        "dense": lambda: native_dense(x, kernel, None, tf.nn.relu),
-        "block_sparse_dense": lambda: native_kernels.native_block_sparse_dense(
+    calls = [
+        lambda: native_dense(x, kernel, None, tf.nn.relu),
+        lambda: native_kernels.native_block_sparse_dense(
             x, to_block_kernel(kernel, 2), None, mask, tf.nn.relu
         ),
-        "gated_dense": lambda: native_gated_dense(
+        lambda: native_gated_dense(
             x, kernel[:, :2], np.zeros(2, "float32"), to_block_kernel(kernel, 2), None,
             keras.activations.sigmoid,
         ),
-    }
-    for name, call in calls.items():
+    ]
+    for call in calls:
         with pytest.raises(ValueError, match="Received: activation=<function"):
             call()
     np.testing.assert_allclose(
