@@ -388,6 +388,10 @@ def native_gated_dense_or_fallback(
     Returns:
         `(outputs, block_mask, computed)`: `(batch, units)` float32,
         `(batch, blocks)` float32 of 0 and 1, and a bool scalar.
+
+    Raises:
+        ValueError: `fallback_fraction` outside [0, 1], or an activation
+            other than None, linear or ReLU.
     """
     if not is_number(fallback_fraction) or not 0.0 <= fallback_fraction <= 1.0:
         raise ValueError(

@@ -102,12 +102,12 @@ def test_blocks_of_many_dense_tiles_are_multiplied_in_chunks_of_rows(
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [300, 301])
-def test_the_policy_of_a_large_batch_decides_each_chunk_of_examples_as_the_reference(batch, rng):
-    # 1100 inputs x 16 blocks: above batch 238 the policy's products reach
-    # 4M multiply-adds, and its chunks of about 12 examples are shared among
-    # the intra-op threads where there are several. Examples 0-99 are 3%
-    # non-zero (their own rows), the rest dense; 301 makes chunks of 11 and 12.
+def check_a_large_batch_against_the_reference(batch, rng):
+    """The fused op on 1100 inputs x 16 blocks of 8: above batch 238 the
+    policy's products reach 4M multiply-adds, and its chunks of about 12
+    examples are shared among the intra-op threads where there are several,
+    as are the blocks' products. Examples 0-99 are 3% non-zero (their own
+    rows), the rest dense. Returns the inputs and the Dense kernel and bias."""
     input_dim, blocks, block_size = 1100, 16, 8
     x = rng.normal(size=(batch, input_dim)).astype("float32")
     x[:100] *= rng.random((100, input_dim)) < 0.03
@@ -126,35 +126,31 @@ def test_the_policy_of_a_large_batch_decides_each_chunk_of_examples_as_the_refer
     assert 0.2 < mask.numpy().mean() < 0.8 and bool(computed.numpy())
     expected = masked_block_dense(x, kernel, bias, mask.numpy(), relu).numpy()
     np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-5)
+    return x, kernel, bias
+
+
+@pytest.mark.parametrize("batch", [300, 301])
+def test_the_policy_of_a_large_batch_decides_each_chunk_of_examples_as_the_reference(batch, rng):
+    # 301 makes chunks of 11 and 12.
+    check_a_large_batch_against_the_reference(batch, rng)
 
 
 # Run in a fresh process: TensorFlow's thread counts are set before it starts.
 _MANY_THREADS_SCRIPT = """
+import sys
 import keras, numpy as np, tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(8)
 tf.config.threading.set_inter_op_parallelism_threads(2)
+sys.path.insert(0, sys.argv[1])
 from keras_condcomp.ops import masked_block_dense, to_block_kernel
 from keras_condcomp.ops import native_kernels
+from tests.ops.test_native_kernels import check_a_large_batch_against_the_reference
 rng = np.random.default_rng(0)
-batch, input_dim, blocks, block_size = 300, 1100, 16, 8
-x = rng.normal(size=(batch, input_dim)).astype("float32")
-x[:100] *= rng.random((100, input_dim)) < 0.03
-policy_kernel = (rng.normal(size=(input_dim, blocks)) / input_dim ** 0.5).astype("float32")
-policy_bias = rng.normal(size=blocks).astype("float32")
-kernel = (rng.normal(size=(input_dim, blocks * block_size)) / input_dim ** 0.5).astype("float32")
-bias = rng.normal(size=blocks * block_size).astype("float32")
+x, kernel, bias = check_a_large_batch_against_the_reference(300, rng)
+random_mask = (rng.random((300, 16)) < 0.6).astype("float32")
 relu = keras.activations.relu
-outputs, mask, computed = native_kernels.native_gated_dense_or_fallback(
-    x, policy_kernel, policy_bias, to_block_kernel(kernel, blocks), bias, relu)
-assert 0.2 < mask.numpy().mean() < 0.8 and bool(computed.numpy())
-expected = masked_block_dense(x, kernel, bias, mask.numpy(), relu).numpy()
-np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-5, atol=1e-5)
-logits = x.astype("float64") @ policy_kernel + policy_bias
-clear = np.abs(logits) > 1e-4
-np.testing.assert_array_equal(mask.numpy()[clear], (logits > 0)[clear])
-random_mask = (rng.random((batch, blocks)) < 0.6).astype("float32")
 got = native_kernels.native_block_sparse_dense(
-    x, to_block_kernel(kernel, blocks), bias, random_mask, relu)
+    x, to_block_kernel(kernel, 16), bias, random_mask, relu)
 expected = masked_block_dense(x, kernel, bias, random_mask, relu).numpy()
 np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 print("exact on", tf.config.threading.get_intra_op_parallelism_threads(), "threads")
@@ -162,12 +158,12 @@ print("exact on", tf.config.threading.get_intra_op_parallelism_threads(), "threa
 
 
 def test_the_ops_are_exact_with_their_work_shared_among_eight_threads():
-    # Above 4M multiply-adds the policy's chunks and the blocks' products are
-    # shared among the intra-op threads; CI machines have two, so eight
-    # (oversubscribed) take the paths of more: wakes as a tree, runs of
-    # threads that help in the others'.
+    # CI machines have two intra-op threads, so eight (oversubscribed) take
+    # the sharing's paths of more: wakes as a tree, runs of threads that
+    # help in the others'.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
-        [sys.executable, "-c", _MANY_THREADS_SCRIPT], capture_output=True, text=True,
+        [sys.executable, "-c", _MANY_THREADS_SCRIPT, root], capture_output=True, text=True,
         timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
