@@ -294,7 +294,17 @@ def native_kernels_disabled(reason="turned off by native_kernels_disabled()"):
 def native_activation(activation):
     """`"relu"` or `"linear"` where the ops apply `activation` themselves, or
     None where it must be applied to their output (None and `"linear"` are
-    linear)."""
+    linear). `activation` is a callable or a name, as Keras layers take it.
+
+    Examples:
+        >>> native_activation("relu"), native_activation(None), native_activation("tanh")
+        ('relu', 'linear', None)
+    """
+    if isinstance(activation, str):
+        try:
+            activation = keras.activations.get(activation)
+        except ValueError:  # not a Keras activation's name
+            return None
     if activation is None or activation is keras.activations.linear:
         return "linear"
     if activation is keras.activations.relu:
@@ -309,7 +319,8 @@ def _op_activation(activation):
     if name is None:
         raise ValueError(
             "The native ops apply only `None`, `keras.activations.linear` or "
-            "`keras.activations.relu` (apply any other to their linear output). "
+            "`keras.activations.relu` (or their names; apply any other to their "
+            "linear output). "
             f"Received: activation={activation!r}"
         )
     return name
@@ -359,7 +370,8 @@ def native_gated_dense(inputs, policy_kernel, policy_bias, block_kernel, bias, a
         policy_kernel: `(input_dim, blocks)`; policy_bias: `(blocks,)`.
         block_kernel: `(blocks, input_dim, block_size)` float32.
         bias: `(blocks * block_size,)` or None.
-        activation: a callable for which `native_activation` is not None.
+        activation: a callable or name for which `native_activation` is
+            not None (None, linear or ReLU).
 
     Returns:
         `(batch, blocks * block_size)` float32.

@@ -194,6 +194,25 @@ def test_the_ops_refuse_an_activation_they_cannot_apply(rng):
     )
 
 
+def test_the_ops_take_activation_names_as_keras_layers_do(rng):
+    x = rng.normal(size=(4, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 6)).astype("float32")
+    mask = np.ones((4, 2), "float32")
+    for name, expected in (("relu", np.maximum(x @ kernel, 0)), ("linear", x @ kernel)):
+        np.testing.assert_allclose(
+            native_dense(x, kernel, None, name).numpy(), expected, rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            native_kernels.native_block_sparse_dense(
+                x, to_block_kernel(kernel, 2), None, mask, name
+            ).numpy(),
+            expected, rtol=1e-5, atol=1e-5,
+        )
+    for name in ("tanh", "no_such_activation"):
+        with pytest.raises(ValueError, match=f"Received: activation='{name}'"):
+            native_dense(x, kernel, None, name)
+
+
 def test_tiles_of_inputs_a_fifth_non_zero_read_every_row_or_the_union_of_theirs(rng):
     # Examples 0-17: a quarter of their inputs non-zero anywhere (tiled as
     # dense inputs; a tile's union is most rows, so it reads every row).
