@@ -5,8 +5,9 @@ ReLU of 64, 128 and 128 filters in 8 groups, 2x2 max pooling after the first
 two (`--stack full-resolution`: none, 32x32 feature maps throughout, 4x the
 work a call), global average pooling and a 10-unit dense head. For each
 density and batch size, one process times each of these against `conv2d`
-alone, the two alternating call by call after a warm-up, median of many
-calls:
+alone, the two alternating call by call after a warm-up
+(`keras_condcomp.speed.WARMUP_CALLS` calls of each: a graph's steady
+speed; 3 until session 48), median of many calls:
 
 - `conv2d`: the same-width `keras.layers.Conv2D` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
@@ -312,12 +313,12 @@ def _worker(args):
             # Each layer's path chosen by timing for this batch size.
             calls["tuned"], _ = tuned_inference(gated, data[: max(32, batch)], batch, repeats=10)
             # Each against Conv2D alone (see benchmarks/gated_dense.py).
-            timed = paired_latencies(calls, "conv2d", batches, repeats=repeats, warmup=3)
+            timed = paired_latencies(calls, "conv2d", batches, repeats=repeats)
             # `model(x)` called eagerly (see benchmarks/gated_dense.py).
             eager = median_latencies({
                 "conv2d": lambda x: dense(x, training=False).numpy(),
                 "eager": lambda x: gated(x, training=False).numpy(),
-            }, batches, repeats=repeats, warmup=3)
+            }, batches, repeats=repeats)
             timed["eager"] = (eager["eager"], eager["conv2d"])
             for name, (seconds, paired_conv2d) in timed.items():
                 rows.append({

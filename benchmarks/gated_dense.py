@@ -2,7 +2,13 @@
 
 For each shape, density and batch size, one process times each of these
 against `dense` alone, the two alternating call by call after a warm-up,
-median of many calls (the `dense` row is the median of its pairs):
+median of many calls (the `dense` row is the median of its pairs). The
+warm-up is `keras_condcomp.speed.WARMUP_CALLS` (100) calls of each: until a
+graph's 90th call or so TensorFlow's executor hands each of its ops to
+another thread, which slowed the graphs of more ops (until session 48 the
+warm-up was 3 calls, and the gated paths were timed in that phase: 784 ->
+256 at 3/4, two threads, `"auto"` 0.90x-0.92x of Dense against 1.01x-1.06x
+after 100 calls):
 
 - `dense`: the same-width `keras.layers.Dense` stack (same kernels),
 - `masked`: the gated stack computing densely and masking (the reference),
@@ -56,6 +62,15 @@ share of the faster ones' time; `_tensor_inputs` in the result names).
 Threads are pinned before TensorFlow starts, in a fresh process per setting:
 `--threads 1` sets `tf.config.threading` intra-op and inter-op parallelism to
 1; `--threads 0` leaves TensorFlow's defaults (all cores).
+
+Each row records the vector lanes of the native kernels timed
+(`native_vector_lanes`: 16 built for AVX-512, 8 without it, None where no
+compiler built them). To time the AVX2 build on an AVX-512 machine, give
+the build a compiler that adds `-mno-avx512f` (its cache entry is its own,
+keyed by the compiler's path):
+
+    printf '#!/bin/sh\nexec c++ "$@" -mno-avx512f\n' > /tmp/cxx-avx2 && chmod +x /tmp/cxx-avx2
+    CXX=/tmp/cxx-avx2 python benchmarks/gated_dense.py --paths auto native
 
 Writes `gated_dense.json` and `gated_dense.png` (speedup over dense vs
 density, with the ideal line) to `--out` (default `benchmarks/results`;
@@ -188,7 +203,7 @@ def _worker(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     from keras_condcomp.models import compact_inference
     from keras_condcomp.ops import forced_execution
-    from keras_condcomp.ops.native_kernels import native_kernels_disabled
+    from keras_condcomp.ops.native_kernels import native_kernels_disabled, native_vector_lanes
     from keras_condcomp.speed import (
         median_latencies, numpy_calls, paired_latencies, timed_batches, tuned_inference,
     )
@@ -248,13 +263,13 @@ def _worker(args):
                 # alternation would find the tiles the previous path read for
                 # the same batch still in cache (measured: +30% for "auto" at
                 # batch 1, none at batch 50).
-                timed = paired_latencies(calls, "dense", batches, repeats=repeats, warmup=3)
+                timed = paired_latencies(calls, "dense", batches, repeats=repeats)
                 # `model(x)` called eagerly, as a new user first does (each
                 # gated layer runs as one compiled graph), against Dense eagerly.
                 eager = median_latencies({
                     "dense": lambda x: dense(x, training=False).numpy(),
                     "eager": lambda x: gated(x, training=False).numpy(),
-                }, batches, repeats=repeats, warmup=3)
+                }, batches, repeats=repeats)
                 timed["eager"] = (eager["eager"], eager["dense"])
                 ideal = _ideal_speedup(shape, layer_densities)
                 for name, (seconds, paired_dense) in timed.items():
@@ -264,6 +279,9 @@ def _worker(args):
                         "batch": batch, "threads": args.threads or "all", "path": name,
                         "seconds": seconds, "speedup": paired_dense / seconds,
                         "ideal_speedup": ideal, "weight_memory_ratio": memory,
+                        # 16: the native kernels built for AVX-512, 8: without
+                        # it (AVX2); None: not built (no compiler).
+                        "native_vector_lanes": native_vector_lanes(),
                     })
                 print(json.dumps({"progress": f"{shape} d={density:.3f} b={batch}"}), file=sys.stderr)
     print(json.dumps(rows))
@@ -395,6 +413,8 @@ def _write(out, name, result):
     shapes = sorted({r["shape"] for r in rows})
     print("weight memory gated/dense: " + ", ".join(
         f"{s} {next(r['weight_memory_ratio'] for r in rows if r['shape'] == s):.3f}x" for s in shapes))
+    lanes = sorted({str(r.get("native_vector_lanes", "not recorded")) for r in rows})
+    print(f"native kernels' vector lanes: {', '.join(lanes)}")
 
 
 def _combined(paths):
@@ -402,11 +422,12 @@ def _combined(paths):
 
     Raises ValueError naming the file that is unreadable, is not a result of
     this benchmark, was made on another CPU (as recorded; files from before
-    session 39 record none), with another number of cores or with the other
-    kind of input, or times a setting (shape, threads, batch, density, path)
-    that another file times.
+    session 39 record none), with another number of cores, with the other
+    kind of input or with native kernels of other vector lanes (where
+    recorded: since session 49), or times a setting (shape, threads, batch,
+    density, path) that another file times.
     """
-    rows, seen, kinds, cores, cpus = [], {}, set(), set(), set()
+    rows, seen, kinds, cores, cpus, lanes = [], {}, set(), set(), set(), set()
     for path in paths:
         try:
             with open(path) as f:
@@ -428,6 +449,14 @@ def _combined(paths):
                 f"--combine file {path!r} differs from the ones before in its kind of input, "
                 f"cpu_count or cpu (tensor_inputs={result.get('tensor_inputs', False)}, "
                 f"cpu_count={result.get('cpu_count')}, cpu={result.get('cpu')!r})"
+            )
+        lanes.update(
+            str(row["native_vector_lanes"]) for row in result["rows"] if "native_vector_lanes" in row
+        )
+        if len(lanes) > 1:
+            raise ValueError(
+                f"--combine file {path!r} times native kernels built for other vector "
+                f"lanes than the files before it (native_vector_lanes: {sorted(lanes)})"
             )
         for row in result["rows"]:
             key = tuple(str(row.get(k)) for k in ("shape", "threads", "batch", "density", "path"))

@@ -18,12 +18,29 @@ import numpy as np
 from keras_condcomp._arguments import check_non_negative_int, check_positive_int
 
 __all__ = [
-    "evict_caches", "median_latencies", "measure_models_speed", "numpy_calls",
+    "WARMUP_CALLS", "evict_caches", "median_latencies", "measure_models_speed", "numpy_calls",
     "paired_latencies", "timed_batches", "tuned_inference",
 ]
 
+# Untimed calls of each function before timing (the default `warmup`): what
+# a graph needs to reach its steady speed. TensorFlow's executor hands every
+# op of a graph to its inter-op threads (a thread hop each) until the op's
+# cost estimate falls below 8000 cycles; the estimate starts at 100M cycles
+# and each call's cycles weigh a tenth, so an op of a few microseconds (a
+# variable's read) is run in line only from about its 90th call. A graph of
+# more ops pays more hops until then: 784 -> 16 x 16 GatedDense at density
+# 3/4, batch 50, two threads, ran at 0.85x of Dense in calls 20-100 and 1.2x
+# from call 100 on (session 49; with 3 warm-up calls before, the benchmarks
+# timed that phase).
+WARMUP_CALLS = 100
+# Untimed calls of both functions at the start of each of
+# `paired_latencies`' pairs, once every function is warm.
+PAIR_WARMUP = 3
 
-def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, before_call=None):
+
+def median_latencies(
+    functions, inputs, repeats=50, warmup=WARMUP_CALLS, consecutive=1, before_call=None
+):
     """Median seconds per call of each function, called in alternation.
 
     Args:
@@ -31,7 +48,8 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
         inputs: a list of batches; call `r` of every function gets
             `inputs[r % len(inputs)]`, so all see the same data.
         repeats: timed calls per function.
-        warmup: untimed calls per function first.
+        warmup: untimed calls per function first (`WARMUP_CALLS`: a graph's
+            steady speed).
         consecutive: calls of a function in a row before the next one's
             turn: 1 alternates call by call (each function finds the caches
             as the others left them); more times each in its own steady
@@ -49,13 +67,8 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
     """
     for name, value in (("repeats", repeats), ("consecutive", consecutive)):
         check_positive_int(name, value)
-    check_non_negative_int("warmup", warmup)
-    if not len(inputs):
-        raise ValueError("`inputs` must hold at least one input. Received: 0")
     names = list(functions)
-    for r in range(warmup):
-        for name in names:
-            functions[name](inputs[r % len(inputs)])
+    _warm_up(functions.values(), inputs, warmup)
     times = {name: [] for name in names}
     for turn, first in enumerate(range(0, repeats, consecutive)):
         calls = range(first, min(first + consecutive, repeats))
@@ -70,6 +83,16 @@ def median_latencies(functions, inputs, repeats=50, warmup=5, consecutive=1, bef
                 functions[name](batch)
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def _warm_up(functions, inputs, warmup):
+    """Calls each of `functions` `warmup` times, in turn, on `inputs` in turn."""
+    check_non_negative_int("warmup", warmup)
+    if not len(inputs):
+        raise ValueError("`inputs` must hold at least one input. Received: 0")
+    for r in range(warmup):
+        for function in functions:
+            function(inputs[r % len(inputs)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,7 +161,7 @@ def timed_batches(x, batch_size, repeats):
     return [x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
 
 
-def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **options):
+def paired_latencies(functions, reference, inputs, repeats=50, warmup=WARMUP_CALLS, **options):
     """Median seconds of each function timed against `reference` alone.
 
     Each function alternates with `functions[reference]` only
@@ -153,7 +176,9 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **optio
             against.
         inputs: a list of batches, as for `median_latencies`.
         repeats: timed calls per function and pair.
-        warmup: untimed calls per function and pair first.
+        warmup: untimed calls of each function before the first pair (a
+            graph's steady speed, `WARMUP_CALLS`); each pair then starts
+            with `PAIR_WARMUP` untimed calls of both, for the caches.
         **options: `consecutive` and `before_call`, passed to
             `median_latencies`.
 
@@ -176,13 +201,14 @@ def paired_latencies(functions, reference, inputs, repeats=50, warmup=5, **optio
             "`functions` must hold `reference` and at least one other function. "
             f"Received: reference={reference!r}, functions {sorted(functions)}"
         )
+    _warm_up(functions.values(), inputs, warmup)  # each once, not again in every pair
     results, reference_seconds = {}, []
     for name, function in functions.items():
         if name == reference:
             continue
         pair = median_latencies(
-            {reference: functions[reference], name: function}, inputs, repeats, warmup,
-            **options,
+            {reference: functions[reference], name: function}, inputs, repeats,
+            min(warmup, PAIR_WARMUP), **options,
         )
         results[name] = (pair[name], pair[reference])
         reference_seconds.append(pair[reference])

@@ -118,6 +118,15 @@ def test_dense_results_combine_into_one_file(tmp_path):
     other_cpu = _write_result(tmp_path / "other_cpu.json", [], cpu="AMD EPYC (AVX2)")
     with pytest.raises(ValueError, match=r"other_cpu.json.*cpu='AMD EPYC \(AVX2\)'"):
         bench._combined([one, other_cpu])
+    avx512 = _write_result(
+        tmp_path / "avx512.json", [dict(row(1, "masked", 0.9), native_vector_lanes=16)]
+    )
+    avx2 = _write_result(
+        tmp_path / "avx2.json", [dict(row(1, "native", 0.9), native_vector_lanes=8)]
+    )
+    assert len(bench._combined([one, avx512])["rows"]) == 3  # `one` records no lanes
+    with pytest.raises(ValueError, match=r"avx2.json.*other vector lanes.*'16', '8'"):
+        bench._combined([one, avx512, avx2])
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read --combine file .*broken.json"):

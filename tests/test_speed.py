@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from keras_condcomp.speed import evict_caches, median_latencies, numpy_calls, paired_latencies
+from keras_condcomp.speed import (
+    PAIR_WARMUP, evict_caches, median_latencies, numpy_calls, paired_latencies,
+)
 
 
 def test_paired_latencies_time_each_function_against_the_reference_alone():
@@ -16,10 +18,27 @@ def test_paired_latencies_time_each_function_against_the_reference_alone():
     timed = paired_latencies(functions, "reference", [1, 2], repeats=3, warmup=1)
     assert set(timed) == {"reference", "a", "b"}
     assert all(len(pair) == 2 and min(pair) >= 0 for pair in timed.values())
-    # "a" and "b" never run in one alternation, and each input reaches every function.
-    first_b = next(i for i, (name, _) in enumerate(seen) if name == "b")
-    assert all(name != "a" for name, _ in seen[first_b:])
+    # After one warm-up call each, "a" and "b" never run in one alternation,
+    # and each input reaches every function.
+    assert [name for name, _ in seen[:3]] == ["reference", "a", "b"]
+    timed_calls = seen[3:]
+    first_b = next(i for i, (name, _) in enumerate(timed_calls) if name == "b")
+    assert all(name != "a" for name, _ in timed_calls[first_b:])
     assert {batch for name, batch in seen if name == "b"} == {1, 2}
+
+
+def test_paired_latencies_warm_every_function_up_once_then_each_pair_briefly():
+    # A graph needs about 90 calls to reach its steady speed (WARMUP_CALLS):
+    # given once to each function, not again to the reference in every pair.
+    seen = []
+    functions = {name: (lambda batch, name=name: seen.append(name)) for name in ("ref", "a", "b")}
+    paired_latencies(functions, "ref", [0], repeats=2, warmup=10)
+    assert seen[:30] == ["ref", "a", "b"] * 10
+    per_pair = PAIR_WARMUP + 2
+    assert seen.count("a") == seen.count("b") == 10 + per_pair
+    assert seen.count("ref") == 10 + 2 * per_pair
+    with pytest.raises(ValueError, match="`inputs` must hold at least one input"):
+        paired_latencies(functions, "ref", [], repeats=2)
 
 
 def test_median_latencies_runs_consecutive_calls_and_the_untimed_hook():
