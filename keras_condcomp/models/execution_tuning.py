@@ -24,8 +24,10 @@ def tune_execution(model, x, batch_size=1, repeats=30):
     `"auto"`, `"static_capacity"`, and `"native"` where the native kernels
     are not built), times the whole model on `x` in
     batches of `batch_size` for each, side by side and alternating, and
-    keeps the fastest (median of `repeats` calls) before moving to the next
-    layer. The choice is part of each layer's config, so it is saved with
+    keeps the fastest (median of `repeats` calls, after
+    `keras_condcomp.speed.WARMUP_CALLS` untimed calls of each path: a new
+    graph runs slower for its first 90 calls or so) before moving to the
+    next layer. The choice is part of each layer's config, so it is saved with
     the model.
 
     Run it under the thread settings you will deploy with. Graphs traced
