@@ -18,8 +18,8 @@ import numpy as np
 from keras_condcomp._arguments import check_non_negative_int, check_positive_int
 
 __all__ = [
-    "WARMUP_CALLS", "evict_caches", "median_latencies", "measure_models_speed", "numpy_calls",
-    "paired_latencies", "timed_batches", "tuned_inference",
+    "PAIR_WARMUP", "WARMUP_CALLS", "evict_caches", "median_latencies", "measure_models_speed",
+    "numpy_calls", "paired_latencies", "timed_batches", "tuned_inference",
 ]
 
 # Untimed calls of each function before timing (the default `warmup`): what
