@@ -158,12 +158,14 @@ constexpr int64_t kChunkExamples = 12;
 // (batches 1 and 50, and 3/4, 0.97x-0.99x), its second (inputs 1/16
 // non-zero) 0.96x at 256 and 1.01x at 50; 1024 -> 16 x 64 at 1/4 0.94x-0.95x.
 // At 784 -> 16 x 16, batch 256, items taken one at a time from the start
-// instead of in runs took 1.13x-1.40x the time, and the calling thread
-// taking its share too 1.02x-1.20x (a thread woken onto the caller's core,
-// as in 29% of calls at batch 50, shares it with a working caller), both
-// timed right after the op before them, which favours them; runs chosen by
-// the CPU a thread is on (the same blocks on a core from call to call) ran
-// as these.
+// instead of in runs took 1.13x-1.40x the time (timed right after the op
+// before them, which favours them); runs chosen by the CPU a thread is on
+// (the same blocks on a core from call to call) ran as these. The calling
+// thread taking a run itself, one thread fewer woken, took 1.06x / 1.02x
+// the time at batches 50 / 256, and 1.20x / 1.04x spinning at the end
+// instead of sleeping (session 49, each variant after a Dense call, order
+// reversed every round; a thread woken onto the caller's core, as in 29%
+// of calls at batch 50, shares it with a working caller).
 template <typename Work>
 void ShareAmongThreads(OpKernelContext* context, int64_t items, Work&& work) {
   auto* workers = context->device()->tensorflow_cpu_worker_threads();
