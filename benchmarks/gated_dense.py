@@ -29,6 +29,12 @@ after 100 calls):
 - `eager`: `model(x)` called eagerly, outside any `tf.function` (each gated
   layer then runs as one compiled graph), timed against the Dense stack
   called eagerly (its speedup is over that, not over `dense`),
+- `tf_dense_copy`: the gated stack as TensorFlow ops on a copy of each
+  gated kernel in Dense's layout (twice the kernels' memory, so not a path
+  of the engine): the policy's mask, Dense's product, the skipped blocks
+  zeroed. What `auto_tf` could reach where it falls back to the dense
+  product, had it such a copy (the engine's fallback reads the block-major
+  kernel, of which no 2-D view is Dense's),
 - two bounds, as speedups over dense in the `call` and `stream` columns:
   `floor_call`, a graph that only slices its input (the fixed cost of a
   call: no graph beats dense by more), and `floor_stream`, a graph that
@@ -185,6 +191,31 @@ def _weight_bytes(model):
     return int(sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
 
 
+def _dense_copy_stack(gated):
+    """The gated stack as TensorFlow ops on its gated kernels copied to
+    Dense's layout (`tf_dense_copy`)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_condcomp.layers import GatedDense
+    from keras_condcomp.ops.masked_reference import zero_skipped_blocks
+
+    copies = {id(layer): tf.Variable(layer.kernel) for layer in gated.layers[1:]
+              if isinstance(layer, GatedDense)}
+
+    def call(x):
+        for layer in gated.layers[1:]:
+            if isinstance(layer, GatedDense):
+                outputs = tf.nn.bias_add(tf.matmul(x, copies[id(layer)]), layer.bias)
+                outputs = keras.activations.get(layer.activation)(outputs)
+                x = zero_skipped_blocks(outputs, layer.block_mask(x))
+            else:
+                x = layer(x, training=False)
+        return x
+
+    return call
+
+
 def _dense_ops(dense, x):
     """The Dense stack's inference as eager TensorFlow ops."""
     import tensorflow as tf
@@ -242,6 +273,11 @@ def _worker(args):
                     lambda x: x[:, :1] + tf.add_n([tf.reduce_sum(k) for k in kernels]),
                     input_signature=[spec],
                 )
+                functions["tf_dense_copy"] = tf.function(_dense_copy_stack(gated),
+                                                         input_signature=[spec])
+                reference = functions["tf_dense_copy"](batches[0]).numpy()
+                if not np.allclose(reference, gated(batches[0], training=False), atol=1e-4):
+                    sys.exit(f"tf_dense_copy differs from the gated model ({shape}, batch {batch})")
                 paths = ("masked",) + tuple(args.paths)
                 for path in paths:
                     widest = batch * density * sum(b for _, b in SHAPES[shape][1]) * input_dim * 64
@@ -292,7 +328,7 @@ def _table(rows):
              f"{'auto':>6} {'tuned':>6} {'compact':>7} {'native':>6} {'auto_tf':>7} {'per_ex':>6} "
              f"{'grouped':>7} {'static':>6} {'masked':>6} "
              f"{'ideal':>6} {'auto/ideal':>10} {'call':>6} {'stream':>6} {'eager':>6} "
-             f"{'dense_ops':>9}"]
+             f"{'dense_ops':>9} {'tf_dense_copy':>13}"]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["shape"], r["threads"], r["batch"], r["density"]), {})[r["path"]] = r
@@ -309,7 +345,7 @@ def _table(rows):
             f"{ideal:>5.1f}x "
             f"{paths['auto']['speedup'] / ideal if 'auto' in paths else float('nan'):>10.2f} "
             f"{sp('floor_call'):>6} {sp('floor_stream'):>6} {sp('eager'):>6} "
-            f"{sp('dense_ops'):>9}"
+            f"{sp('dense_ops'):>9} {sp('tf_dense_copy'):>13}"
         )
     return "\n".join(lines)
 
