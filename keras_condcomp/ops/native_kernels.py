@@ -28,10 +28,13 @@ needed (about 25 s on a 2-core Xeon), by the C++ compiler `$CXX` (default
 `c++`), into a cache directory: `$KERAS_CONDCOMP_CACHE_DIR`, else
 `$XDG_CACHE_HOME/keras_condcomp`, else `~/.cache/keras_condcomp`. A file
 built for another source, TensorFlow version, compiler or CPU is not reused.
-Where no compiler works, a warning says why once and the engine runs its
-TensorFlow paths instead; `KERAS_CONDCOMP_NATIVE=0` turns the ops off.
 `build_native_kernels()` builds them ahead of use (`make` does, after
-installing the package).
+installing the package). Where no compiler works (a slim container, say),
+the newest file in the cache built for this source, TensorFlow version and
+CPU by any compiler is loaded: one built by `build_native_kernels()` on a
+machine of the same CPU, with the same TensorFlow, and copied there. Where
+there is none, a warning says why once and the engine runs its TensorFlow
+paths instead. `KERAS_CONDCOMP_NATIVE=0` turns the ops off.
 """
 
 import contextlib
@@ -129,19 +132,39 @@ def _compiler_version(compiler):
     return result.stdout.splitlines()[0] if result.stdout else ""
 
 
-def _library_path(compiler):
-    """Where the ops built by `compiler` for this source, TensorFlow and CPU live."""
+def _without_paths(flags):
+    """TensorFlow's build flags less its include and library folders."""
+    return [flag for flag in flags if not flag.startswith(("-I", "-L"))]
+
+
+def _platform_key():
+    """What a built file must match to load here: this source, TensorFlow's
+    version and flags, the machine and CPU. Not where TensorFlow is
+    installed, nor the compiler: a file built elsewhere loads."""
     key = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(), tf.__version__.encode(),
-        repr(tf.sysconfig.get_compile_flags()).encode(),
-        repr(tf.sysconfig.get_link_flags()).encode(), compiler.encode(),
-        _compiler_version(compiler).encode(), platform.machine().encode(), _cpu_flags().encode(),
-        repr(_ARCHITECTURE_FLAGS).encode(),
+        repr(_without_paths(tf.sysconfig.get_compile_flags())).encode(),
+        repr(_without_paths(tf.sysconfig.get_link_flags())).encode(),
+        platform.machine().encode(), _cpu_flags().encode(), repr(_ARCHITECTURE_FLAGS).encode(),
     ):
         key.update(part)
         key.update(b"\0")
-    return _cache_dir() / f"gated_dense-{key.hexdigest()[:20]}.so"
+    return key.hexdigest()[:20]
+
+
+def _library_path(compiler):
+    """Where the ops built by `compiler` for this platform live."""
+    built_by = hashlib.sha256(f"{compiler}\0{_compiler_version(compiler)}".encode())
+    return _cache_dir() / f"gated_dense-{_platform_key()}-{built_by.hexdigest()[:12]}.so"
+
+
+def _prebuilt_library():
+    """The newest file in the cache built for this platform by any
+    compiler, or None."""
+    built = sorted(_cache_dir().glob(f"gated_dense-{_platform_key()}-*.so"),
+                   key=lambda path: path.stat().st_mtime)
+    return built[-1] if built else None
 
 
 def _compile(compiler, target):
@@ -178,7 +201,9 @@ def build_native_kernels(force=False):
         force: compile again even when a built file exists.
 
     Returns:
-        The `pathlib.Path` of the shared library.
+        The `pathlib.Path` of the shared library. Copied into the cache of
+        a machine without a compiler, of the same CPU and TensorFlow
+        version, it is loaded there.
 
     Raises:
         RuntimeError: no C++ compiler, or the compiler failed (its last
@@ -215,7 +240,22 @@ def _exclusive(path):
 
 
 def _load():
-    target = build_native_kernels()
+    try:
+        target = build_native_kernels()
+    except RuntimeError as failure:
+        # No compiler here (a slim container, say): a file built elsewhere
+        # for this platform and copied into the cache.
+        target = _prebuilt_library()
+        if target is None:
+            others = len(list(_cache_dir().glob("gated_dense-*.so")))
+            raise RuntimeError(
+                f"{failure}; nor does {_cache_dir()} hold native kernels built for this "
+                f"TensorFlow version, CPU and keras_condcomp version (it holds {others} "
+                "built for others). Build them with build_native_kernels() on a machine "
+                "of this CPU that has a compiler and this TensorFlow, and copy the file "
+                "into that folder ($KERAS_CONDCOMP_CACHE_DIR)"
+            ) from failure
+        return tf.load_op_library(str(target))
     try:
         return tf.load_op_library(str(target))
     except tf.errors.NotFoundError:

@@ -1,5 +1,6 @@
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -460,6 +461,7 @@ def test_without_the_kernels_auto_runs_tensorflow_ops_and_native_is_refused(
     monkeypatch.setattr(native_kernels, "_state",
                         {"module": None, "error": None, "tried": False})
     monkeypatch.setenv("CXX", "no-such-compiler-here")
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path))  # no file built before
     with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
         assert load_native_kernels() is None
     assert "no-such-compiler-here" in native_kernels_error()
@@ -506,6 +508,60 @@ def test_a_file_that_does_not_load_is_built_again(monkeypatch, tmp_path):
     monkeypatch.setattr(native_kernels, "build_native_kernels", build)
     assert hasattr(native_kernels._load(), "keras_condcomp_gated_dense")
     assert forced == [False, True]
+
+
+_PREBUILT_SCRIPT = """
+import warnings
+import numpy as np
+from keras_condcomp.ops.native_kernels import load_native_kernels, native_dense
+warnings.simplefilter("error")  # no warning that the kernels are missing
+assert load_native_kernels() is not None
+rng = np.random.default_rng(0)
+x, kernel, bias = (rng.normal(size=shape).astype("float32") for shape in ((3, 5), (5, 4), (4,)))
+np.testing.assert_allclose(native_dense(x, kernel, bias, "relu").numpy(),
+                           np.maximum(x @ kernel + bias, 0), rtol=1e-5, atol=1e-5)
+print("loaded without a compiler")
+"""
+
+
+def test_without_a_compiler_kernels_built_elsewhere_and_copied_load(tmp_path):
+    # A slim container: the kernels built where a compiler is, the file
+    # copied into its cache. A fresh process (this one has them loaded).
+    shutil.copy(build_native_kernels(), tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _PREBUILT_SCRIPT], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CXX": "no-such-compiler-here",
+             "KERAS_CONDCOMP_CACHE_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded without a compiler" in done.stdout
+    assert len(list(tmp_path.glob("*.so"))) == 1  # nothing built there
+
+
+def test_without_a_compiler_or_a_built_file_the_error_says_what_to_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    (tmp_path / "gated_dense-0123456789abcdef0123-0123456789ab.so").write_bytes(b"")  # another CPU's
+    with pytest.raises(RuntimeError, match=(
+            "no C\\+\\+ compiler: 'no-such-compiler-here'.*; nor does "
+            + re.escape(str(tmp_path)) + " hold native kernels built for this TensorFlow "
+            "version, CPU and keras_condcomp version \\(it holds 1 built for others\\)."
+            "*build_native_kernels\\(\\)")):
+        native_kernels._load()
+
+
+def test_a_built_file_is_for_a_cpu_and_tensorflow_not_for_an_install_folder(monkeypatch):
+    key = native_kernels._platform_key()
+    flags = tf.sysconfig.get_compile_flags()
+    moved = ["-I/elsewhere/include" if flag.startswith("-I") else flag for flag in flags]
+    assert moved != flags
+    monkeypatch.setattr(tf.sysconfig, "get_compile_flags", lambda: moved)
+    assert native_kernels._platform_key() == key
+    monkeypatch.setattr(tf.sysconfig, "get_compile_flags", lambda: [*moved, "-DOTHER_ABI=1"])
+    assert native_kernels._platform_key() != key
+    monkeypatch.setattr(tf.sysconfig, "get_compile_flags", lambda: flags)
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: "fpu sse2")
+    assert native_kernels._platform_key() != key
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
