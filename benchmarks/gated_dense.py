@@ -83,7 +83,7 @@ density, with the ideal line) to `--out` (default `benchmarks/results`;
 `gated_dense_quick.*` with `--quick`, `*_tensor_inputs.*` with
 `--tensor-inputs`) and prints a table.
 
-    python benchmarks/gated_dense.py            # full run (about 20 minutes on 2 cores)
+    python benchmarks/gated_dense.py            # full run (about 40 minutes on 2 cores)
     python benchmarks/gated_dense.py --quick    # Bengio shape, batch 1 and 50
 
 The default shapes are the issue's three (`DEFAULT_SHAPES`); two more, of

@@ -545,8 +545,8 @@ def test_without_a_compiler_or_a_built_file_the_error_says_what_to_copy(monkeypa
     with pytest.raises(RuntimeError, match=(
             "no C\\+\\+ compiler: 'no-such-compiler-here'.*; nor does "
             + re.escape(str(tmp_path)) + " hold native kernels built for this TensorFlow "
-            "version, CPU and keras_condcomp version \\(it holds 1 built for others\\)."
-            "*build_native_kernels\\(\\)")):
+            "version, CPU and keras_condcomp version \\(it holds 1 built for others\\)\\. "
+            "Build them with build_native_kernels\\(\\)")):
         native_kernels._load()
 
 
