@@ -32,7 +32,9 @@ built for another source, TensorFlow version, compiler or CPU is not reused.
 installing the package). Where no compiler works (a slim container, say),
 the newest file in the cache built for this source, TensorFlow version and
 CPU by any compiler is loaded: one built by `build_native_kernels()` on a
-machine of the same CPU, with the same TensorFlow, and copied there. Where
+machine of the same CPU, with the same TensorFlow, and copied there; else
+one built for a portable x86-64 level the CPU runs
+(`build_native_kernels(architecture="x86-64-v3")` on any machine). Where
 there is none, a warning says why once and the engine runs its TensorFlow
 paths instead. `KERAS_CONDCOMP_NATIVE=0` turns the ops off.
 """
@@ -57,6 +59,7 @@ import tensorflow as tf
 from keras_condcomp._arguments import is_number
 
 __all__ = [
+    "PORTABLE_ARCHITECTURES",
     "build_native_kernels",
     "chain_from_variables",
     "load_native_kernels",
@@ -79,6 +82,14 @@ _ARCHITECTURE_FLAGS = (
     ("-march=native",),
     (),
 )
+# Portable builds (`build_native_kernels(architecture=...)`): the x86-64
+# levels, each with the CPU flags (as Linux names them) it adds to the
+# level below it.
+PORTABLE_ARCHITECTURES = {
+    "x86-64-v2": ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"),
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
 _BUILD_SECONDS = 600
 
 _lock = threading.Lock()
@@ -137,40 +148,65 @@ def _without_paths(flags):
     return [flag for flag in flags if not flag.startswith(("-I", "-L"))]
 
 
-def _platform_key():
+def _architecture_flags(architecture):
+    """The compiler flags tried in turn for `architecture`."""
+    if architecture == "native":
+        return _ARCHITECTURE_FLAGS
+    return ((f"-march={architecture}", "-mtune=generic"),)
+
+
+def _supported_architectures():
+    """The portable architectures this CPU runs, the widest first."""
+    flags = set(_cpu_flags().split())
+    supported, needed = [], set()
+    for architecture, added in PORTABLE_ARCHITECTURES.items():
+        needed.update(added)
+        if needed <= flags:
+            supported.insert(0, architecture)
+    return supported
+
+
+def _platform_key(architecture="native"):
     """What a built file must match to load here: this source, TensorFlow's
-    version and flags, the machine and CPU. Not where TensorFlow is
-    installed, nor the compiler: a file built elsewhere loads."""
+    version and flags, the machine, and the CPU's flags (`"native"`) or a
+    portable architecture. Not where TensorFlow is installed, nor the
+    compiler: a file built elsewhere loads."""
+    cpu = _cpu_flags() if architecture == "native" else architecture
     key = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(), tf.__version__.encode(),
         repr(_without_paths(tf.sysconfig.get_compile_flags())).encode(),
         repr(_without_paths(tf.sysconfig.get_link_flags())).encode(),
-        platform.machine().encode(), _cpu_flags().encode(), repr(_ARCHITECTURE_FLAGS).encode(),
+        platform.machine().encode(), cpu.encode(),
+        repr(_architecture_flags(architecture)).encode(),
     ):
         key.update(part)
         key.update(b"\0")
     return key.hexdigest()[:20]
 
 
-def _library_path(compiler):
-    """Where the ops built by `compiler` for this platform live."""
+def _library_path(compiler, architecture="native"):
+    """Where the ops built by `compiler` for `architecture` live."""
     built_by = hashlib.sha256(f"{compiler}\0{_compiler_version(compiler)}".encode())
-    return _cache_dir() / f"gated_dense-{_platform_key()}-{built_by.hexdigest()[:12]}.so"
+    return (_cache_dir()
+            / f"gated_dense-{_platform_key(architecture)}-{built_by.hexdigest()[:12]}.so")
 
 
 def _prebuilt_library():
-    """The newest file in the cache built for this platform by any
-    compiler, or None."""
-    built = sorted(_cache_dir().glob(f"gated_dense-{_platform_key()}-*.so"),
-                   key=lambda path: path.stat().st_mtime)
-    return built[-1] if built else None
+    """A file in the cache built by any compiler for this CPU, else for the
+    widest portable architecture it runs (the newest of them), or None."""
+    for architecture in ("native", *_supported_architectures()):
+        built = sorted(_cache_dir().glob(f"gated_dense-{_platform_key(architecture)}-*.so"),
+                       key=lambda path: path.stat().st_mtime)
+        if built:
+            return built[-1]
+    return None
 
 
-def _compile(compiler, target):
+def _compile(compiler, target, architecture):
     """Compiles the ops into `target` (written whole or not at all)."""
     errors = []
-    for architecture in _ARCHITECTURE_FLAGS:
+    for architecture in _architecture_flags(architecture):
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
         command = [
@@ -193,32 +229,50 @@ def _compile(compiler, target):
     raise RuntimeError("compiling {} failed:\n{}".format(SOURCE.name, "\n".join(errors)))
 
 
-def build_native_kernels(force=False):
+def build_native_kernels(force=False, architecture="native"):
     """Compiles the ops (unless already built for this setting) and returns
     the file's path.
 
     Args:
         force: compile again even when a built file exists.
+        architecture: `"native"` (default): for this CPU (`-march=native`),
+            the build that runs here. Or a portable x86-64 level of
+            `PORTABLE_ARCHITECTURES` (`"x86-64-v3"`: AVX2), for machines
+            without a compiler whose CPU is not this one: slower than a
+            native build where the CPU has more (AVX-512).
 
     Returns:
         The `pathlib.Path` of the shared library. Copied into the cache of
-        a machine without a compiler, of the same CPU and TensorFlow
-        version, it is loaded there.
+        a machine without a compiler, with the same TensorFlow version and
+        the same CPU (`"native"`) or one that runs `architecture`, it is
+        loaded there.
 
     Raises:
+        ValueError: an unknown `architecture`.
         RuntimeError: no C++ compiler, or the compiler failed (its last
             lines of errors are in the message); nothing is left in the
             cache then.
+
+    Examples:
+        >>> build_native_kernels(architecture="arm64")
+        Traceback (most recent call last):
+            ...
+        ValueError: `architecture` must be 'native' or one of ['x86-64-v2', 'x86-64-v3', 'x86-64-v4']. Received: architecture='arm64'
     """
+    if architecture != "native" and architecture not in PORTABLE_ARCHITECTURES:
+        raise ValueError(
+            f"`architecture` must be 'native' or one of {sorted(PORTABLE_ARCHITECTURES)}. "
+            f"Received: architecture={architecture!r}"
+        )
     compiler = _compiler()
-    target = _library_path(compiler)
+    target = _library_path(compiler, architecture)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.with_suffix(".lock")):
         # Another process may have built it while this one waited.
         if force or not target.exists():
             print(f"keras_condcomp: compiling the native kernels into {target} "
                   "(once; about 25 s)", file=sys.stderr)
-            _compile(compiler, target)
+            _compile(compiler, target, architecture)
     return target
 
 
@@ -252,8 +306,9 @@ def _load():
                 f"{failure}; nor does {_cache_dir()} hold native kernels built for this "
                 f"TensorFlow version, CPU and keras_condcomp version (it holds {others} "
                 "built for others). Build them with build_native_kernels() on a machine "
-                "of this CPU that has a compiler and this TensorFlow, and copy the file "
-                "into that folder ($KERAS_CONDCOMP_CACHE_DIR)"
+                "of this CPU that has a compiler and this TensorFlow (or with "
+                "build_native_kernels(architecture='x86-64-v3') on another), and copy the "
+                "file into that folder ($KERAS_CONDCOMP_CACHE_DIR)"
             ) from failure
         return tf.load_op_library(str(target))
     try:

@@ -513,29 +513,68 @@ def test_a_file_that_does_not_load_is_built_again(monkeypatch, tmp_path):
 _PREBUILT_SCRIPT = """
 import warnings
 import numpy as np
-from keras_condcomp.ops.native_kernels import load_native_kernels, native_dense
+from keras_condcomp.ops.native_kernels import (
+    load_native_kernels, native_dense, native_vector_lanes)
 warnings.simplefilter("error")  # no warning that the kernels are missing
 assert load_native_kernels() is not None
 rng = np.random.default_rng(0)
 x, kernel, bias = (rng.normal(size=shape).astype("float32") for shape in ((3, 5), (5, 4), (4,)))
 np.testing.assert_allclose(native_dense(x, kernel, bias, "relu").numpy(),
                            np.maximum(x @ kernel + bias, 0), rtol=1e-5, atol=1e-5)
-print("loaded without a compiler")
+print(f"loaded without a compiler, {native_vector_lanes()} lanes")
 """
+
+
+def _load_without_a_compiler(cache):
+    """What `_PREBUILT_SCRIPT` prints in a fresh process (this one has the
+    kernels loaded) without a compiler, with the kernels' cache `cache`."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PREBUILT_SCRIPT], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CXX": "no-such-compiler-here",
+             "KERAS_CONDCOMP_CACHE_DIR": str(cache)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(cache.glob("*.so"))) == 1  # nothing built there
+    return done.stdout
 
 
 def test_without_a_compiler_kernels_built_elsewhere_and_copied_load(tmp_path):
     # A slim container: the kernels built where a compiler is, the file
-    # copied into its cache. A fresh process (this one has them loaded).
+    # copied into its cache.
     shutil.copy(build_native_kernels(), tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", _PREBUILT_SCRIPT], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CXX": "no-such-compiler-here",
-             "KERAS_CONDCOMP_CACHE_DIR": str(tmp_path)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded without a compiler" in done.stdout
-    assert len(list(tmp_path.glob("*.so"))) == 1  # nothing built there
+    assert "loaded without a compiler" in _load_without_a_compiler(tmp_path)
+
+
+@pytest.mark.skipif("x86-64-v3" not in native_kernels._supported_architectures(),
+                    reason="an x86-64 CPU with AVX2 runs a portable x86-64-v3 build")
+def test_a_portable_build_loads_without_a_compiler(monkeypatch, tmp_path):
+    # Built for AVX2 (8 lanes) whatever this CPU has; no file for this CPU.
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path))
+    build_native_kernels(architecture="x86-64-v3")
+    assert "loaded without a compiler, 8 lanes" in _load_without_a_compiler(tmp_path)
+
+
+def test_without_a_compiler_the_file_for_this_cpu_is_loaded_else_the_widest_it_runs(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_CONDCOMP_CACHE_DIR", str(tmp_path))
+    avx2 = ("fpu cx16 lahf_lm popcnt sse4_1 sse4_2 ssse3 avx avx2 bmi1 bmi2 f16c fma abm "
+            "movbe xsave")
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: avx2)
+    assert native_kernels._supported_architectures() == ["x86-64-v3", "x86-64-v2"]
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: avx2.replace(" fma", ""))
+    assert native_kernels._supported_architectures() == ["x86-64-v2"]
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: avx2)
+
+    def built(architecture):
+        path = tmp_path / f"gated_dense-{native_kernels._platform_key(architecture)}-0.so"
+        path.write_bytes(b"")
+        return path
+
+    built("x86-64-v4")  # this CPU cannot run it
+    assert native_kernels._prebuilt_library() is None
+    for architecture in ("x86-64-v2", "x86-64-v3", "native"):  # each preferred to the last
+        path = built(architecture)
+        assert native_kernels._prebuilt_library() == path
 
 
 def test_without_a_compiler_or_a_built_file_the_error_says_what_to_copy(monkeypatch, tmp_path):
