@@ -206,11 +206,11 @@ def _prebuilt_library():
 def _compile(compiler, target, architecture):
     """Compiles the ops into `target` (written whole or not at all)."""
     errors = []
-    for architecture in _architecture_flags(architecture):
+    for flags in _architecture_flags(architecture):
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
         command = [
-            compiler, "-shared", "-fPIC", "-O3", "-w", *architecture, str(SOURCE),
+            compiler, "-shared", "-fPIC", "-O3", "-w", *flags, str(SOURCE),
             "-o", temporary, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
         ]
         try:
@@ -218,14 +218,14 @@ def _compile(compiler, target, architecture):
                                     timeout=_BUILD_SECONDS)
         except (OSError, subprocess.SubprocessError) as error:
             result = None
-            errors.append(f"{' '.join(architecture) or 'no -march'}: {error}")
+            errors.append(f"{' '.join(flags) or 'no -march'}: {error}")
         if result is not None and result.returncode == 0:
             os.replace(temporary, target)
             return
         os.unlink(temporary)
         if result is not None:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            errors.append(f"{' '.join(architecture) or 'no -march'}: {tail}")
+            errors.append(f"{' '.join(flags) or 'no -march'}: {tail}")
     raise RuntimeError("compiling {} failed:\n{}".format(SOURCE.name, "\n".join(errors)))
 
 
