@@ -194,11 +194,10 @@ def _weight_bytes(model):
 def _dense_copy_stack(gated):
     """The gated stack as TensorFlow ops on its gated kernels copied to
     Dense's layout (`tf_dense_copy`)."""
-    import keras
     import tensorflow as tf
 
     from keras_condcomp.layers import GatedDense
-    from keras_condcomp.ops.masked_reference import zero_skipped_blocks
+    from keras_condcomp.ops import masked_block_dense
 
     copies = {id(layer): tf.Variable(layer.kernel) for layer in gated.layers[1:]
               if isinstance(layer, GatedDense)}
@@ -206,9 +205,8 @@ def _dense_copy_stack(gated):
     def call(x):
         for layer in gated.layers[1:]:
             if isinstance(layer, GatedDense):
-                outputs = tf.nn.bias_add(tf.matmul(x, copies[id(layer)]), layer.bias)
-                outputs = keras.activations.get(layer.activation)(outputs)
-                x = zero_skipped_blocks(outputs, layer.block_mask(x))
+                x = masked_block_dense(x, copies[id(layer)], layer.bias, layer.block_mask(x),
+                                       layer.activation)
             else:
                 x = layer(x, training=False)
         return x
